@@ -1,0 +1,228 @@
+//! Roles and the named permissions they are made of.
+//!
+//! Permissions are the unit the API checks (`pool-config.delete`, …); roles
+//! are fixed bundles of them. The table here is the one documented in
+//! README.md: change both together.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// One thing an identity may be allowed to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Permission {
+    PoolConfigGet,
+    PoolConfigUpdate,
+    PoolConfigDelete,
+    WorkspaceGet,
+    WorkspaceUpdate,
+    WorkspaceDelete,
+    EnvironmentGet,
+    EnvironmentUpdate,
+    EnvironmentDelete,
+    ImageGet,
+    ImageUpdate,
+    ImageDelete,
+    AgentGet,
+    AgentSpawn,
+    AgentKill,
+    IdentityGet,
+    IdentityUpdate,
+    IdentityDelete,
+    TenantCreate,
+}
+
+impl Permission {
+    /// Every permission, in documentation order.
+    pub const ALL: &'static [Permission] = &[
+        Permission::PoolConfigGet,
+        Permission::PoolConfigUpdate,
+        Permission::PoolConfigDelete,
+        Permission::WorkspaceGet,
+        Permission::WorkspaceUpdate,
+        Permission::WorkspaceDelete,
+        Permission::EnvironmentGet,
+        Permission::EnvironmentUpdate,
+        Permission::EnvironmentDelete,
+        Permission::ImageGet,
+        Permission::ImageUpdate,
+        Permission::ImageDelete,
+        Permission::AgentGet,
+        Permission::AgentSpawn,
+        Permission::AgentKill,
+        Permission::IdentityGet,
+        Permission::IdentityUpdate,
+        Permission::IdentityDelete,
+        Permission::TenantCreate,
+    ];
+
+    /// The documented name, e.g. `pool-config.delete`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::PoolConfigGet => "pool-config.get",
+            Permission::PoolConfigUpdate => "pool-config.update",
+            Permission::PoolConfigDelete => "pool-config.delete",
+            Permission::WorkspaceGet => "workspace.get",
+            Permission::WorkspaceUpdate => "workspace.update",
+            Permission::WorkspaceDelete => "workspace.delete",
+            Permission::EnvironmentGet => "environment.get",
+            Permission::EnvironmentUpdate => "environment.update",
+            Permission::EnvironmentDelete => "environment.delete",
+            Permission::ImageGet => "image.get",
+            Permission::ImageUpdate => "image.update",
+            Permission::ImageDelete => "image.delete",
+            Permission::AgentGet => "agent.get",
+            Permission::AgentSpawn => "agent.spawn",
+            Permission::AgentKill => "agent.kill",
+            Permission::IdentityGet => "identity.get",
+            Permission::IdentityUpdate => "identity.update",
+            Permission::IdentityDelete => "identity.delete",
+            Permission::TenantCreate => "tenant.create",
+        }
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A fixed bundle of permissions. Each role holds everything the role before
+/// it holds: `viewer` ⊂ `developer` ⊂ `admin` ⊂ `operator`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything in its tenant except identities.
+    Viewer,
+    /// A viewer that also spawns and kills agents and edits workspaces.
+    Developer,
+    /// Everything inside its own tenant.
+    Admin,
+    /// An admin that may also create tenants (the identity made at first start).
+    Operator,
+}
+
+impl Role {
+    pub const ALL: &'static [Role] = &[Role::Viewer, Role::Developer, Role::Admin, Role::Operator];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Developer => "developer",
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+        }
+    }
+
+    /// Whether this role holds `permission`.
+    pub fn allows(self, permission: Permission) -> bool {
+        use Permission::*;
+        let viewer = matches!(
+            permission,
+            PoolConfigGet | WorkspaceGet | EnvironmentGet | ImageGet | AgentGet
+        );
+        let developer = viewer || matches!(permission, AgentSpawn | AgentKill | WorkspaceUpdate);
+        let admin = permission != TenantCreate;
+        match self {
+            Role::Viewer => viewer,
+            Role::Developer => developer,
+            Role::Admin => admin,
+            Role::Operator => true,
+        }
+    }
+
+    /// The permissions of this role, in documentation order.
+    pub fn permissions(self) -> Vec<Permission> {
+        Permission::ALL
+            .iter()
+            .copied()
+            .filter(|p| self.allows(*p))
+            .collect()
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .iter()
+            .copied()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                crate::Error::invalid(format!(
+                    "unknown role {s:?}: expected one of viewer, developer, admin, operator"
+                ))
+            })
+    }
+}
+
+/// Whether an identity is a person or an automation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityKind {
+    /// A person; their top-level agents count against `max_agents_per_developer`.
+    Developer,
+    /// An automation (CI, a bot); exempt from the per-developer cap.
+    Service,
+}
+
+impl IdentityKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityKind::Developer => "developer",
+            IdentityKind::Service => "service",
+        }
+    }
+}
+
+impl FromStr for IdentityKind {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "developer" => Ok(IdentityKind::Developer),
+            "service" => Ok(IdentityKind::Service),
+            _ => Err(crate::Error::invalid(format!(
+                "unknown identity kind {s:?}: expected developer or service"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_nest() {
+        for p in Permission::ALL {
+            if Role::Viewer.allows(*p) {
+                assert!(Role::Developer.allows(*p), "{p}");
+            }
+            if Role::Developer.allows(*p) {
+                assert!(Role::Admin.allows(*p), "{p}");
+            }
+            if Role::Admin.allows(*p) {
+                assert!(Role::Operator.allows(*p), "{p}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_operators_create_tenants() {
+        assert!(!Role::Admin.allows(Permission::TenantCreate));
+        assert!(Role::Operator.allows(Permission::TenantCreate));
+    }
+
+    #[test]
+    fn flush_needs_pool_config_delete_which_developers_lack() {
+        assert!(!Role::Developer.allows(Permission::PoolConfigDelete));
+        assert!(Role::Admin.allows(Permission::PoolConfigDelete));
+    }
+}

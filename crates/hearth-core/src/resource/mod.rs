@@ -1,0 +1,282 @@
+//! The resources users write, as YAML or JSON: pool config, workspace,
+//! environment, image. Parsing, validation and patching live here; storing
+//! them does not.
+
+mod environment;
+mod image;
+mod pool_config;
+mod workspace;
+
+pub use environment::{DriverKind, Environment, REDACTED};
+pub use image::Image;
+pub use pool_config::{DEFAULT_NAME as POOL_CONFIG_NAME, PoolConfig, ReapMode};
+pub use workspace::{Repo, SetupCommand, WarmPool, Workspace};
+
+use crate::Error;
+use serde::{Serialize, de::DeserializeOwned};
+use std::fmt;
+use std::str::FromStr;
+
+/// The kinds of resource, as `hearth get KIND` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    PoolConfig,
+    Workspace,
+    Environment,
+    Image,
+}
+
+impl Kind {
+    pub const ALL: &'static [Kind] = &[
+        Kind::PoolConfig,
+        Kind::Workspace,
+        Kind::Environment,
+        Kind::Image,
+    ];
+
+    /// The singular name used in messages, the CLI and the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::PoolConfig => "pool-config",
+            Kind::Workspace => "workspace",
+            Kind::Environment => "environment",
+            Kind::Image => "image",
+        }
+    }
+
+    /// The collection segment of the API path (`/v1/<segment>/<name>`).
+    pub fn path_segment(self) -> &'static str {
+        match self {
+            Kind::PoolConfig => "pool-config",
+            Kind::Workspace => "workspaces",
+            Kind::Environment => "environments",
+            Kind::Image => "images",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "pool-config" | "pool-configs" | "poolconfig" | "pool_config" => Kind::PoolConfig,
+            "workspace" | "workspaces" | "ws" => Kind::Workspace,
+            "environment" | "environments" | "env" => Kind::Environment,
+            "image" | "images" => Kind::Image,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "unknown kind {s:?}: expected one of pool-config, workspace, environment, image"
+                )));
+            }
+        })
+    }
+}
+
+/// A reference from one resource to another that must exist while the
+/// first does (a workspace names its environment, an environment its image).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ResourceRef {
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// What every resource kind provides to the generic API and store code.
+pub trait Spec: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
+    const KIND: Kind;
+    /// Whether the resource carries a version that bumps on every change
+    /// (VMs built from an older version are stale).
+    const VERSIONED: bool = false;
+
+    /// Checks every rule the types alone do not.
+    fn validate(&self) -> Result<(), Error>;
+
+    /// Other resources this one needs to exist.
+    fn references(&self) -> Vec<ResourceRef> {
+        Vec::new()
+    }
+
+    /// The form shown to users: secret values masked.
+    fn redacted(&self) -> Self {
+        self.clone()
+    }
+
+    /// Puts back stored secret values where the input carries the mask
+    /// (so `get | set` round-trips without revealing secrets).
+    fn restore_masked(&mut self, _previous: Option<&Self>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// The format of a document sent to or received from the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Yaml,
+}
+
+impl Format {
+    /// Picks the format from a `Content-Type` header value (YAML for any
+    /// `yaml` media type, JSON otherwise).
+    pub fn from_content_type(content_type: Option<&str>) -> Format {
+        match content_type {
+            Some(ct) if ct.contains("yaml") => Format::Yaml,
+            _ => Format::Json,
+        }
+    }
+}
+
+/// Parses a document of kind `T`, naming the field (and for YAML the line)
+/// of the first error, then validates it.
+pub fn parse_spec<T: Spec>(body: &str, format: Format) -> Result<T, Error> {
+    let spec: T = parse_document(body, format, T::KIND)?;
+    spec.validate()?;
+    Ok(spec)
+}
+
+fn parse_document<T: DeserializeOwned>(body: &str, format: Format, kind: Kind) -> Result<T, Error> {
+    if body.trim().is_empty() || body.trim() == "---" {
+        return Err(Error::invalid(format!("empty {kind} document")));
+    }
+    let result = match format {
+        Format::Json => {
+            let mut de = serde_json::Deserializer::from_str(body);
+            serde_path_to_error::deserialize(&mut de)
+                .map_err(|e| describe(e.path().to_string(), e.into_inner().to_string()))
+                .and_then(|v| {
+                    de.end().map_err(|e| format!("malformed JSON: {e}"))?;
+                    Ok(v)
+                })
+        }
+        Format::Yaml => {
+            let de = serde_yaml_ng::Deserializer::from_str(body);
+            serde_path_to_error::deserialize(de)
+                .map_err(|e| describe(e.path().to_string(), e.into_inner().to_string()))
+        }
+    };
+    result.map_err(|message| Error::invalid(format!("invalid {kind}: {message}")))
+}
+
+/// Joins the field path and serde's message into one sentence.
+fn describe(path: String, message: String) -> String {
+    if path == "." || path.is_empty() || message.starts_with(&format!("{path}: ")) {
+        message
+    } else {
+        format!("{path}: {message}")
+    }
+}
+
+/// Applies a JSON merge patch (RFC 7386) to a stored spec and parses the
+/// result as `T`, so the same rules hold for `patch` as for `set`.
+pub fn apply_merge_patch<T: Spec>(current: &T, patch: &serde_json::Value) -> Result<T, Error> {
+    if !patch.is_object() {
+        return Err(Error::invalid("a merge patch must be a JSON object"));
+    }
+    let mut doc = serde_json::to_value(current).map_err(|e| Error::internal(e.to_string()))?;
+    json_patch::merge(&mut doc, patch);
+    let spec: T = serde_path_to_error::deserialize(doc).map_err(|e| {
+        Error::invalid(format!(
+            "invalid {}: {}",
+            T::KIND,
+            describe(e.path().to_string(), e.into_inner().to_string())
+        ))
+    })?;
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// Checks a resource name: a DNS label (1–63 of `a-z`, `0-9`, `-`, not
+/// starting or ending with `-`). The pool config's singleton rule is
+/// checked by the API, which knows whether it is reading or writing.
+pub fn validate_name(kind: Kind, name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid {kind} name {name:?}: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        )))
+    }
+}
+
+/// Parses a duration such as `90s`, `15m`, `1h30m` or `2d` into seconds.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let mut total: u64 = 0;
+    let mut number = String::new();
+    if text.is_empty() {
+        return None;
+    }
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return None,
+        };
+        let n: u64 = number.parse().ok()?;
+        number.clear();
+        total = total.checked_add(n.checked_mul(unit)?)?;
+    }
+    if !number.is_empty() {
+        return None;
+    }
+    Some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Some(90));
+        assert_eq!(parse_duration("15m"), Some(900));
+        assert_eq!(parse_duration("1h30m"), Some(5400));
+        assert_eq!(parse_duration("2d"), Some(172800));
+        assert_eq!(parse_duration("15"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("1x"), None);
+        assert_eq!(parse_duration(""), None);
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name(Kind::Workspace, "web-app2").is_ok());
+        for bad in ["", "-a", "a-", "Web", "a_b", &"a".repeat(64)] {
+            let err = validate_name(Kind::Workspace, bad).unwrap_err();
+            assert!(
+                err.message.starts_with("invalid workspace name"),
+                "{}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn kinds_parse_with_aliases() {
+        assert_eq!("ws".parse::<Kind>().unwrap(), Kind::Workspace);
+        assert_eq!("pool-config".parse::<Kind>().unwrap(), Kind::PoolConfig);
+        assert!(
+            "vm".parse::<Kind>()
+                .unwrap_err()
+                .message
+                .contains("unknown kind \"vm\"")
+        );
+    }
+}
