@@ -43,13 +43,12 @@ impl Spec for Image {
             ("root_dir", &self.root_dir),
         ];
         for (field, path) in paths {
-            if let Some(path) = path {
-                if !path.starts_with('/') {
+            if let Some(path) = path
+                && !path.starts_with('/') {
                     return Err(Error::invalid(format!(
                         "{field} must be an absolute path (got {path:?})"
                     )));
                 }
-            }
         }
         match self.driver {
             DriverKind::Qemu if self.kernel.is_none() => {

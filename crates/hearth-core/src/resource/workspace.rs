@@ -134,13 +134,13 @@ impl Spec for Workspace {
         if self.min_idle < 0 {
             return Err(Error::invalid("min_idle must not be negative"));
         }
-        if let Some(max_idle) = self.max_idle {
-            if max_idle < self.min_idle {
-                return Err(Error::invalid(format!(
-                    "max_idle ({max_idle}) must be at least min_idle ({})",
-                    self.min_idle
-                )));
-            }
+        if let Some(max_idle) = self.max_idle
+            && max_idle < self.min_idle
+        {
+            return Err(Error::invalid(format!(
+                "max_idle ({max_idle}) must be at least min_idle ({})",
+                self.min_idle
+            )));
         }
         let mut dirs = HashSet::new();
         for (i, repo) in self.repos.iter().enumerate() {
@@ -170,13 +170,12 @@ impl Spec for Workspace {
                 )));
             }
         }
-        if let Some(branch) = &self.warm_pool.branch {
-            if branch.trim().is_empty() {
+        if let Some(branch) = &self.warm_pool.branch
+            && branch.trim().is_empty() {
                 return Err(Error::invalid(
                     "warm_pool.branch must not be empty when set",
                 ));
             }
-        }
         validate_commands("warm_pool.setup_commands", &self.warm_pool.setup_commands)?;
         if self.description.len() > super::pool_config::DESCRIPTION_LIMIT {
             return Err(Error::invalid(format!(

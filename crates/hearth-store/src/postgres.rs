@@ -1,0 +1,78 @@
+//! The PostgreSQL backend, for several server replicas sharing one database.
+//!
+//! This file owns what is PostgreSQL-specific: connecting (one pool for
+//! reads and writes alike) and the dialect constants
+//! [`impl_store!`](crate::shared::impl_store) needs — row locks
+//! (`SELECT … FOR UPDATE`) in read-modify-write transactions, `LOCK TABLE`
+//! around bootstrap, and `FOR UPDATE SKIP LOCKED` in the VM claim so that
+//! concurrent claimers take different VMs instead of queueing on the same
+//! one. The [`Store`](crate::Store) methods themselves are shared with
+//! SQLite (`shared.rs`, `sql.rs`).
+//!
+//! Transactions run at PostgreSQL's default isolation, READ COMMITTED; the
+//! locks above, the foreign keys and the unique constraints are what make
+//! concurrent writers safe, not the isolation level.
+
+use crate::sql::{claim_idle_vm, select_resource};
+use crate::{Result, shared::impl_store};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Postgres, Transaction};
+use std::time::Duration;
+
+/// Connections per server process.
+const MAX_CONNECTIONS: u32 = 16;
+
+/// The PostgreSQL store. Cheap to clone (the pool is shared).
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to the database at `url` and applies the migrations (sqlx
+    /// holds an advisory lock while migrating, so replicas starting together
+    /// are safe).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        Ok(PgStore { pool })
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Closes the pool, waiting for connections in use to come back.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- what `impl_store!` needs (see `shared.rs`)
+
+    const BACKEND: &'static str = "postgres";
+    /// Makes bootstrap's count-then-insert exclusive across servers: it
+    /// waits for any transaction that wrote `tenants` (another bootstrap, a
+    /// `create_tenant`) to finish, and counts only after that committed.
+    const LOCK_TENANTS: Option<&'static str> = Some("LOCK TABLE tenants IN EXCLUSIVE MODE");
+    const SELECT_RESOURCE_FOR_WRITE: &'static str = concat!(select_resource!(), " FOR UPDATE");
+    const CLAIM_IDLE_VM: &'static str = claim_idle_vm!("FOR UPDATE SKIP LOCKED");
+
+    fn reader(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn writer(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>> {
+        Ok(self.pool.begin().await?)
+    }
+}
+
+impl_store!(PgStore, Postgres);
