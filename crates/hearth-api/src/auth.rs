@@ -37,7 +37,11 @@ pub fn issue_token(expires_at: Option<i64>) -> IssuedToken {
     let secret_hex = hex::encode(secret);
     IssuedToken {
         text: format!("{PREFIX}{}_{secret_hex}", id.0.simple()),
-        stored: NewToken { id, secret_sha256: Sha256::digest(secret_hex.as_bytes()).to_vec(), expires_at },
+        stored: NewToken {
+            id,
+            secret_sha256: Sha256::digest(secret_hex.as_bytes()).to_vec(),
+            expires_at,
+        },
     }
 }
 
@@ -76,7 +80,10 @@ impl Caller {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -87,10 +94,11 @@ impl FromRequestParts<AppState> for Caller {
             })?
             .to_str()
             .map_err(|_| Error::unauthenticated("malformed Authorization header"))?;
-        let text = header
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| Error::unauthenticated("the Authorization header must be `Bearer <token>`"))?;
-        let (id, secret) = parse_token(text.trim()).ok_or_else(|| Error::unauthenticated("malformed token"))?;
+        let text = header.strip_prefix("Bearer ").ok_or_else(|| {
+            Error::unauthenticated("the Authorization header must be `Bearer <token>`")
+        })?;
+        let (id, secret) =
+            parse_token(text.trim()).ok_or_else(|| Error::unauthenticated("malformed token"))?;
         let presented = Sha256::digest(secret.as_bytes());
         let record = state.store.find_token(id).await?;
         let Some(record) = record else {
@@ -102,7 +110,9 @@ impl FromRequestParts<AppState> for Caller {
         if record.expires_at.is_some_and(|at| at <= now_millis()) {
             return Err(Error::unauthenticated("token expired: ask an admin for a new one").into());
         }
-        Ok(Caller { identity: record.identity })
+        Ok(Caller {
+            identity: record.identity,
+        })
     }
 }
 
@@ -121,7 +131,10 @@ pub struct WhoAmI {
 #[utoipa::path(get, path = "/v1/whoami", tag = "auth",
     responses((status = 200, body = WhoAmI), (status = 401, body = hearth_core::Error)),
     security(("bearer" = [])))]
-pub async fn whoami(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<WhoAmI>, ApiError> {
+pub async fn whoami(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<axum::Json<WhoAmI>, ApiError> {
     let tenants = state.store.list_tenants().await?;
     let tenant = tenants
         .into_iter()
@@ -134,16 +147,26 @@ pub async fn whoami(State(state): State<AppState>, caller: Caller) -> Result<axu
         identity: caller.identity.name,
         kind: caller.identity.kind,
         role,
-        permissions: role.permissions().iter().map(|p| p.as_str().to_owned()).collect(),
+        permissions: role
+            .permissions()
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect(),
     }))
 }
 
 /// Parses an `expires_in` duration into an absolute expiry.
 pub fn expiry_from(expires_in: Option<&str>) -> Result<Option<i64>, ApiError> {
-    let Some(text) = expires_in else { return Ok(None) };
+    let Some(text) = expires_in else {
+        return Ok(None);
+    };
     let secs = hearth_core::resource::parse_duration(text)
         .filter(|s| *s > 0)
-        .ok_or_else(|| Error::invalid(format!("expires_in {text:?} is not valid: use a duration such as 1h or 30d")))?;
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "expires_in {text:?} is not valid: use a duration such as 1h or 30d"
+            ))
+        })?;
     Ok(Some(now_millis() + (secs as i64) * 1000))
 }
 
@@ -156,13 +179,22 @@ mod tests {
         let t = issue_token(None);
         let (id, secret) = parse_token(&t.text).unwrap();
         assert_eq!(id, t.stored.id);
-        assert_eq!(Sha256::digest(secret.as_bytes()).as_slice(), t.stored.secret_sha256.as_slice());
+        assert_eq!(
+            Sha256::digest(secret.as_bytes()).as_slice(),
+            t.stored.secret_sha256.as_slice()
+        );
         assert!(!t.text.contains(&hex::encode(&t.stored.secret_sha256)));
     }
 
     #[test]
     fn malformed_tokens() {
-        for bad in ["", "hth_", "hth_x_y", "abc", &format!("hth_{}_{}", uuid::Uuid::nil().simple(), "ab")] {
+        for bad in [
+            "",
+            "hth_",
+            "hth_x_y",
+            "abc",
+            &format!("hth_{}_{}", uuid::Uuid::nil().simple(), "ab"),
+        ] {
             assert!(parse_token(bad).is_none(), "{bad}");
         }
     }

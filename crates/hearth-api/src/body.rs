@@ -10,23 +10,40 @@ use hearth_core::resource::Format;
 use serde::de::DeserializeOwned;
 
 /// The body as UTF-8 text with its format from `Content-Type`.
-pub fn text(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<(String, Format), ApiError> {
-    let bytes = body.map_err(|e| Error::invalid(format!("cannot read the request body: {}", e.body_text())))?;
-    let text = String::from_utf8(bytes.to_vec()).map_err(|_| Error::invalid("the request body is not UTF-8"))?;
-    let content_type = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+pub fn text(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(String, Format), ApiError> {
+    let bytes = body
+        .map_err(|e| Error::invalid(format!("cannot read the request body: {}", e.body_text())))?;
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|_| Error::invalid("the request body is not UTF-8"))?;
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
     Ok((text, Format::from_content_type(content_type)))
 }
 
 /// A JSON body of type `T`; an empty body is `T`'s empty object.
 pub fn json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let bytes = body.map_err(|e| Error::invalid(format!("cannot read the request body: {}", e.body_text())))?;
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+    let bytes = body
+        .map_err(|e| Error::invalid(format!("cannot read the request body: {}", e.body_text())))?;
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &bytes
+    };
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if path == "." { Error::invalid(format!("invalid request: {inner}")) } else { Error::invalid(format!("invalid request: {path}: {inner}")) }
+        if path == "." {
+            Error::invalid(format!("invalid request: {inner}"))
+        } else {
+            Error::invalid(format!("invalid request: {path}: {inner}"))
+        }
     })?;
-    de.end().map_err(|e| Error::invalid(format!("invalid request: {e}")))?;
+    de.end()
+        .map_err(|e| Error::invalid(format!("invalid request: {e}")))?;
     Ok(value)
 }

@@ -19,14 +19,22 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let error = match &e {
             StoreError::NotFound(what) => Error::not_found(format!("{what} not found")),
-            StoreError::AlreadyExists(what) => Error::new(ErrorCode::AlreadyExists, format!("{what} already exists")),
-            StoreError::Conflict(what) => {
-                Error::new(ErrorCode::Aborted, format!("{what} was changed concurrently; retry"))
+            StoreError::AlreadyExists(what) => {
+                Error::new(ErrorCode::AlreadyExists, format!("{what} already exists"))
             }
-            StoreError::MissingReference { kind, name } => {
-                Error::failed_precondition(format!("{kind} {name:?} does not exist; create it first"))
-            }
-            StoreError::InUse { kind, name, by_kind, by_name } => Error::failed_precondition(format!(
+            StoreError::Conflict(what) => Error::new(
+                ErrorCode::Aborted,
+                format!("{what} was changed concurrently; retry"),
+            ),
+            StoreError::MissingReference { kind, name } => Error::failed_precondition(format!(
+                "{kind} {name:?} does not exist; create it first"
+            )),
+            StoreError::InUse {
+                kind,
+                name,
+                by_kind,
+                by_name,
+            } => Error::failed_precondition(format!(
                 "{kind} {name:?} is used by {by_kind} {by_name:?}; change or delete that first"
             )),
             _ => {
@@ -41,7 +49,8 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, axum::Json(self.0)).into_response()
     }
 }

@@ -86,10 +86,15 @@ pub struct IdentityDeleted {
 /// The tenant's identities.
 #[utoipa::path(get, path = "/v1/identities", tag = "identity", operation_id = "list_identities", security(("bearer" = [])),
     responses((status = 200, body = IdentityList), (status = 401, body = hearth_core::Error), (status = 403, body = hearth_core::Error)))]
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<IdentityList>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<IdentityList>, ApiError> {
     caller.require(Permission::IdentityGet)?;
     let items = state.store.list_identities(caller.tenant()).await?;
-    Ok(Json(IdentityList { items: items.iter().map(IdentityView::from).collect() }))
+    Ok(Json(IdentityList {
+        items: items.iter().map(IdentityView::from).collect(),
+    }))
 }
 
 /// Creates a developer or service profile and its first token.
@@ -103,8 +108,12 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<IdentityCreated>), ApiError> {
     caller.require(Permission::IdentityUpdate)?;
     let request: CreateIdentity = body::json(body)?;
-    validate_name(Kind::Workspace, &request.name)
-        .map_err(|_| hearth_core::Error::invalid(format!("invalid identity name {:?}: use 1-63 lowercase letters, digits and '-'", request.name)))?;
+    validate_name(Kind::Workspace, &request.name).map_err(|_| {
+        hearth_core::Error::invalid(format!(
+            "invalid identity name {:?}: use 1-63 lowercase letters, digits and '-'",
+            request.name
+        ))
+    })?;
     if request.role == Role::Operator && caller.identity.role != Role::Operator {
         return Err(hearth_core::Error::new(
             hearth_core::ErrorCode::PermissionDenied,
@@ -116,7 +125,13 @@ pub async fn create(
     let token = issue_token(expires_at);
     let identity = state
         .store
-        .create_identity(caller.tenant(), &request.name, request.kind, request.role, Some(&token.stored))
+        .create_identity(
+            caller.tenant(),
+            &request.name,
+            request.kind,
+            request.role,
+            Some(&token.stored),
+        )
         .await?;
     tracing::info!(tenant = %caller.tenant(), by = %caller.identity.name, identity = %identity.name, role = %identity.role, "identity created");
     Ok((
@@ -134,12 +149,18 @@ pub async fn create(
     params(("name" = String, Path)),
     responses((status = 200, body = IdentityDeleted), (status = 401, body = hearth_core::Error),
               (status = 403, body = hearth_core::Error), (status = 404, body = hearth_core::Error)))]
-pub async fn remove(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> Result<Json<IdentityDeleted>, ApiError> {
+pub async fn remove(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<IdentityDeleted>, ApiError> {
     caller.require(Permission::IdentityDelete)?;
     let identity = state.store.get_identity(caller.tenant(), &name).await?;
     state.store.delete_identity(caller.tenant(), &name).await?;
     tracing::info!(tenant = %caller.tenant(), by = %caller.identity.name, identity = %name, "identity deleted");
-    Ok(Json(IdentityDeleted { identity: IdentityView::from(&identity) }))
+    Ok(Json(IdentityDeleted {
+        identity: IdentityView::from(&identity),
+    }))
 }
 
 /// Issues another token for an identity.
@@ -157,9 +178,18 @@ pub async fn create_token(
     let request: CreateToken = body::json(body)?;
     let expires_at = expiry_from(request.expires_in.as_deref())?;
     let token = issue_token(expires_at);
-    state.store.create_token(caller.tenant(), &name, &token.stored).await?;
+    state
+        .store
+        .create_token(caller.tenant(), &name, &token.stored)
+        .await?;
     tracing::info!(tenant = %caller.tenant(), by = %caller.identity.name, identity = %name, "token issued");
-    Ok((StatusCode::CREATED, Json(TokenCreated { token: token.text, expires_at: expires_at.map(crate::tenants::rfc3339) })))
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenCreated {
+            token: token.text,
+            expires_at: expires_at.map(crate::tenants::rfc3339),
+        }),
+    ))
 }
 
 pub fn routes() -> Router<AppState> {

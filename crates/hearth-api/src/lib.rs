@@ -49,8 +49,12 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
-                .make_span_with(tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO))
-                .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO)),
+                .make_span_with(
+                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
+                )
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
+                ),
         )
         .with_state(state)
 }
@@ -59,12 +63,20 @@ pub fn router(state: AppState) -> Router {
 #[utoipa::path(get, path = "/healthz", tag = "server",
     responses((status = 200, description = "The server and its store answer", body = Health),
               (status = 503, description = "The store does not answer", body = hearth_core::Error)))]
-async fn health(axum::extract::State(state): axum::extract::State<AppState>) -> Result<axum::Json<Health>, ApiError> {
+async fn health(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Result<axum::Json<Health>, ApiError> {
     state.store.ping().await.map_err(|e| {
         tracing::error!(error = %error::chain(&e), "health check: store does not answer");
-        ApiError(hearth_core::Error::new(hearth_core::ErrorCode::Unavailable, "the store does not answer"))
+        ApiError(hearth_core::Error::new(
+            hearth_core::ErrorCode::Unavailable,
+            "the store does not answer",
+        ))
     })?;
-    Ok(axum::Json(Health { status: "ok".into(), store: state.store.backend().into() }))
+    Ok(axum::Json(Health {
+        status: "ok".into(),
+        store: state.store.backend().into(),
+    }))
 }
 
 /// Answer of `/healthz`.
@@ -76,5 +88,8 @@ pub struct Health {
 }
 
 async fn fallback(method: Method, uri: Uri) -> ApiError {
-    ApiError(hearth_core::Error::not_found(format!("no route for {method} {}", uri.path())))
+    ApiError(hearth_core::Error::not_found(format!(
+        "no route for {method} {}",
+        uri.path()
+    )))
 }

@@ -32,14 +32,21 @@ impl Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("hth_<id>_<secret>").build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("hth_<id>_<secret>")
+                    .build(),
+            ),
         );
     }
 }
 
 /// The document as pretty JSON (what `/openapi.json` serves).
 pub fn document() -> String {
-    ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serializes")
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes")
 }
 
 /// Serves the OpenAPI document.
@@ -59,7 +66,10 @@ mod tests {
             std::fs::write(path, &generated).unwrap();
         }
         let stored = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(stored == generated, "openapi.json is stale: run UPDATE_OPENAPI=1 cargo test -p hearth-api openapi");
+        assert!(
+            stored == generated,
+            "openapi.json is stale: run UPDATE_OPENAPI=1 cargo test -p hearth-api openapi"
+        );
     }
 
     #[test]
@@ -69,7 +79,12 @@ mod tests {
             .as_object()
             .unwrap()
             .values()
-            .flat_map(|p| p.as_object().unwrap().values().map(|op| op["operationId"].as_str().unwrap()))
+            .flat_map(|p| {
+                p.as_object()
+                    .unwrap()
+                    .values()
+                    .map(|op| op["operationId"].as_str().unwrap())
+            })
             .collect();
         let n = ids.len();
         ids.sort();

@@ -14,8 +14,8 @@ use axum::routing::get;
 use hearth_core::Error;
 use hearth_core::rbac::Permission;
 use hearth_core::resource::{
-    Environment, Image, Kind, POOL_CONFIG_NAME, PoolConfig, Spec, Workspace, apply_merge_patch, parse_spec,
-    validate_name,
+    Environment, Image, Kind, POOL_CONFIG_NAME, PoolConfig, Spec, Workspace, apply_merge_patch,
+    parse_spec, validate_name,
 };
 use hearth_store::{Precondition, PutResource, ResourceRecord, StoreError};
 use serde::{Deserialize, Serialize};
@@ -72,7 +72,8 @@ fn permissions(kind: Kind) -> (Permission, Permission, Permission) {
 /// Checks the name in a path; the pool config only ever has `default`.
 fn check_name(kind: Kind, name: &str, writing: bool) -> Result<(), ApiError> {
     if kind == Kind::PoolConfig && name != POOL_CONFIG_NAME {
-        let message = format!("the pool config is a singleton always named \"default\" (got {name:?})");
+        let message =
+            format!("the pool config is a singleton always named \"default\" (got {name:?})");
         return Err(if writing {
             Error::invalid(message)
         } else {
@@ -88,7 +89,10 @@ fn check_name(kind: Kind, name: &str, writing: bool) -> Result<(), ApiError> {
 
 fn not_found(kind: Kind, name: &str) -> ApiError {
     if kind == Kind::PoolConfig {
-        Error::not_found("pool-config \"default\" not found: set it with `hearth set pool-config default`").into()
+        Error::not_found(
+            "pool-config \"default\" not found: set it with `hearth set pool-config default`",
+        )
+        .into()
     } else {
         Error::not_found(format!("{kind} {name:?} not found")).into()
     }
@@ -120,10 +124,18 @@ async fn list<T: Spec>(state: AppState, caller: Caller) -> Result<Json<ResourceL
     Ok(Json(ResourceList { items }))
 }
 
-async fn get_one<T: Spec>(state: AppState, caller: Caller, name: String) -> Result<Json<ResourceView>, ApiError> {
+async fn get_one<T: Spec>(
+    state: AppState,
+    caller: Caller,
+    name: String,
+) -> Result<Json<ResourceView>, ApiError> {
     caller.require(permissions(T::KIND).0)?;
     check_name(T::KIND, &name, false)?;
-    match state.store.get_resource(caller.tenant(), T::KIND, &name).await? {
+    match state
+        .store
+        .get_resource(caller.tenant(), T::KIND, &name)
+        .await?
+    {
         Some(record) => Ok(Json(view::<T>(&record)?)),
         None => Err(not_found(T::KIND, &name)),
     }
@@ -146,7 +158,9 @@ async fn write<T: Spec>(
         name,
         spec: &json,
         references: &references,
-        precondition: previous.as_ref().map_or(Precondition::None, |(r, _)| Precondition::Version(r.version)),
+        precondition: previous.as_ref().map_or(Precondition::None, |(r, _)| {
+            Precondition::Version(r.version)
+        }),
     };
     match state.store.put_resource(put).await {
         Ok(outcome) => {
@@ -168,7 +182,11 @@ async fn write<T: Spec>(
 }
 
 fn status_of(result: &WriteResult) -> StatusCode {
-    if result.outcome == Outcome::Created { StatusCode::CREATED } else { StatusCode::OK }
+    if result.outcome == Outcome::Created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
 }
 
 async fn put<T: Spec>(
@@ -184,7 +202,10 @@ async fn put<T: Spec>(
     let spec: T = parse_spec(&text, format)?;
     let mut last = None;
     for _ in 0..WRITE_ATTEMPTS {
-        let record = state.store.get_resource(caller.tenant(), T::KIND, &name).await?;
+        let record = state
+            .store
+            .get_resource(caller.tenant(), T::KIND, &name)
+            .await?;
         let previous = match &record {
             Some(r) => Some((r, decode::<T>(r)?)),
             None => None,
@@ -194,7 +215,9 @@ async fn put<T: Spec>(
             Err(conflict) => last = Some(conflict),
         }
     }
-    Err(last.map(ApiError::from).unwrap_or_else(|| Error::internal("write retries exhausted").into()))
+    Err(last
+        .map(ApiError::from)
+        .unwrap_or_else(|| Error::internal("write retries exhausted").into()))
 }
 
 async fn patch<T: Spec>(
@@ -208,7 +231,11 @@ async fn patch<T: Spec>(
     let merge: serde_json::Value = body::json(body)?;
     let mut last = None;
     for _ in 0..WRITE_ATTEMPTS {
-        let Some(record) = state.store.get_resource(caller.tenant(), T::KIND, &name).await? else {
+        let Some(record) = state
+            .store
+            .get_resource(caller.tenant(), T::KIND, &name)
+            .await?
+        else {
             return Err(not_found(T::KIND, &name));
         };
         let current: T = decode(&record)?;
@@ -218,13 +245,23 @@ async fn patch<T: Spec>(
             Err(conflict) => last = Some(conflict),
         }
     }
-    Err(last.map(ApiError::from).unwrap_or_else(|| Error::internal("write retries exhausted").into()))
+    Err(last
+        .map(ApiError::from)
+        .unwrap_or_else(|| Error::internal("write retries exhausted").into()))
 }
 
-async fn delete<T: Spec>(state: AppState, caller: Caller, name: String) -> Result<Json<ResourceView>, ApiError> {
+async fn delete<T: Spec>(
+    state: AppState,
+    caller: Caller,
+    name: String,
+) -> Result<Json<ResourceView>, ApiError> {
     caller.require(permissions(T::KIND).2)?;
     check_name(T::KIND, &name, false)?;
-    match state.store.delete_resource(caller.tenant(), T::KIND, &name).await {
+    match state
+        .store
+        .delete_resource(caller.tenant(), T::KIND, &name)
+        .await
+    {
         Ok(record) => {
             tracing::info!(tenant = %caller.tenant(), identity = %caller.identity.name, kind = %T::KIND, name, "resource deleted");
             Ok(Json(view::<T>(&record)?))
@@ -298,9 +335,27 @@ macro_rules! resource_api {
     };
 }
 
-resource_api!(pool_config, PoolConfig, "pool-config", "/v1/pool-config", "/v1/pool-config/{name}");
-resource_api!(workspace, Workspace, "workspace", "/v1/workspaces", "/v1/workspaces/{name}");
-resource_api!(environment, Environment, "environment", "/v1/environments", "/v1/environments/{name}");
+resource_api!(
+    pool_config,
+    PoolConfig,
+    "pool-config",
+    "/v1/pool-config",
+    "/v1/pool-config/{name}"
+);
+resource_api!(
+    workspace,
+    Workspace,
+    "workspace",
+    "/v1/workspaces",
+    "/v1/workspaces/{name}"
+);
+resource_api!(
+    environment,
+    Environment,
+    "environment",
+    "/v1/environments",
+    "/v1/environments/{name}"
+);
 resource_api!(image, Image, "image", "/v1/images", "/v1/images/{name}");
 
 pub fn routes() -> Router<AppState> {

@@ -53,11 +53,20 @@ pub struct TenantCreated {
 /// Every tenant (operators only).
 #[utoipa::path(get, path = "/v1/tenants", tag = "tenant", operation_id = "list_tenants", security(("bearer" = [])),
     responses((status = 200, body = TenantList), (status = 401, body = hearth_core::Error), (status = 403, body = hearth_core::Error)))]
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<TenantList>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<TenantList>, ApiError> {
     caller.require(Permission::TenantCreate)?;
     let tenants = state.store.list_tenants().await?;
     Ok(Json(TenantList {
-        items: tenants.iter().map(|t| TenantView { name: t.name.clone(), created_at: rfc3339(t.created_at) }).collect(),
+        items: tenants
+            .iter()
+            .map(|t| TenantView {
+                name: t.name.clone(),
+                created_at: rfc3339(t.created_at),
+            })
+            .collect(),
     }))
 }
 
@@ -72,15 +81,30 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<TenantCreated>), ApiError> {
     caller.require(Permission::TenantCreate)?;
     let request: CreateTenant = body::json(body)?;
-    for (what, name) in [("tenant", &request.name), ("admin identity", &request.admin)] {
+    for (what, name) in [
+        ("tenant", &request.name),
+        ("admin identity", &request.admin),
+    ] {
         validate_name(Kind::Workspace, name).map_err(|_| {
-            hearth_core::Error::invalid(format!("invalid {what} name {name:?}: use 1-63 lowercase letters, digits and '-'"))
+            hearth_core::Error::invalid(format!(
+                "invalid {what} name {name:?}: use 1-63 lowercase letters, digits and '-'"
+            ))
         })?;
     }
     let token = issue_token(None);
-    let (tenant, identity) = state.store.create_tenant(&request.name, &request.admin, &token.stored).await?;
+    let (tenant, identity) = state
+        .store
+        .create_tenant(&request.name, &request.admin, &token.stored)
+        .await?;
     tracing::info!(by = %caller.identity.name, tenant = %tenant.name, tenant_id = %tenant.id, "tenant created");
-    Ok((StatusCode::CREATED, Json(TenantCreated { tenant: tenant.name, identity: identity.name, token: token.text })))
+    Ok((
+        StatusCode::CREATED,
+        Json(TenantCreated {
+            tenant: tenant.name,
+            identity: identity.name,
+            token: token.text,
+        }),
+    ))
 }
 
 pub fn routes() -> Router<AppState> {

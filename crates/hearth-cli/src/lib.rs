@@ -1,1 +1,340 @@
-//! placeholder
+//! The `hearth` command-line client: the kubectl-like commands that talk to a
+//! hearth server over HTTP (`get`, `set`, `patch`, `delete`, `auth`,
+//! `tenant`, `identity`).
+//!
+//! The `hearth` binary flattens [`GlobalArgs`] and [`Command`] into its own
+//! parser and calls [`run`], which returns the process exit code. Everything
+//! here is blocking (no async runtime exists on this path).
+//!
+//! Modules: [`config`] finds and merges settings, [`patch`] turns `--set`
+//! into a merge patch, [`output`] renders answers, [`client`] speaks HTTP,
+//! [`error`] formats failures; `commands` glues them together per command.
+
+pub mod client;
+mod commands;
+pub mod config;
+pub mod error;
+pub mod output;
+pub mod patch;
+
+pub use output::OutputFormat;
+
+use std::io::{IsTerminal, Read, Write};
+
+/// Flags every command accepts, anywhere on the command line.
+// `about = None`: clap would otherwise make this doc comment the `about` of
+// the command that flattens these flags (the `hearth` binary).
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(about = None, long_about = None)]
+pub struct GlobalArgs {
+    /// hearth server URL [env: HEARTH_SERVER] [else `server` in hearth.yaml]
+    /// [default: http://127.0.0.1:7070]
+    #[arg(long, global = true, value_name = "URL")]
+    pub server: Option<String>,
+    /// Identity token [env: HEARTH_TOKEN] [else `token` in hearth.local.yaml,
+    /// else .hearth/admin-token]
+    #[arg(long, global = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Workspace to act on [env: HEARTH_WORKSPACE] [else `workspace` in
+    /// hearth.yaml]
+    #[arg(long, global = true, value_name = "NAME")]
+    pub workspace: Option<String>,
+    /// Output format (default: a table for lists, YAML otherwise)
+    #[arg(short = 'o', long, global = true, value_enum, value_name = "FORMAT")]
+    pub output: Option<OutputFormat>,
+}
+
+/// The client commands.
+// `about = None`: as for [`GlobalArgs`], keep this doc out of the binary's help.
+#[derive(Debug, clap::Subcommand)]
+#[command(about = None, long_about = None)]
+pub enum Command {
+    /// Show one resource, or list every resource of a kind
+    Get(GetArgs),
+    /// Create or replace a resource from the YAML document on stdin
+    Set(KindName),
+    /// Change some fields of a resource: --set key=value
+    Patch(PatchArgs),
+    /// Delete a resource
+    Delete(KindName),
+    /// Log in, and show who you are
+    #[command(subcommand)]
+    Auth(AuthCommand),
+    /// Create and list tenants (operators only)
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage the identities of your tenant and their tokens
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+}
+
+/// `hearth get KIND [NAME]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GetArgs {
+    /// pool-config, workspace (ws), environment (env) or image
+    pub kind: String,
+    /// Resource name; omit it to list them all
+    pub name: Option<String>,
+}
+
+/// A kind and a resource name (`hearth set`, `hearth delete`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct KindName {
+    /// pool-config, workspace (ws), environment (env) or image
+    pub kind: String,
+    /// Resource name (the pool config is always `default`)
+    pub name: String,
+}
+
+/// `hearth patch KIND NAME --set key=value...`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PatchArgs {
+    /// pool-config, workspace (ws), environment (env) or image
+    pub kind: String,
+    /// Resource name
+    pub name: String,
+    /// Field to change, as key=value: dotted keys nest (warm_pool.enabled=false),
+    /// the value is YAML (100, true, 'quoted string'), null removes the field
+    #[arg(long = "set", value_name = "KEY=VALUE", required = true)]
+    pub set: Vec<String>,
+}
+
+/// `hearth auth ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AuthCommand {
+    /// Check a token (--token) against the server (--server or the usual
+    /// sources) and save it to hearth.local.yaml next to hearth.yaml
+    Login,
+    /// Show the tenant, identity and role the current token stands for
+    Whoami,
+}
+
+/// `hearth tenant ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant and its first admin identity; prints the admin's token
+    Create {
+        /// Tenant name
+        name: String,
+        /// Name of the tenant's first admin identity
+        #[arg(long, default_value = "admin", value_name = "NAME")]
+        admin: String,
+    },
+    /// List tenants
+    List,
+}
+
+/// `hearth identity ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum IdentityCommand {
+    /// Create an identity; prints its first token
+    Create {
+        /// Identity name
+        name: String,
+        /// viewer, developer, admin or operator
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+        /// developer (a person) or service (an automation)
+        #[arg(long, default_value = "developer", value_name = "KIND")]
+        kind: String,
+        /// Token lifetime, e.g. 1h, 24h, 30d (default: no expiry)
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
+    },
+    /// List the identities of your tenant
+    List,
+    /// Delete an identity and revoke its tokens
+    Delete {
+        /// Identity name
+        name: String,
+    },
+    /// Issue a new token for an identity
+    Token {
+        /// Identity name
+        name: String,
+        /// Token lifetime, e.g. 1h, 24h, 30d
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
+    },
+}
+
+/// Runs one client command against the process's current directory,
+/// environment and stdin; prints the result and returns the exit code
+/// (0 on success, 1 after printing `CODE: message` on stderr).
+pub fn run(global: GlobalArgs, command: Command) -> i32 {
+    let env = |name: &str| std::env::var(name).ok();
+    let result = std::env::current_dir()
+        .map_err(|e| anyhow::anyhow!("cannot read the current directory: {e}"))
+        .and_then(|cwd| {
+            let ctx = commands::Context {
+                cwd: &cwd,
+                env: &env,
+                read_stdin: &read_stdin,
+            };
+            commands::execute(&global, command, &ctx)
+        });
+    match result {
+        Ok(printed) => {
+            write_ignoring_closed_pipe(&mut std::io::stdout().lock(), &printed.stdout);
+            write_ignoring_closed_pipe(&mut std::io::stderr().lock(), &printed.stderr);
+            0
+        }
+        Err(err) => {
+            eprintln!("{}", error::error_line(&err));
+            1
+        }
+    }
+}
+
+/// Reads all of stdin; a terminal counts as empty rather than waiting for
+/// typing.
+fn read_stdin() -> anyhow::Result<String> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Ok(String::new());
+    }
+    let mut text = String::new();
+    stdin
+        .lock()
+        .read_to_string(&mut text)
+        .map_err(|e| error::CliError::invalid(format!("cannot read stdin: {e}")))?;
+    Ok(text)
+}
+
+/// Writes `text`; a reader that went away (`hearth get ws | head -1`) is not
+/// an error worth reporting.
+fn write_ignoring_closed_pipe(out: &mut dyn Write, text: &str) {
+    if !text.is_empty() {
+        let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    // The shape the `hearth` binary wraps these types in (no doc comment,
+    // as in its sketch: a doc comment here would be its `about`).
+    #[derive(Debug, clap::Parser)]
+    #[command(name = "hearth")]
+    struct Cli {
+        #[command(flatten)]
+        global: GlobalArgs,
+        #[command(subcommand)]
+        command: Top,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum Top {
+        Server,
+        #[command(flatten)]
+        Client(Command),
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("hearth").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    // A binary whose parser has a description of its own:
+    #[derive(Debug, clap::Parser)]
+    #[command(name = "hearth")]
+    /// hearth: warm VM pools
+    struct Described {
+        #[command(flatten)]
+        global: GlobalArgs,
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[test]
+    fn our_docs_do_not_become_the_binarys_description() {
+        let cmd = Cli::command();
+        assert_eq!(cmd.get_about(), None);
+        assert_eq!(cmd.get_long_about(), None);
+        let cmd = Described::command();
+        assert_eq!(
+            cmd.get_about().map(ToString::to_string).as_deref(),
+            Some("hearth: warm VM pools")
+        );
+        let get = cmd.find_subcommand("get").unwrap();
+        assert_eq!(
+            get.get_about().map(ToString::to_string).as_deref(),
+            Some("Show one resource, or list every resource of a kind")
+        );
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let cli = parse(&["get", "ws", "web", "-o", "json", "--server", "http://h:1"]);
+        assert_eq!(cli.global.output, Some(OutputFormat::Json));
+        assert_eq!(cli.global.server.as_deref(), Some("http://h:1"));
+        let Top::Client(Command::Get(get)) = cli.command else {
+            panic!("not get")
+        };
+        assert_eq!(
+            (get.kind.as_str(), get.name.as_deref()),
+            ("ws", Some("web"))
+        );
+
+        let cli = parse(&["--token", "t", "auth", "login"]);
+        assert_eq!(cli.global.token.as_deref(), Some("t"));
+        let cli = parse(&["auth", "login", "--token", "t", "--server", "http://h"]);
+        assert_eq!(cli.global.token.as_deref(), Some("t"));
+        assert!(matches!(
+            cli.command,
+            Top::Client(Command::Auth(AuthCommand::Login))
+        ));
+        let cli = parse(&["server", "--workspace", "w"]);
+        assert_eq!(cli.global.workspace.as_deref(), Some("w"));
+    }
+
+    #[test]
+    fn subcommands_parse() {
+        let cli = parse(&[
+            "patch",
+            "pool-config",
+            "default",
+            "--set",
+            "a=1",
+            "--set",
+            "b.c=x",
+        ]);
+        let Top::Client(Command::Patch(p)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(p.set, ["a=1", "b.c=x"]);
+        assert!(
+            Cli::try_parse_from(["hearth", "patch", "pool-config", "default"]).is_err(),
+            "at least one --set"
+        );
+        let cli = parse(&[
+            "identity",
+            "create",
+            "ci",
+            "--role",
+            "developer",
+            "--kind",
+            "service",
+            "--expires-in",
+            "24h",
+        ]);
+        assert!(matches!(
+            cli.command,
+            Top::Client(Command::Identity(IdentityCommand::Create { ref kind, ref expires_in, .. }))
+                if kind == "service" && expires_in.as_deref() == Some("24h")
+        ));
+        let cli = parse(&["tenant", "create", "acme"]);
+        assert!(matches!(
+            cli.command,
+            Top::Client(Command::Tenant(TenantCommand::Create { ref admin, .. })) if admin == "admin"
+        ));
+        assert!(Cli::try_parse_from(["hearth", "get", "ws", "-o", "xml"]).is_err());
+    }
+}

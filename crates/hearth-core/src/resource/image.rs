@@ -44,11 +44,12 @@ impl Spec for Image {
         ];
         for (field, path) in paths {
             if let Some(path) = path
-                && !path.starts_with('/') {
-                    return Err(Error::invalid(format!(
-                        "{field} must be an absolute path (got {path:?})"
-                    )));
-                }
+                && !path.starts_with('/')
+            {
+                return Err(Error::invalid(format!(
+                    "{field} must be an absolute path (got {path:?})"
+                )));
+            }
         }
         match self.driver {
             DriverKind::Qemu if self.kernel.is_none() => {

@@ -171,11 +171,12 @@ impl Spec for Workspace {
             }
         }
         if let Some(branch) = &self.warm_pool.branch
-            && branch.trim().is_empty() {
-                return Err(Error::invalid(
-                    "warm_pool.branch must not be empty when set",
-                ));
-            }
+            && branch.trim().is_empty()
+        {
+            return Err(Error::invalid(
+                "warm_pool.branch must not be empty when set",
+            ));
+        }
         validate_commands("warm_pool.setup_commands", &self.warm_pool.setup_commands)?;
         if self.description.len() > super::pool_config::DESCRIPTION_LIMIT {
             return Err(Error::invalid(format!(

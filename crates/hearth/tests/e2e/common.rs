@@ -1,0 +1,414 @@
+//! The harness: start and stop real servers, make PostgreSQL databases, call
+//! the API and run the CLI.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+/// Runs each named test function (taking a [`Backend`]) once per backend.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name($crate::common::Backend::Sqlite) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::$name($crate::common::Backend::Postgres) } )*
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The server PostgreSQL tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("HEARTH_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// A PostgreSQL database of its own, dropped at the end of the test.
+pub struct PgDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl PgDatabase {
+    pub fn create() -> PgDatabase {
+        let admin = postgres_admin_url();
+        let name = format!("hearth_e2e_{}", uuid::Uuid::new_v4().simple());
+        block_on(async {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+                panic!("PostgreSQL is not reachable at {admin} ({e}); start it (.ci/run does) or set HEARTH_TEST_POSTGRES_URL")
+            });
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        });
+        let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap();
+        PgDatabase {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let admin = postgres_admin_url();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_hearth")
+}
+
+/// A running `hearth server` with its own data dir (and database).
+pub struct Server {
+    pub backend: Backend,
+    pub data_dir: tempfile::TempDir,
+    pub database: Option<PgDatabase>,
+    pub url: String,
+    pub admin_token: String,
+    child: Option<Child>,
+    logs: Arc<Mutex<String>>,
+    pub stdout: Arc<Mutex<String>>,
+}
+
+impl Server {
+    pub fn start(backend: Backend) -> Server {
+        let data_dir = tempfile::tempdir().unwrap();
+        let database = (backend == Backend::Postgres).then(PgDatabase::create);
+        let mut server = Server {
+            backend,
+            data_dir,
+            database,
+            url: String::new(),
+            admin_token: String::new(),
+            child: None,
+            logs: Default::default(),
+            stdout: Default::default(),
+        };
+        server.launch();
+        server.admin_token = std::fs::read_to_string(server.data_dir.path().join("admin-token"))
+            .expect("first start writes the admin token file")
+            .trim()
+            .to_owned();
+        server
+    }
+
+    pub fn database_url(&self) -> Option<&str> {
+        self.database.as_ref().map(|d| d.url.as_str())
+    }
+
+    /// Starts the binary and waits for its `listening` log line.
+    pub fn launch(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut cmd = Command::new(binary());
+        cmd.args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(self.data_dir.path())
+        .env("RUST_LOG", "info")
+        .env_remove("HEARTH_DATABASE_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if let Some(url) = self.database_url() {
+            cmd.args(["--database-url", url]);
+        }
+        let mut child = cmd.spawn().expect("the hearth binary starts");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let logs = self.logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["message"] == "listening"
+                {
+                    let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+                }
+                logs.lock().unwrap().push_str(&line);
+                logs.lock().unwrap().push('\n');
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let out = self.stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                out.lock().unwrap().push_str(&line);
+                out.lock().unwrap().push('\n');
+            }
+        });
+        self.child = Some(child);
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => self.url = format!("http://{addr}"),
+            Err(_) => panic!("the server did not start; its log:\n{}", self.logs()),
+        }
+    }
+
+    /// Everything the server logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the server did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// An API client with the given token.
+    pub fn client(&self, token: &str) -> Api {
+        Api {
+            base: self.url.clone(),
+            token: Some(token.to_owned()),
+        }
+    }
+
+    /// An API client with the bootstrap (operator) token.
+    pub fn admin(&self) -> Api {
+        self.client(&self.admin_token)
+    }
+
+    /// Runs the CLI against this server with `token`, in an empty folder.
+    pub fn cli(&self, token: &str, args: &[&str], stdin: &str) -> CliOutput {
+        let dir = tempfile::tempdir().unwrap();
+        run_cli(
+            dir.path(),
+            args,
+            stdin,
+            &[("HEARTH_SERVER", &self.url), ("HEARTH_TOKEN", token)],
+        )
+    }
+
+    /// Creates an identity with `role` through the API and returns its token.
+    pub fn identity(&self, name: &str, role: &str) -> String {
+        let r = self.admin().post(
+            "/v1/identities",
+            serde_json::json!({"name": name, "role": role}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.body["token"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The result of a CLI run.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the binary in `dir` with a clean HEARTH_* environment plus `env`.
+pub fn run_cli(dir: &Path, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> CliOutput {
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for key in [
+        "HEARTH_SERVER",
+        "HEARTH_TOKEN",
+        "HEARTH_WORKSPACE",
+        "HEARTH_DATA_DIR",
+        "HEARTH_DATABASE_URL",
+    ] {
+        cmd.env_remove(key);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A plain HTTP client for the API.
+pub struct Api {
+    pub base: String,
+    pub token: Option<String>,
+}
+
+/// An HTTP answer with its JSON body (Null when not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Answer {
+    /// Asserts an error answer with this status, code and message.
+    pub fn assert_error(&self, status: u16, code: &str, message: &str) {
+        assert_eq!(
+            (
+                self.status,
+                self.body["code"].as_str(),
+                self.body["message"].as_str()
+            ),
+            (status, Some(code), Some(message)),
+            "{}",
+            self.text
+        );
+    }
+}
+
+impl Api {
+    pub fn anonymous(base: &str) -> Api {
+        Api {
+            base: base.to_owned(),
+            token: None,
+        }
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Option<String>,
+    ) -> Answer {
+        let client = reqwest::blocking::Client::new();
+        let mut req = client.request(method.parse().unwrap(), format!("{}{}", self.base, path));
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        if let Some(body) = body {
+            req = req.body(body);
+        }
+        let resp = req.send().expect("the server answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap();
+        Answer {
+            status,
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
+            text,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Answer {
+        self.request("GET", path, None, None)
+    }
+    pub fn delete(&self, path: &str) -> Answer {
+        self.request("DELETE", path, None, None)
+    }
+    pub fn post(&self, path: &str, body: Value) -> Answer {
+        self.request(
+            "POST",
+            path,
+            Some("application/json"),
+            Some(body.to_string()),
+        )
+    }
+    pub fn put_json(&self, path: &str, body: Value) -> Answer {
+        self.request(
+            "PUT",
+            path,
+            Some("application/json"),
+            Some(body.to_string()),
+        )
+    }
+    pub fn put_yaml(&self, path: &str, yaml: &str) -> Answer {
+        self.request("PUT", path, Some("application/yaml"), Some(yaml.to_owned()))
+    }
+    pub fn patch(&self, path: &str, body: Value) -> Answer {
+        self.request(
+            "PATCH",
+            path,
+            Some("application/merge-patch+json"),
+            Some(body.to_string()),
+        )
+    }
+}
+
+/// Path of a file in the repository.
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests: the real `hearth` binary, over real HTTP, against a real
+//! SQLite file and a real PostgreSQL database. Every test runs once per
+//! backend (`sqlite::name` and `postgres::name`).
+
+mod common;
+
+mod auth;
+mod cli;
+mod resources;
+mod server;
