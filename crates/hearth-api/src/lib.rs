@@ -11,11 +11,14 @@
 //! - Secret values (environment variables) never leave in an answer or a log
 //!   line: specs are redacted before they are serialized.
 
+mod agents;
 pub mod auth;
 mod body;
+mod builds;
 pub mod error;
 mod identities;
 pub mod openapi;
+mod pool;
 mod resources;
 mod tenants;
 
@@ -31,6 +34,8 @@ pub use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// The pool runner: the API's only way to the drivers.
+    pub pool: Arc<hearth_reconcilers::Pool>,
 }
 
 /// Largest request body accepted.
@@ -45,6 +50,9 @@ pub fn router(state: AppState) -> Router {
         .merge(resources::routes())
         .merge(identities::routes())
         .merge(tenants::routes())
+        .merge(agents::routes())
+        .merge(pool::routes())
+        .merge(builds::routes())
         .fallback(fallback)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(

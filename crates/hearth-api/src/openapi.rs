@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::resources::{environment, image, pool_config, workspace};
-use crate::{auth, identities, tenants};
+use crate::{agents, auth, builds, identities, pool, tenants};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,6 +20,10 @@ use crate::{auth, identities, tenants};
         image::list, image::get_one, image::put, image::patch, image::delete,
         identities::list, identities::create, identities::remove, identities::create_token,
         tenants::list, tenants::create,
+        agents::spawn, agents::list, agents::get_one, agents::kill, agents::sleep, agents::wake,
+        agents::resurrect, agents::finish, agents::idle, agents::exec,
+        pool::status, pool::vms, pool::flush, pool::up, pool::reset,
+        builds::list, builds::retire,
     ),
     modifiers(&BearerAuth)
 )]

@@ -5,6 +5,9 @@
 //! failure into a [`CliError`]: the server's own `{"code", "message"}`
 //! answer as is, `UNAVAILABLE` when the server cannot be reached, and
 //! `INTERNAL` when an answer is not the JSON expected.
+//!
+//! Every request gives up after [`DEFAULT_TIMEOUT`], except those that wait
+//! on purpose ([`Client::post_json_waiting`], for `hearth agents exec`).
 
 use crate::config::Settings;
 use crate::error::CliError;
@@ -13,6 +16,10 @@ use reqwest::{Method, StatusCode, Url};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use std::time::Duration;
+
+/// How long a request may take before the CLI gives up on the server.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Longest piece of an unexpected answer body quoted in an error, in chars.
 const BODY_EXCERPT: usize = 1024;
@@ -47,8 +54,10 @@ impl Client {
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
             return Err(invalid("use http://host:port or https://host:port".into()));
         }
+        // No client-wide timeout: each request sets its own (see `call`).
         let http = reqwest::blocking::Client::builder()
             .user_agent(concat!("hearth-cli/", env!("CARGO_PKG_VERSION")))
+            .timeout(None)
             .build()
             .map_err(|e| CliError::internal(format!("cannot set up HTTP: {}", reason(&e))))?;
         Ok(Client {
@@ -78,12 +87,21 @@ impl Client {
 
     /// `GET /v1/<segments>`.
     pub fn get<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<T, CliError> {
-        self.call(Method::GET, segments, None)
+        self.call(Method::GET, segments, &[], None, Some(DEFAULT_TIMEOUT))
+    }
+
+    /// `GET /v1/<segments>?<query>` (pairs percent-encoded).
+    pub fn get_query<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        query: &[(&str, &str)],
+    ) -> Result<T, CliError> {
+        self.call(Method::GET, segments, query, None, Some(DEFAULT_TIMEOUT))
     }
 
     /// `DELETE /v1/<segments>`.
     pub fn delete<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<T, CliError> {
-        self.call(Method::DELETE, segments, None)
+        self.call(Method::DELETE, segments, &[], None, Some(DEFAULT_TIMEOUT))
     }
 
     /// `POST /v1/<segments>` with a JSON body.
@@ -92,8 +110,26 @@ impl Client {
         segments: &[&str],
         body: &Value,
     ) -> Result<T, CliError> {
+        self.post_json_waiting(segments, body, Some(DEFAULT_TIMEOUT))
+    }
+
+    /// `POST /v1/<segments>` with a JSON body, waiting up to `timeout` for
+    /// the answer (`None`: as long as it takes), for calls that last as long
+    /// as the work they start.
+    pub fn post_json_waiting<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: &Value,
+        timeout: Option<Duration>,
+    ) -> Result<T, CliError> {
         let bytes = serde_json::to_vec(body).map_err(|e| CliError::internal(e.to_string()))?;
-        self.call(Method::POST, segments, Some(("application/json", bytes)))
+        self.call(
+            Method::POST,
+            segments,
+            &[],
+            Some(("application/json", bytes)),
+            timeout,
+        )
     }
 
     /// `PUT /v1/<segments>` with the user's YAML text, unchanged.
@@ -105,7 +141,9 @@ impl Client {
         self.call(
             Method::PUT,
             segments,
+            &[],
             Some(("application/yaml", yaml.into_bytes())),
+            Some(DEFAULT_TIMEOUT),
         )
     }
 
@@ -119,7 +157,9 @@ impl Client {
         self.call(
             Method::PATCH,
             segments,
+            &[],
             Some(("application/merge-patch+json", bytes)),
+            Some(DEFAULT_TIMEOUT),
         )
     }
 
@@ -127,12 +167,21 @@ impl Client {
         &self,
         method: Method,
         segments: &[&str],
+        query: &[(&str, &str)],
         body: Option<(&str, Vec<u8>)>,
+        timeout: Option<Duration>,
     ) -> Result<T, CliError> {
+        let mut url = self.url(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
         let mut request = self
             .http
-            .request(method, self.url(segments))
+            .request(method, url)
             .header(ACCEPT, "application/json");
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -148,11 +197,13 @@ impl Client {
 }
 
 /// Reads an answer: the expected JSON on success, else the error it carries.
+/// An empty success body (a `204 No Content`) reads as JSON `null`.
 pub fn decode<T: DeserializeOwned>(status: StatusCode, body: &str) -> Result<T, CliError> {
     if !status.is_success() {
         return Err(error_from_answer(status, body));
     }
-    serde_json::from_str(body).map_err(|e| {
+    let json = if body.trim().is_empty() { "null" } else { body };
+    serde_json::from_str(json).map_err(|e| {
         CliError::internal(format!(
             "server answered {status} with an unexpected body ({e}): {}",
             excerpt(body)
@@ -296,6 +347,16 @@ mod tests {
         let e = decode::<Value>(StatusCode::OK, "hello").unwrap_err();
         assert_eq!(e.code, "INTERNAL");
         assert!(e.message.contains("200 OK"), "{}", e.message);
+        // No body at all is null: fine for a Value, not for a struct.
+        let v: Value = decode(StatusCode::NO_CONTENT, "").unwrap();
+        assert_eq!(v, Value::Null);
+        #[derive(Debug, Deserialize)]
+        struct Flushed {
+            #[allow(dead_code)]
+            flushed: u64,
+        }
+        let e = decode::<Flushed>(StatusCode::OK, "").unwrap_err();
+        assert!(e.message.contains("(empty body)"), "{}", e.message);
     }
 
     #[test]
@@ -360,5 +421,18 @@ mod tests {
             "{request}"
         );
         assert!(request.ends_with("{\"min_idle\":2}"), "{request}");
+
+        let (url, request) = serve_once(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\nConnection: close\r\n\r\n{\"items\":[]}",
+        );
+        let c = Client::new(&url, "test", None).unwrap();
+        let _: Value = c
+            .get_query(&["agents"], &[("workspace", "web x"), ("phase", "a&b")])
+            .unwrap();
+        let request = request.join().unwrap();
+        assert!(
+            request.starts_with("GET /v1/agents?workspace=web+x&phase=a%26b HTTP/1.1\r\n"),
+            "{request}"
+        );
     }
 }

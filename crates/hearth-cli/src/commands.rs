@@ -1,34 +1,71 @@
 //! Runs one parsed command: checks the user's input, resolves the settings,
 //! makes the API call(s) through [`Client`], and renders the answer with
 //! [`crate::output`]. What is printed is returned, not printed, so that
-//! [`crate::run`] alone touches the process's stdout, stderr and exit code.
+//! [`crate::run`] alone touches the process's stdout, stderr and exit code;
+//! the one exception is a progress line printed before a slow request
+//! ([`Context::progress`]).
+//!
+//! The decisions that need no server are pure functions here (request
+//! bodies, the pool commands' agent-VM guard, the `spawn --wait` loop with
+//! its clock passed in, the exit status of `agents exec`).
 
-use crate::client::Client;
-use crate::config::{self, ENV_TOKEN};
+use crate::client::{Client, DEFAULT_TIMEOUT};
+use crate::config::{self, ENV_TOKEN, Settings};
 use crate::error::CliError;
-use crate::output::{self, Items, Resource, ResourceList, WriteAnswer};
+use crate::output::{
+    self, AgentAction, AgentView, ExecAnswer, Items, OutputFormat, Resource, ResourceList,
+    WriteAnswer,
+};
 use crate::patch::merge_patch;
-use crate::{AuthCommand, Command, GlobalArgs, IdentityCommand, TenantCommand};
+use crate::{
+    AgentsCommand, AuthCommand, BuildsCommand, Command, GlobalArgs, IdentityCommand, PoolCommand,
+    SpawnArgs, TenantCommand,
+};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, parse_duration};
 use serde_json::{Map, Value, json};
 use std::path::Path;
 use std::str::FromStr;
+use std::time::{Duration, Instant, SystemTime};
 
-/// What a successful command prints.
+/// What a finished command prints, and the exit code it ends with.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Printed {
     pub stdout: String,
     pub stderr: String,
+    /// 0 unless the command reports another status (an agent's or a remote
+    /// command's exit code, a refusal).
+    pub exit_code: i32,
 }
 
 impl Printed {
     fn out(stdout: String) -> Printed {
         Printed {
             stdout,
-            stderr: String::new(),
+            ..Printed::default()
         }
     }
+}
+
+/// Set (non-empty) inside an agent VM: its VM id.
+pub const ENV_VM_ID: &str = "HEARTH_VM_ID";
+/// Present inside an agent VM: holds its VM id.
+pub const VM_ID_FILE: &str = "/run/hearth/vm-id";
+/// What a pool command prints (alone, on stderr, exit 1) inside an agent VM.
+pub const POOL_ON_VM: &str = "pool commands are not supported on VMs";
+
+/// Whether the CLI runs inside an agent VM, from `HEARTH_VM_ID` and whether
+/// [`VM_ID_FILE`] exists. Any non-empty value counts, even blanks: the
+/// guard errs on the side of refusing.
+pub fn on_agent_vm(vm_id_env: Option<&str>, vm_id_file_exists: bool) -> bool {
+    vm_id_env.is_some_and(|v| !v.is_empty()) || vm_id_file_exists
+}
+
+/// The error of a command that needs a workspace and has none.
+pub fn require_workspace(workspace: Option<String>) -> Result<String, CliError> {
+    workspace.ok_or_else(|| {
+        CliError::invalid("no workspace: pass --workspace or set workspace in hearth.yaml")
+    })
 }
 
 /// The note printed with every newly issued token.
@@ -39,6 +76,10 @@ pub struct Context<'a> {
     pub cwd: &'a Path,
     pub env: &'a dyn Fn(&str) -> Option<String>,
     pub read_stdin: &'a dyn Fn() -> anyhow::Result<String>,
+    /// Where an agent VM keeps its id ([`VM_ID_FILE`] in the real process).
+    pub vm_id_file: &'a Path,
+    /// Prints a line on stdout at once, before a request is sent.
+    pub progress: &'a dyn Fn(&str),
 }
 
 /// Parses a kind as `hearth get KIND` names it (aliases included).
@@ -58,12 +99,184 @@ pub fn stdin_document(text: String) -> Result<String, CliError> {
 
 /// Checks an `--expires-in` duration (`90s`, `15m`, `1h30m`, `2d`).
 pub fn check_duration(text: &str) -> Result<(), CliError> {
+    duration_flag("--expires-in", text).map(|_| ())
+}
+
+/// Reads the value of a duration flag (`90s`, `15m`, `1h30m`, `2d`; more
+/// than zero).
+pub fn duration_flag(flag: &str, text: &str) -> Result<Duration, CliError> {
     match parse_duration(text) {
-        Some(secs) if secs > 0 => Ok(()),
+        Some(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
         _ => Err(CliError::invalid(format!(
-            "invalid --expires-in {text:?}: use a duration such as 90s, 15m, 1h30m or 2d"
+            "invalid {flag} {text:?}: use a duration such as 90s, 15m, 1h30m or 2d"
         ))),
     }
+}
+
+/// The workspace a flush narrows to. Only `--workspace` or
+/// `HEARTH_WORKSPACE` narrow it: without them it is the whole pool, whatever
+/// hearth.yaml says. A nuke is tenant-wide, so the ambient
+/// `HEARTH_WORKSPACE` does not apply to it; an explicit `--workspace` is
+/// sent, for the server to refuse.
+pub fn flush_workspace(
+    global: &GlobalArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    nuke: bool,
+) -> Option<String> {
+    if nuke {
+        config::workspace_from_flag_or_env(global, &|_| None)
+    } else {
+        config::workspace_from_flag_or_env(global, env)
+    }
+}
+
+/// The body of `POST /v1/pool/flush`.
+pub fn flush_body(workspace: Option<&str>, nuke: bool) -> Value {
+    json!({"workspace": workspace, "nuke": nuke})
+}
+
+/// The body of `POST /v1/agents`.
+pub fn spawn_body(
+    workspace: &str,
+    command: Option<&str>,
+    parent: Option<&str>,
+    on_idle: Option<&str>,
+) -> Value {
+    json!({"workspace": workspace, "command": command, "parent": parent, "on_idle": on_idle})
+}
+
+/// The body of `POST /v1/agents/{id}/exec`: the arguments joined by spaces,
+/// as they were given (no quoting is added).
+pub fn exec_body(command: &[String], timeout: Option<&str>) -> Value {
+    json!({"command": command.join(" "), "timeout": timeout})
+}
+
+/// The body of `POST /v1/agents/{id}/finish`.
+pub fn finish_body(failed: bool, exit_code: Option<i32>, error: Option<&str>) -> Value {
+    json!({"status": finish_status(failed), "exit_code": exit_code, "error": error})
+}
+
+/// `completed`, or `failed` with `--failed`.
+pub fn finish_status(failed: bool) -> &'static str {
+    if failed { "failed" } else { "completed" }
+}
+
+/// How often `hearth spawn --wait` asks for the agent.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Whether `hearth spawn --wait` is done waiting for `agent`: once it has
+/// left `queued`/`provisioning`, and, for an agent with a command, once it
+/// is over.
+pub fn wait_is_over(agent: &AgentView, has_command: bool) -> bool {
+    if has_command {
+        agent.is_terminal()
+    } else {
+        !agent.is_starting()
+    }
+}
+
+/// The clock and the server as `hearth spawn --wait` sees them, so that the
+/// loop runs in tests without either.
+pub struct Waiting<'a> {
+    /// Fetches the agent again (`GET /v1/agents/{id}`).
+    pub fetch: &'a mut dyn FnMut() -> Result<Value, CliError>,
+    pub sleep: &'a mut dyn FnMut(Duration),
+    /// Time since the wait began.
+    pub elapsed: &'a dyn Fn() -> Duration,
+}
+
+/// Polls every [`POLL_INTERVAL`] from `agent` (the answer to the spawn)
+/// until [`wait_is_over`]; after `timeout` (spelled `timeout_text` in the
+/// message) gives up with `DEADLINE_EXCEEDED: agent <id> is still <phase>
+/// after <timeout>`. Returns the last answer.
+pub fn wait_for_agent(
+    mut agent: Value,
+    has_command: bool,
+    timeout: Duration,
+    timeout_text: &str,
+    waiting: Waiting<'_>,
+) -> Result<(Value, AgentView), CliError> {
+    const WHAT: &str = "GET /v1/agents/{id}";
+    loop {
+        let view = AgentView::from_answer(WHAT, &agent)?;
+        if wait_is_over(&view, has_command) {
+            return Ok((agent, view));
+        }
+        let elapsed = (waiting.elapsed)();
+        if elapsed >= timeout {
+            return Err(CliError::deadline_exceeded(format!(
+                "agent {} is still {} after {timeout_text}",
+                view.id, view.phase
+            )));
+        }
+        (waiting.sleep)(POLL_INTERVAL.min(timeout - elapsed));
+        agent = (waiting.fetch)()?;
+    }
+}
+
+/// What `hearth spawn` prints for `agent` (`answer` as the server sent it).
+/// A finished agent that was waited for also sets the exit code
+/// ([`AgentView::exit_status`]), and one with a command prints its output
+/// before the line.
+pub fn spawn_printed(
+    answer: &Value,
+    agent: &AgentView,
+    waited: bool,
+    has_command: bool,
+    format: Option<OutputFormat>,
+) -> Printed {
+    let finished = waited && agent.is_terminal();
+    let stdout = match format {
+        Some(f @ (OutputFormat::Yaml | OutputFormat::Json)) => output::render_value(answer, f),
+        _ if finished && has_command => {
+            output::ending_in_newline(&agent.output) + &output::agent_line(agent)
+        }
+        _ => output::agent_line(agent),
+    };
+    Printed {
+        stdout,
+        stderr: String::new(),
+        exit_code: if finished { agent.exit_status() } else { 0 },
+    }
+}
+
+/// The exit code `hearth agents exec` ends with when the command timed out.
+pub const EXEC_TIMED_OUT: i32 = 124;
+
+/// What `hearth agents exec` prints: the command's stdout and stderr as
+/// they were, and its exit code; a command that timed out adds
+/// `DEADLINE_EXCEEDED: command timed out` on stderr and exits 124.
+/// `-o yaml|json` prints the answer instead, with the same exit code.
+pub fn exec_printed(answer: &Value, format: Option<OutputFormat>) -> Result<Printed, CliError> {
+    let exec: ExecAnswer = output::parse_answer("POST /v1/agents/{id}/exec", answer)?;
+    let exit_code = if exec.timed_out {
+        EXEC_TIMED_OUT
+    } else {
+        exec.exit_code
+            .map_or(1, |code| i32::try_from(code).unwrap_or(1))
+    };
+    if let Some(f @ (OutputFormat::Yaml | OutputFormat::Json)) = format {
+        return Ok(Printed {
+            stdout: output::render_value(answer, f),
+            stderr: String::new(),
+            exit_code,
+        });
+    }
+    let mut stderr = exec.stderr;
+    if exec.timed_out {
+        if !stderr.is_empty() && !stderr.ends_with('\n') {
+            stderr.push('\n');
+        }
+        stderr.push_str(&format!(
+            "{}: command timed out\n",
+            crate::error::DEADLINE_EXCEEDED
+        ));
+    }
+    Ok(Printed {
+        stdout: exec.stdout,
+        stderr,
+        exit_code,
+    })
 }
 
 /// The body of `POST /v1/identities`, after checking role, kind and
@@ -95,8 +308,7 @@ pub fn execute(
 ) -> anyhow::Result<Printed> {
     let format = global.output;
     let connect = || -> Result<Client, CliError> {
-        let settings = config::resolve(global, ctx.env, ctx.cwd)?;
-        Client::from_settings(&settings)
+        Client::from_settings(&config::resolve(global, ctx.env, ctx.cwd)?)
     };
     let printed = match command {
         Command::Get(args) => {
@@ -152,6 +364,7 @@ pub fn execute(
             Printed {
                 stdout: output::render_record(&answer, format),
                 stderr: TOKEN_ONCE.into(),
+                exit_code: 0,
             }
         }
         Command::Tenant(TenantCommand::List) => {
@@ -174,6 +387,7 @@ pub fn execute(
             Printed {
                 stdout: output::render_record(&answer, format),
                 stderr: TOKEN_ONCE.into(),
+                exit_code: 0,
             }
         }
         Command::Identity(IdentityCommand::List) => {
@@ -203,10 +417,212 @@ pub fn execute(
             Printed {
                 stdout: output::render_record(&answer, format),
                 stderr: TOKEN_ONCE.into(),
+                exit_code: 0,
             }
+        }
+        Command::Pool(command) => {
+            let on_vm = on_agent_vm((ctx.env)(ENV_VM_ID).as_deref(), ctx.vm_id_file.exists());
+            if on_vm {
+                return Ok(Printed {
+                    stdout: String::new(),
+                    stderr: format!("{POOL_ON_VM}\n"),
+                    exit_code: 1,
+                });
+            }
+            pool(global, command, ctx)?
+        }
+        Command::Spawn(args) => spawn(global, args, ctx)?,
+        Command::Agents(command) => agents(global, command, ctx)?,
+        Command::Builds(BuildsCommand::List) => {
+            let list: Items = connect()?.get(&["builds"])?;
+            Printed::out(output::render_builds(&list.items, format))
+        }
+        Command::Builds(BuildsCommand::Retire { id }) => {
+            let answer: Value = connect()?.post_json(&["builds", &id, "retire"], &json!({}))?;
+            Printed::out(output::answer_or_message(
+                &answer,
+                format,
+                output::retired_message(&id),
+            ))
         }
     };
     Ok(printed)
+}
+
+/// `hearth pool ...` (after the agent-VM guard).
+fn pool(global: &GlobalArgs, command: PoolCommand, ctx: &Context<'_>) -> anyhow::Result<Printed> {
+    let format = global.output;
+    let settings = config::resolve(global, ctx.env, ctx.cwd)?;
+    let printed = match command {
+        PoolCommand::Status => {
+            let answer: Value = Client::from_settings(&settings)?.get(&["pool", "status"])?;
+            Printed::out(output::render_pool_status(&answer, format)?)
+        }
+        PoolCommand::Flush { nuke } => {
+            let workspace = flush_workspace(global, ctx.env, nuke);
+            let client = Client::from_settings(&settings)?;
+            let body = flush_body(workspace.as_deref(), nuke);
+            if format.is_none() || format == Some(OutputFormat::Table) {
+                (ctx.progress)(output::flush_progress(nuke));
+            }
+            let answer: Value = client.post_json(&["pool", "flush"], &body)?;
+            Printed::out(match format {
+                Some(f @ (OutputFormat::Yaml | OutputFormat::Json)) => {
+                    output::render_value(&answer, f)
+                }
+                _ => output::flush_message(&answer, nuke)?,
+            })
+        }
+        PoolCommand::Up => {
+            let answer: Value =
+                Client::from_settings(&settings)?.post_json(&["pool", "up"], &json!({}))?;
+            Printed::out(match format {
+                Some(f @ (OutputFormat::Yaml | OutputFormat::Json)) => {
+                    output::render_value(&answer, f)
+                }
+                _ => output::pool_up_message(&answer)?,
+            })
+        }
+        PoolCommand::Reset => {
+            let workspace = require_workspace(settings.workspace.clone())?;
+            let answer: Value = Client::from_settings(&settings)?
+                .post_json(&["pool", "reset"], &json!({"workspace": workspace}))?;
+            Printed::out(output::answer_or_message(
+                &answer,
+                format,
+                output::pool_reset_message(&workspace),
+            ))
+        }
+    };
+    Ok(printed)
+}
+
+/// `hearth spawn`, and with `--wait` the polling until the agent runs (or,
+/// with a command, has finished).
+fn spawn(global: &GlobalArgs, args: SpawnArgs, ctx: &Context<'_>) -> anyhow::Result<Printed> {
+    const WHAT: &str = "POST /v1/agents";
+    let timeout = duration_flag("--wait-timeout", &args.wait_timeout)?;
+    let settings: Settings = config::resolve(global, ctx.env, ctx.cwd)?;
+    let workspace = require_workspace(settings.workspace.clone())?;
+    let client = Client::from_settings(&settings)?;
+    let body = spawn_body(
+        &workspace,
+        args.command.as_deref(),
+        args.parent.as_deref(),
+        args.on_idle.as_deref(),
+    );
+    let answer: Value = client.post_json(&["agents"], &body)?;
+    let has_command = args.command.is_some();
+    let (answer, agent) = if args.wait {
+        let id = AgentView::from_answer(WHAT, &answer)?.id;
+        let started = Instant::now();
+        wait_for_agent(
+            answer,
+            has_command,
+            timeout,
+            &args.wait_timeout,
+            Waiting {
+                fetch: &mut || client.get(&["agents", &id]),
+                sleep: &mut std::thread::sleep,
+                elapsed: &|| started.elapsed(),
+            },
+        )?
+    } else {
+        let agent = AgentView::from_answer(WHAT, &answer)?;
+        (answer, agent)
+    };
+    Ok(spawn_printed(
+        &answer,
+        &agent,
+        args.wait,
+        has_command,
+        global.output,
+    ))
+}
+
+/// `hearth agents ...`.
+fn agents(
+    global: &GlobalArgs,
+    command: AgentsCommand,
+    ctx: &Context<'_>,
+) -> anyhow::Result<Printed> {
+    let format = global.output;
+    let action = |client: &Client, id: &str, action: AgentAction| -> anyhow::Result<Printed> {
+        let answer: Value = client.post_json(&["agents", id, action.verb()], &json!({}))?;
+        let agent = AgentView::from_answer(
+            &format!("POST /v1/agents/{{id}}/{}", action.verb()),
+            &answer,
+        )?;
+        Ok(Printed::out(output::answer_or_message(
+            &answer,
+            format,
+            output::agent_action_message(action, id, &agent),
+        )))
+    };
+    // Checked before anything is resolved or sent. The server runs an
+    // exec for up to its --timeout: wait that long plus the usual margin
+    // for the answer (without one, as long as it takes).
+    let exec_wait = match &command {
+        AgentsCommand::Exec {
+            timeout: Some(t), ..
+        } => Some(duration_flag("--timeout", t)? + DEFAULT_TIMEOUT),
+        _ => None,
+    };
+    let settings = config::resolve(global, ctx.env, ctx.cwd)?;
+    let client = Client::from_settings(&settings)?;
+    match command {
+        AgentsCommand::List { phase, all } => {
+            let mut query = Vec::new();
+            if let Some(workspace) = settings.workspace.as_deref().filter(|_| !all) {
+                query.push(("workspace", workspace));
+            }
+            if let Some(phase) = phase.as_deref() {
+                query.push(("phase", phase));
+            }
+            let list: Items = client.get_query(&["agents"], &query)?;
+            Ok(Printed::out(output::render_agents(
+                &list.items,
+                format,
+                SystemTime::now(),
+            )))
+        }
+        AgentsCommand::Get { id } => {
+            let answer: Value = client.get(&["agents", &id])?;
+            Ok(Printed::out(output::render_agent(
+                &answer,
+                format,
+                SystemTime::now(),
+            )))
+        }
+        AgentsCommand::Kill { id } => action(&client, &id, AgentAction::Kill),
+        AgentsCommand::Sleep { id } => action(&client, &id, AgentAction::Sleep),
+        AgentsCommand::Wake { id } => action(&client, &id, AgentAction::Wake),
+        AgentsCommand::Resurrect { id } => action(&client, &id, AgentAction::Resurrect),
+        AgentsCommand::Exec {
+            id,
+            timeout,
+            command,
+        } => {
+            let body = exec_body(&command, timeout.as_deref());
+            let answer: Value =
+                client.post_json_waiting(&["agents", &id, "exec"], &body, exec_wait)?;
+            Ok(exec_printed(&answer, format)?)
+        }
+        AgentsCommand::Finish {
+            id,
+            failed,
+            exit_code,
+            error,
+        } => {
+            let body = finish_body(failed, exit_code, error.as_deref());
+            let answer: Value = client.post_json(&["agents", &id, "finish"], &body)?;
+            Ok(Printed::out(output::answer_or_message(
+                &answer,
+                format,
+                output::finish_message(&id, finish_status(failed)),
+            )))
+        }
+    }
 }
 
 /// `hearth auth login`: checks the token against the server, then saves it
@@ -310,6 +726,8 @@ mod tests {
             cwd: dir.path(),
             env: &env,
             read_stdin: &stdin,
+            vm_id_file: &dir.path().join("no-vm-id"),
+            progress: &|_| panic!("no progress before local errors"),
         };
         let global = GlobalArgs::default();
         let run = |command: Command| {
@@ -339,6 +757,663 @@ mod tests {
         assert!(
             run(Command::Get(get))
                 .contains("invalid server URL \"not a url\" (from HEARTH_SERVER)")
+        );
+        // The new commands check their own input first too.
+        let spawn = |wait_timeout: &str| {
+            Command::Spawn(SpawnArgs {
+                command: None,
+                parent: None,
+                on_idle: None,
+                wait: true,
+                wait_timeout: wait_timeout.into(),
+            })
+        };
+        assert_eq!(
+            run(spawn("10m")),
+            "INVALID_ARGUMENT: no workspace: pass --workspace or set workspace in hearth.yaml"
+        );
+        assert_eq!(
+            run(spawn("forever")),
+            "INVALID_ARGUMENT: invalid --wait-timeout \"forever\": use a duration such as 90s, 15m, 1h30m or 2d"
+        );
+        assert_eq!(
+            run(Command::Pool(PoolCommand::Reset)),
+            "INVALID_ARGUMENT: no workspace: pass --workspace or set workspace in hearth.yaml"
+        );
+        let exec = Command::Agents(AgentsCommand::Exec {
+            id: "a".into(),
+            timeout: Some("0s".into()),
+            command: vec!["true".into()],
+        });
+        assert!(run(exec).starts_with("INVALID_ARGUMENT: invalid --timeout \"0s\""));
+        // Valid input: the unusable URL is what fails.
+        assert!(run(Command::Pool(PoolCommand::Status)).contains("invalid server URL"));
+        assert!(
+            run(Command::Builds(BuildsCommand::List)).contains("invalid server URL"),
+            "builds"
+        );
+    }
+
+    #[test]
+    fn pool_commands_refuse_to_run_on_a_vm() {
+        assert!(!on_agent_vm(None, false));
+        assert!(!on_agent_vm(Some(""), false));
+        assert!(on_agent_vm(Some("0190c5a4"), false));
+        assert!(on_agent_vm(Some(" "), false), "any non-empty value");
+        assert!(on_agent_vm(None, true));
+        assert!(on_agent_vm(Some(""), true));
+
+        // Before anything else: the server URL is unusable and no workspace
+        // is set, yet the refusal is what is printed.
+        let dir = tempfile::tempdir().unwrap();
+        let vm_id_file = dir.path().join("vm-id");
+        let stdin = || Ok(String::new());
+        let check = |vm_id: Option<&str>, file: bool| {
+            if file {
+                std::fs::write(&vm_id_file, "0190c5a4\n").unwrap();
+            } else {
+                let _ = std::fs::remove_file(&vm_id_file);
+            }
+            let env = |k: &str| match k {
+                config::ENV_SERVER => Some("not a url".to_owned()),
+                ENV_VM_ID => vm_id.map(str::to_owned),
+                _ => None,
+            };
+            let ctx = Context {
+                cwd: dir.path(),
+                env: &env,
+                read_stdin: &stdin,
+                vm_id_file: &vm_id_file,
+                progress: &|_| panic!("no progress on a VM"),
+            };
+            [
+                PoolCommand::Status,
+                PoolCommand::Flush { nuke: true },
+                PoolCommand::Up,
+                PoolCommand::Reset,
+            ]
+            .map(|c| {
+                execute(&GlobalArgs::default(), Command::Pool(c), &ctx)
+                    .map_err(|e| crate::error::error_line(&e))
+            })
+        };
+        let refused = Printed {
+            stdout: String::new(),
+            stderr: "pool commands are not supported on VMs\n".into(),
+            exit_code: 1,
+        };
+        for (vm_id, file) in [(Some("vm-1"), false), (None, true), (Some(""), true)] {
+            for result in check(vm_id, file) {
+                assert_eq!(result.as_ref(), Ok(&refused), "{vm_id:?} {file}");
+            }
+        }
+        for result in check(Some(""), false) {
+            assert_ne!(result.as_ref(), Ok(&refused));
+        }
+    }
+
+    #[test]
+    fn what_a_flush_narrows_to() {
+        let env = |k: &str| (k == config::ENV_WORKSPACE).then(|| "env-ws".to_owned());
+        let none = GlobalArgs::default();
+        let flag = with_workspace(Some("flag-ws"));
+        assert_eq!(flush_workspace(&none, &|_| None, false), None);
+        assert_eq!(
+            flush_workspace(&none, &env, false).as_deref(),
+            Some("env-ws")
+        );
+        assert_eq!(
+            flush_workspace(&flag, &env, false).as_deref(),
+            Some("flag-ws")
+        );
+        assert_eq!(
+            flush_workspace(&none, &env, true),
+            None,
+            "nuke: env ignored"
+        );
+        assert_eq!(
+            flush_workspace(&flag, &env, true).as_deref(),
+            Some("flag-ws")
+        );
+    }
+
+    #[test]
+    fn request_bodies() {
+        assert_eq!(
+            flush_body(None, false).to_string(),
+            r#"{"workspace":null,"nuke":false}"#
+        );
+        assert_eq!(
+            flush_body(Some("web"), true).to_string(),
+            r#"{"workspace":"web","nuke":true}"#
+        );
+        assert_eq!(
+            spawn_body("web", None, None, None).to_string(),
+            r#"{"workspace":"web","command":null,"parent":null,"on_idle":null}"#
+        );
+        assert_eq!(
+            spawn_body("web", Some("make test"), Some("p-1"), Some("keep-alive")),
+            json!({"workspace": "web", "command": "make test", "parent": "p-1", "on_idle": "keep-alive"})
+        );
+        let args = ["ls".to_owned(), "-la".to_owned(), "/tmp dir".to_owned()];
+        assert_eq!(
+            exec_body(&args, None).to_string(),
+            r#"{"command":"ls -la /tmp dir","timeout":null}"#
+        );
+        assert_eq!(
+            exec_body(&args[..1], Some("30s")),
+            json!({"command": "ls", "timeout": "30s"})
+        );
+        assert_eq!(
+            finish_body(false, None, None).to_string(),
+            r#"{"status":"completed","exit_code":null,"error":null}"#
+        );
+        assert_eq!(
+            finish_body(true, Some(2), Some("tests failed")),
+            json!({"status": "failed", "exit_code": 2, "error": "tests failed"})
+        );
+        assert_eq!(
+            require_workspace(Some("web".into())).unwrap(),
+            "web".to_owned()
+        );
+        assert_eq!(
+            duration_flag("--wait-timeout", "10m").unwrap(),
+            Duration::from_secs(600)
+        );
+    }
+
+    fn agent(phase: &str) -> Value {
+        json!({"id": "a-1", "workspace": "web", "owner": "dana", "phase": phase,
+               "vm": null, "command": null, "exit_code": null, "output": "", "error": null,
+               "created_at": "2026-11-23T03:00:00Z"})
+    }
+
+    /// Runs the wait loop against a list of answers, with a fake clock that
+    /// advances by each sleep; returns the result, the sleeps and the
+    /// fetches made.
+    fn wait(
+        first: Value,
+        then: Vec<Value>,
+        has_command: bool,
+        timeout: Duration,
+    ) -> (Result<Value, CliError>, Vec<Duration>, usize) {
+        let clock = std::cell::Cell::new(Duration::ZERO);
+        let mut sleeps = Vec::new();
+        let mut answers = then.into_iter();
+        let mut fetches = 0;
+        let result = wait_for_agent(
+            first,
+            has_command,
+            timeout,
+            "1s",
+            Waiting {
+                fetch: &mut || {
+                    fetches += 1;
+                    Ok(answers.next().expect("no more answers"))
+                },
+                sleep: &mut |d| {
+                    sleeps.push(d);
+                    clock.set(clock.get() + d);
+                },
+                elapsed: &|| clock.get(),
+            },
+        );
+        (result.map(|(answer, _)| answer), sleeps, fetches)
+    }
+
+    #[test]
+    fn waiting_for_an_agent() {
+        let ms = Duration::from_millis;
+        // Already running: no request at all.
+        let (r, sleeps, fetches) = wait(agent("running"), vec![], false, ms(1000));
+        assert_eq!(
+            (r.unwrap()["phase"].clone(), sleeps.len(), fetches),
+            (json!("running"), 0, 0)
+        );
+        // Queued, provisioning, then idle: polls every 200 ms.
+        let (r, sleeps, fetches) = wait(
+            agent("queued"),
+            vec![agent("provisioning"), agent("idle")],
+            false,
+            ms(1000),
+        );
+        assert_eq!(r.unwrap()["phase"], "idle");
+        assert_eq!((sleeps, fetches), (vec![ms(200), ms(200)], 2));
+        // With a command, running is not enough: wait until it is over.
+        let mut done = agent("completed");
+        done["exit_code"] = json!(0);
+        let (r, _, fetches) = wait(
+            agent("queued"),
+            vec![agent("running"), agent("running"), done.clone()],
+            true,
+            ms(1000),
+        );
+        assert_eq!((r.unwrap(), fetches), (done, 3));
+        // A failure is over too, even without a command.
+        let (r, _, _) = wait(
+            agent("provisioning"),
+            vec![agent("failed")],
+            false,
+            ms(1000),
+        );
+        assert_eq!(r.unwrap()["phase"], "failed");
+        // Out of time: the last phase seen is named; the last sleep is cut
+        // to the deadline.
+        let (r, sleeps, fetches) = wait(
+            agent("queued"),
+            vec![agent("queued"), agent("provisioning")],
+            false,
+            ms(300),
+        );
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "DEADLINE_EXCEEDED: agent a-1 is still provisioning after 1s"
+        );
+        assert_eq!((sleeps, fetches), (vec![ms(200), ms(100)], 2));
+        // A server error ends the wait with that error.
+        let mut failing = || Err(CliError::invalid("boom"));
+        let e = wait_for_agent(
+            agent("queued"),
+            false,
+            ms(1000),
+            "1s",
+            Waiting {
+                fetch: &mut failing,
+                sleep: &mut |_| {},
+                elapsed: &|| Duration::ZERO,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "INVALID_ARGUMENT: boom");
+        // An answer that is not an agent is the server's fault.
+        let (r, _, _) = wait(json!({"id": "a-1"}), vec![], false, ms(1000));
+        assert!(
+            r.unwrap_err()
+                .message
+                .starts_with("unexpected answer to GET /v1/agents/{id}")
+        );
+    }
+
+    #[test]
+    fn what_spawn_prints() {
+        let p = |answer: &Value, waited, has_command, format| {
+            let view = AgentView::from_answer("t", answer).unwrap();
+            spawn_printed(answer, &view, waited, has_command, format)
+        };
+        let mut running = agent("running");
+        running["vm"] = json!("vm-9");
+        assert_eq!(
+            p(&running, false, false, None),
+            Printed::out("Agent a-1 running (workspace web) on VM vm-9\n".into())
+        );
+        assert_eq!(
+            p(&agent("queued"), false, true, Some(OutputFormat::Table)),
+            Printed::out("Agent a-1 queued (workspace web)\n".into())
+        );
+        // A finished command: its output, then the line, and its exit code.
+        let mut failed = agent("failed");
+        failed["command"] = json!("make test");
+        failed["output"] = json!("1 test failed");
+        failed["exit_code"] = json!(2);
+        assert_eq!(
+            p(&failed, true, true, None),
+            Printed {
+                stdout: "1 test failed\nAgent a-1 failed (workspace web)\n".into(),
+                stderr: String::new(),
+                exit_code: 2
+            }
+        );
+        failed["exit_code"] = Value::Null;
+        failed["output"] = json!("");
+        assert_eq!(
+            p(&failed, true, true, None),
+            Printed {
+                stdout: "Agent a-1 failed (workspace web)\n".into(),
+                stderr: String::new(),
+                exit_code: 1
+            }
+        );
+        let mut completed = agent("completed");
+        completed["output"] = json!("ok\n");
+        assert_eq!(
+            p(&completed, true, true, None).stdout,
+            "ok\nAgent a-1 completed (workspace web)\n"
+        );
+        assert_eq!(p(&completed, true, true, None).exit_code, 0);
+        // Not waited for: whatever the phase, exit 0 and no output.
+        assert_eq!(p(&failed, false, true, None).exit_code, 0);
+        // Without a command, a failure after --wait still fails the command.
+        assert_eq!(p(&agent("failed"), true, false, None).exit_code, 1);
+        // -o json: the answer instead of output and line; same exit code.
+        failed["exit_code"] = json!(3);
+        let printed = p(&failed, true, true, Some(OutputFormat::Json));
+        assert_eq!(
+            serde_json::from_str::<Value>(&printed.stdout).unwrap(),
+            failed
+        );
+        assert_eq!(printed.exit_code, 3);
+    }
+
+    #[test]
+    fn what_exec_prints() {
+        let p = |answer: Value| exec_printed(&answer, None).unwrap();
+        assert_eq!(
+            p(json!({"exit_code": 0, "stdout": "a\nb", "stderr": "", "timed_out": false})),
+            Printed {
+                stdout: "a\nb".into(),
+                stderr: String::new(),
+                exit_code: 0
+            }
+        );
+        assert_eq!(
+            p(json!({"exit_code": 42, "stdout": "", "stderr": "oops\n", "timed_out": false})),
+            Printed {
+                stdout: String::new(),
+                stderr: "oops\n".into(),
+                exit_code: 42
+            }
+        );
+        assert_eq!(
+            p(json!({"exit_code": -1, "stdout": "partial", "stderr": "warn", "timed_out": true})),
+            Printed {
+                stdout: "partial".into(),
+                stderr: "warn\nDEADLINE_EXCEEDED: command timed out\n".into(),
+                exit_code: 124
+            }
+        );
+        assert_eq!(
+            p(json!({"exit_code": null, "stdout": "", "stderr": "", "timed_out": true})).stderr,
+            "DEADLINE_EXCEEDED: command timed out\n"
+        );
+        let answer = json!({"exit_code": 7, "stdout": "x", "stderr": "y", "timed_out": false});
+        let printed = exec_printed(&answer, Some(OutputFormat::Yaml)).unwrap();
+        assert_eq!(
+            (
+                printed.stdout.as_str(),
+                printed.stderr.as_str(),
+                printed.exit_code
+            ),
+            (
+                "exit_code: 7\nstdout: x\nstderr: y\ntimed_out: false\n",
+                "",
+                7
+            )
+        );
+        assert_eq!(
+            exec_printed(&json!({"stdout": ""}), None).unwrap_err().code,
+            "INTERNAL"
+        );
+    }
+
+    /// A server that answers `answers` (status, JSON body), one request per
+    /// connection, and hands back the requests received (request line and
+    /// body).
+    fn stub(answers: Vec<(u16, Value)>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let mut requests = Vec::new();
+            for (status, body) in answers {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut first = String::new();
+                reader.read_line(&mut first).unwrap();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut request_body = vec![0; length];
+                reader.read_exact(&mut request_body).unwrap();
+                requests.push(format!(
+                    "{} {}",
+                    first.trim_end(),
+                    String::from_utf8(request_body).unwrap()
+                ));
+                let body = body.to_string();
+                let mut stream = stream;
+                write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+            }
+            requests
+        });
+        (url, handle)
+    }
+
+    /// Runs `command` against a stub server in a folder holding
+    /// `hearth.yaml` with `workspace: web`; returns what was printed (and
+    /// the progress lines before it) or the error line.
+    fn run_against(
+        url: &str,
+        global: GlobalArgs,
+        command: Command,
+    ) -> (Result<Printed, String>, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hearth.yaml"), "workspace: web\n").unwrap();
+        let env = |k: &str| match k {
+            config::ENV_SERVER => Some(url.to_owned()),
+            config::ENV_TOKEN => Some("tok".to_owned()),
+            _ => None,
+        };
+        let progress = std::cell::RefCell::new(Vec::new());
+        let ctx = Context {
+            cwd: dir.path(),
+            env: &env,
+            read_stdin: &|| Ok(String::new()),
+            vm_id_file: &dir.path().join("vm-id"),
+            progress: &|line| progress.borrow_mut().push(line.to_owned()),
+        };
+        let result = execute(&global, command, &ctx).map_err(|e| crate::error::error_line(&e));
+        (result, progress.into_inner())
+    }
+
+    fn with_workspace(workspace: Option<&str>) -> GlobalArgs {
+        GlobalArgs {
+            workspace: workspace.map(str::to_owned),
+            ..GlobalArgs::default()
+        }
+    }
+
+    #[test]
+    fn flush_prints_progress_and_ignores_hearth_yaml() {
+        let (url, requests) = stub(vec![(200, json!({"flushed": 3}))]);
+        let (printed, progress) = run_against(
+            &url,
+            GlobalArgs::default(),
+            Command::Pool(PoolCommand::Flush { nuke: false }),
+        );
+        assert_eq!(
+            printed.unwrap().stdout,
+            "Flushed 3 warm VMs — pool will replenish with fresh ones\n"
+        );
+        assert_eq!(progress, ["Flushing warm VMs...\n"]);
+        assert_eq!(
+            requests.join().unwrap(),
+            [r#"POST /v1/pool/flush HTTP/1.1 {"workspace":null,"nuke":false}"#]
+        );
+
+        let (url, requests) = stub(vec![(
+            409,
+            json!({"code": "FAILED_PRECONDITION", "message": "no"}),
+        )]);
+        let (printed, progress) = run_against(
+            &url,
+            with_workspace(Some("docs")),
+            Command::Pool(PoolCommand::Flush { nuke: true }),
+        );
+        assert_eq!(printed.unwrap_err(), "FAILED_PRECONDITION: no");
+        assert_eq!(
+            progress,
+            ["Nuking all workflows and VMs...\n"],
+            "printed before"
+        );
+        assert_eq!(
+            requests.join().unwrap(),
+            [r#"POST /v1/pool/flush HTTP/1.1 {"workspace":"docs","nuke":true}"#]
+        );
+
+        // -o json: the answer alone, no progress line to break it.
+        let (url, _requests) = stub(vec![(200, json!({"flushed": 0}))]);
+        let (printed, progress) = run_against(
+            &url,
+            GlobalArgs {
+                output: Some(OutputFormat::Json),
+                ..GlobalArgs::default()
+            },
+            Command::Pool(PoolCommand::Flush { nuke: false }),
+        );
+        assert_eq!(printed.unwrap().stdout, "{\n  \"flushed\": 0\n}\n");
+        assert!(progress.is_empty());
+    }
+
+    #[test]
+    fn pool_reset_takes_the_workspace_from_hearth_yaml() {
+        let (url, requests) = stub(vec![(200, json!({}))]);
+        let (printed, _) = run_against(
+            &url,
+            GlobalArgs::default(),
+            Command::Pool(PoolCommand::Reset),
+        );
+        assert_eq!(
+            printed.unwrap().stdout,
+            "Workspace web: failure back-off cleared\n"
+        );
+        assert_eq!(
+            requests.join().unwrap(),
+            [r#"POST /v1/pool/reset HTTP/1.1 {"workspace":"web"}"#]
+        );
+    }
+
+    #[test]
+    fn spawn_waits_for_the_command() {
+        let mut done = agent("completed");
+        done["command"] = json!("make test");
+        done["output"] = json!("all good");
+        done["exit_code"] = json!(0);
+        done["vm"] = json!("vm-1");
+        let (url, requests) = stub(vec![
+            (201, agent("queued")),
+            (200, agent("running")),
+            (200, done),
+        ]);
+        let (printed, _) = run_against(
+            &url,
+            with_workspace(Some("api")),
+            Command::Spawn(SpawnArgs {
+                command: Some("make test".into()),
+                parent: None,
+                on_idle: Some("terminate".into()),
+                wait: true,
+                wait_timeout: "10s".into(),
+            }),
+        );
+        assert_eq!(
+            printed.unwrap(),
+            Printed::out("all good\nAgent a-1 completed (workspace web) on VM vm-1\n".into())
+        );
+        assert_eq!(
+            requests.join().unwrap(),
+            [
+                r#"POST /v1/agents HTTP/1.1 {"workspace":"api","command":"make test","parent":null,"on_idle":"terminate"}"#,
+                "GET /v1/agents/a-1 HTTP/1.1 ",
+                "GET /v1/agents/a-1 HTTP/1.1 ",
+            ]
+        );
+    }
+
+    #[test]
+    fn agents_list_filters_by_workspace_unless_all() {
+        let items = json!({"items": []});
+        let (url, requests) = stub(vec![(200, items.clone()), (200, items)]);
+        let list = |all, phase: Option<&str>| {
+            Command::Agents(AgentsCommand::List {
+                phase: phase.map(str::to_owned),
+                all,
+            })
+        };
+        let (printed, _) = run_against(&url, GlobalArgs::default(), list(false, Some("running")));
+        assert_eq!(printed.unwrap().stdout, "No agents found.\n");
+        let (printed, _) = run_against(&url, GlobalArgs::default(), list(true, None));
+        assert_eq!(printed.unwrap().stdout, "No agents found.\n");
+        assert_eq!(
+            requests.join().unwrap(),
+            [
+                "GET /v1/agents?workspace=web&phase=running HTTP/1.1 ",
+                "GET /v1/agents HTTP/1.1 ",
+            ]
+        );
+    }
+
+    #[test]
+    fn agent_actions_exec_and_finish() {
+        let (url, requests) = stub(vec![
+            (200, agent("queued")),
+            (200, agent("killed")),
+            (
+                200,
+                json!({"exit_code": 3, "stdout": "out", "stderr": "err", "timed_out": false}),
+            ),
+            (200, agent("failed")),
+            (
+                200,
+                json!({"id": "b1", "retired_at": "2026-11-23T03:00:00Z"}),
+            ),
+        ]);
+        let run = |command| run_against(&url, GlobalArgs::default(), command).0.unwrap();
+        assert_eq!(
+            run(Command::Agents(AgentsCommand::Wake { id: "a-1".into() })).stdout,
+            "agent/a-1 woken (queued)\n"
+        );
+        assert_eq!(
+            run(Command::Agents(AgentsCommand::Kill { id: "a-1".into() })).stdout,
+            "agent/a-1 killed\n"
+        );
+        assert_eq!(
+            run(Command::Agents(AgentsCommand::Exec {
+                id: "a-1".into(),
+                timeout: Some("5s".into()),
+                command: vec!["make".into(), "test".into()],
+            })),
+            Printed {
+                stdout: "out".into(),
+                stderr: "err".into(),
+                exit_code: 3
+            }
+        );
+        assert_eq!(
+            run(Command::Agents(AgentsCommand::Finish {
+                id: "a-1".into(),
+                failed: true,
+                exit_code: Some(2),
+                error: None,
+            }))
+            .stdout,
+            "agent/a-1 failed\n"
+        );
+        assert_eq!(
+            run(Command::Builds(BuildsCommand::Retire { id: "b1".into() })).stdout,
+            "build/b1 retired\n"
+        );
+        assert_eq!(
+            requests.join().unwrap(),
+            [
+                "POST /v1/agents/a-1/wake HTTP/1.1 {}",
+                "POST /v1/agents/a-1/kill HTTP/1.1 {}",
+                r#"POST /v1/agents/a-1/exec HTTP/1.1 {"command":"make test","timeout":"5s"}"#,
+                r#"POST /v1/agents/a-1/finish HTTP/1.1 {"status":"failed","exit_code":2,"error":null}"#,
+                "POST /v1/builds/b1/retire HTTP/1.1 {}",
+            ]
         );
     }
 }

@@ -149,8 +149,7 @@ pub fn resolve(
         None => admin_token(start)?,
     };
 
-    let workspace = non_empty(flags.workspace.clone())
-        .or_else(|| non_empty(env(ENV_WORKSPACE)))
+    let workspace = workspace_from_flag_or_env(flags, env)
         .or_else(|| project.and_then(|(_, p)| non_empty(p.workspace)));
 
     Ok(Settings {
@@ -159,6 +158,15 @@ pub fn resolve(
         token: token.map(|t| t.trim().to_owned()),
         workspace,
     })
+}
+
+/// The workspace named by `--workspace` or `HEARTH_WORKSPACE`, ignoring
+/// `hearth.yaml` (for `hearth pool flush`, whose default is the whole pool).
+pub fn workspace_from_flag_or_env(
+    flags: &GlobalArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<String> {
+    non_empty(flags.workspace.clone()).or_else(|| non_empty(env(ENV_WORKSPACE)))
 }
 
 /// Where `hearth auth login` saves the token: next to the nearest

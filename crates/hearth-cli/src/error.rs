@@ -8,6 +8,10 @@
 use hearth_core::ErrorCode;
 use std::fmt;
 
+/// The code of a wait that ran out of time (`hearth spawn --wait`,
+/// `hearth agents exec`).
+pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
+
 /// A user-facing failure. The code is a string rather than
 /// [`ErrorCode`] so that a code the server sends is printed exactly as sent,
 /// even one this client does not know.
@@ -34,6 +38,16 @@ impl CliError {
     /// reported as their fault went wrong.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
+    }
+
+    /// A `DEADLINE_EXCEEDED` error: something the CLI waited for did not
+    /// happen in time. (Not a code the server sends, so not an
+    /// [`ErrorCode`].)
+    pub fn deadline_exceeded(message: impl Into<String>) -> Self {
+        CliError {
+            code: DEADLINE_EXCEEDED.to_owned(),
+            message: message.into(),
+        }
     }
 
     /// The error for a server that could not be reached at all.
@@ -85,6 +99,10 @@ mod tests {
         assert_eq!(
             error_line(&e),
             "INTERNAL: writing hearth.local.yaml: disk full"
+        );
+        assert_eq!(
+            CliError::deadline_exceeded("too slow").to_string(),
+            "DEADLINE_EXCEEDED: too slow"
         );
         let e = CliError::unavailable("http://127.0.0.1:1", "Connection refused");
         assert_eq!(

@@ -1,6 +1,7 @@
 //! The `hearth` command-line client: the kubectl-like commands that talk to a
 //! hearth server over HTTP (`get`, `set`, `patch`, `delete`, `auth`,
-//! `tenant`, `identity`).
+//! `tenant`, `identity`), the pool commands (`pool status|flush|up|reset`),
+//! the agent commands (`spawn`, `agents …`) and the operators' `builds`.
 //!
 //! The `hearth` binary flattens [`GlobalArgs`] and [`Command`] into its own
 //! parser and calls [`run`], which returns the process exit code. Everything
@@ -66,6 +67,137 @@ pub enum Command {
     /// Manage the identities of your tenant and their tokens
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Show and steer the warm VM pool (not available inside an agent VM)
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Start an agent in the workspace (--workspace, HEARTH_WORKSPACE or
+    /// hearth.yaml)
+    Spawn(SpawnArgs),
+    /// List, inspect and control agents
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+    /// List and retire control-plane builds (operators)
+    #[command(subcommand)]
+    Builds(BuildsCommand),
+}
+
+/// `hearth pool ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum PoolCommand {
+    /// Show the pool's VMs, configuration and per-workspace health
+    Status,
+    /// Replace the warm (idle) VMs with fresh ones: of the whole pool, or of
+    /// --workspace / HEARTH_WORKSPACE only
+    Flush {
+        /// Instead: terminate every agent, delete every VM and stop the pool
+        #[arg(long)]
+        nuke: bool,
+    },
+    /// Start a stopped pool and replenish it to min_idle now
+    Up,
+    /// Clear a workspace's failure back-off and hard limit (--workspace,
+    /// HEARTH_WORKSPACE or hearth.yaml)
+    Reset,
+}
+
+/// `hearth spawn`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SpawnArgs {
+    /// Shell command the agent runs on its VM; the agent ends with it
+    #[arg(long, value_name = "CMD")]
+    pub command: Option<String>,
+    /// Id of the agent this one is a sub-agent of
+    #[arg(long, value_name = "ID")]
+    pub parent: Option<String>,
+    /// What happens when the agent goes idle: sleep, terminate or keep-alive
+    /// (default: the server's)
+    #[arg(long, value_name = "POLICY")]
+    pub on_idle: Option<String>,
+    /// Wait until the agent runs (with --command: until it has finished,
+    /// then exit with its exit code)
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, e.g. 90s, 10m, 1h
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub wait_timeout: String,
+}
+
+/// `hearth agents ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AgentsCommand {
+    /// List the agents of the workspace (--all: of every workspace)
+    List {
+        /// Only agents in this phase (queued, provisioning, running, idle,
+        /// sleeping, completed, failed, killed)
+        #[arg(long, value_name = "PHASE")]
+        phase: Option<String>,
+        /// Every workspace, even when one is configured
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one agent
+    Get {
+        /// Agent id
+        id: String,
+    },
+    /// Kill an agent
+    Kill {
+        /// Agent id
+        id: String,
+    },
+    /// Put an agent to sleep
+    Sleep {
+        /// Agent id
+        id: String,
+    },
+    /// Wake a sleeping agent
+    Wake {
+        /// Agent id
+        id: String,
+    },
+    /// Resurrect a finished agent
+    Resurrect {
+        /// Agent id
+        id: String,
+    },
+    /// Run a command in an agent's VM: hearth agents exec ID -- COMMAND...
+    Exec {
+        /// Agent id
+        id: String,
+        /// Give up on the command after this long, e.g. 30s, 5m (default:
+        /// the server's)
+        #[arg(long, value_name = "DURATION")]
+        timeout: Option<String>,
+        /// The command and its arguments (joined by spaces), after `--`
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Record that an agent has finished
+    Finish {
+        /// Agent id
+        id: String,
+        /// The agent failed (default: completed)
+        #[arg(long)]
+        failed: bool,
+        /// The agent's exit code
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        exit_code: Option<i32>,
+        /// What went wrong
+        #[arg(long, value_name = "MSG")]
+        error: Option<String>,
+    },
+}
+
+/// `hearth builds ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BuildsCommand {
+    /// List the builds seen, the current one marked with *
+    List,
+    /// Retire a build: agents' workflows still pinned to it become stranded
+    Retire {
+        /// Build id
+        id: String,
+    },
 }
 
 /// `hearth get KIND [NAME]`.
@@ -160,9 +292,11 @@ pub enum IdentityCommand {
 
 /// Runs one client command against the process's current directory,
 /// environment and stdin; prints the result and returns the exit code
-/// (0 on success, 1 after printing `CODE: message` on stderr).
+/// (0 on success, 1 after printing `CODE: message` on stderr, or the code a
+/// command reports: an agent's or a remote command's exit code).
 pub fn run(global: GlobalArgs, command: Command) -> i32 {
     let env = |name: &str| std::env::var(name).ok();
+    let progress = |line: &str| write_ignoring_closed_pipe(&mut std::io::stdout().lock(), line);
     let result = std::env::current_dir()
         .map_err(|e| anyhow::anyhow!("cannot read the current directory: {e}"))
         .and_then(|cwd| {
@@ -170,6 +304,8 @@ pub fn run(global: GlobalArgs, command: Command) -> i32 {
                 cwd: &cwd,
                 env: &env,
                 read_stdin: &read_stdin,
+                vm_id_file: std::path::Path::new(commands::VM_ID_FILE),
+                progress: &progress,
             };
             commands::execute(&global, command, &ctx)
         });
@@ -177,7 +313,7 @@ pub fn run(global: GlobalArgs, command: Command) -> i32 {
         Ok(printed) => {
             write_ignoring_closed_pipe(&mut std::io::stdout().lock(), &printed.stdout);
             write_ignoring_closed_pipe(&mut std::io::stderr().lock(), &printed.stderr);
-            0
+            printed.exit_code
         }
         Err(err) => {
             eprintln!("{}", error::error_line(&err));
@@ -336,5 +472,142 @@ mod tests {
             Top::Client(Command::Tenant(TenantCommand::Create { ref admin, .. })) if admin == "admin"
         ));
         assert!(Cli::try_parse_from(["hearth", "get", "ws", "-o", "xml"]).is_err());
+    }
+
+    #[test]
+    fn pool_agent_and_build_commands_parse() {
+        let cli = parse(&["pool", "flush", "--nuke", "--workspace", "web"]);
+        assert_eq!(cli.global.workspace.as_deref(), Some("web"));
+        assert!(matches!(
+            cli.command,
+            Top::Client(Command::Pool(PoolCommand::Flush { nuke: true }))
+        ));
+        assert!(matches!(
+            parse(&["pool", "flush"]).command,
+            Top::Client(Command::Pool(PoolCommand::Flush { nuke: false }))
+        ));
+        let cli = parse(&["pool", "reset", "--workspace", "web"]);
+        assert!(matches!(
+            cli.command,
+            Top::Client(Command::Pool(PoolCommand::Reset))
+        ));
+
+        let Top::Client(Command::Spawn(spawn)) = parse(&["spawn"]).command else {
+            panic!("not spawn")
+        };
+        assert_eq!(
+            (spawn.command, spawn.wait, spawn.wait_timeout.as_str()),
+            (None, false, "10m")
+        );
+        let Top::Client(Command::Spawn(spawn)) = parse(&[
+            "spawn",
+            "--command",
+            "make test",
+            "--parent",
+            "p-1",
+            "--on-idle",
+            "keep-alive",
+            "--wait",
+            "--wait-timeout",
+            "90s",
+        ])
+        .command
+        else {
+            panic!("not spawn")
+        };
+        assert_eq!(spawn.command.as_deref(), Some("make test"));
+        assert_eq!(spawn.parent.as_deref(), Some("p-1"));
+        assert_eq!(spawn.on_idle.as_deref(), Some("keep-alive"));
+        assert!(spawn.wait);
+        assert_eq!(spawn.wait_timeout, "90s");
+
+        let cli = parse(&["agents", "list", "--phase", "running", "--all"]);
+        assert!(matches!(
+            cli.command,
+            Top::Client(Command::Agents(AgentsCommand::List { ref phase, all: true }))
+                if phase.as_deref() == Some("running")
+        ));
+        for verb in ["get", "kill", "sleep", "wake", "resurrect"] {
+            parse(&["agents", verb, "a-1"]);
+        }
+        assert!(Cli::try_parse_from(["hearth", "agents", "kill"]).is_err());
+
+        // exec: everything after `--` is the command, flags included.
+        let cli = parse(&[
+            "agents",
+            "exec",
+            "a-1",
+            "--timeout",
+            "30s",
+            "-o",
+            "json",
+            "--",
+            "ls",
+            "-la",
+            "--all",
+        ]);
+        assert_eq!(cli.global.output, Some(OutputFormat::Json));
+        let Top::Client(Command::Agents(AgentsCommand::Exec {
+            id,
+            timeout,
+            command,
+        })) = cli.command
+        else {
+            panic!("not exec")
+        };
+        assert_eq!(
+            (id.as_str(), timeout.as_deref(), command),
+            (
+                "a-1",
+                Some("30s"),
+                vec!["ls".into(), "-la".into(), "--all".into()]
+            )
+        );
+        assert!(
+            Cli::try_parse_from(["hearth", "agents", "exec", "a-1"]).is_err(),
+            "a command is required"
+        );
+        assert!(
+            Cli::try_parse_from(["hearth", "agents", "exec", "a-1", "ls"]).is_err(),
+            "the command comes after --"
+        );
+
+        let cli = parse(&[
+            "agents",
+            "finish",
+            "a-1",
+            "--failed",
+            "--exit-code",
+            "-1",
+            "--error",
+            "boom",
+        ]);
+        assert!(matches!(
+            cli.command,
+            Top::Client(Command::Agents(AgentsCommand::Finish {
+                failed: true,
+                exit_code: Some(-1),
+                ref error,
+                ..
+            })) if error.as_deref() == Some("boom")
+        ));
+        assert!(matches!(
+            parse(&["agents", "finish", "a-1"]).command,
+            Top::Client(Command::Agents(AgentsCommand::Finish {
+                failed: false,
+                exit_code: None,
+                error: None,
+                ..
+            }))
+        ));
+
+        assert!(matches!(
+            parse(&["builds", "list"]).command,
+            Top::Client(Command::Builds(BuildsCommand::List))
+        ));
+        assert!(matches!(
+            parse(&["builds", "retire", "b1"]).command,
+            Top::Client(Command::Builds(BuildsCommand::Retire { ref id })) if id == "b1"
+        ));
     }
 }

@@ -1,12 +1,17 @@
 //! Everything the CLI prints on success, as pure functions of the server's
 //! answers: the wire shapes of those answers, YAML and JSON rendering, the
-//! kubectl-style tables (borderless, uppercase headers) and the one-line
-//! `kind/name verb` messages.
+//! kubectl-style tables (borderless, uppercase headers), the one-line
+//! `kind/name verb` messages, the text of `hearth pool status` and the
+//! lines of the pool, agent and build commands. Anything that depends on
+//! the clock takes `now` as an argument.
 
+use crate::error::CliError;
 use comfy_table::{Table, presets::NOTHING};
 use hearth_core::resource::{Kind, Repo};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::time::{Duration, SystemTime};
 
 /// The `-o/--output` formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -360,6 +365,553 @@ pub const IDENTITY_COLUMNS: &[(&str, &str)] = &[
     ("CREATED", "created_at"),
 ];
 
+/// An answer of a shape this client does not expect: the server and the
+/// client disagree on the contract.
+fn unexpected(what: &str, err: impl std::fmt::Display) -> CliError {
+    CliError::internal(format!("unexpected answer to {what}: {err}"))
+}
+
+/// Reads a JSON answer into its wire type; `what` names the call for the
+/// error when it does not fit (`POST /v1/pool/flush`).
+pub fn parse_answer<T: DeserializeOwned>(what: &str, answer: &Value) -> Result<T, CliError> {
+    T::deserialize(answer).map_err(|e| unexpected(what, e))
+}
+
+// ---------------------------------------------------------------------------
+// Pool
+
+/// The answer to `GET /v1/pool/status`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PoolStatus {
+    pub pool: String,
+    /// `healthy`, `degraded`, `stopped` or `unconfigured`.
+    pub status: String,
+    pub vms: PoolVms,
+    /// Agents waiting for a VM, across the pool.
+    pub queued: i64,
+    pub configuration: PoolConfiguration,
+    #[serde(default)]
+    pub workspaces: Vec<WorkspaceStatus>,
+    #[serde(default)]
+    pub reaper: Option<Reaper>,
+}
+
+/// The pool's VMs by state.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PoolVms {
+    pub total: i64,
+    pub active: i64,
+    pub idle: i64,
+    pub booting: i64,
+    #[serde(default)]
+    pub draining: i64,
+    #[serde(default)]
+    pub stale: i64,
+}
+
+/// The pool's settings as one line; each field is shown as sent (`null` as
+/// `-`, and `idle_timeout` may be `"mixed"` across workspaces).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PoolConfiguration {
+    #[serde(default)]
+    pub max_vms: Value,
+    #[serde(default)]
+    pub min_idle: Value,
+    #[serde(default)]
+    pub max_idle: Value,
+    #[serde(default)]
+    pub idle_timeout: Value,
+    #[serde(default)]
+    pub boot_timeout: Value,
+}
+
+/// One workspace's share of the pool.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct WorkspaceStatus {
+    pub name: String,
+    /// `healthy`, `backing_off`, `hard_limited` or `disabled`.
+    pub status: String,
+    pub idle: i64,
+    pub booting: i64,
+    pub active: i64,
+    pub stale: i64,
+    pub queued: i64,
+    #[serde(default)]
+    pub min_idle: Value,
+    #[serde(default)]
+    pub max_idle: Value,
+    #[serde(default)]
+    pub idle_timeout: Value,
+    #[serde(default)]
+    pub consecutive_failures: i64,
+    /// When the next boot is allowed (RFC 3339), while backing off.
+    #[serde(default)]
+    pub backoff_until: Option<String>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// The stranded-workflow reaper.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Reaper {
+    /// `dry_run`, `enabled` or `disabled`.
+    pub mode: String,
+    pub stranded: i64,
+}
+
+/// `word` for one, `words` otherwise.
+fn plural(n: i64, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("{n} {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+/// A setting as shown in `hearth pool status`: bare strings and numbers,
+/// `-` for null or absent.
+fn setting(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `  <label padded to 10><value>`, then `<value padded to 4>(<note>)`
+/// when there is a note. The value keeps one space before the note even
+/// past 4 digits.
+fn count_line(out: &mut String, label: &str, value: i64, note: Option<&str>) {
+    let line = match note {
+        Some(note) => format!("  {label:<10}{value:<3} ({note})"),
+        None => format!("  {label:<10}{value}"),
+    };
+    out.push_str(&line);
+    out.push('\n');
+}
+
+/// The `Status:` value of a workspace: the status, with the failure count
+/// and what to do while it backs off or is hard-limited.
+fn workspace_status_text(ws: &WorkspaceStatus) -> String {
+    let failures = plural(
+        ws.consecutive_failures,
+        "consecutive failure",
+        "consecutive failures",
+    );
+    match ws.status.as_str() {
+        "backing_off" => match &ws.backoff_until {
+            Some(until) => format!("backing_off ({failures}, next boot at {until})"),
+            None => format!("backing_off ({failures})"),
+        },
+        "hard_limited" => format!(
+            "hard_limited ({failures}; fix the configuration or run hearth pool reset --workspace {})",
+            ws.name
+        ),
+        other => other.to_owned(),
+    }
+}
+
+/// `hearth pool status` as text: the pool's counts, configuration and
+/// reaper, then one block per workspace.
+pub fn pool_status_text(s: &PoolStatus) -> String {
+    let mut out = format!("Pool: {}\nStatus: {}\nVMs:\n", s.pool, s.status);
+    count_line(&mut out, "Total:", s.vms.total, None);
+    count_line(&mut out, "Active:", s.vms.active, Some("running agents"));
+    count_line(&mut out, "Idle:", s.vms.idle, Some("warm, ready to claim"));
+    count_line(&mut out, "Booting:", s.vms.booting, Some("starting up"));
+    count_line(
+        &mut out,
+        "Queued:",
+        s.queued,
+        Some("agents waiting for a VM"),
+    );
+    let c = &s.configuration;
+    out.push_str(&format!(
+        "Configuration:\n  max_vms: {}  min_idle: {}  max_idle: {}  idle_timeout: {}  boot_timeout: {}\n",
+        setting(&c.max_vms),
+        setting(&c.min_idle),
+        setting(&c.max_idle),
+        setting(&c.idle_timeout),
+        setting(&c.boot_timeout),
+    ));
+    match &s.reaper {
+        Some(r) => out.push_str(&format!(
+            "Reaper: {} ({})\n",
+            r.mode,
+            plural(r.stranded, "stranded workflow", "stranded workflows")
+        )),
+        None => out.push_str("Reaper: -\n"),
+    }
+    for ws in &s.workspaces {
+        out.push_str(&format!(
+            "\nWorkspace: {}\n  {:<10}{}\n",
+            ws.name,
+            "Status:",
+            workspace_status_text(ws)
+        ));
+        if let Some(error) = ws.last_error.as_deref().filter(|e| !e.is_empty()) {
+            out.push_str(&format!("  {:<10}{error}\n", "Error:"));
+        }
+        let idle_note = format!(
+            "min_idle {}, max_idle {}",
+            setting(&ws.min_idle),
+            setting(&ws.max_idle)
+        );
+        count_line(&mut out, "Idle:", ws.idle, Some(&idle_note));
+        count_line(&mut out, "Booting:", ws.booting, None);
+        count_line(&mut out, "Active:", ws.active, None);
+        count_line(&mut out, "Stale:", ws.stale, None);
+        count_line(&mut out, "Queued:", ws.queued, None);
+    }
+    out
+}
+
+/// `hearth pool status`: the answer as is with `-o yaml|json`, else (and
+/// with `-o table`) the text of [`pool_status_text`].
+pub fn render_pool_status(
+    answer: &Value,
+    format: Option<OutputFormat>,
+) -> Result<String, CliError> {
+    match format {
+        Some(f @ (OutputFormat::Yaml | OutputFormat::Json)) => Ok(render_value(answer, f)),
+        _ => Ok(pool_status_text(&parse_answer(
+            "GET /v1/pool/status",
+            answer,
+        )?)),
+    }
+}
+
+/// The line `hearth pool flush` prints before it sends the request.
+pub fn flush_progress(nuke: bool) -> &'static str {
+    if nuke {
+        "Nuking all workflows and VMs...\n"
+    } else {
+        "Flushing warm VMs...\n"
+    }
+}
+
+/// The answer to `POST /v1/pool/flush` without `nuke`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FlushAnswer {
+    pub flushed: u64,
+}
+
+/// The answer to `POST /v1/pool/flush` with `nuke`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NukeAnswer {
+    pub terminated: u64,
+    pub deleted: u64,
+    pub total: u64,
+}
+
+/// The line `hearth pool flush [--nuke]` prints after the answer.
+pub fn flush_message(answer: &Value, nuke: bool) -> Result<String, CliError> {
+    const WHAT: &str = "POST /v1/pool/flush";
+    if nuke {
+        let a: NukeAnswer = parse_answer(WHAT, answer)?;
+        return Ok(format!("Nuke complete ({} terminated/deleted)\n", a.total));
+    }
+    let a: FlushAnswer = parse_answer(WHAT, answer)?;
+    Ok(match a.flushed {
+        0 => "No warm VMs to flush\n".to_owned(),
+        1 => "Flushed 1 warm VM — pool will replenish with fresh ones\n".to_owned(),
+        n => format!("Flushed {n} warm VMs — pool will replenish with fresh ones\n"),
+    })
+}
+
+/// The answer to `POST /v1/pool/up`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PoolUpAnswer {
+    pub was_stopped: bool,
+}
+
+/// The line `hearth pool up` prints.
+pub fn pool_up_message(answer: &Value) -> Result<String, CliError> {
+    let a: PoolUpAnswer = parse_answer("POST /v1/pool/up", answer)?;
+    Ok(if a.was_stopped {
+        "Pool started — replenishing to min_idle\n".to_owned()
+    } else {
+        "Pool is already up — replenishing to min_idle\n".to_owned()
+    })
+}
+
+/// The line `hearth pool reset` prints.
+pub fn pool_reset_message(workspace: &str) -> String {
+    format!("Workspace {workspace}: failure back-off cleared\n")
+}
+
+// ---------------------------------------------------------------------------
+// Agents
+
+/// The fields of an agent (`AgentView` on the wire) the CLI acts on; the
+/// answer itself is what `-o yaml|json` prints.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct AgentView {
+    pub id: String,
+    pub workspace: String,
+    /// `queued`, `provisioning`, `running`, `idle`, `sleeping`,
+    /// `completed`, `failed` or `killed`.
+    pub phase: String,
+    #[serde(default)]
+    pub vm: Option<String>,
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    /// What the agent's command printed.
+    #[serde(default)]
+    pub output: String,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl AgentView {
+    /// Reads an agent answer; `what` names the call for the error.
+    pub fn from_answer(what: &str, answer: &Value) -> Result<AgentView, CliError> {
+        parse_answer(what, answer)
+    }
+
+    /// Whether the agent is over for good: `completed`, `failed` or
+    /// `killed`.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.phase.as_str(), "completed" | "failed" | "killed")
+    }
+
+    /// Whether the agent has no VM to run on yet: `queued` or
+    /// `provisioning`.
+    pub fn is_starting(&self) -> bool {
+        matches!(self.phase.as_str(), "queued" | "provisioning")
+    }
+
+    /// The exit status a finished agent stands for: its exit code, else 0
+    /// when it completed and 1 when it failed or was killed.
+    pub fn exit_status(&self) -> i32 {
+        match self.exit_code {
+            Some(code) => i32::try_from(code).unwrap_or(1),
+            None if self.phase == "completed" => 0,
+            None => 1,
+        }
+    }
+}
+
+/// The line `hearth spawn` prints:
+/// `Agent <id> <phase> (workspace <W>)[ on VM <vm>]`.
+pub fn agent_line(agent: &AgentView) -> String {
+    let mut line = format!(
+        "Agent {} {} (workspace {})",
+        agent.id, agent.phase, agent.workspace
+    );
+    if let Some(vm) = agent.vm.as_deref().filter(|vm| !vm.is_empty()) {
+        line.push_str(&format!(" on VM {vm}"));
+    }
+    line.push('\n');
+    line
+}
+
+/// `text` ending in a newline unless empty (a command's output before the
+/// line that follows it).
+pub fn ending_in_newline(text: &str) -> String {
+    if text.is_empty() {
+        String::new()
+    } else {
+        with_newline(text.to_owned())
+    }
+}
+
+/// The actions `hearth agents kill|sleep|wake|resurrect` ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentAction {
+    Kill,
+    Sleep,
+    Wake,
+    Resurrect,
+}
+
+impl AgentAction {
+    /// The last segment of `POST /v1/agents/{id}/<verb>`.
+    pub fn verb(self) -> &'static str {
+        match self {
+            AgentAction::Kill => "kill",
+            AgentAction::Sleep => "sleep",
+            AgentAction::Wake => "wake",
+            AgentAction::Resurrect => "resurrect",
+        }
+    }
+}
+
+/// The line an agent action prints: `agent/<id> killed`, `agent/<id>
+/// sleeping`, `agent/<id> woken (<phase>)`, `agent/<id> resurrected
+/// (<phase>)`.
+pub fn agent_action_message(action: AgentAction, id: &str, agent: &AgentView) -> String {
+    match action {
+        AgentAction::Kill => format!("agent/{id} killed\n"),
+        AgentAction::Sleep => format!("agent/{id} sleeping\n"),
+        AgentAction::Wake => format!("agent/{id} woken ({})\n", agent.phase),
+        AgentAction::Resurrect => format!("agent/{id} resurrected ({})\n", agent.phase),
+    }
+}
+
+/// The line `hearth agents finish` prints: `agent/<id> completed|failed`.
+pub fn finish_message(id: &str, status: &str) -> String {
+    format!("agent/{id} {status}\n")
+}
+
+/// Reads an RFC 3339 timestamp (`2026-11-23T03:00:00.123Z`, or with a
+/// `+01:00` style offset).
+pub fn parse_timestamp(text: &str) -> Option<SystemTime> {
+    let text = text.trim();
+    if let Ok(t) = humantime::parse_rfc3339(text) {
+        return Some(t);
+    }
+    // humantime reads only `Z`: move a numeric offset into the result.
+    let cut = text.len().checked_sub(6)?;
+    let (local, offset) = (text.get(..cut)?, text.get(cut..)?);
+    let sign = match offset.as_bytes() {
+        [b'+', _, _, b':', _, _] => 1,
+        [b'-', _, _, b':', _, _] => -1,
+        _ => return None,
+    };
+    let hours: u64 = offset[1..3].parse().ok()?;
+    let minutes: u64 = offset[4..6].parse().ok()?;
+    let shift = Duration::from_secs(hours * 3600 + minutes * 60);
+    let local = humantime::parse_rfc3339(&format!("{local}Z")).ok()?;
+    // Local time ahead of UTC (+hh:mm) means an earlier instant.
+    if sign > 0 {
+        local.checked_sub(shift)
+    } else {
+        local.checked_add(shift)
+    }
+}
+
+/// How long ago `created_at` was, kubectl style, in its largest whole unit:
+/// `5s`, `3m`, `2h`, `4d` (`0s` for a time after `now`; `<unknown>` when
+/// the timestamp cannot be read).
+pub fn age(created_at: &str, now: SystemTime) -> String {
+    let Some(then) = parse_timestamp(created_at) else {
+        return "<unknown>".to_owned();
+    };
+    let secs = now.duration_since(then).map_or(0, |d| d.as_secs());
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86_400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// An id shortened to its first 8 characters, or `<none>`.
+pub fn short_id(value: Option<&Value>) -> String {
+    match value {
+        Some(Value::String(s)) if !s.is_empty() => s.chars().take(8).collect(),
+        _ => "<none>".to_owned(),
+    }
+}
+
+/// The headers of `hearth agents list`.
+pub const AGENT_HEADERS: &[&str] = &["ID", "PHASE", "WORKSPACE", "OWNER", "VM", "AGE"];
+
+/// One agent as a table row (see [`AGENT_HEADERS`]); AGE is counted up to
+/// `now`.
+pub fn agent_row(agent: &Value, now: SystemTime) -> Vec<String> {
+    vec![
+        cell(agent.get("id")),
+        cell(agent.get("phase")),
+        cell(agent.get("workspace")),
+        cell(agent.get("owner")),
+        short_id(agent.get("vm")),
+        agent
+            .get("created_at")
+            .and_then(Value::as_str)
+            .map_or_else(|| "<unknown>".to_owned(), |t| age(t, now)),
+    ]
+}
+
+/// `hearth agents list`: a table by default (`No agents found.` when
+/// empty), the items as they came with `-o yaml|json`.
+pub fn render_agents(items: &[Value], format: Option<OutputFormat>, now: SystemTime) -> String {
+    match format.unwrap_or(OutputFormat::Table) {
+        OutputFormat::Table if items.is_empty() => "No agents found.\n".to_owned(),
+        OutputFormat::Table => {
+            let rows: Vec<_> = items.iter().map(|a| agent_row(a, now)).collect();
+            table(AGENT_HEADERS, &rows)
+        }
+        other => render_value(&Value::Array(items.to_vec()), other),
+    }
+}
+
+/// `hearth agents get`: the agent as YAML by default, JSON with `-o json`,
+/// a one-row [`render_agents`] table with `-o table`.
+pub fn render_agent(agent: &Value, format: Option<OutputFormat>, now: SystemTime) -> String {
+    match format.unwrap_or(OutputFormat::Yaml) {
+        OutputFormat::Table => render_agents(std::slice::from_ref(agent), format, now),
+        other => render_value(agent, other),
+    }
+}
+
+/// The answer to `POST /v1/agents/{id}/exec`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ExecAnswer {
+    /// Tolerated as null (a command that timed out may have none).
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+}
+
+// ---------------------------------------------------------------------------
+// Builds
+
+/// The headers of `hearth builds list`.
+pub const BUILD_HEADERS: &[&str] = &["BUILD", "FIRST_SEEN", "RETIRED", "CURRENT"];
+
+/// One build as a table row: RETIRED is `-` until retired, CURRENT is `*`
+/// for the build new VMs get.
+pub fn build_row(build: &Value) -> Vec<String> {
+    let retired = match build.get("retired_at") {
+        None | Some(Value::Null) => "-".to_owned(),
+        value => cell(value),
+    };
+    let current = if build.get("current").and_then(Value::as_bool) == Some(true) {
+        "*"
+    } else {
+        ""
+    };
+    vec![
+        cell(build.get("id")),
+        cell(build.get("first_seen")),
+        retired,
+        current.to_owned(),
+    ]
+}
+
+/// `hearth builds list`: a table by default (`No builds found.` when
+/// empty), the items as they came with `-o yaml|json`.
+pub fn render_builds(items: &[Value], format: Option<OutputFormat>) -> String {
+    match format.unwrap_or(OutputFormat::Table) {
+        OutputFormat::Table if items.is_empty() => "No builds found.\n".to_owned(),
+        OutputFormat::Table => {
+            let rows: Vec<_> = items.iter().map(build_row).collect();
+            table(BUILD_HEADERS, &rows)
+        }
+        other => render_value(&Value::Array(items.to_vec()), other),
+    }
+}
+
+/// The line `hearth builds retire` prints.
+pub fn retired_message(id: &str) -> String {
+    format!("build/{id} retired\n")
+}
+
+/// An answer with `-o yaml|json`, else `message` (also with `-o table`:
+/// these answers are single records with nothing to tabulate).
+pub fn answer_or_message(answer: &Value, format: Option<OutputFormat>, message: String) -> String {
+    match format {
+        Some(f @ (OutputFormat::Yaml | OutputFormat::Json)) => render_value(answer, f),
+        _ => message,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -669,5 +1221,414 @@ mod tests {
         assert_eq!(cell(Some(&json!("x"))), "x");
         assert_eq!(cell(Some(&json!(true))), "true");
         assert_eq!(cell(Some(&json!([1, 2]))), "[1,2]");
+    }
+
+    fn status_answer(max_vms: Value, workspaces: Value) -> Value {
+        json!({"pool": "default", "status": "healthy",
+               "vms": {"total": 12, "active": 8, "idle": 3, "booting": 1, "draining": 0, "stale": 0},
+               "queued": 0,
+               "configuration": {"max_vms": max_vms, "min_idle": 2, "max_idle": 5,
+                                 "idle_timeout": "15m", "boot_timeout": "5m"},
+               "workspaces": workspaces,
+               "reaper": {"mode": "dry_run", "stranded": 0}})
+    }
+
+    fn workspace(name: &str, status: &str, failures: i64, until: Value, error: Value) -> Value {
+        json!({"name": name, "status": status, "idle": 3, "booting": 1, "active": 8,
+               "stale": 0, "queued": 0, "min_idle": 2, "max_idle": 5, "idle_timeout": "15m",
+               "consecutive_failures": failures, "backoff_until": until, "last_error": error})
+    }
+
+    const POOL_HEADER: &str = "\
+Pool: default
+Status: healthy
+VMs:
+  Total:    12
+  Active:   8   (running agents)
+  Idle:     3   (warm, ready to claim)
+  Booting:  1   (starting up)
+  Queued:   0   (agents waiting for a VM)
+Configuration:
+  max_vms: 30  min_idle: 2  max_idle: 5  idle_timeout: 15m  boot_timeout: 5m
+Reaper: dry_run (0 stranded workflows)
+";
+
+    #[test]
+    fn pool_status_of_a_healthy_workspace() {
+        let answer = status_answer(
+            json!(30),
+            json!([workspace("web", "healthy", 0, Value::Null, Value::Null)]),
+        );
+        let expected = format!(
+            "{POOL_HEADER}
+Workspace: web
+  Status:   healthy
+  Idle:     3   (min_idle 2, max_idle 5)
+  Booting:  1
+  Active:   8
+  Stale:    0
+  Queued:   0
+"
+        );
+        assert_eq!(render_pool_status(&answer, None).unwrap(), expected);
+        // A table is the same text.
+        assert_eq!(
+            render_pool_status(&answer, Some(OutputFormat::Table)).unwrap(),
+            expected
+        );
+    }
+
+    #[test]
+    fn pool_status_of_a_workspace_backing_off() {
+        let answer = status_answer(
+            json!(30),
+            json!([workspace(
+                "web",
+                "backing_off",
+                3,
+                json!("2026-11-23T03:05:00Z"),
+                json!("boot timed out after 5m")
+            )]),
+        );
+        assert_eq!(
+            render_pool_status(&answer, None).unwrap(),
+            format!(
+                "{POOL_HEADER}
+Workspace: web
+  Status:   backing_off (3 consecutive failures, next boot at 2026-11-23T03:05:00Z)
+  Error:    boot timed out after 5m
+  Idle:     3   (min_idle 2, max_idle 5)
+  Booting:  1
+  Active:   8
+  Stale:    0
+  Queued:   0
+"
+            )
+        );
+    }
+
+    #[test]
+    fn pool_status_of_a_hard_limited_workspace() {
+        let answer = status_answer(
+            json!(30),
+            json!([workspace(
+                "web",
+                "hard_limited",
+                5,
+                Value::Null,
+                Value::Null
+            )]),
+        );
+        assert_eq!(
+            render_pool_status(&answer, None).unwrap(),
+            format!(
+                "{POOL_HEADER}
+Workspace: web
+  Status:   hard_limited (5 consecutive failures; fix the configuration or run hearth pool reset --workspace web)
+  Idle:     3   (min_idle 2, max_idle 5)
+  Booting:  1
+  Active:   8
+  Stale:    0
+  Queued:   0
+"
+            )
+        );
+    }
+
+    #[test]
+    fn pool_status_unconfigured_without_workspaces() {
+        let mut answer = status_answer(Value::Null, json!([]));
+        answer["status"] = json!("unconfigured");
+        answer["configuration"]["idle_timeout"] = json!("mixed");
+        answer["reaper"] = json!({"mode": "enabled", "stranded": 1});
+        assert_eq!(
+            render_pool_status(&answer, None).unwrap(),
+            "\
+Pool: default
+Status: unconfigured
+VMs:
+  Total:    12
+  Active:   8   (running agents)
+  Idle:     3   (warm, ready to claim)
+  Booting:  1   (starting up)
+  Queued:   0   (agents waiting for a VM)
+Configuration:
+  max_vms: -  min_idle: 2  max_idle: 5  idle_timeout: mixed  boot_timeout: 5m
+Reaper: enabled (1 stranded workflow)
+"
+        );
+    }
+
+    #[test]
+    fn pool_status_details() {
+        // Several workspaces, one failure, no back-off end, big numbers.
+        let mut answer = status_answer(
+            json!(30),
+            json!([
+                workspace("web", "backing_off", 1, Value::Null, json!("")),
+                workspace("docs", "disabled", 0, Value::Null, json!("old error")),
+            ]),
+        );
+        answer["vms"]["active"] = json!(12345);
+        let text = render_pool_status(&answer, None).unwrap();
+        assert!(
+            text.contains("\n  Active:   12345 (running agents)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nWorkspace: web\n  Status:   backing_off (1 consecutive failure)\n  Idle:"
+            ),
+            "an empty error is no error: {text}"
+        );
+        assert!(
+            text.contains("\nWorkspace: docs\n  Status:   disabled\n  Error:    old error\n"),
+            "{text}"
+        );
+        assert!(!text.contains(" \n"), "no trailing blanks: {text:?}");
+    }
+
+    #[test]
+    fn pool_status_as_yaml_and_json_is_the_answer() {
+        let answer = status_answer(json!(30), json!([]));
+        let json_text = render_pool_status(&answer, Some(OutputFormat::Json)).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&json_text).unwrap(), answer);
+        let yaml = render_pool_status(&answer, Some(OutputFormat::Yaml)).unwrap();
+        assert!(
+            yaml.starts_with("pool: default\nstatus: healthy\nvms:\n  total: 12\n"),
+            "{yaml}"
+        );
+        // Even an answer the text cannot show prints as is.
+        let odd = json!({"pool": "default"});
+        assert!(render_pool_status(&odd, Some(OutputFormat::Json)).is_ok());
+        let e = render_pool_status(&odd, None).unwrap_err();
+        assert_eq!(e.code, "INTERNAL");
+        assert!(
+            e.message
+                .starts_with("unexpected answer to GET /v1/pool/status: missing field"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn pool_messages() {
+        assert_eq!(flush_progress(false), "Flushing warm VMs...\n");
+        assert_eq!(flush_progress(true), "Nuking all workflows and VMs...\n");
+        let flush = |n: u64| flush_message(&json!({"flushed": n}), false).unwrap();
+        assert_eq!(flush(0), "No warm VMs to flush\n");
+        assert_eq!(
+            flush(1),
+            "Flushed 1 warm VM — pool will replenish with fresh ones\n"
+        );
+        assert_eq!(
+            flush(4),
+            "Flushed 4 warm VMs — pool will replenish with fresh ones\n"
+        );
+        assert_eq!(
+            flush_message(&json!({"terminated": 2, "deleted": 5, "total": 7}), true).unwrap(),
+            "Nuke complete (7 terminated/deleted)\n"
+        );
+        let e = flush_message(&json!({"flushed": 3}), true).unwrap_err();
+        assert!(
+            e.message
+                .starts_with("unexpected answer to POST /v1/pool/flush"),
+            "{e}"
+        );
+        assert_eq!(
+            pool_up_message(&json!({"was_stopped": true})).unwrap(),
+            "Pool started — replenishing to min_idle\n"
+        );
+        assert_eq!(
+            pool_up_message(&json!({"was_stopped": false})).unwrap(),
+            "Pool is already up — replenishing to min_idle\n"
+        );
+        assert_eq!(
+            pool_reset_message("web"),
+            "Workspace web: failure back-off cleared\n"
+        );
+    }
+
+    fn agent(phase: &str, vm: Value) -> Value {
+        json!({"id": "0190c5a4-7e1f-7a8b-9c2d-3e4f5a6b7c8d", "workspace": "web", "owner": "dana",
+               "owner_kind": "developer", "parent": null, "phase": phase, "vm": vm,
+               "on_idle": "sleep", "command": null, "build": "b1", "exit_code": null,
+               "output": "", "error": null, "resurrections": 0,
+               "created_at": "2026-11-23T03:00:00.000Z", "updated_at": "2026-11-23T03:00:00.000Z",
+               "started_at": null, "finished_at": null})
+    }
+
+    fn view(answer: &Value) -> AgentView {
+        AgentView::from_answer("test", answer).unwrap()
+    }
+
+    #[test]
+    fn agent_lines_and_phases() {
+        let queued = view(&agent("queued", Value::Null));
+        assert_eq!(
+            agent_line(&queued),
+            "Agent 0190c5a4-7e1f-7a8b-9c2d-3e4f5a6b7c8d queued (workspace web)\n"
+        );
+        assert!(queued.is_starting() && !queued.is_terminal());
+        let running = view(&agent("running", json!("vm-1234567890")));
+        assert_eq!(
+            agent_line(&running),
+            "Agent 0190c5a4-7e1f-7a8b-9c2d-3e4f5a6b7c8d running (workspace web) on VM vm-1234567890\n"
+        );
+        assert!(!running.is_starting() && !running.is_terminal());
+
+        let status = |phase: &str, code: Value| {
+            let mut a = agent(phase, Value::Null);
+            a["exit_code"] = code;
+            view(&a).exit_status()
+        };
+        assert_eq!(status("completed", Value::Null), 0);
+        assert_eq!(status("completed", json!(3)), 3);
+        assert_eq!(status("failed", json!(2)), 2);
+        assert_eq!(status("failed", Value::Null), 1);
+        assert_eq!(status("killed", Value::Null), 1);
+        assert_eq!(status("failed", json!(1_i64 << 40)), 1, "out of range");
+
+        assert_eq!(ending_in_newline(""), "");
+        assert_eq!(ending_in_newline("a"), "a\n");
+        assert_eq!(ending_in_newline("a\n"), "a\n");
+    }
+
+    #[test]
+    fn agent_action_messages() {
+        let a = view(&agent("queued", Value::Null));
+        let msg = |action| agent_action_message(action, "ID", &a);
+        assert_eq!(msg(AgentAction::Kill), "agent/ID killed\n");
+        assert_eq!(msg(AgentAction::Sleep), "agent/ID sleeping\n");
+        assert_eq!(msg(AgentAction::Wake), "agent/ID woken (queued)\n");
+        assert_eq!(
+            msg(AgentAction::Resurrect),
+            "agent/ID resurrected (queued)\n"
+        );
+        assert_eq!(
+            [
+                AgentAction::Kill,
+                AgentAction::Sleep,
+                AgentAction::Wake,
+                AgentAction::Resurrect
+            ]
+            .map(AgentAction::verb),
+            ["kill", "sleep", "wake", "resurrect"]
+        );
+        assert_eq!(finish_message("ID", "failed"), "agent/ID failed\n");
+    }
+
+    #[test]
+    fn timestamps_and_ages() {
+        let t0 = humantime::parse_rfc3339("2026-11-23T03:00:00Z").unwrap();
+        assert_eq!(parse_timestamp("2026-11-23T03:00:00.000Z"), Some(t0));
+        assert_eq!(parse_timestamp("2026-11-23T04:00:00+01:00"), Some(t0));
+        assert_eq!(
+            parse_timestamp("2026-11-23T01:30:00.5-01:30"),
+            Some(t0 + Duration::from_millis(500))
+        );
+        assert_eq!(parse_timestamp("yesterday"), None);
+        assert_eq!(parse_timestamp("2026-11-23T04:00:00+1:000"), None);
+
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let created = "2026-11-23T03:00:00Z";
+        assert_eq!(age(created, at(0)), "0s");
+        assert_eq!(age(created, at(5)), "5s");
+        assert_eq!(age(created, at(59)), "59s");
+        assert_eq!(age(created, at(60)), "1m");
+        assert_eq!(age(created, at(3 * 60 + 59)), "3m");
+        assert_eq!(age(created, at(2 * 3600 + 1)), "2h");
+        assert_eq!(age(created, at(23 * 3600 + 3599)), "23h");
+        assert_eq!(age(created, at(4 * 86_400 + 5)), "4d");
+        assert_eq!(
+            age(created, t0 - Duration::from_secs(10)),
+            "0s",
+            "clock skew"
+        );
+        assert_eq!(age("soon", t0), "<unknown>");
+    }
+
+    #[test]
+    fn agents_table() {
+        let now = humantime::parse_rfc3339("2026-11-23T03:03:10Z").unwrap();
+        let mut second = agent("queued", Value::Null);
+        second["id"] = json!("0190c5a4-0000-7000-8000-000000000002");
+        second["owner"] = json!("ci");
+        second["created_at"] = json!("2026-11-23T03:03:05Z");
+        let items = vec![
+            agent("running", json!("4f9a1c2e-1111-4222-8333-944455556666")),
+            second,
+        ];
+        assert_eq!(
+            render_agents(&items, None, now),
+            "ID                                     PHASE     WORKSPACE   OWNER   VM         AGE\n\
+             0190c5a4-7e1f-7a8b-9c2d-3e4f5a6b7c8d   running   web         dana    4f9a1c2e   3m\n\
+             0190c5a4-0000-7000-8000-000000000002   queued    web         ci      <none>     5s\n"
+        );
+        assert_eq!(render_agents(&[], None, now), "No agents found.\n");
+        assert_eq!(render_agents(&[], Some(OutputFormat::Json), now), "[]\n");
+        let json_text = render_agents(&items, Some(OutputFormat::Json), now);
+        assert_eq!(
+            serde_json::from_str::<Value>(&json_text).unwrap(),
+            Value::Array(items.clone())
+        );
+        // One agent: YAML of the answer by default, a one-row table on request.
+        let yaml = render_agent(&items[0], None, now);
+        assert!(
+            yaml.starts_with(
+                "id: 0190c5a4-7e1f-7a8b-9c2d-3e4f5a6b7c8d\nworkspace: web\nowner: dana\n"
+            ),
+            "{yaml}"
+        );
+        assert!(
+            yaml.contains("\nvm: 4f9a1c2e-1111-4222-8333-944455556666\n"),
+            "{yaml}"
+        );
+        assert_eq!(
+            render_agent(&items[0], Some(OutputFormat::Table), now),
+            render_agents(&items[..1], None, now)
+        );
+        assert_eq!(short_id(Some(&json!("abc"))), "abc");
+        assert_eq!(short_id(Some(&json!(""))), "<none>");
+        assert_eq!(short_id(None), "<none>");
+    }
+
+    #[test]
+    fn builds_table() {
+        let items = vec![
+            json!({"id": "b-2026-11-01", "first_seen": "2026-11-01T00:00:00Z",
+                   "retired_at": "2026-11-20T00:00:00Z", "current": false}),
+            json!({"id": "b-2026-11-20", "first_seen": "2026-11-20T00:00:00Z",
+                   "retired_at": null, "current": true}),
+            json!({"id": "b-2026-11-21", "first_seen": "2026-11-21T00:00:00Z",
+                   "retired_at": null, "current": false}),
+        ];
+        assert_eq!(
+            render_builds(&items, None),
+            "BUILD          FIRST_SEEN             RETIRED                CURRENT\n\
+             b-2026-11-01   2026-11-01T00:00:00Z   2026-11-20T00:00:00Z\n\
+             b-2026-11-20   2026-11-20T00:00:00Z   -                      *\n\
+             b-2026-11-21   2026-11-21T00:00:00Z   -\n"
+        );
+        assert_eq!(render_builds(&[], None), "No builds found.\n");
+        assert_eq!(
+            render_builds(&items[1..2], Some(OutputFormat::Yaml)),
+            "- id: b-2026-11-20\n  first_seen: 2026-11-20T00:00:00Z\n  retired_at: null\n  current: true\n"
+        );
+        assert_eq!(retired_message("b1"), "build/b1 retired\n");
+    }
+
+    #[test]
+    fn answers_or_messages() {
+        let answer = json!({"workspace": "web"});
+        assert_eq!(answer_or_message(&answer, None, "msg\n".into()), "msg\n");
+        assert_eq!(
+            answer_or_message(&answer, Some(OutputFormat::Table), "msg\n".into()),
+            "msg\n"
+        );
+        assert_eq!(
+            answer_or_message(&answer, Some(OutputFormat::Yaml), "msg\n".into()),
+            "workspace: web\n"
+        );
     }
 }

@@ -29,6 +29,8 @@ pub enum Permission {
     IdentityGet,
     IdentityUpdate,
     IdentityDelete,
+    BuildGet,
+    BuildRetire,
     TenantCreate,
 }
 
@@ -53,6 +55,8 @@ impl Permission {
         Permission::IdentityGet,
         Permission::IdentityUpdate,
         Permission::IdentityDelete,
+        Permission::BuildGet,
+        Permission::BuildRetire,
         Permission::TenantCreate,
     ];
 
@@ -77,6 +81,8 @@ impl Permission {
             Permission::IdentityGet => "identity.get",
             Permission::IdentityUpdate => "identity.update",
             Permission::IdentityDelete => "identity.delete",
+            Permission::BuildGet => "build.get",
+            Permission::BuildRetire => "build.retire",
             Permission::TenantCreate => "tenant.create",
         }
     }
@@ -99,7 +105,8 @@ pub enum Role {
     Developer,
     /// Everything inside its own tenant.
     Admin,
-    /// An admin that may also create tenants (the identity made at first start).
+    /// An admin that may also create tenants and retire builds (the
+    /// identity made at first start).
     Operator,
 }
 
@@ -123,7 +130,7 @@ impl Role {
             PoolConfigGet | WorkspaceGet | EnvironmentGet | ImageGet | AgentGet
         );
         let developer = viewer || matches!(permission, AgentSpawn | AgentKill | WorkspaceUpdate);
-        let admin = permission != TenantCreate;
+        let admin = !matches!(permission, TenantCreate | BuildRetire);
         match self {
             Role::Viewer => viewer,
             Role::Developer => developer,

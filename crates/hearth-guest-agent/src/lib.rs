@@ -1,4 +1,17 @@
 //! hearth's guest agent: the small process inside every VM that runs
 //! commands and writes files for the provisioning pipeline.
 //!
-//! Empty until the provisioning issue, which makes it a binary of its own.
+//! - [`protocol`]: the request and response types, shared with the host's
+//!   client (`hearth_drivers::guest`);
+//! - [`server`]: `hearth-guest-agent serve`, the agent proper;
+//! - [`init`]: `hearth-guest-agent init`, PID 1 of a sandbox;
+//! - [`cli`]: the binary's command line, including `launch` (join cgroups,
+//!   then exec the sandbox's `unshare`).
+//!
+//! **Invariants:** std, serde and nix only (no async runtime, no HTTP), so
+//! that the binary is small and starts in a few milliseconds; no `unsafe`.
+
+pub mod cli;
+pub mod init;
+pub mod protocol;
+pub mod server;

@@ -1,7 +1,26 @@
 //! hearth's reconcilers: the pool (backfill, scale down, idle timeout,
-//! stale replacement), agents and the reaper of stranded workflows.
+//! stale replacement, claims for queued agents, returns), the agents'
+//! commands, and the reaper of stranded workflows.
 //!
-//! Empty until the pool issue: the control plane core only stores desired
-//! state. **Invariant (binding when it fills):** a reconciler is a pure
-//! `plan(snapshot, now) -> actions` plus a runner; it never holds a store
-//! transaction across a driver call and never talks to the API.
+//! The shape follows Coder's prebuilds and Oxide's background tasks: the
+//! arithmetic is a pure [`plan::plan`] from a snapshot to actions; the
+//! [`Pool`] runner reads the snapshot, executes the actions, and is woken by
+//! changes (spawn, finish, config change, VM events) plus a slow resync.
+//!
+//! **Architecture Invariants:**
+//! - the runner never holds a store transaction across a driver call: every
+//!   store write is its own short transaction (compare-and-set), and driver
+//!   calls happen between them;
+//! - a VM record exists (`booting`) before the driver creates the VM, and is
+//!   only marked `destroyed` after the driver destroyed it, so a crash at any
+//!   point leaks nothing the next start cannot find;
+//! - reconcile passes are idempotent: running one twice in a row does
+//!   nothing the first did not;
+//! - the API talks to drivers only through this crate.
+
+pub mod plan;
+pub mod reaper;
+mod runner;
+pub mod status;
+
+pub use runner::{AdoptReport, Pool, PoolError, PoolOptions};

@@ -20,6 +20,9 @@ pub enum StoreError {
         by_kind: Kind,
         by_name: String,
     },
+    /// A count-based limit (the per-developer agent cap) was reached.
+    #[error("limit of {0} reached")]
+    LimitReached(i64),
     #[error("unsupported database URL {0:?}: use postgres://… or sqlite://PATH")]
     InvalidUrl(String),
     #[error("stored data is corrupt: {0}")]

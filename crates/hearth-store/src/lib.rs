@@ -24,7 +24,7 @@ pub use sqlite::SqliteStore;
 pub use types::*;
 
 use async_trait::async_trait;
-use hearth_core::ids::{AgentId, TenantId, TokenId};
+use hearth_core::ids::{AgentId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::Kind;
 use std::path::Path;
@@ -122,10 +122,20 @@ pub trait Store: Send + Sync + 'static {
         name: &str,
     ) -> Result<ResourceRecord>;
 
-    /// Records a new VM.
+    /// Records a VM as given, with no capacity check (tests, benchmarks and
+    /// adoption use it; the pool uses [`Store::insert_vm_within_cap`]).
     async fn insert_vm(&self, vm: &VmRecord) -> Result<()>;
 
-    /// Claims the oldest idle VM of a workspace for an agent, in one
+    /// In one transaction: counts the tenant's live VMs
+    /// ([`VmState::LIVE`]) and inserts `vm` only while that count is below
+    /// `max_vms`. When `vm.reserved_for` names an agent, that agent must be
+    /// `queued` (in the VM's tenant) and becomes `provisioning` in the same
+    /// transaction. Capacity is checked first: a refused insert reserves
+    /// nothing. `NotFound` for an unknown tenant.
+    async fn insert_vm_within_cap(&self, vm: &VmRecord, max_vms: i64) -> Result<InsertVm>;
+
+    /// Claims the tenant's oldest non-stale idle, non-test VM of a workspace
+    /// (a stale one when no fresh one is idle) for an agent, in one
     /// statement: no VM is ever handed to two agents.
     async fn claim_idle_vm(
         &self,
@@ -134,8 +144,126 @@ pub trait Store: Send + Sync + 'static {
         agent: AgentId,
     ) -> Result<Option<VmRecord>>;
 
-    /// The tenant's VMs, oldest first.
-    async fn list_vms(&self, tenant: TenantId) -> Result<Vec<VmRecord>>;
+    /// In one transaction: claims an idle VM (as [`Store::claim_idle_vm`])
+    /// for a `queued` agent and makes the agent `running` on it. `None`
+    /// when nothing is idle or the agent is no longer `queued` (or unknown,
+    /// or another tenant's); the VM then stays idle. `AlreadyExists` when a
+    /// queued agent still holds another VM (it was never released).
+    async fn assign_idle_vm(
+        &self,
+        tenant: TenantId,
+        workspace: &str,
+        agent: AgentId,
+    ) -> Result<Option<VmRecord>>;
+
+    /// One VM. `NotFound` when absent.
+    async fn get_vm(&self, id: VmId) -> Result<VmRecord>;
+
+    /// The tenant's VMs, oldest first; only live ones unless `include_dead`.
+    async fn list_vms(&self, tenant: TenantId, include_dead: bool) -> Result<Vec<VmRecord>>;
+
+    /// Every live VM of every tenant (for adoption at start).
+    async fn list_live_vms(&self) -> Result<Vec<VmRecord>>;
+
+    /// Compare-and-set of a VM's state: only when it is in `from` (empty:
+    /// never). Sets `error` when given (keeps the recorded one otherwise);
+    /// clears `agent_id` when `to` is not `assigned`, and `reserved_for` when
+    /// `to` is not `booting`, `provisioning` or `assigned` (a cold boot keeps
+    /// its reservation through its provisioning step). Returns whether it
+    /// changed.
+    async fn set_vm_state(
+        &self,
+        id: VmId,
+        from: &[VmState],
+        to: VmState,
+        error: Option<&str>,
+    ) -> Result<bool>;
+
+    /// A VM finished booting, in one transaction: if it is `reserved_for` an
+    /// agent that is still `provisioning`, it becomes `assigned` to it and
+    /// the agent `running` (vm_id, started_at); otherwise it becomes `idle`.
+    /// Either way the reservation is cleared (it is fulfilled or void).
+    /// `Gone` when it is not booting/provisioning (unknown included).
+    async fn vm_ready(&self, id: VmId) -> Result<Ready>;
+
+    /// Gives an `assigned` VM back, in one transaction: to `idle` (agent
+    /// cleared) or to `draining` — only while it is still assigned to
+    /// `holder`, the agent the caller saw on it (compare-and-set: a VM that
+    /// changed hands since is left alone). The agent's `vm_id` is cleared if
+    /// it still names this VM and the agent is not terminal. Returns whether
+    /// it changed.
+    async fn release_vm(&self, id: VmId, holder: Option<AgentId>, to_idle: bool) -> Result<bool>;
+
+    /// Marks live VMs of a workspace stale when built from other versions
+    /// than these; returns how many were newly marked.
+    async fn mark_stale(
+        &self,
+        tenant: TenantId,
+        workspace: &str,
+        env_version: i64,
+        image_version: i64,
+    ) -> Result<u64>;
+
+    /// Creates a `queued` agent, in one transaction with the cap check: when
+    /// `developer_cap` is `Some(n)` with n > 0, the owner is a developer and
+    /// the agent has no parent, the owner's active top-level agents
+    /// ([`AgentPhase::ACTIVE`], parent_id null) must be fewer than n, else
+    /// `LimitReached(n)`. Concurrent creates for one owner serialize. When
+    /// the cap applies the owner must be an identity of the tenant
+    /// (`NotFound` otherwise); `AlreadyExists` for a taken id, `NotFound`
+    /// for an unknown tenant.
+    async fn create_agent(
+        &self,
+        agent: &NewAgent,
+        developer_cap: Option<i32>,
+    ) -> Result<AgentRecord>;
+
+    /// One agent of the tenant. `NotFound` when absent.
+    async fn get_agent(&self, tenant: TenantId, id: AgentId) -> Result<AgentRecord>;
+
+    /// The tenant's agents matching `filter`, oldest first.
+    async fn list_agents(&self, tenant: TenantId, filter: &AgentFilter)
+    -> Result<Vec<AgentRecord>>;
+
+    /// The tenant's `queued` agents in FIFO order (queued_at, id).
+    async fn list_queued_agents(&self, tenant: TenantId) -> Result<Vec<AgentRecord>>;
+
+    /// Compare-and-set of an agent's phase: only from one of `from`, else
+    /// `Conflict`. Entering `queued` sets queued_at and clears vm_id,
+    /// exit_code, error and output; entering a terminal phase sets
+    /// finished_at; entering `running` sets started_at; `update` fields
+    /// that are `Some` are written. Resurrection (terminal → queued) adds
+    /// one to `resurrections`.
+    async fn transition_agent(
+        &self,
+        tenant: TenantId,
+        id: AgentId,
+        from: &[AgentPhase],
+        to: AgentPhase,
+        update: &AgentUpdate,
+    ) -> Result<AgentRecord>;
+
+    /// The pool's own state for a tenant (default: running).
+    async fn get_pool_state(&self, tenant: TenantId) -> Result<PoolState>;
+
+    /// Stops (`pool flush --nuke`) or starts (`pool up`) a tenant's pool.
+    async fn set_pool_stopped(&self, tenant: TenantId, stopped: bool) -> Result<()>;
+
+    /// The tenant's workspace back-off states, by workspace.
+    async fn list_workspace_states(&self, tenant: TenantId) -> Result<Vec<WorkspaceState>>;
+
+    /// Creates or replaces one workspace's back-off state.
+    async fn put_workspace_state(&self, tenant: TenantId, state: &WorkspaceState) -> Result<()>;
+
+    /// Records a build the first time a server of it starts (idempotent).
+    async fn register_build(&self, id: &str) -> Result<Build>;
+
+    /// Retires a build (idempotent; keeps the first retirement time).
+    /// `NotFound` when unknown.
+    async fn retire_build(&self, id: &str) -> Result<Build>;
+
+    /// Every build, oldest first.
+    async fn list_builds(&self) -> Result<Vec<Build>>;
 }
 
 /// Opens the store a URL names, applying migrations: `postgres://…` or

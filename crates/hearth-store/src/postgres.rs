@@ -4,16 +4,17 @@
 //! reads and writes alike) and the dialect constants
 //! [`impl_store!`](crate::shared::impl_store) needs — row locks
 //! (`SELECT … FOR UPDATE`) in read-modify-write transactions, `LOCK TABLE`
-//! around bootstrap, and `FOR UPDATE SKIP LOCKED` in the VM claim so that
-//! concurrent claimers take different VMs instead of queueing on the same
-//! one. The [`Store`](crate::Store) methods themselves are shared with
+//! around bootstrap, a lock on the tenant's row around the capped VM insert
+//! and on the owner's row around the capped agent create, and
+//! `FOR UPDATE SKIP LOCKED` in the VM claim so that concurrent claimers take
+//! different VMs instead of queueing on the same one. The [`Store`](crate::Store) methods themselves are shared with
 //! SQLite (`shared.rs`, `sql.rs`).
 //!
 //! Transactions run at PostgreSQL's default isolation, READ COMMITTED; the
 //! locks above, the foreign keys and the unique constraints are what make
 //! concurrent writers safe, not the isolation level.
 
-use crate::sql::{claim_idle_vm, select_resource};
+use crate::sql::{claim_idle_vm, select_owner, select_resource};
 use crate::{Result, shared::impl_store};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -61,6 +62,16 @@ impl PgStore {
     const LOCK_TENANTS: Option<&'static str> = Some("LOCK TABLE tenants IN EXCLUSIVE MODE");
     const SELECT_RESOURCE_FOR_WRITE: &'static str = concat!(select_resource!(), " FOR UPDATE");
     const CLAIM_IDLE_VM: &'static str = claim_idle_vm!("FOR UPDATE SKIP LOCKED");
+    /// Serializes `insert_vm_within_cap` per tenant: the count of one
+    /// caller sees every VM an earlier one inserted. `NO KEY UPDATE`
+    /// conflicts with itself but not with the `KEY SHARE` locks that
+    /// foreign-key checks take, so inserts referring to the tenant (VMs,
+    /// agents, resources) do not wait on it.
+    const LOCK_TENANT: Option<&'static str> =
+        Some("SELECT id FROM tenants WHERE id = $1 FOR NO KEY UPDATE");
+    /// Serializes `create_agent`'s cap check per owner (see
+    /// [`LOCK_TENANT`](Self::LOCK_TENANT) for `NO KEY UPDATE`).
+    const SELECT_OWNER_FOR_CAP: &'static str = concat!(select_owner!(), " FOR NO KEY UPDATE");
 
     fn reader(&self) -> &PgPool {
         &self.pool

@@ -19,6 +19,13 @@
 //!   where the backend has row locks;
 //! - `const CLAIM_IDLE_VM: &'static str` — the claim statement
 //!   ([`sql::claim_idle_vm!`](crate::sql::claim_idle_vm));
+//! - `const LOCK_TENANT: Option<&'static str>` — a statement (`$1`: tenant
+//!   id) that serializes `insert_vm_within_cap`'s count-then-insert for one
+//!   tenant, if the write transaction is not exclusive already;
+//! - `const SELECT_OWNER_FOR_CAP: &'static str` —
+//!   [`sql::select_owner!`](crate::sql::select_owner) plus a row lock where
+//!   the backend has row locks, so `create_agent`'s cap check serializes
+//!   per owner;
 //! - `fn reader(&self) -> &Pool<Db>` and `fn writer(&self) -> &Pool<Db>` —
 //!   where reads and writes go;
 //! - `async fn begin_write(&self) -> Result<Transaction<'static, Db>>` —
@@ -29,13 +36,15 @@
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
         const _: () = {
-            use ::hearth_core::ids::{AgentId, IdentityId, TenantId, TokenId};
+            use ::hearth_core::ids::{AgentId, IdentityId, TenantId, TokenId, VmId};
             use ::hearth_core::rbac::{IdentityKind, Role};
             use ::hearth_core::resource::Kind;
             use $crate::sql::{self, ViolationExt};
             use $crate::{
-                Identity, NewToken, Precondition, PutOutcome, PutResource, ResourceRecord, Result,
-                Store, StoreError, Tenant, TokenRecord, VmRecord, now_millis,
+                AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Build, Identity, InsertVm,
+                NewAgent, NewToken, PoolState, Precondition, PutOutcome, PutResource, Ready,
+                ResourceRecord, Result, Store, StoreError, Tenant, TokenRecord, VmRecord, VmState,
+                WorkspaceState, now_millis,
             };
 
             type Conn = <$db as ::sqlx::Database>::Connection;
@@ -60,6 +69,328 @@ macro_rules! impl_store {
                             Err(e)
                         }
                     }
+                }
+
+                /// Commits when the outcome is worth keeping (`keep`), rolls
+                /// back otherwise: a method that answers "nothing done" must
+                /// leave nothing done, even a half of it.
+                async fn settle<T>(
+                    tx: Tx,
+                    result: Result<T>,
+                    keep: impl FnOnce(&T) -> bool,
+                ) -> Result<T> {
+                    match result {
+                        Ok(value) if keep(&value) => {
+                            tx.commit().await?;
+                            Ok(value)
+                        }
+                        Ok(value) => {
+                            tx.rollback().await?;
+                            Ok(value)
+                        }
+                        Err(e) => Self::finish(tx, Err(e)).await,
+                    }
+                }
+
+                async fn insert_vm_on<'e, E>(exec: E, vm: &VmRecord) -> Result<()>
+                where
+                    E: ::sqlx::Executor<'e, Database = $db>,
+                {
+                    ::sqlx::query(sql::INSERT_VM)
+                        .bind(vm.id.to_string())
+                        .bind(vm.tenant_id.to_string())
+                        .bind(&vm.workspace)
+                        .bind(vm.state.as_str())
+                        .bind(vm.agent_id.map(|a| a.to_string()))
+                        .bind(&vm.driver)
+                        .bind(vm.env_version)
+                        .bind(vm.image_version)
+                        .bind(sql::store_flag(vm.stale))
+                        .bind(vm.reserved_for.map(|a| a.to_string()))
+                        .bind(sql::store_flag(vm.test))
+                        .bind(vm.error.as_deref())
+                        .bind(vm.created_at)
+                        .bind(vm.updated_at)
+                        .execute(exec)
+                        .await
+                        .on_unique(|| StoreError::AlreadyExists(format!("VM {}", vm.id)))
+                        .on_foreign_key(|| {
+                            StoreError::NotFound(format!("tenant {}", vm.tenant_id))
+                        })?;
+                    Ok(())
+                }
+
+                /// The one-statement claim ([`sql::claim_idle_vm!`]).
+                async fn claim_on<'e, E>(
+                    exec: E,
+                    tenant: TenantId,
+                    workspace: &str,
+                    agent: AgentId,
+                ) -> Result<Option<VmRecord>>
+                where
+                    E: ::sqlx::Executor<'e, Database = $db>,
+                {
+                    ::sqlx::query_as::<_, sql::VmRow>(Self::CLAIM_IDLE_VM)
+                        .bind(tenant.to_string())
+                        .bind(workspace)
+                        .bind(agent.to_string())
+                        .bind(now_millis())
+                        .fetch_optional(exec)
+                        .await
+                        // The agent already holds a VM (`vms_agent`).
+                        .on_unique(|| StoreError::AlreadyExists(format!("a VM for agent {agent}")))?
+                        .map(VmRecord::try_from)
+                        .transpose()
+                }
+
+                async fn insert_vm_within_cap_tx(
+                    conn: &mut Conn,
+                    vm: &VmRecord,
+                    max_vms: i64,
+                ) -> Result<InsertVm> {
+                    let tenant = vm.tenant_id.to_string();
+                    if let Some(lock) = Self::LOCK_TENANT {
+                        ::sqlx::query(lock)
+                            .bind(&tenant)
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    let live: i64 = ::sqlx::query_scalar(sql::COUNT_LIVE_VMS.as_str())
+                        .bind(&tenant)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    if live >= max_vms {
+                        return Ok(InsertVm::AtCapacity);
+                    }
+                    if let Some(agent) = vm.reserved_for {
+                        let reserved = ::sqlx::query(sql::RESERVE_QUEUED_AGENT)
+                            .bind(&tenant)
+                            .bind(agent.to_string())
+                            .bind(now_millis())
+                            .execute(&mut *conn)
+                            .await?;
+                        if reserved.rows_affected() == 0 {
+                            return Ok(InsertVm::AgentNotQueued);
+                        }
+                    }
+                    Self::insert_vm_on(&mut *conn, vm).await?;
+                    Ok(InsertVm::Inserted)
+                }
+
+                async fn assign_idle_vm_tx(
+                    conn: &mut Conn,
+                    tenant: TenantId,
+                    workspace: &str,
+                    agent: AgentId,
+                ) -> Result<Option<VmRecord>> {
+                    // Not queued: no VM is locked (and skipped by other
+                    // claimers) for nothing, and an agent that holds a VM
+                    // already is `None`, not the claim's `AlreadyExists`.
+                    let queued = ::sqlx::query(sql::AGENT_IS_QUEUED)
+                        .bind(tenant.to_string())
+                        .bind(agent.to_string())
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                    if queued.is_none() {
+                        return Ok(None);
+                    }
+                    let Some(vm) = Self::claim_on(&mut *conn, tenant, workspace, agent).await?
+                    else {
+                        return Ok(None);
+                    };
+                    let started = ::sqlx::query(sql::START_QUEUED_AGENT)
+                        .bind(tenant.to_string())
+                        .bind(agent.to_string())
+                        .bind(vm.id.to_string())
+                        .bind(vm.updated_at)
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok((started.rows_affected() == 1).then_some(vm))
+                }
+
+                async fn vm_ready_tx(conn: &mut Conn, id: VmId) -> Result<Ready> {
+                    let vm = id.to_string();
+                    let booting: Option<(String, Option<String>)> =
+                        ::sqlx::query_as(sql::SELECT_BOOTING_VM)
+                            .bind(&vm)
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                    let Some((tenant, reserved_for)) = booting else {
+                        return Ok(Ready::Gone);
+                    };
+                    let now = now_millis();
+                    if let Some(reserved) = reserved_for {
+                        let agent = sql::parse::<AgentId>("agent id", &reserved)?;
+                        // The VM first (as a claim does), then the agent; both
+                        // compare-and-set, so a concurrent change of either
+                        // makes this a no-op rather than a lost update.
+                        let assigned = ::sqlx::query(sql::READY_VM_TO_AGENT)
+                            .bind(&vm)
+                            .bind(&reserved)
+                            .bind(now)
+                            .execute(&mut *conn)
+                            .await
+                            // The agent still holds another VM.
+                            .on_unique(|| StoreError::Conflict(format!("VM {id}")))?;
+                        if assigned.rows_affected() == 1 {
+                            let started = ::sqlx::query(sql::START_PROVISIONING_AGENT)
+                                .bind(&vm)
+                                .bind(&reserved)
+                                .bind(&tenant)
+                                .bind(now)
+                                .execute(&mut *conn)
+                                .await?;
+                            if started.rows_affected() == 1 {
+                                return Ok(Ready::Assigned(agent));
+                            }
+                            // The agent moved on (killed, say): the VM is
+                            // warm instead. It is `assigned` now, under our
+                            // lock; the statement below takes it to idle.
+                            ::sqlx::query(sql::UNASSIGN_READY_VM)
+                                .bind(&vm)
+                                .bind(now)
+                                .execute(&mut *conn)
+                                .await?;
+                            return Ok(Ready::Idle);
+                        }
+                    }
+                    let idle = ::sqlx::query(sql::READY_VM_TO_IDLE)
+                        .bind(&vm)
+                        .bind(now)
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(if idle.rows_affected() == 1 {
+                        Ready::Idle
+                    } else {
+                        Ready::Gone
+                    })
+                }
+
+                async fn release_vm_tx(
+                    conn: &mut Conn,
+                    id: VmId,
+                    holder: Option<AgentId>,
+                    to_idle: bool,
+                ) -> Result<bool> {
+                    let vm = id.to_string();
+                    let agent = holder.map(|a| a.to_string());
+                    let to = if to_idle {
+                        VmState::Idle
+                    } else {
+                        VmState::Draining
+                    };
+                    let now = now_millis();
+                    // Compare-and-set on state and holder: if the VM changed
+                    // hands since the caller looked, nothing happens.
+                    let released = ::sqlx::query(sql::RELEASE_VM)
+                        .bind(&vm)
+                        .bind(to.as_str())
+                        .bind(now)
+                        .bind(agent.as_deref())
+                        .execute(&mut *conn)
+                        .await?;
+                    if released.rows_affected() == 0 {
+                        return Ok(false);
+                    }
+                    if let Some(agent) = agent {
+                        ::sqlx::query(sql::FORGET_AGENT_VM.as_str())
+                            .bind(&agent)
+                            .bind(&vm)
+                            .bind(now)
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(true)
+                }
+
+                async fn create_agent_tx(
+                    conn: &mut Conn,
+                    agent: &NewAgent,
+                    developer_cap: Option<i32>,
+                ) -> Result<AgentRecord> {
+                    let tenant = agent.tenant_id.to_string();
+                    let owner = agent.owner_id.to_string();
+                    if let Some(cap) = developer_cap.filter(|n| *n > 0)
+                        && agent.owner_kind == IdentityKind::Developer
+                        && agent.parent_id.is_none()
+                    {
+                        // Locks the owner's row (PostgreSQL): concurrent
+                        // creates for one owner count one after the other.
+                        let owner_row = ::sqlx::query(Self::SELECT_OWNER_FOR_CAP)
+                            .bind(&tenant)
+                            .bind(&owner)
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                        if owner_row.is_none() {
+                            return Err(StoreError::NotFound(format!(
+                                "identity {:?}",
+                                agent.owner_name
+                            )));
+                        }
+                        let active: i64 =
+                            ::sqlx::query_scalar(sql::COUNT_ACTIVE_TOP_LEVEL_AGENTS.as_str())
+                                .bind(&tenant)
+                                .bind(&owner)
+                                .fetch_one(&mut *conn)
+                                .await?;
+                        if active >= i64::from(cap) {
+                            return Err(StoreError::LimitReached(i64::from(cap)));
+                        }
+                    }
+
+                    let now = now_millis();
+                    let record = AgentRecord {
+                        id: agent.id,
+                        tenant_id: agent.tenant_id,
+                        workspace: agent.workspace.clone(),
+                        owner_id: agent.owner_id,
+                        owner_name: agent.owner_name.clone(),
+                        owner_kind: agent.owner_kind,
+                        parent_id: agent.parent_id,
+                        phase: AgentPhase::Queued,
+                        vm_id: None,
+                        on_idle: agent.on_idle,
+                        command: agent.command.clone(),
+                        build: agent.build.clone(),
+                        exit_code: None,
+                        output: String::new(),
+                        error: None,
+                        resurrections: 0,
+                        created_at: now,
+                        updated_at: now,
+                        queued_at: now,
+                        started_at: None,
+                        finished_at: None,
+                    };
+                    ::sqlx::query(sql::INSERT_AGENT)
+                        .bind(record.id.to_string())
+                        .bind(&tenant)
+                        .bind(&record.workspace)
+                        .bind(&owner)
+                        .bind(&record.owner_name)
+                        .bind(record.owner_kind.as_str())
+                        .bind(record.parent_id.map(|p| p.to_string()))
+                        .bind(record.phase.as_str())
+                        .bind(None::<String>)
+                        .bind(record.on_idle.as_str())
+                        .bind(record.command.as_deref())
+                        .bind(&record.build)
+                        .bind(record.exit_code)
+                        .bind(&record.output)
+                        .bind(record.error.as_deref())
+                        .bind(record.resurrections)
+                        .bind(record.created_at)
+                        .bind(record.updated_at)
+                        .bind(record.queued_at)
+                        .bind(record.started_at)
+                        .bind(record.finished_at)
+                        .execute(&mut *conn)
+                        .await
+                        .on_unique(|| StoreError::AlreadyExists(format!("agent {}", agent.id)))
+                        .on_foreign_key(|| {
+                            StoreError::NotFound(format!("tenant {}", agent.tenant_id))
+                        })?;
+                    Ok(record)
                 }
 
                 async fn bootstrap_tx(
@@ -503,21 +834,17 @@ macro_rules! impl_store {
                 }
 
                 async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
-                    ::sqlx::query(sql::INSERT_VM)
-                        .bind(vm.id.to_string())
-                        .bind(vm.tenant_id.to_string())
-                        .bind(&vm.workspace)
-                        .bind(vm.state.as_str())
-                        .bind(vm.agent_id.map(|a| a.to_string()))
-                        .bind(vm.created_at)
-                        .bind(vm.updated_at)
-                        .execute(self.writer())
-                        .await
-                        .on_unique(|| StoreError::AlreadyExists(format!("VM {}", vm.id)))
-                        .on_foreign_key(|| {
-                            StoreError::NotFound(format!("tenant {}", vm.tenant_id))
-                        })?;
-                    Ok(())
+                    Self::insert_vm_on(self.writer(), vm).await
+                }
+
+                async fn insert_vm_within_cap(
+                    &self,
+                    vm: &VmRecord,
+                    max_vms: i64,
+                ) -> Result<InsertVm> {
+                    let mut tx = self.begin_write().await?;
+                    let result = Self::insert_vm_within_cap_tx(&mut tx, vm, max_vms).await;
+                    Self::settle(tx, result, |r| *r == InsertVm::Inserted).await
                 }
 
                 async fn claim_idle_vm(
@@ -526,21 +853,262 @@ macro_rules! impl_store {
                     workspace: &str,
                     agent: AgentId,
                 ) -> Result<Option<VmRecord>> {
-                    ::sqlx::query_as::<_, sql::VmRow>(Self::CLAIM_IDLE_VM)
-                        .bind(tenant.to_string())
-                        .bind(workspace)
-                        .bind(agent.to_string())
-                        .bind(now_millis())
-                        .fetch_optional(self.writer())
-                        .await
-                        .on_unique(|| StoreError::AlreadyExists(format!("a VM for agent {agent}")))?
-                        .map(VmRecord::try_from)
-                        .transpose()
+                    Self::claim_on(self.writer(), tenant, workspace, agent).await
                 }
 
-                async fn list_vms(&self, tenant: TenantId) -> Result<Vec<VmRecord>> {
-                    let rows = ::sqlx::query_as::<_, sql::VmRow>(sql::LIST_VMS)
+                async fn assign_idle_vm(
+                    &self,
+                    tenant: TenantId,
+                    workspace: &str,
+                    agent: AgentId,
+                ) -> Result<Option<VmRecord>> {
+                    let mut tx = self.begin_write().await?;
+                    let result = Self::assign_idle_vm_tx(&mut tx, tenant, workspace, agent).await;
+                    Self::settle(tx, result, Option::is_some).await
+                }
+
+                async fn get_vm(&self, id: VmId) -> Result<VmRecord> {
+                    ::sqlx::query_as::<_, sql::VmRow>(sql::GET_VM)
+                        .bind(id.to_string())
+                        .fetch_optional(self.reader())
+                        .await?
+                        .ok_or_else(|| StoreError::NotFound(format!("VM {id}")))?
+                        .try_into()
+                }
+
+                async fn list_vms(
+                    &self,
+                    tenant: TenantId,
+                    include_dead: bool,
+                ) -> Result<Vec<VmRecord>> {
+                    let statement = if include_dead {
+                        sql::LIST_VMS
+                    } else {
+                        sql::LIST_LIVE_VMS_OF_TENANT.as_str()
+                    };
+                    let rows = ::sqlx::query_as::<_, sql::VmRow>(statement)
                         .bind(tenant.to_string())
+                        .fetch_all(self.reader())
+                        .await?;
+                    sql::decode_all(rows)
+                }
+
+                async fn list_live_vms(&self) -> Result<Vec<VmRecord>> {
+                    let rows = ::sqlx::query_as::<_, sql::VmRow>(sql::LIST_LIVE_VMS.as_str())
+                        .fetch_all(self.reader())
+                        .await?;
+                    sql::decode_all(rows)
+                }
+
+                async fn set_vm_state(
+                    &self,
+                    id: VmId,
+                    from: &[VmState],
+                    to: VmState,
+                    error: Option<&str>,
+                ) -> Result<bool> {
+                    if from.is_empty() {
+                        return Ok(false);
+                    }
+                    let statement = sql::set_vm_state(from, to);
+                    let done = ::sqlx::query(&statement)
+                        .bind(id.to_string())
+                        .bind(to.as_str())
+                        .bind(now_millis())
+                        .bind(error)
+                        .execute(self.writer())
+                        .await?;
+                    Ok(done.rows_affected() == 1)
+                }
+
+                async fn vm_ready(&self, id: VmId) -> Result<Ready> {
+                    let mut tx = self.begin_write().await?;
+                    let result = Self::vm_ready_tx(&mut tx, id).await;
+                    Self::settle(tx, result, |r| *r != Ready::Gone).await
+                }
+
+                async fn release_vm(
+                    &self,
+                    id: VmId,
+                    holder: Option<AgentId>,
+                    to_idle: bool,
+                ) -> Result<bool> {
+                    let mut tx = self.begin_write().await?;
+                    let result = Self::release_vm_tx(&mut tx, id, holder, to_idle).await;
+                    Self::settle(tx, result, |changed| *changed).await
+                }
+
+                async fn mark_stale(
+                    &self,
+                    tenant: TenantId,
+                    workspace: &str,
+                    env_version: i64,
+                    image_version: i64,
+                ) -> Result<u64> {
+                    let done = ::sqlx::query(sql::MARK_STALE.as_str())
+                        .bind(tenant.to_string())
+                        .bind(workspace)
+                        .bind(env_version)
+                        .bind(image_version)
+                        .execute(self.writer())
+                        .await?;
+                    Ok(done.rows_affected())
+                }
+
+                async fn create_agent(
+                    &self,
+                    agent: &NewAgent,
+                    developer_cap: Option<i32>,
+                ) -> Result<AgentRecord> {
+                    let mut tx = self.begin_write().await?;
+                    let result = Self::create_agent_tx(&mut tx, agent, developer_cap).await;
+                    Self::finish(tx, result).await
+                }
+
+                async fn get_agent(&self, tenant: TenantId, id: AgentId) -> Result<AgentRecord> {
+                    ::sqlx::query_as::<_, sql::AgentRow>(sql::GET_AGENT)
+                        .bind(tenant.to_string())
+                        .bind(id.to_string())
+                        .fetch_optional(self.reader())
+                        .await?
+                        .ok_or_else(|| StoreError::NotFound(format!("agent {id}")))?
+                        .try_into()
+                }
+
+                async fn list_agents(
+                    &self,
+                    tenant: TenantId,
+                    filter: &AgentFilter,
+                ) -> Result<Vec<AgentRecord>> {
+                    let statement = sql::list_agents(&filter.phases);
+                    let rows = ::sqlx::query_as::<_, sql::AgentRow>(&statement)
+                        .bind(tenant.to_string())
+                        .bind(filter.workspace.as_deref())
+                        .bind(filter.owner_id.map(|o| o.to_string()))
+                        .fetch_all(self.reader())
+                        .await?;
+                    sql::decode_all(rows)
+                }
+
+                async fn list_queued_agents(&self, tenant: TenantId) -> Result<Vec<AgentRecord>> {
+                    let rows = ::sqlx::query_as::<_, sql::AgentRow>(sql::LIST_QUEUED_AGENTS)
+                        .bind(tenant.to_string())
+                        .fetch_all(self.reader())
+                        .await?;
+                    sql::decode_all(rows)
+                }
+
+                async fn transition_agent(
+                    &self,
+                    tenant: TenantId,
+                    id: AgentId,
+                    from: &[AgentPhase],
+                    to: AgentPhase,
+                    update: &AgentUpdate,
+                ) -> Result<AgentRecord> {
+                    if !from.is_empty() {
+                        let statement = sql::transition_agent(from, to);
+                        let changed = ::sqlx::query_as::<_, sql::AgentRow>(&statement)
+                            .bind(tenant.to_string())
+                            .bind(id.to_string())
+                            .bind(now_millis())
+                            .bind(update.exit_code)
+                            .bind(update.output.as_deref())
+                            .bind(update.error.as_deref())
+                            .fetch_optional(self.writer())
+                            .await?;
+                        if let Some(row) = changed {
+                            return row.try_into();
+                        }
+                    }
+                    // Nothing changed: a missing agent is `NotFound`, one in
+                    // another phase a `Conflict`. This read decides only
+                    // which error to answer; it writes nothing.
+                    self.get_agent(tenant, id).await?;
+                    Err(StoreError::Conflict(format!("agent {id}")))
+                }
+
+                async fn get_pool_state(&self, tenant: TenantId) -> Result<PoolState> {
+                    let stopped: Option<i64> = ::sqlx::query_scalar(sql::GET_POOL_STATE)
+                        .bind(tenant.to_string())
+                        .fetch_optional(self.reader())
+                        .await?;
+                    Ok(match stopped {
+                        Some(stopped) => PoolState {
+                            stopped: sql::flag("pool stopped flag", stopped)?,
+                        },
+                        None => PoolState::default(),
+                    })
+                }
+
+                async fn set_pool_stopped(&self, tenant: TenantId, stopped: bool) -> Result<()> {
+                    ::sqlx::query(sql::PUT_POOL_STATE)
+                        .bind(tenant.to_string())
+                        .bind(sql::store_flag(stopped))
+                        .bind(now_millis())
+                        .execute(self.writer())
+                        .await
+                        .on_foreign_key(|| StoreError::NotFound(format!("tenant {tenant}")))?;
+                    Ok(())
+                }
+
+                async fn list_workspace_states(
+                    &self,
+                    tenant: TenantId,
+                ) -> Result<Vec<WorkspaceState>> {
+                    let rows =
+                        ::sqlx::query_as::<_, sql::WorkspaceStateRow>(sql::LIST_WORKSPACE_STATES)
+                            .bind(tenant.to_string())
+                            .fetch_all(self.reader())
+                            .await?;
+                    sql::decode_all(rows)
+                }
+
+                async fn put_workspace_state(
+                    &self,
+                    tenant: TenantId,
+                    state: &WorkspaceState,
+                ) -> Result<()> {
+                    ::sqlx::query(sql::PUT_WORKSPACE_STATE)
+                        .bind(tenant.to_string())
+                        .bind(&state.workspace)
+                        .bind(state.consecutive_failures)
+                        .bind(state.backoff_until)
+                        .bind(sql::store_flag(state.hard_limited))
+                        .bind(state.last_error.as_deref())
+                        .bind(&state.config_fingerprint)
+                        .execute(self.writer())
+                        .await
+                        .on_foreign_key(|| StoreError::NotFound(format!("tenant {tenant}")))?;
+                    Ok(())
+                }
+
+                async fn register_build(&self, id: &str) -> Result<Build> {
+                    ::sqlx::query(sql::INSERT_BUILD)
+                        .bind(id)
+                        .bind(now_millis())
+                        .execute(self.writer())
+                        .await?;
+                    // Builds are never deleted: the row is there now.
+                    ::sqlx::query_as::<_, sql::BuildRow>(sql::GET_BUILD)
+                        .bind(id)
+                        .fetch_one(self.writer())
+                        .await?
+                        .try_into()
+                }
+
+                async fn retire_build(&self, id: &str) -> Result<Build> {
+                    ::sqlx::query_as::<_, sql::BuildRow>(sql::RETIRE_BUILD)
+                        .bind(id)
+                        .bind(now_millis())
+                        .fetch_optional(self.writer())
+                        .await?
+                        .ok_or_else(|| StoreError::NotFound(format!("build {id:?}")))?
+                        .try_into()
+                }
+
+                async fn list_builds(&self) -> Result<Vec<Build>> {
+                    let rows = ::sqlx::query_as::<_, sql::BuildRow>(sql::LIST_BUILDS)
                         .fetch_all(self.reader())
                         .await?;
                     sql::decode_all(rows)

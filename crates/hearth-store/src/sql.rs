@@ -4,19 +4,27 @@
 //!
 //! Every statement uses `$N` parameters, which PostgreSQL and sqlx's SQLite
 //! driver both accept, and only syntax both dialects understand
-//! (`RETURNING`, `ON CONFLICT DO NOTHING`, partial indexes). The few
+//! (`RETURNING`, `ON CONFLICT`, partial indexes). The few
 //! statements that differ (row locks, the VM claim) are built here from one
 //! text with the backend's locking clause spliced in, so the two copies
 //! cannot drift apart.
+//!
+//! Statements that test a list of states or phases (`state IN (…)`) splice
+//! in the enums' fixed spellings: built once (`LazyLock`) for the fixed
+//! lists such as [`VmState::LIVE`], per call for a caller's `from` list.
+//! No user text is ever spliced into SQL; everything else is a parameter.
+//! Flags are BIGINT 0/1 on both backends ([`flag`], [`store_flag`]).
 
 use crate::{
-    Identity, Millis, ResourceRecord, Result, StoreError, Tenant, TokenRecord, VmRecord, VmState,
+    AgentPhase, AgentRecord, Build, Identity, Millis, OnIdle, ResourceRecord, Result, StoreError,
+    Tenant, TokenRecord, VmRecord, VmState, WorkspaceState,
 };
 use hearth_core::ids::{AgentId, IdentityId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::Kind;
 use std::fmt::Display;
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 // ---------------------------------------------------------------- tenants
 
@@ -97,31 +105,332 @@ pub const FIRST_REFERRER: &str = "SELECT from_kind, from_name FROM resource_refs
 
 // -------------------------------------------------------------------- VMs
 
-pub const INSERT_VM: &str = "INSERT INTO vms (id, tenant_id, workspace, state, agent_id, created_at, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+/// The columns of a [`VmRow`], in order, as a literal for `concat!`.
+macro_rules! vm_columns {
+    () => {
+        "id, tenant_id, workspace, state, agent_id, driver, env_version, image_version, \
+         stale, reserved_for, test, error, created_at, updated_at"
+    };
+}
+pub(crate) use vm_columns;
 
-pub const LIST_VMS: &str = "SELECT id, tenant_id, workspace, state, agent_id, created_at, updated_at FROM vms \
-     WHERE tenant_id = $1 ORDER BY created_at, id";
+/// `$1`…`$14` in [`vm_columns!`] order.
+pub const INSERT_VM: &str = concat!(
+    "INSERT INTO vms (",
+    vm_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+);
+
+pub const GET_VM: &str = concat!("SELECT ", vm_columns!(), " FROM vms WHERE id = $1");
+
+pub const LIST_VMS: &str = concat!(
+    "SELECT ",
+    vm_columns!(),
+    " FROM vms WHERE tenant_id = $1 ORDER BY created_at, id"
+);
+
+/// The tenant's live VMs, oldest first.
+pub static LIST_LIVE_VMS_OF_TENANT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        concat!(
+            "SELECT ",
+            vm_columns!(),
+            " FROM vms WHERE tenant_id = $1 AND state IN {} ORDER BY created_at, id"
+        ),
+        in_list(VmState::LIVE.iter().map(|s| s.as_str()))
+    )
+});
+
+/// Every tenant's live VMs, oldest first.
+pub static LIST_LIVE_VMS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        concat!(
+            "SELECT ",
+            vm_columns!(),
+            " FROM vms WHERE state IN {} ORDER BY created_at, id"
+        ),
+        in_list(VmState::LIVE.iter().map(|s| s.as_str()))
+    )
+});
+
+/// How many live VMs a tenant has (`$1`): what counts against `max_vms`.
+pub static COUNT_LIVE_VMS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT count(*) FROM vms WHERE tenant_id = $1 AND state IN {}",
+        in_list(VmState::LIVE.iter().map(|s| s.as_str()))
+    )
+});
 
 /// The VM claim as one compare-and-set statement: `$1` tenant, `$2`
-/// workspace, `$3` agent, `$4` now. The argument is the locking clause of
-/// the inner select (`"FOR UPDATE SKIP LOCKED"` on PostgreSQL, `""` on
-/// SQLite, whose single writer serializes claims anyway); the outer
+/// workspace, `$3` agent, `$4` now. Fresh VMs before stale ones, then
+/// oldest first; test VMs never. The argument is the locking clause of the
+/// inner select (`"FOR UPDATE SKIP LOCKED"` on PostgreSQL, `""` on SQLite,
+/// whose single writer serializes claims anyway); the outer
 /// `state = 'idle'` makes the update a no-op if the row changed meanwhile.
 macro_rules! claim_idle_vm {
     ($lock:literal) => {
         concat!(
-            "UPDATE vms SET state = 'assigned', agent_id = $3, updated_at = $4 \
+            "UPDATE vms SET state = 'assigned', agent_id = $3, reserved_for = NULL, updated_at = $4 \
              WHERE id = (SELECT id FROM vms \
-                         WHERE tenant_id = $1 AND workspace = $2 AND state = 'idle' \
-                         ORDER BY created_at, id LIMIT 1 ",
+                         WHERE tenant_id = $1 AND workspace = $2 AND state = 'idle' AND test = 0 \
+                         ORDER BY stale, created_at, id LIMIT 1 ",
             $lock,
-            ") AND state = 'idle' \
-             RETURNING id, tenant_id, workspace, state, agent_id, created_at, updated_at"
+            ") AND state = 'idle' AND test = 0 RETURNING ",
+            $crate::sql::vm_columns!()
         )
     };
 }
 pub(crate) use claim_idle_vm;
+
+/// Whether an agent (`$2`, tenant `$1`) is `queued`: a cheap early out
+/// before a claim, which [`START_QUEUED_AGENT`] still confirms.
+/// A `queued` agent that holds no VM (a resurrected or woken agent whose
+/// previous VM is not given back yet waits for that first).
+pub const AGENT_IS_QUEUED: &str = "SELECT 1 FROM agents WHERE tenant_id = $1 AND id = $2 AND phase = 'queued' \
+     AND NOT EXISTS (SELECT 1 FROM vms WHERE vms.agent_id = agents.id)";
+
+/// Makes a `queued` agent (`$2`, tenant `$1`) `running` on VM `$3` at `$4`;
+/// 0 rows when it is not `queued` (any more).
+pub const START_QUEUED_AGENT: &str = "UPDATE agents \
+     SET phase = 'running', vm_id = $3, started_at = $4, updated_at = $4 \
+     WHERE tenant_id = $1 AND id = $2 AND phase = 'queued'";
+
+/// Makes a `queued` agent (`$2`, tenant `$1`) `provisioning` at `$3` (a VM
+/// is being booted for it); 0 rows when it is not `queued`.
+pub const RESERVE_QUEUED_AGENT: &str = "UPDATE agents SET phase = 'provisioning', updated_at = $3 \
+     WHERE tenant_id = $1 AND id = $2 AND phase = 'queued'";
+
+/// A VM that is still booting or provisioning (`$1`): its tenant and the
+/// agent it is reserved for.
+pub const SELECT_BOOTING_VM: &str = "SELECT tenant_id, reserved_for FROM vms \
+     WHERE id = $1 AND state IN ('booting', 'provisioning')";
+
+/// A booted VM (`$1`) goes to the agent (`$2`) it was reserved for, at `$3`;
+/// 0 rows unless it is still booting/provisioning and reserved for `$2`.
+pub const READY_VM_TO_AGENT: &str = "UPDATE vms \
+     SET state = 'assigned', agent_id = $2, reserved_for = NULL, updated_at = $3 \
+     WHERE id = $1 AND state IN ('booting', 'provisioning') AND reserved_for = $2";
+
+/// A booted VM (`$1`) becomes warm at `$2`; 0 rows unless it is still
+/// booting/provisioning.
+pub const READY_VM_TO_IDLE: &str = "UPDATE vms \
+     SET state = 'idle', agent_id = NULL, reserved_for = NULL, updated_at = $2 \
+     WHERE id = $1 AND state IN ('booting', 'provisioning')";
+
+/// Undoes [`READY_VM_TO_AGENT`] in the same transaction when the agent
+/// turned out not to be `provisioning` any more: the VM (`$1`) is warm
+/// instead, at `$2`.
+pub const UNASSIGN_READY_VM: &str = "UPDATE vms \
+     SET state = 'idle', agent_id = NULL, updated_at = $2 \
+     WHERE id = $1 AND state = 'assigned'";
+
+/// The reserved agent (`$2`, tenant `$3`) of a booted VM (`$1`) starts
+/// running on it at `$4`; 0 rows unless it is still `provisioning`.
+pub const START_PROVISIONING_AGENT: &str = "UPDATE agents \
+     SET phase = 'running', vm_id = $1, started_at = $4, updated_at = $4 \
+     WHERE id = $2 AND tenant_id = $3 AND phase = 'provisioning'";
+
+/// Releases an `assigned` VM (`$1`) still held by the agent the caller saw
+/// (`$4`, `NULL` for none) to state `$2` at `$3`.
+pub const RELEASE_VM: &str = "UPDATE vms \
+     SET state = $2, agent_id = NULL, reserved_for = NULL, updated_at = $3 \
+     WHERE id = $1 AND state = 'assigned' AND COALESCE(agent_id, '') = COALESCE($4, '')";
+
+/// Forgets the VM (`$2`) of an agent (`$1`) that gave it back, at `$3`,
+/// unless the agent is terminal (then it is the VM it was last on).
+pub static FORGET_AGENT_VM: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE agents SET vm_id = NULL, updated_at = $3 \
+         WHERE id = $1 AND vm_id = $2 AND phase NOT IN {}",
+        in_list(AgentPhase::TERMINAL.iter().map(|p| p.as_str()))
+    )
+});
+
+/// `$1` tenant, `$2` workspace, `$3` env version, `$4` image version.
+pub static MARK_STALE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE vms SET stale = 1 \
+         WHERE tenant_id = $1 AND workspace = $2 AND state IN {} AND stale = 0 \
+           AND (env_version <> $3 OR image_version <> $4)",
+        in_list(VmState::LIVE.iter().map(|s| s.as_str()))
+    )
+});
+
+/// The compare-and-set of [`Store::set_vm_state`](crate::Store::set_vm_state):
+/// `$1` id, `$2` new state, `$3` now, `$4` error (`NULL`: keep). `from` is
+/// spliced in as fixed spellings. Leaving the pre-ready states
+/// (booting, provisioning) drops the reservation; leaving `assigned` drops
+/// the agent.
+pub fn set_vm_state(from: &[VmState], to: VmState) -> String {
+    let agent = if to == VmState::Assigned {
+        ""
+    } else {
+        ", agent_id = NULL"
+    };
+    let reservation = match to {
+        VmState::Booting | VmState::Provisioning | VmState::Assigned => "",
+        _ => ", reserved_for = NULL",
+    };
+    format!(
+        "UPDATE vms SET state = $2, updated_at = $3, error = COALESCE($4, error){agent}{reservation} \
+         WHERE id = $1 AND state IN {}",
+        in_list(from.iter().map(|s| s.as_str()))
+    )
+}
+
+// ----------------------------------------------------------------- agents
+
+/// The columns of an [`AgentRow`], in order, as a literal for `concat!`.
+macro_rules! agent_columns {
+    () => {
+        "id, tenant_id, workspace, owner_id, owner_name, owner_kind, parent_id, phase, vm_id, \
+         on_idle, command, build, exit_code, output, error, resurrections, created_at, \
+         updated_at, queued_at, started_at, finished_at"
+    };
+}
+
+/// `$1`…`$21` in [`agent_columns!`] order.
+pub const INSERT_AGENT: &str = concat!(
+    "INSERT INTO agents (",
+    agent_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+     $18, $19, $20, $21)"
+);
+
+/// The owner (`$2`) of a new agent in tenant `$1`, as a literal so a
+/// backend can append a row lock with `concat!`: what serializes the
+/// cap check of concurrent creates for one owner.
+macro_rules! select_owner {
+    () => {
+        "SELECT id FROM identities WHERE tenant_id = $1 AND id = $2"
+    };
+}
+pub(crate) use select_owner;
+
+/// How many active top-level agents an owner (`$2`) has in tenant `$1`.
+pub static COUNT_ACTIVE_TOP_LEVEL_AGENTS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT count(*) FROM agents \
+         WHERE tenant_id = $1 AND owner_id = $2 AND parent_id IS NULL AND phase IN {}",
+        in_list(AgentPhase::ACTIVE.iter().map(|p| p.as_str()))
+    )
+});
+
+pub const GET_AGENT: &str = concat!(
+    "SELECT ",
+    agent_columns!(),
+    " FROM agents WHERE tenant_id = $1 AND id = $2"
+);
+
+pub const LIST_QUEUED_AGENTS: &str = concat!(
+    "SELECT ",
+    agent_columns!(),
+    " FROM agents WHERE tenant_id = $1 AND phase = 'queued' ORDER BY queued_at, id"
+);
+
+/// `$1` tenant, `$2` workspace or `NULL`, `$3` owner or `NULL`; the phases
+/// (none: all) are spliced in as fixed spellings.
+pub fn list_agents(phases: &[AgentPhase]) -> String {
+    let phases = if phases.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " AND phase IN {}",
+            in_list(phases.iter().map(|p| p.as_str()))
+        )
+    };
+    format!(
+        concat!(
+            "SELECT ",
+            agent_columns!(),
+            " FROM agents WHERE tenant_id = $1 AND ($2 IS NULL OR workspace = $2) \
+             AND ($3 IS NULL OR owner_id = $3){} ORDER BY created_at, id"
+        ),
+        phases
+    )
+}
+
+/// The compare-and-set of
+/// [`Store::transition_agent`](crate::Store::transition_agent): `$1`
+/// tenant, `$2` id, `$3` now, `$4` exit code, `$5` output, `$6` error (each
+/// `NULL`: keep, or clear when entering `queued`). `from` (not empty) and
+/// `to` are spliced in as fixed spellings.
+pub fn transition_agent(from: &[AgentPhase], to: AgentPhase) -> String {
+    let mut set = format!("phase = '{}', updated_at = $3", to.as_str());
+    if to == AgentPhase::Queued {
+        // On the right-hand side `phase` is still the old phase.
+        set.push_str(&format!(
+            ", queued_at = $3, vm_id = NULL, exit_code = $4, output = COALESCE($5, ''), \
+             error = $6, resurrections = resurrections + \
+             CASE WHEN phase IN {} THEN 1 ELSE 0 END",
+            in_list(AgentPhase::TERMINAL.iter().map(|p| p.as_str()))
+        ));
+    } else {
+        set.push_str(
+            ", exit_code = COALESCE($4, exit_code), output = COALESCE($5, output), \
+             error = COALESCE($6, error)",
+        );
+    }
+    if to == AgentPhase::Running {
+        set.push_str(", started_at = $3");
+    }
+    if to.is_terminal() {
+        set.push_str(", finished_at = $3");
+    }
+    format!(
+        concat!(
+            "UPDATE agents SET {} WHERE tenant_id = $1 AND id = $2 AND phase IN {} RETURNING ",
+            agent_columns!()
+        ),
+        set,
+        in_list(from.iter().map(|p| p.as_str()))
+    )
+}
+
+// ------------------------------------------------------------- pool state
+
+pub const GET_POOL_STATE: &str = "SELECT stopped FROM pool_states WHERE tenant_id = $1";
+
+pub const PUT_POOL_STATE: &str = "INSERT INTO pool_states (tenant_id, stopped, updated_at) \
+     VALUES ($1, $2, $3) \
+     ON CONFLICT (tenant_id) DO UPDATE SET stopped = excluded.stopped, updated_at = excluded.updated_at";
+
+pub const LIST_WORKSPACE_STATES: &str = "SELECT workspace, consecutive_failures, backoff_until, \
+            hard_limited, last_error, config_fingerprint \
+     FROM workspace_states WHERE tenant_id = $1 ORDER BY workspace";
+
+pub const PUT_WORKSPACE_STATE: &str = "INSERT INTO workspace_states \
+            (tenant_id, workspace, consecutive_failures, backoff_until, hard_limited, \
+             last_error, config_fingerprint) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+     ON CONFLICT (tenant_id, workspace) DO UPDATE SET \
+         consecutive_failures = excluded.consecutive_failures, \
+         backoff_until = excluded.backoff_until, \
+         hard_limited = excluded.hard_limited, \
+         last_error = excluded.last_error, \
+         config_fingerprint = excluded.config_fingerprint";
+
+// ----------------------------------------------------------------- builds
+
+pub const INSERT_BUILD: &str = "INSERT INTO builds (id, first_seen, retired_at) VALUES ($1, $2, NULL) \
+     ON CONFLICT (id) DO NOTHING";
+
+pub const GET_BUILD: &str = "SELECT id, first_seen, retired_at FROM builds WHERE id = $1";
+
+/// Keeps the first retirement time.
+pub const RETIRE_BUILD: &str = "UPDATE builds SET retired_at = COALESCE(retired_at, $2) \
+     WHERE id = $1 RETURNING id, first_seen, retired_at";
+
+pub const LIST_BUILDS: &str =
+    "SELECT id, first_seen, retired_at FROM builds ORDER BY first_seen, id";
+
+/// `('a', 'b', …)` from fixed spellings (never user text). Callers never
+/// pass an empty list: `IN ()` is not SQL.
+fn in_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+    let quoted: Vec<String> = items.into_iter().map(|i| format!("'{i}'")).collect();
+    debug_assert!(!quoted.is_empty(), "IN () is not SQL");
+    format!("({})", quoted.join(", "))
+}
 
 // ------------------------------------------------------------------- rows
 
@@ -229,6 +538,13 @@ pub struct VmRow {
     workspace: String,
     state: String,
     agent_id: Option<String>,
+    driver: String,
+    env_version: i64,
+    image_version: i64,
+    stale: i64,
+    reserved_for: Option<String>,
+    test: i64,
+    error: Option<String>,
     created_at: Millis,
     updated_at: Millis,
 }
@@ -241,13 +557,115 @@ impl TryFrom<VmRow> for VmRecord {
             tenant_id: parse::<TenantId>("tenant id", &row.tenant_id)?,
             workspace: row.workspace,
             state: parse::<VmState>("VM state", &row.state)?,
-            agent_id: row
-                .agent_id
-                .as_deref()
-                .map(|a| parse::<AgentId>("agent id", a))
-                .transpose()?,
+            agent_id: parse_opt::<AgentId>("agent id", row.agent_id.as_deref())?,
+            driver: row.driver,
+            env_version: row.env_version,
+            image_version: row.image_version,
+            stale: flag("VM stale flag", row.stale)?,
+            reserved_for: parse_opt::<AgentId>("agent id", row.reserved_for.as_deref())?,
+            test: flag("VM test flag", row.test)?,
+            error: row.error,
             created_at: row.created_at,
             updated_at: row.updated_at,
+        })
+    }
+}
+
+/// An `agents` row as stored.
+#[derive(sqlx::FromRow)]
+pub struct AgentRow {
+    id: String,
+    tenant_id: String,
+    workspace: String,
+    owner_id: String,
+    owner_name: String,
+    owner_kind: String,
+    parent_id: Option<String>,
+    phase: String,
+    vm_id: Option<String>,
+    on_idle: String,
+    command: Option<String>,
+    build: String,
+    exit_code: Option<i32>,
+    output: String,
+    error: Option<String>,
+    resurrections: i64,
+    created_at: Millis,
+    updated_at: Millis,
+    queued_at: Millis,
+    started_at: Option<Millis>,
+    finished_at: Option<Millis>,
+}
+
+impl TryFrom<AgentRow> for AgentRecord {
+    type Error = StoreError;
+    fn try_from(row: AgentRow) -> Result<AgentRecord> {
+        Ok(AgentRecord {
+            id: parse::<AgentId>("agent id", &row.id)?,
+            tenant_id: parse::<TenantId>("tenant id", &row.tenant_id)?,
+            workspace: row.workspace,
+            owner_id: parse::<IdentityId>("identity id", &row.owner_id)?,
+            owner_name: row.owner_name,
+            owner_kind: parse::<IdentityKind>("identity kind", &row.owner_kind)?,
+            parent_id: parse_opt::<AgentId>("agent id", row.parent_id.as_deref())?,
+            phase: parse::<AgentPhase>("agent phase", &row.phase)?,
+            vm_id: parse_opt::<VmId>("VM id", row.vm_id.as_deref())?,
+            on_idle: parse::<OnIdle>("on_idle policy", &row.on_idle)?,
+            command: row.command,
+            build: row.build,
+            exit_code: row.exit_code,
+            output: row.output,
+            error: row.error,
+            resurrections: row.resurrections,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            queued_at: row.queued_at,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+        })
+    }
+}
+
+/// A `workspace_states` row as stored (without its tenant).
+#[derive(sqlx::FromRow)]
+pub struct WorkspaceStateRow {
+    workspace: String,
+    consecutive_failures: i64,
+    backoff_until: Option<Millis>,
+    hard_limited: i64,
+    last_error: Option<String>,
+    config_fingerprint: String,
+}
+
+impl TryFrom<WorkspaceStateRow> for WorkspaceState {
+    type Error = StoreError;
+    fn try_from(row: WorkspaceStateRow) -> Result<WorkspaceState> {
+        Ok(WorkspaceState {
+            hard_limited: flag("workspace hard_limited flag", row.hard_limited)?,
+            workspace: row.workspace,
+            consecutive_failures: row.consecutive_failures,
+            backoff_until: row.backoff_until,
+            last_error: row.last_error,
+            config_fingerprint: row.config_fingerprint,
+        })
+    }
+}
+
+/// A `builds` row as stored.
+#[derive(sqlx::FromRow)]
+pub struct BuildRow {
+    id: String,
+    first_seen: Millis,
+    retired_at: Option<Millis>,
+}
+
+impl TryFrom<BuildRow> for Build {
+    type Error = StoreError;
+    fn try_from(row: BuildRow) -> Result<Build> {
+        Ok(Build {
+            id: row.id,
+            first_seen: row.first_seen,
+            retired_at: row.retired_at,
         })
     }
 }
@@ -269,6 +687,31 @@ where
 {
     text.parse()
         .map_err(|e| StoreError::Corrupt(format!("{what} {text:?}: {e}")))
+}
+
+/// [`parse`] for a nullable column.
+pub fn parse_opt<T>(what: &str, text: Option<&str>) -> Result<Option<T>>
+where
+    T: FromStr,
+    T::Err: Display,
+{
+    text.map(|t| parse(what, t)).transpose()
+}
+
+/// A stored 0/1 flag; `Corrupt` if it is anything else.
+pub fn flag(what: &str, value: i64) -> Result<bool> {
+    match value {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(StoreError::Corrupt(format!(
+            "{what} {other}: expected 0 or 1"
+        ))),
+    }
+}
+
+/// How a flag is stored.
+pub fn store_flag(value: bool) -> i64 {
+    i64::from(value)
 }
 
 // ----------------------------------------------------------------- errors

@@ -15,8 +15,8 @@
 //! Reads use a separate pool of several `query_only` connections, which in
 //! WAL mode never block on, nor are blocked by, the writer.
 
-use crate::sql::claim_idle_vm;
-use crate::{Result, shared::impl_store, sql::select_resource};
+use crate::sql::{claim_idle_vm, select_owner, select_resource};
+use crate::{Result, shared::impl_store};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use std::path::Path;
@@ -93,6 +93,10 @@ impl SqliteStore {
     /// No row locks in SQLite; the write transaction holds the file's lock.
     const SELECT_RESOURCE_FOR_WRITE: &'static str = select_resource!();
     const CLAIM_IDLE_VM: &'static str = claim_idle_vm!("");
+    /// None: `BEGIN IMMEDIATE` already serializes every write transaction.
+    const LOCK_TENANT: Option<&'static str> = None;
+    /// No row locks; the write transaction holds the file's lock.
+    const SELECT_OWNER_FOR_CAP: &'static str = select_owner!();
 
     fn reader(&self) -> &SqlitePool {
         &self.read

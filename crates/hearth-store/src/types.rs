@@ -141,6 +141,22 @@ impl FromStr for VmState {
     }
 }
 
+impl VmState {
+    /// States in which a VM exists (or may exist) and counts against
+    /// `max_vms`: everything but `destroyed` and `failed`.
+    pub const LIVE: &'static [VmState] = &[
+        VmState::Booting,
+        VmState::Provisioning,
+        VmState::Idle,
+        VmState::Assigned,
+        VmState::Draining,
+    ];
+
+    pub fn is_live(self) -> bool {
+        Self::LIVE.contains(&self)
+    }
+}
+
 /// One VM's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmRecord {
@@ -148,7 +164,275 @@ pub struct VmRecord {
     pub tenant_id: TenantId,
     pub workspace: String,
     pub state: VmState,
+    /// The agent the VM is assigned to (state `assigned`).
     pub agent_id: Option<AgentId>,
+    /// The driver that runs it (`DriverKind` spelling: sandbox, qemu, fake).
+    pub driver: String,
+    /// Versions of the environment and image it was built from.
+    pub env_version: i64,
+    pub image_version: i64,
+    /// Built from an older environment or image version than the current.
+    pub stale: bool,
+    /// A cold boot for this queued agent: handed to it when ready.
+    pub reserved_for: Option<AgentId>,
+    /// Never handed to an agent (a warm-pool test boot).
+    pub test: bool,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    pub created_at: Millis,
+    /// When `state` last changed.
+    pub updated_at: Millis,
+}
+
+impl VmRecord {
+    /// A new `booting` record.
+    pub fn booting(
+        id: VmId,
+        tenant_id: TenantId,
+        workspace: &str,
+        driver: &str,
+        env_version: i64,
+        image_version: i64,
+    ) -> Self {
+        let now = now_millis();
+        VmRecord {
+            id,
+            tenant_id,
+            workspace: workspace.to_owned(),
+            state: VmState::Booting,
+            agent_id: None,
+            driver: driver.to_owned(),
+            env_version,
+            image_version,
+            stale: false,
+            reserved_for: None,
+            test: false,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+/// What [`crate::Store::insert_vm_within_cap`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertVm {
+    Inserted,
+    /// The tenant already has `max_vms` live VMs.
+    AtCapacity,
+    /// The VM was reserved for an agent that is no longer `queued`.
+    AgentNotQueued,
+}
+
+/// What [`crate::Store::vm_ready`] did with a VM that finished booting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// It is warm (`idle`).
+    Idle,
+    /// It went straight to the agent it was booted for (`assigned`; the
+    /// agent is `running`).
+    Assigned(AgentId),
+    /// It was no longer booting (destroyed meanwhile); nothing changed.
+    Gone,
+}
+
+/// An agent's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AgentPhase {
+    Queued,
+    Provisioning,
+    Running,
+    Idle,
+    Sleeping,
+    Completed,
+    Failed,
+    Killed,
+}
+
+impl AgentPhase {
+    pub const ALL: &'static [AgentPhase] = &[
+        AgentPhase::Queued,
+        AgentPhase::Provisioning,
+        AgentPhase::Running,
+        AgentPhase::Idle,
+        AgentPhase::Sleeping,
+        AgentPhase::Completed,
+        AgentPhase::Failed,
+        AgentPhase::Killed,
+    ];
+    pub const ACTIVE: &'static [AgentPhase] = &[
+        AgentPhase::Queued,
+        AgentPhase::Provisioning,
+        AgentPhase::Running,
+        AgentPhase::Idle,
+        AgentPhase::Sleeping,
+    ];
+    pub const TERMINAL: &'static [AgentPhase] = &[
+        AgentPhase::Completed,
+        AgentPhase::Failed,
+        AgentPhase::Killed,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        Self::TERMINAL.contains(&self)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentPhase::Queued => "queued",
+            AgentPhase::Provisioning => "provisioning",
+            AgentPhase::Running => "running",
+            AgentPhase::Idle => "idle",
+            AgentPhase::Sleeping => "sleeping",
+            AgentPhase::Completed => "completed",
+            AgentPhase::Failed => "failed",
+            AgentPhase::Killed => "killed",
+        }
+    }
+}
+
+impl fmt::Display for AgentPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AgentPhase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        AgentPhase::ALL
+            .iter()
+            .copied()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("unknown agent phase {s:?}"))
+    }
+}
+
+/// What happens when an agent's work pauses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum OnIdle {
+    /// Give the VM back and keep the session (default).
+    #[default]
+    Sleep,
+    /// End the agent (`completed`).
+    Terminate,
+    /// Keep the VM.
+    KeepAlive,
+}
+
+impl OnIdle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnIdle::Sleep => "sleep",
+            OnIdle::Terminate => "terminate",
+            OnIdle::KeepAlive => "keep-alive",
+        }
+    }
+}
+
+impl FromStr for OnIdle {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sleep" => Ok(OnIdle::Sleep),
+            "terminate" => Ok(OnIdle::Terminate),
+            "keep-alive" => Ok(OnIdle::KeepAlive),
+            _ => Err(format!(
+                "unknown on_idle policy {s:?}: expected sleep, terminate or keep-alive"
+            )),
+        }
+    }
+}
+
+/// A new agent, always stored `queued`.
+#[derive(Debug, Clone)]
+pub struct NewAgent {
+    pub id: AgentId,
+    pub tenant_id: TenantId,
+    pub workspace: String,
+    pub owner_id: IdentityId,
+    pub owner_name: String,
+    pub owner_kind: IdentityKind,
+    pub parent_id: Option<AgentId>,
+    pub on_idle: OnIdle,
+    /// A shell command to run on the VM; the agent ends with its exit.
+    pub command: Option<String>,
+    /// The control-plane build that starts its workflow.
+    pub build: String,
+}
+
+/// One agent's record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    pub id: AgentId,
+    pub tenant_id: TenantId,
+    pub workspace: String,
+    pub owner_id: IdentityId,
+    pub owner_name: String,
+    pub owner_kind: IdentityKind,
+    pub parent_id: Option<AgentId>,
+    pub phase: AgentPhase,
+    /// The VM it is on (running, idle), or was last on.
+    pub vm_id: Option<VmId>,
+    pub on_idle: OnIdle,
+    pub command: Option<String>,
+    pub build: String,
+    pub exit_code: Option<i32>,
+    /// The tail of the command's output.
+    pub output: String,
+    pub error: Option<String>,
+    /// How many times it was resurrected.
+    pub resurrections: i64,
     pub created_at: Millis,
     pub updated_at: Millis,
+    /// When it last entered `queued` (the FIFO order).
+    pub queued_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+}
+
+/// Fields a phase change may set alongside the phase.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentUpdate {
+    pub exit_code: Option<i32>,
+    pub output: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Which agents to list.
+#[derive(Debug, Clone, Default)]
+pub struct AgentFilter {
+    pub workspace: Option<String>,
+    /// Empty: every phase.
+    pub phases: Vec<AgentPhase>,
+    pub owner_id: Option<IdentityId>,
+}
+
+/// The pool's own state per tenant (not the user's config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolState {
+    /// Stopped by `pool flush --nuke` until `pool up`.
+    pub stopped: bool,
+}
+
+/// Failure back-off of one workspace's boots.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WorkspaceState {
+    pub workspace: String,
+    pub consecutive_failures: i64,
+    /// No boot before this instant.
+    pub backoff_until: Option<Millis>,
+    /// Stopped refilling until its config changes or an operator resets it.
+    pub hard_limited: bool,
+    pub last_error: Option<String>,
+    /// The workspace/environment/image versions the failures were seen with.
+    pub config_fingerprint: String,
+}
+
+/// A control-plane build that agents' workflows are pinned to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Build {
+    pub id: String,
+    pub first_seen: Millis,
+    pub retired_at: Option<Millis>,
 }

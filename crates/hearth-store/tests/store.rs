@@ -8,12 +8,13 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`, dropped afterwards). The
 //! PostgreSQL half fails, never skips, when the server is unreachable.
 
-use hearth_core::ids::{AgentId, TenantId, TokenId, VmId};
+use hearth_core::ids::{AgentId, IdentityId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, ResourceRef};
 use hearth_store::{
-    NewToken, PgStore, Precondition, PutOutcome, PutResource, SqliteStore, Store, StoreError,
-    VmRecord, VmState, now_millis,
+    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Identity, InsertVm, NewAgent, NewToken,
+    OnIdle, PgStore, PoolState, Precondition, PutOutcome, PutResource, Ready, SqliteStore, Store,
+    StoreError, VmRecord, VmState, WorkspaceState, now_millis,
 };
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
@@ -54,6 +55,21 @@ impl Ctx {
         match &self.backend {
             Backend::Sqlite { path, .. } => Arc::new(SqliteStore::open(path).await.unwrap()),
             Backend::Postgres { url, .. } => Arc::new(PgStore::connect(url).await.unwrap()),
+        }
+    }
+
+    /// Runs a statement behind the store's back (to corrupt a row).
+    async fn execute_raw(&self, statement: &str) {
+        match &self.backend {
+            Backend::Sqlite { store, .. } => {
+                sqlx::query(statement)
+                    .execute(store.write_pool())
+                    .await
+                    .unwrap();
+            }
+            Backend::Postgres { store, .. } => {
+                sqlx::query(statement).execute(store.pool()).await.unwrap();
+            }
         }
     }
 
@@ -196,6 +212,46 @@ async fn tenant(store: &Arc<dyn Store>, name: &str) -> TenantId {
         .id
 }
 
+/// A tenant and its `admin` (developer) identity.
+async fn tenant_with_admin(store: &Arc<dyn Store>, name: &str) -> (TenantId, Identity) {
+    let (tenant, admin) = store.create_tenant(name, "admin", &token()).await.unwrap();
+    (tenant.id, admin)
+}
+
+/// A new top-level agent of `owner`'s.
+fn new_agent(tenant: TenantId, owner: &Identity, workspace: &str) -> NewAgent {
+    NewAgent {
+        id: AgentId::new(),
+        tenant_id: tenant,
+        workspace: workspace.to_owned(),
+        owner_id: owner.id,
+        owner_name: owner.name.clone(),
+        owner_kind: owner.kind,
+        parent_id: None,
+        on_idle: OnIdle::Sleep,
+        command: None,
+        build: "test-build".to_owned(),
+    }
+}
+
+/// Creates a queued agent, with no cap.
+async fn queued_agent(
+    store: &Arc<dyn Store>,
+    tenant: TenantId,
+    owner: &Identity,
+    workspace: &str,
+) -> AgentRecord {
+    store
+        .create_agent(&new_agent(tenant, owner, workspace), None)
+        .await
+        .unwrap()
+}
+
+/// Long enough for `now_millis()` to move on.
+async fn sleep_ms() {
+    tokio::time::sleep(Duration::from_millis(3)).await;
+}
+
 fn reference(kind: Kind, name: &str) -> ResourceRef {
     ResourceRef {
         kind,
@@ -243,16 +299,13 @@ async fn put_at(
         .await
 }
 
+/// A fresh (built from versions 1/1), non-test VM record in `state`.
 fn vm(tenant: TenantId, workspace: &str, state: VmState, created_at: i64) -> VmRecord {
-    VmRecord {
-        id: VmId::new(),
-        tenant_id: tenant,
-        workspace: workspace.to_owned(),
-        state,
-        agent_id: None,
-        created_at,
-        updated_at: created_at,
-    }
+    let mut v = VmRecord::booting(VmId::new(), tenant, workspace, "fake", 1, 1);
+    v.state = state;
+    v.created_at = created_at;
+    v.updated_at = created_at;
+    v
 }
 
 fn assert_conflict(err: StoreError, what: &str) {
@@ -640,14 +693,14 @@ async fn tenants_are_isolated(ctx: Ctx) {
 
     // VMs too.
     s.insert_vm(&vm(a, "web", VmState::Idle, 1)).await.unwrap();
-    assert!(s.list_vms(b).await.unwrap().is_empty());
+    assert!(s.list_vms(b, true).await.unwrap().is_empty());
     assert!(
         s.claim_idle_vm(b, "web", AgentId::new())
             .await
             .unwrap()
             .is_none()
     );
-    assert_eq!(s.list_vms(a).await.unwrap()[0].state, VmState::Idle);
+    assert_eq!(s.list_vms(a, true).await.unwrap()[0].state, VmState::Idle);
 }
 
 both_backends!(put_bumps_version_only_on_change);
@@ -965,7 +1018,10 @@ async fn data_survives_reopening(ctx: Ctx) {
             .unwrap(),
         Some(env)
     );
-    assert_eq!(s.list_vms(acme.id).await.unwrap(), vec![machine.clone()]);
+    assert_eq!(
+        s.list_vms(acme.id, false).await.unwrap(),
+        vec![machine.clone()]
+    );
     let err = s
         .delete_resource(acme.id, Kind::Image, "base")
         .await
@@ -996,7 +1052,7 @@ async fn claim_takes_oldest_idle_vm(ctx: Ctx) {
         s.insert_vm(v).await.unwrap();
     }
     let listed: Vec<_> = s
-        .list_vms(t)
+        .list_vms(t, false)
         .await
         .unwrap()
         .into_iter()
@@ -1040,7 +1096,7 @@ async fn claim_takes_oldest_idle_vm(ctx: Ctx) {
             .is_none()
     );
     let states: Vec<_> = s
-        .list_vms(t)
+        .list_vms(t, false)
         .await
         .unwrap()
         .into_iter()
@@ -1143,11 +1199,11 @@ async fn concurrent_claims_are_exclusive(ctx: Ctx) {
 
     let mut agent_of: HashMap<VmId, AgentId> = by_agent.iter().map(|(a, v)| (*v, *a)).collect();
     for v in s
-        .list_vms(a)
+        .list_vms(a, false)
         .await
         .unwrap()
         .into_iter()
-        .chain(s.list_vms(b).await.unwrap())
+        .chain(s.list_vms(b, false).await.unwrap())
     {
         if v.id == busy.id {
             assert_eq!((v.state, v.agent_id), (VmState::Draining, None));
@@ -1163,6 +1219,1395 @@ async fn concurrent_claims_are_exclusive(ctx: Ctx) {
             .unwrap()
             .is_none()
     );
+}
+
+// ------------------------------------------------------------- pool: VMs
+
+both_backends!(vm_records_round_trip);
+async fn vm_records_round_trip(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+
+    let mut full = vm(t, "web", VmState::Failed, 5);
+    full.agent_id = Some(AgentId::new());
+    full.driver = "qemu".to_owned();
+    full.env_version = 7;
+    full.image_version = 9;
+    full.stale = true;
+    full.reserved_for = Some(AgentId::new());
+    full.test = true;
+    full.error = Some("kernel panic".to_owned());
+    full.updated_at = 6;
+    s.insert_vm(&full).await.unwrap();
+    assert_eq!(s.get_vm(full.id).await.unwrap(), full);
+
+    let fresh = VmRecord::booting(VmId::new(), t, "web", "sandbox", 1, 2);
+    s.insert_vm(&fresh).await.unwrap();
+    assert_eq!(s.get_vm(fresh.id).await.unwrap(), fresh);
+    let destroyed = vm(t, "web", VmState::Destroyed, 1);
+    s.insert_vm(&destroyed).await.unwrap();
+
+    assert_eq!(s.list_vms(t, false).await.unwrap(), vec![fresh.clone()]);
+    let all: Vec<_> = s
+        .list_vms(t, true)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(all, [destroyed.id, full.id, fresh.id], "oldest first");
+
+    let unknown = VmId::new();
+    let err = s.get_vm(unknown).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NotFound(m) if *m == format!("VM {unknown}")),
+        "{err:?}"
+    );
+}
+
+both_backends!(list_live_vms_spans_tenants);
+async fn list_live_vms_spans_tenants(ctx: Ctx) {
+    let s = &ctx.store;
+    let a = tenant(s, "a").await;
+    let b = tenant(s, "b").await;
+    let a_idle = vm(a, "web", VmState::Idle, 1);
+    let a_destroyed = vm(a, "web", VmState::Destroyed, 2);
+    let b_booting = vm(b, "api", VmState::Booting, 3);
+    let b_draining = vm(b, "web", VmState::Draining, 4);
+    let b_failed = vm(b, "web", VmState::Failed, 5);
+    let a_assigned = vm(a, "web", VmState::Assigned, 6);
+    let b_provisioning = vm(b, "web", VmState::Provisioning, 7);
+    for v in [
+        &b_failed,
+        &a_assigned,
+        &a_idle,
+        &b_provisioning,
+        &a_destroyed,
+        &b_booting,
+        &b_draining,
+    ] {
+        s.insert_vm(v).await.unwrap();
+    }
+    let live: Vec<_> = s
+        .list_live_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(
+        live,
+        [
+            a_idle.id,
+            b_booting.id,
+            b_draining.id,
+            a_assigned.id,
+            b_provisioning.id
+        ]
+    );
+}
+
+both_backends!(insert_within_cap_counts_live_vms);
+async fn insert_within_cap_counts_live_vms(ctx: Ctx) {
+    let s = &ctx.store;
+    let (t, admin) = tenant_with_admin(s, "acme").await;
+    let booting = || VmRecord::booting(VmId::new(), t, "web", "fake", 1, 1);
+
+    // Dead VMs do not count.
+    s.insert_vm(&vm(t, "web", VmState::Destroyed, 1))
+        .await
+        .unwrap();
+    s.insert_vm(&vm(t, "web", VmState::Failed, 2))
+        .await
+        .unwrap();
+    let mut inserted = Vec::new();
+    for _ in 0..3 {
+        let v = booting();
+        assert_eq!(
+            s.insert_vm_within_cap(&v, 3).await.unwrap(),
+            InsertVm::Inserted
+        );
+        assert_eq!(s.get_vm(v.id).await.unwrap(), v);
+        inserted.push(v.id);
+    }
+    let refused = booting();
+    assert_eq!(
+        s.insert_vm_within_cap(&refused, 3).await.unwrap(),
+        InsertVm::AtCapacity
+    );
+    assert!(matches!(
+        s.get_vm(refused.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // Every live state counts…
+    assert!(
+        s.set_vm_state(inserted[0], &[VmState::Booting], VmState::Idle, None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.set_vm_state(inserted[1], &[VmState::Booting], VmState::Draining, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.insert_vm_within_cap(&booting(), 3).await.unwrap(),
+        InsertVm::AtCapacity
+    );
+    // … a dead one no more.
+    assert!(
+        s.set_vm_state(inserted[1], &[VmState::Draining], VmState::Destroyed, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.insert_vm_within_cap(&booting(), 3).await.unwrap(),
+        InsertVm::Inserted
+    );
+    assert_eq!(s.list_vms(t, false).await.unwrap().len(), 3);
+    assert_eq!(
+        s.insert_vm_within_cap(&booting(), 0).await.unwrap(),
+        InsertVm::AtCapacity
+    );
+    // Per tenant.
+    let other = tenant(s, "other").await;
+    let theirs = VmRecord::booting(VmId::new(), other, "web", "fake", 1, 1);
+    assert_eq!(
+        s.insert_vm_within_cap(&theirs, 1).await.unwrap(),
+        InsertVm::Inserted
+    );
+    let err = s
+        .insert_vm_within_cap(
+            &VmRecord::booting(VmId::new(), TenantId::new(), "web", "fake", 1, 1),
+            5,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+
+    // A cold boot for a queued agent reserves it.
+    let agent = queued_agent(s, t, &admin, "web").await;
+    let mut cold = booting();
+    cold.reserved_for = Some(agent.id);
+    assert_eq!(
+        s.insert_vm_within_cap(&cold, 3).await.unwrap(),
+        InsertVm::AtCapacity
+    );
+    assert_eq!(
+        s.get_agent(t, agent.id).await.unwrap().phase,
+        AgentPhase::Queued,
+        "a refused boot reserves nothing"
+    );
+    assert_eq!(
+        s.insert_vm_within_cap(&cold, 10).await.unwrap(),
+        InsertVm::Inserted
+    );
+    assert_eq!(
+        s.get_vm(cold.id).await.unwrap().reserved_for,
+        Some(agent.id)
+    );
+    let reserved = s.get_agent(t, agent.id).await.unwrap();
+    assert_eq!(reserved.phase, AgentPhase::Provisioning);
+    assert!(reserved.updated_at >= reserved.created_at);
+    // Not queued any more: no second VM for it, and nothing inserted.
+    let mut second = booting();
+    second.reserved_for = Some(agent.id);
+    assert_eq!(
+        s.insert_vm_within_cap(&second, 10).await.unwrap(),
+        InsertVm::AgentNotQueued
+    );
+    assert!(matches!(
+        s.get_vm(second.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // Unknown agents, and other tenants' agents, are not queued here.
+    let mut stray = booting();
+    stray.reserved_for = Some(AgentId::new());
+    assert_eq!(
+        s.insert_vm_within_cap(&stray, 10).await.unwrap(),
+        InsertVm::AgentNotQueued
+    );
+    let other_admin = s.get_identity(other, "admin").await.unwrap();
+    let foreign = queued_agent(s, other, &other_admin, "web").await;
+    stray.reserved_for = Some(foreign.id);
+    assert_eq!(
+        s.insert_vm_within_cap(&stray, 10).await.unwrap(),
+        InsertVm::AgentNotQueued
+    );
+    assert_eq!(
+        s.get_agent(other, foreign.id).await.unwrap().phase,
+        AgentPhase::Queued
+    );
+    assert_eq!(s.list_vms(t, false).await.unwrap().len(), 4);
+}
+
+both_backends!(insert_within_cap_races_never_exceed_cap, multi_thread);
+async fn insert_within_cap_races_never_exceed_cap(ctx: Ctx) {
+    const MAX: i64 = 10;
+    const RACERS: usize = 40;
+    let other = ctx.open_again().await;
+    let t = tenant(&ctx.store, "acme").await;
+    let mut racers = tokio::task::JoinSet::new();
+    for i in 0..RACERS {
+        let store = if i % 2 == 0 {
+            ctx.store.clone()
+        } else {
+            other.clone()
+        };
+        racers.spawn(async move {
+            let v = VmRecord::booting(VmId::new(), t, "web", "fake", 1, 1);
+            (v.id, store.insert_vm_within_cap(&v, MAX).await.unwrap())
+        });
+    }
+    let mut inserted = HashSet::new();
+    let mut refused = 0;
+    while let Some(joined) = racers.join_next().await {
+        match joined.unwrap() {
+            (id, InsertVm::Inserted) => assert!(inserted.insert(id)),
+            (_, InsertVm::AtCapacity) => refused += 1,
+            (_, other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(inserted.len(), MAX as usize, "exactly max_vms inserted");
+    assert_eq!(refused, RACERS - MAX as usize);
+    let listed: HashSet<_> = ctx
+        .store
+        .list_vms(t, true)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(listed, inserted);
+}
+
+both_backends!(claim_prefers_fresh_and_skips_test_vms);
+async fn claim_prefers_fresh_and_skips_test_vms(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    let mut stale_oldest = vm(t, "web", VmState::Idle, 1);
+    stale_oldest.stale = true;
+    let mut stale_newer = vm(t, "web", VmState::Idle, 2);
+    stale_newer.stale = true;
+    let mut test_vm = vm(t, "web", VmState::Idle, 0);
+    test_vm.test = true;
+    let fresh = vm(t, "web", VmState::Idle, 5);
+    let fresher = vm(t, "web", VmState::Idle, 6);
+    for v in [&fresher, &stale_newer, &test_vm, &fresh, &stale_oldest] {
+        s.insert_vm(v).await.unwrap();
+    }
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let agent = AgentId::new();
+        let got = s.claim_idle_vm(t, "web", agent).await.unwrap().unwrap();
+        assert_eq!((got.state, got.agent_id), (VmState::Assigned, Some(agent)));
+        order.push(got.id);
+    }
+    assert_eq!(
+        order,
+        [fresh.id, fresher.id, stale_oldest.id, stale_newer.id],
+        "fresh before stale, oldest first"
+    );
+    assert!(
+        s.claim_idle_vm(t, "web", AgentId::new())
+            .await
+            .unwrap()
+            .is_none(),
+        "a test VM is never claimed"
+    );
+    let test_vm_now = s.get_vm(test_vm.id).await.unwrap();
+    assert_eq!(
+        (test_vm_now.state, test_vm_now.agent_id),
+        (VmState::Idle, None)
+    );
+}
+
+both_backends!(assign_idle_vm_starts_the_agent);
+async fn assign_idle_vm_starts_the_agent(ctx: Ctx) {
+    let s = &ctx.store;
+    let (t, admin) = tenant_with_admin(s, "acme").await;
+    let first = vm(t, "web", VmState::Idle, 1);
+    let second = vm(t, "web", VmState::Idle, 2);
+    s.insert_vm(&first).await.unwrap();
+    s.insert_vm(&second).await.unwrap();
+
+    let agent = queued_agent(s, t, &admin, "web").await;
+    let before = now_millis();
+    let got = s.assign_idle_vm(t, "web", agent.id).await.unwrap().unwrap();
+    assert_eq!(got.id, first.id);
+    assert_eq!(
+        (got.state, got.agent_id),
+        (VmState::Assigned, Some(agent.id))
+    );
+    assert_eq!(s.get_vm(first.id).await.unwrap(), got);
+    let running = s.get_agent(t, agent.id).await.unwrap();
+    assert_eq!(running.phase, AgentPhase::Running);
+    assert_eq!(running.vm_id, Some(first.id));
+    assert!(running.started_at.unwrap() >= before);
+    assert_eq!(running.updated_at, running.started_at.unwrap());
+    assert_eq!(running.queued_at, agent.queued_at);
+
+    // A running agent is not queued: no second VM, and the VM stays idle.
+    assert!(
+        s.assign_idle_vm(t, "web", agent.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Nor is a killed one.
+    let killed = queued_agent(s, t, &admin, "web").await;
+    s.transition_agent(
+        t,
+        killed.id,
+        &[AgentPhase::Queued],
+        AgentPhase::Killed,
+        &AgentUpdate::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        s.assign_idle_vm(t, "web", killed.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let killed_now = s.get_agent(t, killed.id).await.unwrap();
+    assert_eq!(
+        (killed_now.phase, killed_now.vm_id),
+        (AgentPhase::Killed, None)
+    );
+    // Nor an unknown agent, nor another tenant's.
+    assert!(
+        s.assign_idle_vm(t, "web", AgentId::new())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (other, other_admin) = tenant_with_admin(s, "other").await;
+    let foreign = queued_agent(s, other, &other_admin, "web").await;
+    assert!(
+        s.assign_idle_vm(t, "web", foreign.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        s.get_agent(other, foreign.id).await.unwrap().phase,
+        AgentPhase::Queued
+    );
+    let still = s.get_vm(second.id).await.unwrap();
+    assert_eq!(still, second, "the VM stays idle, untouched");
+
+    // Nothing idle in the workspace: the agent stays queued.
+    let waiting = queued_agent(s, t, &admin, "api").await;
+    assert!(
+        s.assign_idle_vm(t, "api", waiting.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(s.get_agent(t, waiting.id).await.unwrap(), waiting);
+}
+
+both_backends!(concurrent_assignments_are_exclusive, multi_thread);
+async fn concurrent_assignments_are_exclusive(ctx: Ctx) {
+    const VMS: usize = 50;
+    const AGENTS: usize = 200;
+    let s = &ctx.store;
+    let (t, admin) = tenant_with_admin(s, "acme").await;
+    let mut pool = HashSet::new();
+    for i in 0..VMS {
+        let v = vm(t, "web", VmState::Idle, i as i64);
+        s.insert_vm(&v).await.unwrap();
+        pool.insert(v.id);
+    }
+    let mut agents = Vec::new();
+    for _ in 0..AGENTS {
+        agents.push(queued_agent(s, t, &admin, "web").await.id);
+    }
+
+    let mut racers = tokio::task::JoinSet::new();
+    for agent in agents.iter().copied() {
+        let store = s.clone();
+        racers.spawn(async move { (agent, store.assign_idle_vm(t, "web", agent).await.unwrap()) });
+    }
+    let mut vm_of: HashMap<AgentId, VmId> = HashMap::new();
+    while let Some(joined) = racers.join_next().await {
+        let (agent, got) = joined.unwrap();
+        if let Some(got) = got {
+            assert_eq!((got.state, got.agent_id), (VmState::Assigned, Some(agent)));
+            assert!(vm_of.insert(agent, got.id).is_none());
+        }
+    }
+    assert_eq!(vm_of.len(), VMS, "exactly {VMS} assignments");
+    let assigned: HashSet<VmId> = vm_of.values().copied().collect();
+    assert_eq!(assigned, pool, "every VM exactly once");
+
+    for agent in agents {
+        let record = s.get_agent(t, agent).await.unwrap();
+        match vm_of.get(&agent) {
+            Some(v) => {
+                assert_eq!(record.phase, AgentPhase::Running);
+                assert_eq!(record.vm_id, Some(*v));
+            }
+            None => {
+                assert_eq!(record.phase, AgentPhase::Queued);
+                assert_eq!(record.vm_id, None);
+            }
+        }
+    }
+    for v in s.list_vms(t, true).await.unwrap() {
+        assert_eq!(v.state, VmState::Assigned);
+        assert_eq!(vm_of.get(&v.agent_id.unwrap()), Some(&v.id));
+    }
+    assert_eq!(s.list_queued_agents(t).await.unwrap().len(), AGENTS - VMS);
+}
+
+both_backends!(set_vm_state_is_compare_and_set);
+async fn set_vm_state_is_compare_and_set(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    let reserved_for = AgentId::new();
+    let mut cold = vm(t, "web", VmState::Booting, 1);
+    cold.reserved_for = Some(reserved_for);
+    s.insert_vm(&cold).await.unwrap();
+
+    assert!(
+        !s.set_vm_state(cold.id, &[VmState::Idle], VmState::Failed, None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.set_vm_state(cold.id, &[], VmState::Failed, None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.set_vm_state(VmId::new(), &[VmState::Booting], VmState::Failed, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.get_vm(cold.id).await.unwrap(), cold);
+
+    // Booting → provisioning keeps the reservation.
+    let before = now_millis();
+    assert!(
+        s.set_vm_state(cold.id, &[VmState::Booting], VmState::Provisioning, None)
+            .await
+            .unwrap()
+    );
+    let now = s.get_vm(cold.id).await.unwrap();
+    assert_eq!(now.state, VmState::Provisioning);
+    assert_eq!(now.reserved_for, Some(reserved_for));
+    assert!(now.updated_at >= before);
+    assert_eq!(now.created_at, cold.created_at);
+
+    // Failing drops it and records why.
+    assert!(
+        s.set_vm_state(
+            cold.id,
+            &[VmState::Booting, VmState::Provisioning],
+            VmState::Failed,
+            Some("image pull failed"),
+        )
+        .await
+        .unwrap()
+    );
+    let failed = s.get_vm(cold.id).await.unwrap();
+    assert_eq!(failed.state, VmState::Failed);
+    assert_eq!(failed.reserved_for, None);
+    assert_eq!(failed.error.as_deref(), Some("image pull failed"));
+    // No error given: the recorded one stays.
+    assert!(
+        s.set_vm_state(cold.id, &[VmState::Failed], VmState::Destroyed, None)
+            .await
+            .unwrap()
+    );
+    let destroyed = s.get_vm(cold.id).await.unwrap();
+    assert_eq!(destroyed.state, VmState::Destroyed);
+    assert_eq!(destroyed.error.as_deref(), Some("image pull failed"));
+
+    // Leaving `assigned` drops the agent; staying keeps it.
+    let held = vm(t, "web", VmState::Idle, 2);
+    s.insert_vm(&held).await.unwrap();
+    let agent = AgentId::new();
+    s.claim_idle_vm(t, "web", agent).await.unwrap().unwrap();
+    assert!(
+        s.set_vm_state(held.id, &[VmState::Assigned], VmState::Assigned, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.get_vm(held.id).await.unwrap().agent_id, Some(agent));
+    assert!(
+        s.set_vm_state(held.id, &[VmState::Assigned], VmState::Draining, None)
+            .await
+            .unwrap()
+    );
+    let draining = s.get_vm(held.id).await.unwrap();
+    assert_eq!(
+        (draining.state, draining.agent_id),
+        (VmState::Draining, None)
+    );
+    // The agent is free to hold another VM.
+    s.insert_vm(&vm(t, "web", VmState::Idle, 3)).await.unwrap();
+    assert!(s.claim_idle_vm(t, "web", agent).await.unwrap().is_some());
+}
+
+both_backends!(vm_ready_hands_reserved_vms_over);
+async fn vm_ready_hands_reserved_vms_over(ctx: Ctx) {
+    let s = &ctx.store;
+    let (t, admin) = tenant_with_admin(s, "acme").await;
+    let booting = || VmRecord::booting(VmId::new(), t, "web", "fake", 1, 1);
+
+    // No reservation: warm.
+    let warm = booting();
+    s.insert_vm(&warm).await.unwrap();
+    assert_eq!(s.vm_ready(warm.id).await.unwrap(), Ready::Idle);
+    let now = s.get_vm(warm.id).await.unwrap();
+    assert_eq!((now.state, now.agent_id), (VmState::Idle, None));
+    assert_eq!(s.vm_ready(warm.id).await.unwrap(), Ready::Gone);
+    assert_eq!(s.get_vm(warm.id).await.unwrap(), now);
+    let provisioned = vm(t, "web", VmState::Provisioning, 1);
+    s.insert_vm(&provisioned).await.unwrap();
+    assert_eq!(s.vm_ready(provisioned.id).await.unwrap(), Ready::Idle);
+
+    // Reserved for an agent still provisioning: straight to it.
+    let agent = queued_agent(s, t, &admin, "web").await;
+    let mut cold = booting();
+    cold.reserved_for = Some(agent.id);
+    assert_eq!(
+        s.insert_vm_within_cap(&cold, 10).await.unwrap(),
+        InsertVm::Inserted
+    );
+    // … also after a provisioning step.
+    assert!(
+        s.set_vm_state(cold.id, &[VmState::Booting], VmState::Provisioning, None)
+            .await
+            .unwrap()
+    );
+    let before = now_millis();
+    assert_eq!(
+        s.vm_ready(cold.id).await.unwrap(),
+        Ready::Assigned(agent.id)
+    );
+    let handed = s.get_vm(cold.id).await.unwrap();
+    assert_eq!(handed.state, VmState::Assigned);
+    assert_eq!(handed.agent_id, Some(agent.id));
+    assert_eq!(handed.reserved_for, None);
+    let running = s.get_agent(t, agent.id).await.unwrap();
+    assert_eq!(running.phase, AgentPhase::Running);
+    assert_eq!(running.vm_id, Some(cold.id));
+    assert!(running.started_at.unwrap() >= before);
+    assert_eq!(s.vm_ready(cold.id).await.unwrap(), Ready::Gone);
+
+    // The reserved agent was killed meanwhile: the VM is warm instead.
+    let doomed = queued_agent(s, t, &admin, "web").await;
+    let mut orphan = booting();
+    orphan.reserved_for = Some(doomed.id);
+    assert_eq!(
+        s.insert_vm_within_cap(&orphan, 10).await.unwrap(),
+        InsertVm::Inserted
+    );
+    s.transition_agent(
+        t,
+        doomed.id,
+        &[AgentPhase::Provisioning],
+        AgentPhase::Killed,
+        &AgentUpdate::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.vm_ready(orphan.id).await.unwrap(), Ready::Idle);
+    let warm = s.get_vm(orphan.id).await.unwrap();
+    assert_eq!(
+        (warm.state, warm.agent_id, warm.reserved_for),
+        (VmState::Idle, None, None)
+    );
+    let killed = s.get_agent(t, doomed.id).await.unwrap();
+    assert_eq!((killed.phase, killed.vm_id), (AgentPhase::Killed, None));
+
+    // Destroyed meanwhile: gone, nothing changes.
+    let lost = booting();
+    s.insert_vm(&lost).await.unwrap();
+    assert!(
+        s.set_vm_state(lost.id, &[VmState::Booting], VmState::Destroyed, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.vm_ready(lost.id).await.unwrap(), Ready::Gone);
+    assert_eq!(s.get_vm(lost.id).await.unwrap().state, VmState::Destroyed);
+    assert_eq!(s.vm_ready(VmId::new()).await.unwrap(), Ready::Gone);
+}
+
+both_backends!(release_vm_to_idle_or_draining);
+async fn release_vm_to_idle_or_draining(ctx: Ctx) {
+    let s = &ctx.store;
+    let (t, admin) = tenant_with_admin(s, "acme").await;
+    let v = vm(t, "web", VmState::Idle, 1);
+    s.insert_vm(&v).await.unwrap();
+
+    // A sleeping agent gives its VM back to the pool.
+    let sleeper = queued_agent(s, t, &admin, "web").await;
+    s.assign_idle_vm(t, "web", sleeper.id)
+        .await
+        .unwrap()
+        .unwrap();
+    s.transition_agent(
+        t,
+        sleeper.id,
+        &[AgentPhase::Running],
+        AgentPhase::Sleeping,
+        &AgentUpdate::default(),
+    )
+    .await
+    .unwrap();
+    assert!(s.release_vm(v.id, Some(sleeper.id), true).await.unwrap());
+    let idle = s.get_vm(v.id).await.unwrap();
+    assert_eq!((idle.state, idle.agent_id), (VmState::Idle, None));
+    let asleep = s.get_agent(t, sleeper.id).await.unwrap();
+    assert_eq!((asleep.phase, asleep.vm_id), (AgentPhase::Sleeping, None));
+    assert!(
+        !s.release_vm(v.id, Some(sleeper.id), true).await.unwrap(),
+        "only from assigned"
+    );
+    assert!(!s.release_vm(v.id, Some(sleeper.id), false).await.unwrap());
+
+    // A finished agent's VM drains; the agent keeps the VM it was last on.
+    let worker = queued_agent(s, t, &admin, "web").await;
+    s.assign_idle_vm(t, "web", worker.id)
+        .await
+        .unwrap()
+        .unwrap();
+    s.transition_agent(
+        t,
+        worker.id,
+        &[AgentPhase::Running],
+        AgentPhase::Completed,
+        &AgentUpdate::default(),
+    )
+    .await
+    .unwrap();
+    // Not while another agent holds it.
+    assert!(!s.release_vm(v.id, Some(sleeper.id), false).await.unwrap());
+    assert!(s.release_vm(v.id, Some(worker.id), false).await.unwrap());
+    let draining = s.get_vm(v.id).await.unwrap();
+    assert_eq!(
+        (draining.state, draining.agent_id),
+        (VmState::Draining, None)
+    );
+    let done = s.get_agent(t, worker.id).await.unwrap();
+    assert_eq!(
+        (done.phase, done.vm_id),
+        (AgentPhase::Completed, Some(v.id))
+    );
+    assert!(!s.release_vm(v.id, Some(worker.id), true).await.unwrap());
+    assert_eq!(s.get_vm(v.id).await.unwrap().state, VmState::Draining);
+
+    // The sleeper, woken, may hold a VM again (the drained one let go).
+    let fresh = vm(t, "web", VmState::Idle, 2);
+    s.insert_vm(&fresh).await.unwrap();
+    s.transition_agent(
+        t,
+        sleeper.id,
+        &[AgentPhase::Sleeping],
+        AgentPhase::Queued,
+        &AgentUpdate::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.assign_idle_vm(t, "web", sleeper.id)
+            .await
+            .unwrap()
+            .map(|v| v.id),
+        Some(fresh.id)
+    );
+    // A VM claimed for an agent the store does not know releases too.
+    let bare = vm(t, "api", VmState::Idle, 3);
+    s.insert_vm(&bare).await.unwrap();
+    let stranger = AgentId::new();
+    s.claim_idle_vm(t, "api", stranger).await.unwrap().unwrap();
+    assert!(s.release_vm(bare.id, Some(stranger), true).await.unwrap());
+    assert!(!s.release_vm(VmId::new(), None, true).await.unwrap());
+}
+
+both_backends!(mark_stale_marks_other_versions);
+async fn mark_stale_marks_other_versions(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    let other = tenant(s, "other").await;
+    let built = |tenant, ws: &str, state, env, image, at| {
+        let mut v = vm(tenant, ws, state, at);
+        v.env_version = env;
+        v.image_version = image;
+        v
+    };
+    let old_idle = built(t, "web", VmState::Idle, 1, 2, 1);
+    let old_env_booting = built(t, "web", VmState::Booting, 1, 3, 2);
+    let current = built(t, "web", VmState::Idle, 2, 3, 3);
+    let old_image = built(t, "web", VmState::Assigned, 2, 2, 4);
+    let dead = built(t, "web", VmState::Destroyed, 1, 1, 5);
+    let other_ws = built(t, "api", VmState::Idle, 1, 1, 6);
+    let other_tenant = built(other, "web", VmState::Idle, 1, 1, 7);
+    for v in [
+        &old_idle,
+        &old_env_booting,
+        &current,
+        &old_image,
+        &dead,
+        &other_ws,
+        &other_tenant,
+    ] {
+        s.insert_vm(v).await.unwrap();
+    }
+    assert_eq!(s.mark_stale(t, "web", 2, 3).await.unwrap(), 3);
+    assert_eq!(
+        s.mark_stale(t, "web", 2, 3).await.unwrap(),
+        0,
+        "only newly marked ones count"
+    );
+    for (v, stale) in [
+        (&old_idle, true),
+        (&old_env_booting, true),
+        (&current, false),
+        (&old_image, true),
+        (&dead, false),
+        (&other_ws, false),
+        (&other_tenant, false),
+    ] {
+        let now = s.get_vm(v.id).await.unwrap();
+        assert_eq!(now.stale, stale, "{v:?}");
+        assert_eq!(now.state, v.state, "{v:?}");
+    }
+    // The newer, fresh VM is claimed before the older, stale one.
+    let got = s.claim_idle_vm(t, "web", AgentId::new()).await.unwrap();
+    assert_eq!(got.map(|v| v.id), Some(current.id));
+    let got = s.claim_idle_vm(t, "web", AgentId::new()).await.unwrap();
+    assert_eq!(got.map(|v| v.id), Some(old_idle.id));
+}
+
+// ---------------------------------------------------------- pool: agents
+
+both_backends!(create_agent_enforces_developer_cap);
+async fn create_agent_enforces_developer_cap(ctx: Ctx) {
+    let s = &ctx.store;
+    let (t, _admin) = tenant_with_admin(s, "acme").await;
+    let alice = s
+        .create_identity(t, "alice", IdentityKind::Developer, Role::Developer, None)
+        .await
+        .unwrap();
+    let bob = s
+        .create_identity(t, "bob", IdentityKind::Developer, Role::Developer, None)
+        .await
+        .unwrap();
+    let bot = s
+        .create_identity(t, "ci", IdentityKind::Service, Role::Developer, None)
+        .await
+        .unwrap();
+    let create = |owner: &Identity, cap: Option<i32>| {
+        let agent = new_agent(t, owner, "web");
+        let s = s.clone();
+        async move { s.create_agent(&agent, cap).await }
+    };
+    let limit = |result: Result<AgentRecord, StoreError>, n: i64| match result {
+        Err(StoreError::LimitReached(m)) => assert_eq!(m, n),
+        other => panic!("expected LimitReached({n}), got {other:?}"),
+    };
+
+    let a1 = create(&alice, Some(2)).await.unwrap();
+    assert_eq!(a1.phase, AgentPhase::Queued);
+    let a2 = create(&alice, Some(2)).await.unwrap();
+    limit(create(&alice, Some(2)).await, 2);
+    // Children are exempt.
+    let mut child = new_agent(t, &alice, "web");
+    child.parent_id = Some(a1.id);
+    let child = s.create_agent(&child, Some(2)).await.unwrap();
+    assert_eq!(child.parent_id, Some(a1.id));
+    // No cap, or a cap of 0: unlimited.
+    let a3 = create(&alice, None).await.unwrap();
+    let a4 = create(&alice, Some(0)).await.unwrap();
+    let a5 = create(&alice, Some(5)).await.unwrap();
+    limit(create(&alice, Some(5)).await, 5);
+    // Services are exempt; other developers count on their own.
+    for _ in 0..3 {
+        create(&bot, Some(1)).await.unwrap();
+    }
+    create(&bob, Some(1)).await.unwrap();
+    limit(create(&bob, Some(1)).await, 1);
+
+    // Every active phase counts, idle and sleeping included …
+    let to = |id, from, to| {
+        let s = s.clone();
+        async move {
+            s.transition_agent(t, id, &[from], to, &AgentUpdate::default())
+                .await
+                .unwrap()
+        }
+    };
+    to(a1.id, AgentPhase::Queued, AgentPhase::Sleeping).await;
+    to(a2.id, AgentPhase::Queued, AgentPhase::Idle).await;
+    to(a3.id, AgentPhase::Queued, AgentPhase::Running).await;
+    to(a4.id, AgentPhase::Queued, AgentPhase::Provisioning).await;
+    limit(create(&alice, Some(5)).await, 5);
+    // … terminal ones do not.
+    to(a3.id, AgentPhase::Running, AgentPhase::Completed).await;
+    to(a4.id, AgentPhase::Provisioning, AgentPhase::Failed).await;
+    to(a5.id, AgentPhase::Queued, AgentPhase::Killed).await;
+    create(&alice, Some(3)).await.unwrap();
+    limit(create(&alice, Some(3)).await, 3);
+    // A resurrected agent counts again.
+    to(a5.id, AgentPhase::Killed, AgentPhase::Queued).await;
+    limit(create(&alice, Some(4)).await, 4);
+
+    // The cap is checked against a known owner.
+    let ghost = Identity {
+        id: IdentityId::new(),
+        tenant_id: t,
+        name: "ghost".to_owned(),
+        kind: IdentityKind::Developer,
+        role: Role::Developer,
+        created_at: 0,
+    };
+    let err = create(&ghost, Some(1)).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NotFound(m) if m == "identity \"ghost\""),
+        "{err:?}"
+    );
+    // A duplicate id, an unknown tenant.
+    let mut duplicate = new_agent(t, &alice, "web");
+    duplicate.id = a1.id;
+    let err = s.create_agent(&duplicate, None).await.unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists(_)), "{err:?}");
+    let err = s
+        .create_agent(&new_agent(TenantId::new(), &bot, "web"), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+both_backends!(concurrent_creates_respect_the_cap, multi_thread);
+async fn concurrent_creates_respect_the_cap(ctx: Ctx) {
+    const CAP: i32 = 5;
+    const RACERS: usize = 20;
+    let other = ctx.open_again().await;
+    let (t, _) = tenant_with_admin(&ctx.store, "acme").await;
+    let alice = ctx
+        .store
+        .create_identity(t, "alice", IdentityKind::Developer, Role::Developer, None)
+        .await
+        .unwrap();
+    let mut racers = tokio::task::JoinSet::new();
+    for i in 0..RACERS {
+        let store = if i % 2 == 0 {
+            ctx.store.clone()
+        } else {
+            other.clone()
+        };
+        let agent = new_agent(t, &alice, "web");
+        racers.spawn(async move { store.create_agent(&agent, Some(CAP)).await });
+    }
+    let (mut created, mut refused) = (0, 0);
+    while let Some(joined) = racers.join_next().await {
+        match joined.unwrap() {
+            Ok(_) => created += 1,
+            Err(StoreError::LimitReached(n)) if n == i64::from(CAP) => refused += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(created, CAP as usize, "exactly the cap is created");
+    assert_eq!(refused, RACERS - CAP as usize);
+    let filter = AgentFilter {
+        owner_id: Some(alice.id),
+        ..AgentFilter::default()
+    };
+    assert_eq!(
+        ctx.store.list_agents(t, &filter).await.unwrap().len(),
+        CAP as usize
+    );
+}
+
+both_backends!(agents_round_trip);
+async fn agents_round_trip(ctx: Ctx) {
+    let s = &ctx.store;
+    let (t, admin) = tenant_with_admin(s, "acme").await;
+    let mut spec = new_agent(t, &admin, "web");
+    spec.on_idle = OnIdle::KeepAlive;
+    spec.command = Some("make test".to_owned());
+    spec.build = "2024.06.1".to_owned();
+    let before = now_millis();
+    let created = s.create_agent(&spec, Some(3)).await.unwrap();
+    assert_eq!(
+        (created.id, created.tenant_id, created.workspace.as_str()),
+        (spec.id, t, "web")
+    );
+    assert_eq!(
+        (
+            created.owner_id,
+            created.owner_name.as_str(),
+            created.owner_kind
+        ),
+        (admin.id, "admin", IdentityKind::Developer)
+    );
+    assert_eq!(created.phase, AgentPhase::Queued);
+    assert_eq!(created.on_idle, OnIdle::KeepAlive);
+    assert_eq!(created.command.as_deref(), Some("make test"));
+    assert_eq!(created.build, "2024.06.1");
+    assert_eq!(
+        (created.vm_id, created.exit_code, created.error.as_deref()),
+        (None, None, None)
+    );
+    assert_eq!((created.output.as_str(), created.resurrections), ("", 0));
+    assert!(created.created_at >= before);
+    assert_eq!(created.updated_at, created.created_at);
+    assert_eq!(created.queued_at, created.created_at);
+    assert_eq!((created.started_at, created.finished_at), (None, None));
+    assert_eq!(s.get_agent(t, spec.id).await.unwrap(), created);
+
+    let unknown = AgentId::new();
+    let err = s.get_agent(t, unknown).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NotFound(m) if *m == format!("agent {unknown}")),
+        "{err:?}"
+    );
+}
+
+both_backends!(transition_agent_is_compare_and_set);
+async fn transition_agent_is_compare_and_set(ctx: Ctx) {
+    let s = &ctx.store;
+    let (t, admin) = tenant_with_admin(s, "acme").await;
+    let agent = queued_agent(s, t, &admin, "web").await;
+    let none = AgentUpdate::default();
+    let id = agent.id;
+
+    let err = s
+        .transition_agent(t, id, &[AgentPhase::Running], AgentPhase::Completed, &none)
+        .await
+        .unwrap_err();
+    assert_conflict(err, &format!("agent {id}"));
+    let err = s
+        .transition_agent(t, id, &[], AgentPhase::Running, &none)
+        .await
+        .unwrap_err();
+    assert_conflict(err, &format!("agent {id}"));
+    let unknown = AgentId::new();
+    let err = s
+        .transition_agent(t, unknown, AgentPhase::ALL, AgentPhase::Killed, &none)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NotFound(m) if *m == format!("agent {unknown}")),
+        "{err:?}"
+    );
+    assert_eq!(s.get_agent(t, id).await.unwrap(), agent, "nothing changed");
+
+    // Entering running sets started_at; it may come from any listed phase.
+    let v = vm(t, "web", VmState::Idle, 1);
+    s.insert_vm(&v).await.unwrap();
+    s.assign_idle_vm(t, "web", id).await.unwrap().unwrap();
+    let idle = s
+        .transition_agent(
+            t,
+            id,
+            &[AgentPhase::Provisioning, AgentPhase::Running],
+            AgentPhase::Idle,
+            &AgentUpdate {
+                output: Some("half way".to_owned()),
+                ..AgentUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(idle.phase, AgentPhase::Idle);
+    assert_eq!(idle.output, "half way");
+    assert_eq!(idle.vm_id, Some(v.id));
+    let first_start = idle.started_at.unwrap();
+    sleep_ms().await;
+    let running = s
+        .transition_agent(t, id, &[AgentPhase::Idle], AgentPhase::Running, &none)
+        .await
+        .unwrap();
+    assert!(running.started_at.unwrap() > first_start);
+    assert_eq!(running.output, "half way", "None keeps a field");
+    assert_eq!(running.finished_at, None);
+
+    // Entering a terminal phase sets finished_at and the given fields.
+    let done = s
+        .transition_agent(
+            t,
+            id,
+            &[AgentPhase::Running],
+            AgentPhase::Completed,
+            &AgentUpdate {
+                exit_code: Some(3),
+                output: Some("tail".to_owned()),
+                error: Some("tests failed".to_owned()),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.phase, AgentPhase::Completed);
+    assert_eq!(
+        (done.exit_code, done.output.as_str(), done.error.as_deref()),
+        (Some(3), "tail", Some("tests failed"))
+    );
+    assert!(done.finished_at.unwrap() >= running.updated_at);
+    assert_eq!(done.updated_at, done.finished_at.unwrap());
+    assert_eq!(done.resurrections, 0);
+    assert_eq!(s.get_agent(t, id).await.unwrap(), done);
+    let err = s
+        .transition_agent(t, id, AgentPhase::ACTIVE, AgentPhase::Killed, &none)
+        .await
+        .unwrap_err();
+    assert_conflict(err, &format!("agent {id}"));
+
+    // Resurrection: back to queued, cleared, counted, at the end of the queue.
+    sleep_ms().await;
+    let again = s
+        .transition_agent(t, id, AgentPhase::TERMINAL, AgentPhase::Queued, &none)
+        .await
+        .unwrap();
+    assert_eq!(again.phase, AgentPhase::Queued);
+    assert_eq!(again.resurrections, 1);
+    assert_eq!(
+        (
+            again.vm_id,
+            again.exit_code,
+            again.output.as_str(),
+            again.error.as_deref()
+        ),
+        (None, None, "", None)
+    );
+    assert!(again.queued_at > agent.queued_at);
+    assert_eq!(again.queued_at, again.updated_at);
+    assert_eq!(again.created_at, agent.created_at);
+    let failed = s
+        .transition_agent(
+            t,
+            id,
+            &[AgentPhase::Queued],
+            AgentPhase::Failed,
+            &AgentUpdate {
+                error: Some("no capacity".to_owned()),
+                ..AgentUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed.error.as_deref(), Some("no capacity"));
+    // Given fields are written even when entering queued.
+    let twice = s
+        .transition_agent(
+            t,
+            id,
+            &[AgentPhase::Failed],
+            AgentPhase::Queued,
+            &AgentUpdate {
+                output: Some("resumed".to_owned()),
+                ..AgentUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(twice.resurrections, 2);
+    assert_eq!(
+        (twice.error.as_deref(), twice.output.as_str()),
+        (None, "resumed")
+    );
+    // Queued from an active phase is no resurrection.
+    s.transition_agent(t, id, &[AgentPhase::Queued], AgentPhase::Sleeping, &none)
+        .await
+        .unwrap();
+    let woken = s
+        .transition_agent(t, id, &[AgentPhase::Sleeping], AgentPhase::Queued, &none)
+        .await
+        .unwrap();
+    assert_eq!(woken.resurrections, 2);
+}
+
+both_backends!(queued_agents_are_fifo);
+async fn queued_agents_are_fifo(ctx: Ctx) {
+    let s = &ctx.store;
+    let (t, admin) = tenant_with_admin(s, "acme").await;
+    let bob = s
+        .create_identity(t, "bob", IdentityKind::Developer, Role::Developer, None)
+        .await
+        .unwrap();
+    let a = queued_agent(s, t, &admin, "web").await;
+    sleep_ms().await;
+    let b = queued_agent(s, t, &bob, "api").await;
+    sleep_ms().await;
+    let c = queued_agent(s, t, &admin, "web").await;
+    let queue = |s: &Arc<dyn Store>| {
+        let s = s.clone();
+        async move {
+            s.list_queued_agents(t)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|a| a.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(queue(s).await, [a.id, b.id, c.id]);
+
+    // a runs, sleeps and wakes: it queues again, behind the others.
+    let none = AgentUpdate::default();
+    s.transition_agent(t, a.id, &[AgentPhase::Queued], AgentPhase::Running, &none)
+        .await
+        .unwrap();
+    assert_eq!(queue(s).await, [b.id, c.id]);
+    sleep_ms().await;
+    s.transition_agent(t, a.id, &[AgentPhase::Running], AgentPhase::Sleeping, &none)
+        .await
+        .unwrap();
+    sleep_ms().await;
+    let woken = s
+        .transition_agent(t, a.id, &[AgentPhase::Sleeping], AgentPhase::Queued, &none)
+        .await
+        .unwrap();
+    assert!(woken.queued_at > c.queued_at);
+    assert_eq!(queue(s).await, [b.id, c.id, a.id]);
+    s.transition_agent(t, b.id, &[AgentPhase::Queued], AgentPhase::Killed, &none)
+        .await
+        .unwrap();
+    assert_eq!(queue(s).await, [c.id, a.id]);
+
+    // list_agents: oldest created first, whatever the queue says.
+    let list = |filter: AgentFilter| {
+        let s = s.clone();
+        async move {
+            s.list_agents(t, &filter)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|a| a.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(list(AgentFilter::default()).await, [a.id, b.id, c.id]);
+    assert_eq!(
+        list(AgentFilter {
+            workspace: Some("web".to_owned()),
+            ..AgentFilter::default()
+        })
+        .await,
+        [a.id, c.id]
+    );
+    assert_eq!(
+        list(AgentFilter {
+            owner_id: Some(bob.id),
+            ..AgentFilter::default()
+        })
+        .await,
+        [b.id]
+    );
+    assert_eq!(
+        list(AgentFilter {
+            phases: vec![AgentPhase::Queued],
+            ..AgentFilter::default()
+        })
+        .await,
+        [a.id, c.id]
+    );
+    assert_eq!(
+        list(AgentFilter {
+            phases: vec![AgentPhase::Killed, AgentPhase::Running],
+            ..AgentFilter::default()
+        })
+        .await,
+        [b.id]
+    );
+    assert_eq!(
+        list(AgentFilter {
+            workspace: Some("web".to_owned()),
+            phases: vec![AgentPhase::Queued],
+            owner_id: Some(admin.id),
+        })
+        .await,
+        [a.id, c.id]
+    );
+    assert!(
+        list(AgentFilter {
+            workspace: Some("nope".to_owned()),
+            ..AgentFilter::default()
+        })
+        .await
+        .is_empty()
+    );
+}
+
+both_backends!(agents_are_tenant_scoped);
+async fn agents_are_tenant_scoped(ctx: Ctx) {
+    let s = &ctx.store;
+    let (a, a_admin) = tenant_with_admin(s, "a").await;
+    let (b, _) = tenant_with_admin(s, "b").await;
+    let mine = queued_agent(s, a, &a_admin, "web").await;
+
+    let err = s.get_agent(b, mine.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    assert!(
+        s.list_agents(b, &AgentFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(s.list_queued_agents(b).await.unwrap().is_empty());
+    let err = s
+        .transition_agent(
+            b,
+            mine.id,
+            &[AgentPhase::Queued],
+            AgentPhase::Killed,
+            &AgentUpdate::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    assert_eq!(s.get_agent(a, mine.id).await.unwrap(), mine);
+    assert_eq!(
+        s.list_agents(a, &AgentFilter::default()).await.unwrap(),
+        vec![mine.clone()]
+    );
+    assert_eq!(s.list_queued_agents(a).await.unwrap(), vec![mine]);
+}
+
+// ------------------------------------------------ pool: tenant-wide state
+
+both_backends!(pool_state_stops_and_starts);
+async fn pool_state_stops_and_starts(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    let other = tenant(s, "other").await;
+    assert_eq!(
+        s.get_pool_state(t).await.unwrap(),
+        PoolState { stopped: false }
+    );
+    s.set_pool_stopped(t, true).await.unwrap();
+    assert!(s.get_pool_state(t).await.unwrap().stopped);
+    assert!(!s.get_pool_state(other).await.unwrap().stopped);
+    s.set_pool_stopped(t, true).await.unwrap();
+    assert!(s.get_pool_state(t).await.unwrap().stopped);
+    s.set_pool_stopped(t, false).await.unwrap();
+    assert!(!s.get_pool_state(t).await.unwrap().stopped);
+    let err = s.set_pool_stopped(TenantId::new(), true).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+both_backends!(workspace_states_put_and_list);
+async fn workspace_states_put_and_list(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    let other = tenant(s, "other").await;
+    assert!(s.list_workspace_states(t).await.unwrap().is_empty());
+
+    let mut web = WorkspaceState {
+        workspace: "web".to_owned(),
+        consecutive_failures: 2,
+        backoff_until: Some(now_millis() + 60_000),
+        hard_limited: false,
+        last_error: Some("boot timed out".to_owned()),
+        config_fingerprint: "ws1-env3-img2".to_owned(),
+    };
+    let api = WorkspaceState {
+        workspace: "api".to_owned(),
+        config_fingerprint: "ws1-env1-img1".to_owned(),
+        ..WorkspaceState::default()
+    };
+    s.put_workspace_state(t, &web).await.unwrap();
+    s.put_workspace_state(t, &api).await.unwrap();
+    assert_eq!(
+        s.list_workspace_states(t).await.unwrap(),
+        vec![api.clone(), web.clone()],
+        "by workspace"
+    );
+
+    web.consecutive_failures = 5;
+    web.backoff_until = None;
+    web.hard_limited = true;
+    web.last_error = None;
+    web.config_fingerprint = "ws2-env3-img2".to_owned();
+    s.put_workspace_state(t, &web).await.unwrap();
+    assert_eq!(
+        s.list_workspace_states(t).await.unwrap(),
+        vec![api, web.clone()]
+    );
+    assert!(s.list_workspace_states(other).await.unwrap().is_empty());
+    let err = s
+        .put_workspace_state(TenantId::new(), &web)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+both_backends!(builds_register_retire_and_list);
+async fn builds_register_retire_and_list(ctx: Ctx) {
+    let s = &ctx.store;
+    assert!(s.list_builds().await.unwrap().is_empty());
+    let before = now_millis();
+    let b1 = s.register_build("b1").await.unwrap();
+    assert_eq!((b1.id.as_str(), b1.retired_at), ("b1", None));
+    assert!(b1.first_seen >= before);
+    sleep_ms().await;
+    assert_eq!(s.register_build("b1").await.unwrap(), b1, "idempotent");
+    let b2 = s.register_build("b2").await.unwrap();
+    assert!(b2.first_seen > b1.first_seen);
+
+    let retired = s.retire_build("b1").await.unwrap();
+    assert_eq!(
+        (retired.id.as_str(), retired.first_seen),
+        ("b1", b1.first_seen)
+    );
+    let retired_at = retired.retired_at.unwrap();
+    assert!(retired_at >= b2.first_seen);
+    sleep_ms().await;
+    assert_eq!(
+        s.retire_build("b1").await.unwrap(),
+        retired,
+        "keeps the first retirement time"
+    );
+    assert_eq!(
+        s.register_build("b1").await.unwrap(),
+        retired,
+        "registering again does not revive it"
+    );
+    assert_eq!(s.list_builds().await.unwrap(), vec![retired, b2]);
+    let err = s.retire_build("nope").await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NotFound(m) if m == "build \"nope\""),
+        "{err:?}"
+    );
+}
+
+both_backends!(corrupt_rows_are_reported);
+async fn corrupt_rows_are_reported(ctx: Ctx) {
+    let s = &ctx.store;
+    let (t, admin) = tenant_with_admin(s, "acme").await;
+    let v = vm(t, "web", VmState::Idle, 1);
+    s.insert_vm(&v).await.unwrap();
+    let agent = queued_agent(s, t, &admin, "web").await;
+
+    ctx.execute_raw("UPDATE vms SET stale = 7").await;
+    let err = s.get_vm(v.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    ctx.execute_raw("UPDATE vms SET stale = 0, state = 'melting'")
+        .await;
+    let err = s.list_vms(t, true).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+
+    ctx.execute_raw("UPDATE agents SET on_idle = 'nap'").await;
+    let err = s.get_agent(t, agent.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    ctx.execute_raw("UPDATE agents SET on_idle = 'sleep', phase = 'zombie'")
+        .await;
+    let err = s.list_agents(t, &AgentFilter::default()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+
+    ctx.execute_raw(&format!(
+        "INSERT INTO pool_states (tenant_id, stopped, updated_at) VALUES ('{t}', 2, 0)"
+    ))
+    .await;
+    let err = s.get_pool_state(t).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
 }
 
 // ------------------------------------------------------- backend-specific

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct ServerArgs {
@@ -24,6 +25,46 @@ pub struct ServerArgs {
     /// Log line format.
     #[arg(long, env = "HEARTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
+    /// The build agents' workflows are pinned to (default: hearth-<version>).
+    #[arg(long, env = "HEARTH_BUILD")]
+    build: Option<String>,
+    /// A VM still booting after this long is given up (counts as a failure).
+    #[arg(long, env = "HEARTH_BOOT_TIMEOUT", default_value = "5m", value_parser = duration)]
+    boot_timeout: Duration,
+    /// Most VMs of one tenant booting at once.
+    #[arg(long, env = "HEARTH_MAX_CONCURRENT_BOOTS", default_value_t = 8)]
+    max_concurrent_boots: usize,
+    /// Consecutive failed boots after which a workspace stops refilling.
+    #[arg(long, env = "HEARTH_HARD_LIMIT_FAILURES", default_value_t = 5)]
+    hard_limit_failures: i64,
+    /// First back-off after a failed boot (doubles per failure).
+    #[arg(long, env = "HEARTH_BACKOFF_BASE", default_value = "5s", value_parser = duration)]
+    backoff_base: Duration,
+    /// Longest back-off.
+    #[arg(long, env = "HEARTH_BACKOFF_MAX", default_value = "5m", value_parser = duration)]
+    backoff_max: Duration,
+    /// How long a workflow stays stranded on a retired build before
+    /// `reap_stranded_workflows: enabled` terminates it.
+    #[arg(long, env = "HEARTH_REAP_AFTER", default_value = "48h", value_parser = duration)]
+    reap_after: Duration,
+    /// The pool's slow periodic resync (it is also woken by every change).
+    #[arg(long, env = "HEARTH_RESYNC", default_value = "30s", value_parser = duration)]
+    resync: Duration,
+    /// The guest agent binary put into sandboxes (default: next to hearth).
+    #[arg(long, env = "HEARTH_GUEST_AGENT")]
+    guest_agent: Option<PathBuf>,
+    /// Boot latency of the fake driver (simulation).
+    #[arg(long, env = "HEARTH_FAKE_BOOT_LATENCY", default_value = "0ms", value_parser = duration)]
+    fake_boot_latency: Duration,
+    /// Probability that a fake boot fails (simulation).
+    #[arg(long, env = "HEARTH_FAKE_FAILURE_RATE", default_value_t = 0.0)]
+    fake_failure_rate: f64,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    hearth_core::resource::parse_duration_ms(text)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 250ms, 90s, 15m or 2h"))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -74,17 +115,82 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     tracing::info!(store = store.backend(), data_dir = %args.data_dir.display(), "store open, migrations applied");
     bootstrap(&store, &args.data_dir).await?;
 
+    let pool = start_pool(&args, &store).await?;
+
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let runner = tokio::spawn(pool.clone().run(stop_rx));
     tracing::info!(%addr, "listening");
-    let app = hearth_api::router(hearth_api::AppState { store });
+    let app = hearth_api::router(hearth_api::AppState { store, pool });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    let _ = stop_tx.send(true);
+    let _ = runner.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The drivers, the build record, adoption of what survived the last run,
+/// and the pool runner.
+async fn start_pool(
+    args: &ServerArgs,
+    store: &Arc<dyn Store>,
+) -> anyhow::Result<Arc<hearth_reconcilers::Pool>> {
+    use hearth_drivers::fake::{FakeConfig, FakeDriver};
+    use hearth_drivers::sandbox::{SandboxConfig, SandboxDriver, find_agent_binary};
+    let mut drivers = hearth_drivers::Drivers::new().with(Arc::new(FakeDriver::new(FakeConfig {
+        boot_latency: args.fake_boot_latency,
+        failure_rate: args.fake_failure_rate,
+    })));
+    match args.guest_agent.clone().or_else(find_agent_binary) {
+        Some(agent_binary) => {
+            let data_dir = fs::canonicalize(&args.data_dir)?;
+            let sandbox = SandboxDriver::new(SandboxConfig {
+                state_dir: data_dir.join("sandboxes"),
+                agent_binary,
+                hide: vec![data_dir],
+                cgroup_root_name: "hearth".into(),
+            });
+            drivers = drivers.with(Arc::new(sandbox));
+        }
+        None => tracing::warn!(
+            "no hearth-guest-agent binary found: the sandbox driver is off (set --guest-agent)"
+        ),
+    }
+    let mut options = hearth_reconcilers::PoolOptions::default();
+    if let Some(build) = &args.build {
+        options.build = build.clone();
+    }
+    let ms = |d: Duration| d.as_millis() as i64;
+    options.settings.boot_timeout_ms = ms(args.boot_timeout);
+    options.settings.max_concurrent_boots = args.max_concurrent_boots.max(1);
+    options.settings.hard_limit_failures = args.hard_limit_failures.max(1);
+    options.settings.backoff_base_ms = ms(args.backoff_base);
+    options.settings.backoff_max_ms = ms(args.backoff_max);
+    options.reap_after = args.reap_after;
+    options.resync = args.resync;
+    store
+        .register_build(&options.build)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot record the build: {e}"))?;
+    let pool = hearth_reconcilers::Pool::new(store.clone(), drivers, options);
+    let report = pool
+        .adopt()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot adopt the drivers' VMs: {e}"))?;
+    tracing::info!(
+        adopted = report.adopted,
+        unknown_destroyed = report.unknown_destroyed,
+        records_closed = report.records_closed,
+        agents_failed = report.agents_failed,
+        agents_requeued = report.agents_requeued,
+        "reconciled the drivers' VMs with the store"
+    );
+    Ok(pool)
 }
 
 async fn shutdown_signal() {

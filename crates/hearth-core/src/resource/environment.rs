@@ -25,6 +25,19 @@ pub enum DriverKind {
     Fake,
 }
 
+/// Which network a VM gets.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// The host's network (sandbox) or user-mode networking (qemu).
+    #[default]
+    Host,
+    /// A network namespace of its own, with only loopback.
+    Isolated,
+}
+
 /// The shape of a workspace's VMs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +49,8 @@ pub struct Environment {
     pub image: Option<String>,
     #[serde(default = "default_cpus")]
     pub cpus: i32,
+    #[serde(default)]
+    pub network: Network,
     /// Memory as `<n>Mi` or `<n>Gi`.
     #[serde(default = "default_memory")]
     pub memory: String,

@@ -7,7 +7,7 @@ mod image;
 mod pool_config;
 mod workspace;
 
-pub use environment::{DriverKind, Environment, REDACTED};
+pub use environment::{DriverKind, Environment, Network, REDACTED};
 pub use image::Image;
 pub use pool_config::{DEFAULT_NAME as POOL_CONFIG_NAME, PoolConfig, ReapMode};
 pub use workspace::{Repo, SetupCommand, WarmPool, Workspace};
@@ -210,6 +210,14 @@ pub fn validate_name(kind: Kind, name: &str) -> Result<(), Error> {
     }
 }
 
+/// Parses a duration such as `250ms`, `90s`, `15m` or `1h30m` into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Option<u64> {
+    if let Some(ms) = text.strip_suffix("ms") {
+        return ms.parse().ok();
+    }
+    parse_duration(text)?.checked_mul(1000)
+}
+
 /// Parses a duration such as `90s`, `15m`, `1h30m` or `2d` into seconds.
 pub fn parse_duration(text: &str) -> Option<u64> {
     let mut total: u64 = 0;
@@ -253,6 +261,9 @@ mod tests {
         assert_eq!(parse_duration("m"), None);
         assert_eq!(parse_duration("1x"), None);
         assert_eq!(parse_duration(""), None);
+        assert_eq!(parse_duration_ms("250ms"), Some(250));
+        assert_eq!(parse_duration_ms("2s"), Some(2000));
+        assert_eq!(parse_duration_ms("ms"), None);
     }
 
     #[test]

@@ -93,6 +93,43 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_hearth")
 }
 
+/// The guest agent binary: `HEARTH_GUEST_AGENT` when set, else built (a
+/// no-op when up to date) by the same cargo that runs the tests, so it is
+/// never stale.
+pub fn guest_agent() -> &'static str {
+    static AGENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        if let Some(path) = std::env::var_os("HEARTH_GUEST_AGENT").filter(|p| !p.is_empty()) {
+            return path.to_string_lossy().into_owned();
+        }
+        let output = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-p",
+                "hearth-guest-agent",
+                "--bin",
+                "hearth-guest-agent",
+                "--message-format=json-render-diagnostics",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run cargo to build hearth-guest-agent");
+        assert!(
+            output.status.success(),
+            "cargo build -p hearth-guest-agent failed"
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|m| {
+                m["reason"] == "compiler-artifact" && m["target"]["name"] == "hearth-guest-agent"
+            })
+            .find_map(|m| m["executable"].as_str().map(str::to_owned))
+            .expect("cargo reported the hearth-guest-agent executable")
+    })
+}
+
 /// A running `hearth server` with its own data dir (and database).
 pub struct Server {
     pub backend: Backend,
@@ -103,10 +140,16 @@ pub struct Server {
     child: Option<Child>,
     logs: Arc<Mutex<String>>,
     pub stdout: Arc<Mutex<String>>,
+    extra: Vec<String>,
 }
 
 impl Server {
     pub fn start(backend: Backend) -> Server {
+        Self::start_with(backend, &[])
+    }
+
+    /// Starts a server with extra `hearth server` flags.
+    pub fn start_with(backend: Backend, extra: &[&str]) -> Server {
         let data_dir = tempfile::tempdir().unwrap();
         let database = (backend == Backend::Postgres).then(PgDatabase::create);
         let mut server = Server {
@@ -118,6 +161,7 @@ impl Server {
             child: None,
             logs: Default::default(),
             stdout: Default::default(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         server.launch();
         server.admin_token = std::fs::read_to_string(server.data_dir.path().join("admin-token"))
@@ -152,6 +196,8 @@ impl Server {
         if let Some(url) = self.database_url() {
             cmd.args(["--database-url", url]);
         }
+        cmd.args(&self.extra)
+            .env("HEARTH_GUEST_AGENT", guest_agent());
         let mut child = cmd.spawn().expect("the hearth binary starts");
         let (tx, rx) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
@@ -216,6 +262,11 @@ impl Server {
         }
     }
 
+    /// Replaces the extra server flags used by the next `launch`.
+    pub fn set_extra(&mut self, args: &mut Vec<String>) {
+        self.extra = std::mem::take(args);
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         self.launch();
@@ -258,7 +309,102 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // Leave no VM behind: stop the server, then destroy what it ran.
         self.kill();
+        let sandboxes = self.data_dir.path().join("sandboxes");
+        if let Ok(entries) = std::fs::read_dir(&sandboxes) {
+            let ids: Vec<String> = entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            if !ids.is_empty() {
+                destroy_sandboxes(&sandboxes, &ids);
+            }
+        }
+    }
+}
+
+impl Server {
+    /// Seeds a pool: pool config, an environment and one workspace.
+    pub fn pool(&self, max_vms: i64, env_yaml: &str, workspace: &str, ws_yaml: &str) {
+        let api = self.admin();
+        let r = api.put_yaml("/v1/pool-config/default", &format!("max_vms: {max_vms}\n"));
+        assert!(r.status < 300, "{}", r.text);
+        let r = api.put_yaml("/v1/environments/dev", env_yaml);
+        assert!(r.status < 300, "{}", r.text);
+        let r = api.put_yaml(
+            &format!("/v1/workspaces/{workspace}"),
+            &format!("environment: dev\n{ws_yaml}"),
+        );
+        assert!(r.status < 300, "{}", r.text);
+    }
+
+    /// The pool status (JSON).
+    pub fn status(&self) -> Value {
+        let r = self.admin().get("/v1/pool/status");
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.body
+    }
+
+    /// The tenant's VMs (JSON list).
+    pub fn vms(&self) -> Vec<Value> {
+        let r = self.admin().get("/v1/vms");
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.body["items"].as_array().unwrap().clone()
+    }
+
+    /// The sandboxes that really exist (their folders).
+    pub fn sandboxes(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(self.data_dir.path().join("sandboxes"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// Spawns an agent as `token` and returns the answer.
+    pub fn spawn(&self, token: &str, body: Value) -> Answer {
+        self.client(token).post("/v1/agents", body)
+    }
+
+    /// Waits until `agent` is in `phase` (panics with its state after `secs`).
+    pub fn wait_agent(&self, id: &str, phase: &str, secs: u64) -> Value {
+        let mut last = Value::Null;
+        let ok = wait_until(secs, || {
+            last = self.admin().get(&format!("/v1/agents/{id}")).body;
+            last["phase"] == phase
+        });
+        assert!(
+            ok,
+            "agent {id} never became {phase}: {last}\n{}",
+            self.logs_tail()
+        );
+        last
+    }
+
+    /// The last lines of the server log (for failure messages).
+    pub fn logs_tail(&self) -> String {
+        let logs = self.logs();
+        let lines: Vec<&str> = logs.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// Polls `f` every 50 ms for up to `secs` seconds.
+pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -411,4 +557,24 @@ pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .join(rel)
+}
+
+/// Destroys leftover sandboxes with the real driver (a test that failed
+/// half-way must not leak VMs into the next).
+pub fn destroy_sandboxes(state_dir: &Path, ids: &[String]) {
+    use hearth_drivers::Driver;
+    use hearth_drivers::sandbox::{SandboxConfig, SandboxDriver};
+    let driver = SandboxDriver::new(SandboxConfig {
+        state_dir: state_dir.to_owned(),
+        agent_binary: guest_agent().into(),
+        hide: vec![],
+        cgroup_root_name: "hearth".into(),
+    });
+    block_on(async {
+        for id in ids {
+            if let Ok(id) = id.parse() {
+                let _ = driver.destroy(id).await;
+            }
+        }
+    });
 }

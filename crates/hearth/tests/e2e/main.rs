@@ -4,7 +4,9 @@
 
 mod common;
 
+mod agents;
 mod auth;
 mod cli;
+mod pool;
 mod resources;
 mod server;

@@ -1,0 +1,558 @@
+//! Agents: spawn (claiming a warm VM in one transaction), list, get, kill,
+//! sleep, wake, resurrect, finish, idle, and exec on the agent's VM.
+
+use crate::auth::Caller;
+use crate::{ApiError, AppState, body};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hearth_core::Error;
+use hearth_core::ids::AgentId;
+use hearth_core::rbac::{IdentityKind, Permission};
+use hearth_core::resource::{Kind, POOL_CONFIG_NAME, PoolConfig};
+use hearth_reconcilers::PoolError;
+use hearth_reconcilers::status::rfc3339;
+use hearth_store::{
+    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, NewAgent, OnIdle, StoreError,
+};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// An agent as the API shows it.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AgentView {
+    pub id: String,
+    pub workspace: String,
+    pub owner: String,
+    /// `developer` or `service`.
+    pub owner_kind: String,
+    pub parent: Option<String>,
+    /// queued, provisioning, running, idle, sleeping, completed, failed, killed.
+    pub phase: String,
+    pub vm: Option<String>,
+    /// sleep, terminate or keep-alive.
+    pub on_idle: String,
+    pub command: Option<String>,
+    /// The control-plane build its workflow is pinned to.
+    pub build: String,
+    pub exit_code: Option<i32>,
+    /// The tail of its command's output.
+    pub output: String,
+    pub error: Option<String>,
+    pub resurrections: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+impl From<&AgentRecord> for AgentView {
+    fn from(a: &AgentRecord) -> Self {
+        AgentView {
+            id: a.id.to_string(),
+            workspace: a.workspace.clone(),
+            owner: a.owner_name.clone(),
+            owner_kind: a.owner_kind.as_str().to_owned(),
+            parent: a.parent_id.map(|p| p.to_string()),
+            phase: a.phase.as_str().to_owned(),
+            vm: a.vm_id.map(|v| v.to_string()),
+            on_idle: a.on_idle.as_str().to_owned(),
+            command: a.command.clone(),
+            build: a.build.clone(),
+            exit_code: a.exit_code,
+            output: a.output.clone(),
+            error: a.error.clone(),
+            resurrections: a.resurrections,
+            created_at: rfc3339(a.created_at),
+            updated_at: rfc3339(a.updated_at),
+            started_at: a.started_at.map(rfc3339),
+            finished_at: a.finished_at.map(rfc3339),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AgentList {
+    pub items: Vec<AgentView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    pub workspace: String,
+    /// A shell command run from `/home` on the VM; the agent ends with it.
+    #[serde(default)]
+    pub command: Option<String>,
+    /// The agent that spawns this one (children are exempt from the cap).
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// sleep (default), terminate or keep-alive.
+    #[serde(default)]
+    pub on_idle: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FinishRequest {
+    /// `completed` or `failed`.
+    pub status: String,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    pub command: String,
+    /// Such as `60s`; default 10m.
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ExecAnswer {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    pub workspace: Option<String>,
+    pub phase: Option<String>,
+}
+
+pub(crate) fn pool_error(e: PoolError) -> ApiError {
+    match e {
+        PoolError::Store(s) => s.into(),
+        PoolError::Driver(d) => {
+            tracing::error!(error = %d, "driver error");
+            Error::new(
+                hearth_core::ErrorCode::Unavailable,
+                format!("the VM did not answer: {d}"),
+            )
+            .into()
+        }
+        PoolError::Precondition(m) => Error::failed_precondition(m).into(),
+    }
+}
+
+fn parse_id(id: &str) -> Result<AgentId, ApiError> {
+    id.parse()
+        .map_err(|_| Error::not_found(format!("agent {id:?} not found")).into())
+}
+
+async fn load(state: &AppState, caller: &Caller, id: &str) -> Result<AgentRecord, ApiError> {
+    let id = parse_id(id)?;
+    state
+        .store
+        .get_agent(caller.tenant(), id)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound(_) => Error::not_found(format!("agent {id} not found")).into(),
+            e => e.into(),
+        })
+}
+
+/// Spawns an agent: claims a warm VM at once when one is idle, else queues
+/// it for a cold boot (or for capacity, at `max_vms`).
+#[utoipa::path(post, path = "/v1/agents", tag = "agent", operation_id = "spawn_agent", security(("bearer" = [])), request_body = SpawnRequest,
+    responses((status = 201, body = AgentView), (status = 400, body = hearth_core::Error), (status = 401, body = hearth_core::Error),
+              (status = 403, body = hearth_core::Error), (status = 404, body = hearth_core::Error),
+              (status = 409, body = hearth_core::Error), (status = 429, body = hearth_core::Error)))]
+pub async fn spawn(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<AgentView>), ApiError> {
+    caller.require(Permission::AgentSpawn)?;
+    let request: SpawnRequest = body::json(body)?;
+    let tenant = caller.tenant();
+    let on_idle = match request.on_idle.as_deref() {
+        None => OnIdle::default(),
+        Some(text) => text.parse::<OnIdle>().map_err(Error::invalid)?,
+    };
+    let config = state
+        .store
+        .get_resource(tenant, Kind::PoolConfig, POOL_CONFIG_NAME)
+        .await?
+        .ok_or_else(|| {
+            Error::failed_precondition(
+                "no pool config: set one with `hearth set pool-config default`",
+            )
+        })?;
+    let config: PoolConfig =
+        serde_json::from_value(config.spec).map_err(|e| Error::internal(e.to_string()))?;
+    if state.store.get_pool_state(tenant).await?.stopped {
+        return Err(Error::failed_precondition(
+            "the pool is stopped (pool flush --nuke); start it with `hearth pool up`",
+        )
+        .into());
+    }
+    if state
+        .store
+        .get_resource(tenant, Kind::Workspace, &request.workspace)
+        .await?
+        .is_none()
+    {
+        return Err(
+            Error::not_found(format!("workspace {:?} not found", request.workspace)).into(),
+        );
+    }
+    let parent = match &request.parent {
+        Some(p) => Some(load(&state, &caller, p).await?.id),
+        None => None,
+    };
+    let new = NewAgent {
+        id: AgentId::new(),
+        tenant_id: tenant,
+        workspace: request.workspace.clone(),
+        owner_id: caller.identity.id,
+        owner_name: caller.identity.name.clone(),
+        owner_kind: caller.identity.kind,
+        parent_id: parent,
+        on_idle,
+        command: request.command.clone().filter(|c| !c.trim().is_empty()),
+        build: state.pool.options().build.clone(),
+    };
+    let cap = (caller.identity.kind == IdentityKind::Developer)
+        .then_some(config.max_agents_per_developer);
+    let agent = match state.store.create_agent(&new, cap).await {
+        Ok(agent) => agent,
+        Err(StoreError::LimitReached(n)) => {
+            return Err(Error::new(
+                hearth_core::ErrorCode::ResourceExhausted,
+                format!(
+                    "you have reached your organization's limit of {n} active agents (this includes idle and sleeping agents) — contact your admin to raise the max agents per developer"
+                ),
+            )
+            .into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let agent = claim_or_queue(&state, agent).await?;
+    tracing::info!(tenant = %tenant, agent = %agent.id, workspace = %agent.workspace, owner = %agent.owner_name,
+        phase = %agent.phase, vm = ?agent.vm_id, "agent spawned");
+    Ok((StatusCode::CREATED, Json(AgentView::from(&agent))))
+}
+
+/// A queued agent takes an idle VM now if there is one; else the pool is woken.
+async fn claim_or_queue(state: &AppState, agent: AgentRecord) -> Result<AgentRecord, ApiError> {
+    match state
+        .store
+        .assign_idle_vm(agent.tenant_id, &agent.workspace, agent.id)
+        .await?
+    {
+        Some(_) => {
+            let agent = state.store.get_agent(agent.tenant_id, agent.id).await?;
+            state.pool.agent_started(&agent);
+            state.pool.wake();
+            Ok(agent)
+        }
+        None => {
+            state.pool.wake();
+            Ok(agent)
+        }
+    }
+}
+
+/// The tenant's agents.
+#[utoipa::path(get, path = "/v1/agents", tag = "agent", operation_id = "list_agent", security(("bearer" = [])), params(ListQuery),
+    responses((status = 200, body = AgentList), (status = 400, body = hearth_core::Error), (status = 401, body = hearth_core::Error), (status = 403, body = hearth_core::Error)))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<AgentList>, ApiError> {
+    caller.require(Permission::AgentGet)?;
+    let phases = match query.phase.as_deref() {
+        None => Vec::new(),
+        Some(p) => vec![p.parse::<AgentPhase>().map_err(Error::invalid)?],
+    };
+    let filter = AgentFilter {
+        workspace: query.workspace,
+        phases,
+        owner_id: None,
+    };
+    let agents = state.store.list_agents(caller.tenant(), &filter).await?;
+    Ok(Json(AgentList {
+        items: agents.iter().map(AgentView::from).collect(),
+    }))
+}
+
+/// One agent.
+#[utoipa::path(get, path = "/v1/agents/{id}", tag = "agent", operation_id = "get_one_agent", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = AgentView), (status = 401, body = hearth_core::Error), (status = 403, body = hearth_core::Error), (status = 404, body = hearth_core::Error)))]
+pub async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    caller.require(Permission::AgentGet)?;
+    Ok(Json(AgentView::from(&load(&state, &caller, &id).await?)))
+}
+
+async fn transition(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    from: &[AgentPhase],
+    to: AgentPhase,
+    update: AgentUpdate,
+    verb: &str,
+) -> Result<AgentRecord, ApiError> {
+    let agent = load(state, caller, id).await?;
+    match state
+        .store
+        .transition_agent(caller.tenant(), agent.id, from, to, &update)
+        .await
+    {
+        Ok(record) => {
+            tracing::info!(tenant = %caller.tenant(), agent = %agent.id, by = %caller.identity.name, from = %agent.phase, to = %to, "agent {verb}");
+            state.pool.wake();
+            Ok(record)
+        }
+        Err(StoreError::Conflict(_)) => {
+            let now = state.store.get_agent(caller.tenant(), agent.id).await?;
+            Err(Error::failed_precondition(format!(
+                "cannot {verb} agent {}: it is {}",
+                agent.id, now.phase
+            ))
+            .into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Kills an agent (its VM is cleaned and returned to the pool, or destroyed).
+#[utoipa::path(post, path = "/v1/agents/{id}/kill", tag = "agent", operation_id = "kill_agent", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = AgentView), (status = 403, body = hearth_core::Error), (status = 404, body = hearth_core::Error), (status = 409, body = hearth_core::Error)))]
+pub async fn kill(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    caller.require(Permission::AgentKill)?;
+    let update = AgentUpdate {
+        error: Some(format!("killed by {}", caller.identity.name)),
+        ..Default::default()
+    };
+    let agent = transition(
+        &state,
+        &caller,
+        &id,
+        AgentPhase::ACTIVE,
+        AgentPhase::Killed,
+        update,
+        "kill",
+    )
+    .await?;
+    Ok(Json(AgentView::from(&agent)))
+}
+
+/// Puts an agent to sleep: it gives its VM back and keeps its session.
+#[utoipa::path(post, path = "/v1/agents/{id}/sleep", tag = "agent", operation_id = "sleep_agent", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = AgentView), (status = 403, body = hearth_core::Error), (status = 404, body = hearth_core::Error), (status = 409, body = hearth_core::Error)))]
+pub async fn sleep(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    caller.require(Permission::AgentSpawn)?;
+    let from = [
+        AgentPhase::Running,
+        AgentPhase::Idle,
+        AgentPhase::Queued,
+        AgentPhase::Provisioning,
+    ];
+    let agent = transition(
+        &state,
+        &caller,
+        &id,
+        &from,
+        AgentPhase::Sleeping,
+        AgentUpdate::default(),
+        "sleep",
+    )
+    .await?;
+    Ok(Json(AgentView::from(&agent)))
+}
+
+/// Wakes a sleeping agent onto a VM again (queued until one is free).
+#[utoipa::path(post, path = "/v1/agents/{id}/wake", tag = "agent", operation_id = "wake_agent", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = AgentView), (status = 403, body = hearth_core::Error), (status = 404, body = hearth_core::Error), (status = 409, body = hearth_core::Error)))]
+pub async fn wake(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    caller.require(Permission::AgentSpawn)?;
+    ensure_pool_running(&state, &caller).await?;
+    let agent = transition(
+        &state,
+        &caller,
+        &id,
+        &[AgentPhase::Sleeping],
+        AgentPhase::Queued,
+        AgentUpdate::default(),
+        "wake",
+    )
+    .await?;
+    Ok(Json(AgentView::from(&claim_or_queue(&state, agent).await?)))
+}
+
+/// Brings a terminal agent back with the same id (not a new agent for the cap).
+#[utoipa::path(post, path = "/v1/agents/{id}/resurrect", tag = "agent", operation_id = "resurrect_agent", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = AgentView), (status = 403, body = hearth_core::Error), (status = 404, body = hearth_core::Error), (status = 409, body = hearth_core::Error)))]
+pub async fn resurrect(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    caller.require(Permission::AgentSpawn)?;
+    ensure_pool_running(&state, &caller).await?;
+    let agent = transition(
+        &state,
+        &caller,
+        &id,
+        AgentPhase::TERMINAL,
+        AgentPhase::Queued,
+        AgentUpdate::default(),
+        "resurrect",
+    )
+    .await?;
+    Ok(Json(AgentView::from(&claim_or_queue(&state, agent).await?)))
+}
+
+async fn ensure_pool_running(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+    if state.store.get_pool_state(caller.tenant()).await?.stopped {
+        return Err(Error::failed_precondition(
+            "the pool is stopped (pool flush --nuke); start it with `hearth pool up`",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Reports an agent's end (for agent runtimes that run outside hearth).
+#[utoipa::path(post, path = "/v1/agents/{id}/finish", tag = "agent", operation_id = "finish_agent", security(("bearer" = [])), params(("id" = String, Path)), request_body = FinishRequest,
+    responses((status = 200, body = AgentView), (status = 400, body = hearth_core::Error), (status = 404, body = hearth_core::Error), (status = 409, body = hearth_core::Error)))]
+pub async fn finish(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<AgentView>, ApiError> {
+    caller.require(Permission::AgentSpawn)?;
+    let request: FinishRequest = body::json(body)?;
+    let to = match request.status.as_str() {
+        "completed" => AgentPhase::Completed,
+        "failed" => AgentPhase::Failed,
+        other => {
+            return Err(Error::invalid(format!(
+                "status {other:?} is not valid: use completed or failed"
+            ))
+            .into());
+        }
+    };
+    let update = AgentUpdate {
+        exit_code: request.exit_code,
+        error: request.error,
+        output: None,
+    };
+    let agent = transition(
+        &state,
+        &caller,
+        &id,
+        &[AgentPhase::Running, AgentPhase::Idle],
+        to,
+        update,
+        "finish",
+    )
+    .await?;
+    Ok(Json(AgentView::from(&agent)))
+}
+
+/// Reports that an agent's work paused; its `on_idle` policy decides.
+#[utoipa::path(post, path = "/v1/agents/{id}/idle", tag = "agent", operation_id = "idle_agent", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = AgentView), (status = 404, body = hearth_core::Error), (status = 409, body = hearth_core::Error)))]
+pub async fn idle(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    caller.require(Permission::AgentSpawn)?;
+    let agent = load(&state, &caller, &id).await?;
+    let to = match agent.on_idle {
+        OnIdle::Sleep => AgentPhase::Sleeping,
+        OnIdle::Terminate => AgentPhase::Completed,
+        OnIdle::KeepAlive => AgentPhase::Idle,
+    };
+    let agent = transition(
+        &state,
+        &caller,
+        &id,
+        &[AgentPhase::Running],
+        to,
+        AgentUpdate::default(),
+        "idle",
+    )
+    .await?;
+    Ok(Json(AgentView::from(&agent)))
+}
+
+/// Runs a command on the agent's VM and returns its output.
+#[utoipa::path(post, path = "/v1/agents/{id}/exec", tag = "agent", operation_id = "exec_agent", security(("bearer" = [])), params(("id" = String, Path)), request_body = ExecBody,
+    responses((status = 200, body = ExecAnswer), (status = 400, body = hearth_core::Error), (status = 404, body = hearth_core::Error), (status = 409, body = hearth_core::Error)))]
+pub async fn exec(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ExecAnswer>, ApiError> {
+    caller.require(Permission::AgentSpawn)?;
+    let request: ExecBody = body::json(body)?;
+    let timeout = match request.timeout.as_deref() {
+        None => Duration::from_secs(600),
+        Some(t) => Duration::from_secs(
+            hearth_core::resource::parse_duration(t)
+                .filter(|s| *s > 0)
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "timeout {t:?} is not valid: use a duration such as 60s"
+                    ))
+                })?,
+        ),
+    };
+    let agent = load(&state, &caller, &id).await?;
+    let (result, stdout, stderr) = state
+        .pool
+        .exec_in_agent(caller.tenant(), agent.id, &request.command, timeout)
+        .await
+        .map_err(pool_error)?;
+    Ok(Json(ExecAnswer {
+        exit_code: result.exit_code,
+        stdout,
+        stderr,
+        timed_out: result.timed_out,
+    }))
+}
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/agents", get(list).post(spawn))
+        .route("/v1/agents/{id}", get(get_one))
+        .route("/v1/agents/{id}/kill", post(kill))
+        .route("/v1/agents/{id}/sleep", post(sleep))
+        .route("/v1/agents/{id}/wake", post(wake))
+        .route("/v1/agents/{id}/resurrect", post(resurrect))
+        .route("/v1/agents/{id}/finish", post(finish))
+        .route("/v1/agents/{id}/idle", post(idle))
+        .route("/v1/agents/{id}/exec", post(exec))
+}

@@ -1,0 +1,273 @@
+//! The fake driver: VMs that exist only in memory, with a configurable boot
+//! latency and failure rate. It simulates fleets far larger than one machine
+//! (100,000 VMs) and drives the reconciler's unit tests; it is never a
+//! substitute for testing the real drivers.
+//!
+//! Commands "run" instantly: `exit N` (or `false`) ends with that code,
+//! anything else succeeds and echoes itself on stdout. Files written are
+//! kept per VM and can be read back with [`FakeDriver::file`].
+
+use crate::{
+    Driver, DriverError, ExecRequest, ExecResult, GuestHealth, ObservedVm, OutputChunk, Result,
+    Stream, VmSpec,
+};
+use async_trait::async_trait;
+use hearth_core::ids::VmId;
+use hearth_core::resource::DriverKind;
+use rand::Rng;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How the fake behaves.
+#[derive(Debug, Clone, Default)]
+pub struct FakeConfig {
+    /// Time from `create` until the guest answers `health`.
+    pub boot_latency: Duration,
+    /// Probability (0..=1) that a `create` fails.
+    pub failure_rate: f64,
+}
+
+#[derive(Debug)]
+struct FakeVm {
+    spec: VmSpec,
+    ready_at: Instant,
+    files: HashMap<String, (Vec<u8>, u32)>,
+    execs: Vec<String>,
+}
+
+/// An in-memory driver.
+#[derive(Debug, Default)]
+pub struct FakeDriver {
+    config: Mutex<FakeConfig>,
+    vms: Mutex<HashMap<VmId, FakeVm>>,
+    failing_workspaces: Mutex<HashSet<String>>,
+    created: AtomicU64,
+    destroyed: AtomicU64,
+}
+
+impl FakeDriver {
+    pub fn new(config: FakeConfig) -> Self {
+        FakeDriver {
+            config: Mutex::new(config),
+            ..Default::default()
+        }
+    }
+
+    /// Changes the behaviour of later calls.
+    pub fn set_config(&self, config: FakeConfig) {
+        *self.config.lock().unwrap() = config;
+    }
+
+    /// Makes every boot of `workspace` fail (or succeed again).
+    pub fn set_failing(&self, workspace: &str, failing: bool) {
+        let mut set = self.failing_workspaces.lock().unwrap();
+        if failing {
+            set.insert(workspace.to_owned());
+        } else {
+            set.remove(workspace);
+        }
+    }
+
+    /// VMs that exist now.
+    pub fn count(&self) -> usize {
+        self.vms.lock().unwrap().len()
+    }
+
+    /// Creates and destroys so far.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.created.load(Ordering::Relaxed),
+            self.destroyed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// A file written into a VM, with its mode.
+    pub fn file(&self, id: VmId, path: &str) -> Option<(Vec<u8>, u32)> {
+        self.vms.lock().unwrap().get(&id)?.files.get(path).cloned()
+    }
+
+    /// Commands run in a VM, in order.
+    pub fn execs(&self, id: VmId) -> Vec<String> {
+        self.vms
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map(|v| v.execs.clone())
+            .unwrap_or_default()
+    }
+}
+
+fn exit_code_of(command: &str) -> i32 {
+    let c = command.trim();
+    if c == "false" {
+        return 1;
+    }
+    c.strip_prefix("exit ")
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl Driver for FakeDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Fake
+    }
+
+    async fn create(&self, spec: &VmSpec) -> Result<()> {
+        let config = self.config.lock().unwrap().clone();
+        if self
+            .failing_workspaces
+            .lock()
+            .unwrap()
+            .contains(&spec.workspace)
+        {
+            return Err(DriverError::Boot(format!(
+                "simulated boot failure for workspace {}",
+                spec.workspace
+            )));
+        }
+        if config.failure_rate > 0.0 && rand::thread_rng().gen_bool(config.failure_rate.min(1.0)) {
+            return Err(DriverError::Boot("simulated boot failure".into()));
+        }
+        let vm = FakeVm {
+            spec: spec.clone(),
+            ready_at: Instant::now() + config.boot_latency,
+            files: HashMap::new(),
+            execs: Vec::new(),
+        };
+        self.vms.lock().unwrap().insert(spec.id, vm);
+        self.created.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn destroy(&self, id: VmId) -> Result<()> {
+        if self.vms.lock().unwrap().remove(&id).is_some() {
+            self.destroyed.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<ObservedVm>> {
+        Ok(self
+            .vms
+            .lock()
+            .unwrap()
+            .values()
+            .map(|v| ObservedVm {
+                id: v.spec.id,
+                tenant: v.spec.tenant,
+                workspace: v.spec.workspace.clone(),
+                running: true,
+            })
+            .collect())
+    }
+
+    async fn exec(
+        &self,
+        id: VmId,
+        request: &ExecRequest,
+        output: Option<mpsc::UnboundedSender<OutputChunk>>,
+    ) -> Result<ExecResult> {
+        {
+            let mut vms = self.vms.lock().unwrap();
+            let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
+            vm.execs.push(request.command.clone());
+        }
+        if let Some(tx) = output {
+            let _ = tx.send(OutputChunk {
+                stream: Stream::Stdout,
+                data: format!("{}\n", request.command),
+            });
+        }
+        Ok(ExecResult {
+            exit_code: exit_code_of(&request.command),
+            timed_out: false,
+        })
+    }
+
+    async fn write_file(&self, id: VmId, path: &str, contents: &[u8], mode: u32) -> Result<()> {
+        let mut vms = self.vms.lock().unwrap();
+        let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
+        vm.files.insert(path.to_owned(), (contents.to_vec(), mode));
+        Ok(())
+    }
+
+    async fn health(&self, id: VmId) -> Result<GuestHealth> {
+        let vms = self.vms.lock().unwrap();
+        let vm = vms.get(&id).ok_or(DriverError::NotFound(id))?;
+        let now = Instant::now();
+        if now < vm.ready_at {
+            return Err(DriverError::Guest("not up yet".into()));
+        }
+        Ok(GuestHealth {
+            uptime_ms: (now - vm.ready_at).as_millis() as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_core::ids::TenantId;
+
+    fn spec(ws: &str) -> VmSpec {
+        VmSpec {
+            id: VmId::new(),
+            tenant: TenantId::new(),
+            workspace: ws.into(),
+            cpus: 1,
+            memory_mib: 256,
+            image: Default::default(),
+            isolated_network: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn lifecycle() {
+        let d = FakeDriver::new(FakeConfig::default());
+        let s = spec("web");
+        d.create(&s).await.unwrap();
+        assert!(d.health(s.id).await.is_ok());
+        assert_eq!(d.list().await.unwrap().len(), 1);
+        let r = d
+            .exec(s.id, &ExecRequest::new("exit 3"), None)
+            .await
+            .unwrap();
+        assert_eq!(r.exit_code, 3);
+        d.write_file(s.id, "/home/.env", b"A=1\n", 0o600)
+            .await
+            .unwrap();
+        assert_eq!(d.file(s.id, "/home/.env").unwrap().1, 0o600);
+        d.destroy(s.id).await.unwrap();
+        d.destroy(s.id).await.unwrap();
+        assert_eq!(d.count(), 0);
+        assert!(matches!(
+            d.health(s.id).await,
+            Err(DriverError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn latency_and_failures() {
+        let d = FakeDriver::new(FakeConfig {
+            boot_latency: Duration::from_secs(60),
+            failure_rate: 0.0,
+        });
+        let s = spec("web");
+        d.create(&s).await.unwrap();
+        assert!(matches!(d.health(s.id).await, Err(DriverError::Guest(_))));
+        d.set_failing("bad", true);
+        assert!(matches!(
+            d.create(&spec("bad")).await,
+            Err(DriverError::Boot(_))
+        ));
+        d.set_config(FakeConfig {
+            boot_latency: Duration::ZERO,
+            failure_rate: 1.0,
+        });
+        assert!(d.create(&spec("web")).await.is_err());
+    }
+}

@@ -1,0 +1,170 @@
+//! The host's client of the guest agent, over any byte stream: a Unix socket
+//! for sandboxes, TCP for qemu. The wire types are
+//! [`hearth_guest_agent::protocol`]'s, so both sides cannot drift apart.
+//!
+//! **Invariants:**
+//! - one request per connection; the connection stays open (both ways)
+//!   until the answer ends, because the agent reads end-of-stream as "the
+//!   client went away" and kills a running command;
+//! - every call is bounded in time: connecting, a health check and a file
+//!   write have fixed limits, an `exec` its own timeout plus a margin (then
+//!   the connection is dropped, which makes the agent kill the command);
+//! - every failure is a [`DriverError::Guest`] naming what went wrong; an
+//!   agent's `error` line becomes its message.
+
+use crate::{DriverError, ExecRequest, ExecResult, GuestHealth, OutputChunk, Result, Stream};
+use hearth_guest_agent::protocol::{ExecOp, Op, Request, Response, WriteFileOp};
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, Lines};
+use tokio::sync::mpsc;
+
+/// How long connecting to the agent may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a health check may take, connection included.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a file write may take, connection included.
+pub const WRITE_FILE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much longer than its own timeout an `exec` may take before the
+/// client gives up on the agent.
+pub const EXEC_MARGIN: Duration = Duration::from_secs(30);
+
+/// A client of one VM's guest agent: how to connect, and the VM's secret.
+pub struct GuestClient<F> {
+    connect: F,
+    secret: String,
+}
+
+impl<F> fmt::Debug for GuestClient<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestClient")
+            .field("secret", &"***")
+            .finish_non_exhaustive()
+    }
+}
+
+fn guest(what: impl fmt::Display) -> DriverError {
+    DriverError::Guest(what.to_string())
+}
+
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    work: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| guest(format!("{what}: no answer within {limit:?}")))?
+}
+
+impl<F, Fut, S> GuestClient<F>
+where
+    F: Fn() -> Fut + Send + Sync,
+    Fut: Future<Output = io::Result<S>> + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    /// `connect` opens a fresh stream to the agent (called once per request).
+    pub fn new(connect: F, secret: impl Into<String>) -> Self {
+        GuestClient {
+            connect,
+            secret: secret.into(),
+        }
+    }
+
+    /// Connects and sends the request; the answer's lines follow.
+    async fn send(&self, op: Op) -> Result<Lines<BufReader<S>>> {
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, (self.connect)())
+            .await
+            .map_err(|_| guest(format!("cannot connect within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|e| guest(format!("cannot connect: {e}")))?;
+        let line = Request::new(self.secret.clone(), op).to_line();
+        stream
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| guest(format!("cannot send the request: {e}")))?;
+        stream
+            .flush()
+            .await
+            .map_err(|e| guest(format!("cannot send the request: {e}")))?;
+        Ok(BufReader::new(stream).lines())
+    }
+
+    /// The next answer line; an `error` line or the end of the stream is an
+    /// error.
+    async fn next(lines: &mut Lines<BufReader<S>>) -> Result<Response> {
+        let line = lines
+            .next_line()
+            .await
+            .map_err(|e| guest(format!("cannot read the answer: {e}")))?
+            .ok_or_else(|| guest("the agent closed the connection before answering in full"))?;
+        match Response::from_line(&line).map_err(guest)? {
+            Response::Error { message } => Err(guest(message)),
+            response => Ok(response),
+        }
+    }
+
+    /// Asks the agent whether it is up.
+    pub async fn health(&self) -> Result<GuestHealth> {
+        bounded(HEALTH_TIMEOUT, "health check", async {
+            let mut lines = self.send(Op::Health).await?;
+            match Self::next(&mut lines).await? {
+                Response::Health { uptime_ms, .. } => Ok(GuestHealth { uptime_ms }),
+                other => Err(guest(format!(
+                    "unexpected answer to a health check: {other:?}"
+                ))),
+            }
+        })
+        .await
+    }
+
+    /// Runs a command, streaming its output to `output` (when given, and
+    /// while its receiver listens) as it arrives.
+    pub async fn exec(
+        &self,
+        request: &ExecRequest,
+        output: Option<mpsc::UnboundedSender<OutputChunk>>,
+    ) -> Result<ExecResult> {
+        let op = Op::Exec(ExecOp {
+            command: request.command.clone(),
+            cwd: request.cwd.clone(),
+            env: request.env.clone(),
+            timeout_ms: Some(u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX)),
+        });
+        let limit = request.timeout.saturating_add(EXEC_MARGIN);
+        bounded(limit, "exec", async {
+            let mut lines = self.send(op).await?;
+            loop {
+                let (stream, data) = match Self::next(&mut lines).await? {
+                    Response::Stdout { data } => (Stream::Stdout, data),
+                    Response::Stderr { data } => (Stream::Stderr, data),
+                    Response::Exit { code, timed_out } => {
+                        return Ok(ExecResult {
+                            exit_code: code,
+                            timed_out,
+                        });
+                    }
+                    other => return Err(guest(format!("unexpected answer to an exec: {other:?}"))),
+                };
+                if let Some(output) = &output {
+                    let _ = output.send(OutputChunk { stream, data });
+                }
+            }
+        })
+        .await
+    }
+
+    /// Writes a file atomically (parent folders created) with `mode`.
+    pub async fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<()> {
+        let op = Op::WriteFile(WriteFileOp::new(path, contents, mode));
+        bounded(WRITE_FILE_TIMEOUT, "write_file", async {
+            let mut lines = self.send(op).await?;
+            match Self::next(&mut lines).await? {
+                Response::Ok => Ok(()),
+                other => Err(guest(format!("unexpected answer to write_file: {other:?}"))),
+            }
+        })
+        .await
+    }
+}

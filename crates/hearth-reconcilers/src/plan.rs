@@ -1,0 +1,881 @@
+//! The pool's arithmetic: a pure function from a snapshot of one tenant's
+//! state to the actions that bring it closer to what is asked.
+//!
+//! **Invariants** (property-tested below):
+//! - the live VMs plus the boots planned never exceed `max_vms`;
+//! - an `assigned` VM is never destroyed; only its return is planned, and
+//!   only when its agent has let go of it;
+//! - a VM with work in flight (boot, destroy, return) is never touched;
+//! - boots in flight never exceed the concurrent-boot bound;
+//! - when the cap binds, capacity goes to the workspace furthest below its
+//!   `min_idle` (in proportion), so no workspace starves another;
+//! - queued agents are served first-in, first-out.
+
+use hearth_core::ids::{AgentId, VmId};
+use hearth_store::{AgentPhase, AgentRecord, Millis, VmRecord, VmState, WorkspaceState};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Knobs of the pool that are the server's, not the tenant's.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A VM still booting after this long is destroyed and counts as a failure.
+    pub boot_timeout_ms: Millis,
+    /// At most this many VMs of a tenant boot at once.
+    pub max_concurrent_boots: usize,
+    /// At most this many stale idle VMs of a workspace are destroyed per pass.
+    pub stale_batch: usize,
+    /// First back-off after a failed boot; doubles with each further failure.
+    pub backoff_base_ms: Millis,
+    pub backoff_max_ms: Millis,
+    /// After this many consecutive failed boots a workspace is hard-limited.
+    pub hard_limit_failures: i64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            boot_timeout_ms: 5 * 60 * 1000,
+            max_concurrent_boots: 8,
+            stale_batch: 2,
+            backoff_base_ms: 5_000,
+            backoff_max_ms: 5 * 60 * 1000,
+            hard_limit_failures: 5,
+        }
+    }
+}
+
+/// One workspace as the planner sees it.
+#[derive(Debug, Clone)]
+pub struct WorkspaceView {
+    pub name: String,
+    pub min_idle: usize,
+    pub max_idle: usize,
+    /// Warm pool on (`warm_pool.enabled`); off means `min_idle` counts as 0.
+    pub warm: bool,
+    pub env_version: i64,
+    pub image_version: i64,
+    pub idle_timeout_ms: Millis,
+    pub state: WorkspaceState,
+}
+
+/// Everything the planner needs of one tenant, read at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// `None`: no pool config, so no capacity at all.
+    pub max_vms: Option<i64>,
+    /// Stopped by `pool flush --nuke` until `pool up`.
+    pub stopped: bool,
+    pub workspaces: Vec<WorkspaceView>,
+    /// Live VMs only.
+    pub vms: Vec<VmRecord>,
+    /// Queued agents, FIFO.
+    pub queued: Vec<AgentRecord>,
+    /// Phase (and current VM) of every agent an assigned VM names.
+    pub holders: HashMap<AgentId, (AgentPhase, Option<VmId>)>,
+    /// VMs a task of this server is working on right now.
+    pub in_flight: HashSet<VmId>,
+}
+
+/// Why a VM is destroyed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// More idle than `max_idle`.
+    Excess,
+    /// Idle past the environment's `idle_timeout`, beyond `min_idle`.
+    IdleTimeout,
+    /// Built from an older environment or image version.
+    Stale,
+    /// Booting for longer than the boot timeout.
+    BootTimeout,
+    /// The pool is stopped.
+    PoolStopped,
+    /// Its workspace no longer exists.
+    WorkspaceGone,
+    /// Already `draining` (flushed, or left so by a crash).
+    Draining,
+}
+
+/// One thing to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Boot a VM for a workspace, for a queued agent when given.
+    Boot {
+        workspace: String,
+        reserved_for: Option<AgentId>,
+    },
+    /// Hand an idle VM of the workspace to a queued agent.
+    Assign { agent: AgentId, workspace: String },
+    /// Destroy a VM (compare-and-set from `from`, so a VM claimed meanwhile is kept).
+    Destroy {
+        vm: VmId,
+        from: VmState,
+        reason: Reason,
+    },
+    /// Take an assigned VM back from an agent that let go of it.
+    Return { vm: VmId, to_idle: bool },
+    /// Record that a VM is stale (so claims prefer fresh ones).
+    MarkStale { workspace: String },
+    /// A queued agent that cannot be served (its workspace is gone or hard-limited).
+    FailAgent { agent: AgentId, error: String },
+}
+
+fn is_stale(vm: &VmRecord, ws: &WorkspaceView) -> bool {
+    vm.env_version != ws.env_version || vm.image_version != ws.image_version
+}
+
+/// Whether a workspace may boot now (not hard-limited, not backing off).
+pub fn may_boot(ws: &WorkspaceView, now: Millis) -> bool {
+    !ws.state.hard_limited && ws.state.backoff_until.is_none_or(|t| t <= now)
+}
+
+#[derive(Default)]
+struct Counts {
+    fresh_idle: Vec<usize>,
+    stale_idle: Vec<usize>,
+    booting_free: usize,
+}
+
+/// Plans one pass.
+pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let workspaces: BTreeMap<&str, &WorkspaceView> = snap
+        .workspaces
+        .iter()
+        .map(|w| (w.name.as_str(), w))
+        .collect();
+    let live = snap.vms.len() as i64;
+    let mut capacity = snap.max_vms.map_or(0, |m| (m - live).max(0));
+    let mut booting = snap
+        .vms
+        .iter()
+        .filter(|v| matches!(v.state, VmState::Booting | VmState::Provisioning))
+        .count();
+    let mut counts: HashMap<&str, Counts> = HashMap::new();
+    let mut stale_marks = HashSet::new();
+
+    // Boots under way per workspace: a workspace whose boots fail probes
+    // with one at a time.
+    let mut booting_in: HashMap<&str, usize> = HashMap::new();
+    for vm in &snap.vms {
+        if matches!(vm.state, VmState::Booting | VmState::Provisioning) {
+            *booting_in.entry(vm.workspace.as_str()).or_default() += 1;
+        }
+    }
+    let probing = |ws: &WorkspaceView, booting_in: &HashMap<&str, usize>| {
+        ws.state.consecutive_failures > 0
+            && booting_in.get(ws.name.as_str()).copied().unwrap_or(0) > 0
+    };
+    for (i, vm) in snap.vms.iter().enumerate() {
+        if snap.in_flight.contains(&vm.id) {
+            if matches!(vm.state, VmState::Booting | VmState::Provisioning)
+                && vm.reserved_for.is_none()
+                && !vm.test
+            {
+                counts
+                    .entry(vm.workspace.as_str())
+                    .or_default()
+                    .booting_free += 1;
+            }
+            continue;
+        }
+        let ws = workspaces.get(vm.workspace.as_str()).copied();
+        match vm.state {
+            VmState::Draining => actions.push(Action::Destroy {
+                vm: vm.id,
+                from: VmState::Draining,
+                reason: Reason::Draining,
+            }),
+            VmState::Booting | VmState::Provisioning => {
+                // A boot no task of this server runs: left by a crash or by
+                // another server; past the timeout it is given up.
+                if now - vm.updated_at > settings.boot_timeout_ms {
+                    actions.push(Action::Destroy {
+                        vm: vm.id,
+                        from: vm.state,
+                        reason: Reason::BootTimeout,
+                    });
+                } else if vm.reserved_for.is_none() && !vm.test {
+                    counts
+                        .entry(vm.workspace.as_str())
+                        .or_default()
+                        .booting_free += 1;
+                }
+            }
+            VmState::Assigned => {
+                let holder = vm.agent_id.and_then(|a| snap.holders.get(&a));
+                let held = matches!(holder, Some((phase, Some(on))) if *on == vm.id
+                    && matches!(phase, AgentPhase::Running | AgentPhase::Idle));
+                if !held {
+                    // Returned now; whether it stays warm is decided below,
+                    // once every idle VM is counted.
+                    counts.entry(vm.workspace.as_str()).or_default();
+                }
+            }
+            VmState::Idle => {
+                if vm.test {
+                    continue;
+                }
+                let c = counts.entry(vm.workspace.as_str()).or_default();
+                match ws {
+                    Some(ws) if is_stale(vm, ws) => {
+                        c.stale_idle.push(i);
+                        if !vm.stale {
+                            stale_marks.insert(ws.name.clone());
+                        }
+                    }
+                    _ => c.fresh_idle.push(i),
+                }
+            }
+            VmState::Destroyed | VmState::Failed => {}
+        }
+    }
+    for workspace in stale_marks {
+        actions.push(Action::MarkStale { workspace });
+    }
+
+    // Returns: an assigned VM whose agent let go goes back warm while its
+    // workspace is under max_idle, else it is destroyed.
+    for vm in &snap.vms {
+        if vm.state != VmState::Assigned || snap.in_flight.contains(&vm.id) {
+            continue;
+        }
+        let holder = vm.agent_id.and_then(|a| snap.holders.get(&a));
+        let held = matches!(holder, Some((phase, Some(on))) if *on == vm.id
+            && matches!(phase, AgentPhase::Running | AgentPhase::Idle));
+        if held {
+            continue;
+        }
+        let to_idle = match workspaces.get(vm.workspace.as_str()) {
+            Some(ws) if !snap.stopped && !is_stale(vm, ws) => {
+                let c = counts.entry(vm.workspace.as_str()).or_default();
+                let warm = c.fresh_idle.len() + c.stale_idle.len();
+                if warm < ws.max_idle {
+                    // Counted as idle from now on (index unused for returns).
+                    c.fresh_idle.push(usize::MAX);
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        };
+        actions.push(Action::Return { vm: vm.id, to_idle });
+    }
+
+    let destroy_idle = |actions: &mut Vec<Action>, index: usize, reason: Reason| {
+        if index != usize::MAX {
+            actions.push(Action::Destroy {
+                vm: snap.vms[index].id,
+                from: VmState::Idle,
+                reason,
+            });
+        }
+    };
+
+    if snap.stopped {
+        for c in counts.values() {
+            for &i in c.fresh_idle.iter().chain(&c.stale_idle) {
+                destroy_idle(&mut actions, i, Reason::PoolStopped);
+            }
+        }
+        return actions;
+    }
+
+    // Idle VMs of workspaces that no longer exist.
+    for (name, c) in &counts {
+        if !workspaces.contains_key(name) {
+            for &i in c.fresh_idle.iter().chain(&c.stale_idle) {
+                destroy_idle(&mut actions, i, Reason::WorkspaceGone);
+            }
+        }
+    }
+
+    // Queued agents, first in first out: an idle VM when there is one, else
+    // a cold boot while capacity lasts.
+    let mut spare_idle: HashMap<&str, usize> = counts
+        .iter()
+        .map(|(k, c)| (*k, c.fresh_idle.len() + c.stale_idle.len()))
+        .collect();
+    let mut boots_blocked = false;
+    for agent in &snap.queued {
+        let Some(ws) = workspaces.get(agent.workspace.as_str()) else {
+            actions.push(Action::FailAgent {
+                agent: agent.id,
+                error: format!("workspace {:?} no longer exists", agent.workspace),
+            });
+            continue;
+        };
+        let spare = spare_idle.entry(ws.name.as_str()).or_default();
+        if *spare > 0 {
+            *spare -= 1;
+            actions.push(Action::Assign {
+                agent: agent.id,
+                workspace: ws.name.clone(),
+            });
+            continue;
+        }
+        if ws.state.hard_limited {
+            actions.push(Action::FailAgent {
+                agent: agent.id,
+                error: format!(
+                    "workspace {:?} stopped booting VMs after {} consecutive failures: {}",
+                    ws.name,
+                    ws.state.consecutive_failures,
+                    ws.state.last_error.as_deref().unwrap_or("unknown error")
+                ),
+            });
+            continue;
+        }
+        if boots_blocked || !may_boot(ws, now) || probing(ws, &booting_in) {
+            continue;
+        }
+        if capacity > 0 && booting < settings.max_concurrent_boots {
+            capacity -= 1;
+            booting += 1;
+            *booting_in.entry(ws.name.as_str()).or_default() += 1;
+            actions.push(Action::Boot {
+                workspace: ws.name.clone(),
+                reserved_for: Some(agent.id),
+            });
+        } else {
+            // FIFO: no later agent jumps ahead for a boot.
+            boots_blocked = true;
+        }
+    }
+
+    // Scale down: stale first, then past max_idle, then past idle_timeout
+    // beyond min_idle. Agents about to be assigned take fresh VMs first (as
+    // the claim does), so those are left out.
+    let mut ready: HashMap<&str, usize> = HashMap::new();
+    let mut room_made: i64 = 0;
+    for ws in workspaces.values() {
+        let Some(c) = counts.get(ws.name.as_str()) else {
+            continue;
+        };
+        let queued_here = snap
+            .queued
+            .iter()
+            .filter(|a| a.workspace == ws.name)
+            .count();
+        let mut fresh: Vec<usize> = c.fresh_idle.clone();
+        let mut stale: Vec<usize> = c.stale_idle.clone();
+        for _ in 0..queued_here {
+            if fresh.pop().is_none() && stale.pop().is_none() {
+                break;
+            }
+        }
+        let min_idle = if ws.warm { ws.min_idle } else { 0 };
+        let fresh_ready = fresh.len() + c.booting_free;
+        let mut stale_destroyed = 0;
+        if !stale.is_empty() {
+            // Replace stale VMs once fresh ones cover min_idle; at the cap,
+            // make room for the replacements a few at a time.
+            let room_needed = fresh_ready < min_idle && capacity == 0;
+            if fresh_ready >= min_idle || room_needed {
+                stale_destroyed = stale.len().min(settings.stale_batch);
+                for &i in &stale[..stale_destroyed] {
+                    destroy_idle(&mut actions, i, Reason::Stale);
+                }
+                if room_needed {
+                    // The slots freed count only once the tenant is back
+                    // under its cap.
+                    room_made += stale_destroyed as i64;
+                    let planned = actions
+                        .iter()
+                        .filter(|a| matches!(a, Action::Boot { .. }))
+                        .count() as i64;
+                    capacity = snap
+                        .max_vms
+                        .map_or(0, |m| (m - (live - room_made) - planned).max(0));
+                }
+            }
+        }
+        let stale_left = &stale[stale_destroyed..];
+        let warm = fresh.len() + stale_left.len();
+        if warm > ws.max_idle {
+            let excess = warm - ws.max_idle;
+            for &i in stale_left.iter().take(excess) {
+                destroy_idle(&mut actions, i, Reason::Excess);
+            }
+            for _ in 0..excess.saturating_sub(stale_left.len()) {
+                if let Some(i) = fresh.pop() {
+                    destroy_idle(&mut actions, i, Reason::Excess);
+                }
+            }
+        }
+        let mut keep = fresh.len();
+        let mut by_age: Vec<usize> = fresh.iter().copied().filter(|&i| i != usize::MAX).collect();
+        by_age.sort_by_key(|&i| snap.vms[i].updated_at);
+        for i in by_age {
+            if keep <= min_idle {
+                break;
+            }
+            if now - snap.vms[i].updated_at > ws.idle_timeout_ms {
+                destroy_idle(&mut actions, i, Reason::IdleTimeout);
+                keep -= 1;
+            }
+        }
+        ready.insert(ws.name.as_str(), keep + c.booting_free);
+    }
+
+    // Backfill: bring each workspace's fresh idle + booting up to min_idle,
+    // one VM at a time to whichever is furthest below it (in proportion).
+    let mut deficits: Vec<(&WorkspaceView, usize, usize)> = workspaces
+        .values()
+        .filter(|ws| ws.warm && ws.min_idle > 0 && may_boot(ws, now) && !probing(ws, &booting_in))
+        .filter_map(|ws| {
+            let have = ready.get(ws.name.as_str()).copied().unwrap_or(0);
+            // After a failure, one probe boot at a time.
+            let want = if ws.state.consecutive_failures > 0 {
+                ws.min_idle.min(have + 1)
+            } else {
+                ws.min_idle
+            };
+            (have < want).then_some((*ws, have, want))
+        })
+        .collect();
+    while capacity > 0 && booting < settings.max_concurrent_boots && !deficits.is_empty() {
+        // Lowest fill ratio first; ties by name (the BTreeMap order).
+        let (pos, _) = deficits
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| (a.1 * b.2).cmp(&(b.1 * a.2)))
+            .expect("not empty");
+        let entry = &mut deficits[pos];
+        actions.push(Action::Boot {
+            workspace: entry.0.name.clone(),
+            reserved_for: None,
+        });
+        entry.1 += 1;
+        capacity -= 1;
+        booting += 1;
+        if entry.1 >= entry.2 {
+            deficits.remove(pos);
+        }
+    }
+    actions
+}
+
+/// The back-off state after one more failed boot.
+pub fn after_failure(
+    state: &WorkspaceState,
+    error: &str,
+    now: Millis,
+    settings: &Settings,
+) -> WorkspaceState {
+    let failures = state.consecutive_failures + 1;
+    let shift = (failures - 1).clamp(0, 20) as u32;
+    let delay = settings
+        .backoff_base_ms
+        .saturating_mul(1i64 << shift)
+        .min(settings.backoff_max_ms);
+    WorkspaceState {
+        workspace: state.workspace.clone(),
+        consecutive_failures: failures,
+        backoff_until: Some(now + delay),
+        hard_limited: failures >= settings.hard_limit_failures,
+        last_error: Some(error.to_owned()),
+        config_fingerprint: state.config_fingerprint.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_core::ids::{IdentityId, TenantId};
+    use hearth_core::rbac::IdentityKind;
+    use hearth_store::OnIdle;
+    use proptest::prelude::*;
+
+    const NOW: Millis = 1_000_000_000;
+
+    fn ws(name: &str, min_idle: usize, max_idle: usize) -> WorkspaceView {
+        WorkspaceView {
+            name: name.into(),
+            min_idle,
+            max_idle,
+            warm: true,
+            env_version: 1,
+            image_version: 0,
+            idle_timeout_ms: 15 * 60 * 1000,
+            state: WorkspaceState {
+                workspace: name.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn vm(workspace: &str, state: VmState) -> VmRecord {
+        let mut v = VmRecord::booting(VmId::new(), TenantId::new(), workspace, "fake", 1, 0);
+        v.state = state;
+        v.created_at = NOW - 1000;
+        v.updated_at = NOW - 1000;
+        v
+    }
+
+    fn agent(workspace: &str) -> AgentRecord {
+        AgentRecord {
+            id: AgentId::new(),
+            tenant_id: TenantId::new(),
+            workspace: workspace.into(),
+            owner_id: IdentityId::new(),
+            owner_name: "dev".into(),
+            owner_kind: IdentityKind::Developer,
+            parent_id: None,
+            phase: AgentPhase::Queued,
+            vm_id: None,
+            on_idle: OnIdle::Sleep,
+            command: None,
+            build: "b".into(),
+            exit_code: None,
+            output: String::new(),
+            error: None,
+            resurrections: 0,
+            created_at: NOW,
+            updated_at: NOW,
+            queued_at: NOW,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    fn snap(max_vms: i64, workspaces: Vec<WorkspaceView>, vms: Vec<VmRecord>) -> Snapshot {
+        Snapshot {
+            max_vms: Some(max_vms),
+            workspaces,
+            vms,
+            ..Default::default()
+        }
+    }
+
+    fn boots(actions: &[Action], workspace: &str) -> usize {
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Boot { workspace: w, .. } if w == workspace))
+            .count()
+    }
+
+    fn destroys(actions: &[Action]) -> Vec<(VmId, Reason)> {
+        actions
+            .iter()
+            .filter_map(|a| {
+                if let Action::Destroy { vm, reason, .. } = a {
+                    Some((*vm, *reason))
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn backfill_counts_idle_and_booting() {
+        let s = snap(
+            10,
+            vec![ws("web", 3, 5)],
+            vec![vm("web", VmState::Idle), vm("web", VmState::Booting)],
+        );
+        assert_eq!(boots(&plan(&s, NOW, &Settings::default()), "web"), 1);
+        let s = snap(
+            10,
+            vec![ws("web", 2, 5)],
+            vec![vm("web", VmState::Idle), vm("web", VmState::Booting)],
+        );
+        assert!(plan(&s, NOW, &Settings::default()).is_empty());
+    }
+
+    #[test]
+    fn no_config_means_no_capacity() {
+        let s = Snapshot {
+            max_vms: None,
+            workspaces: vec![ws("web", 3, 5)],
+            ..Default::default()
+        };
+        assert_eq!(boots(&plan(&s, NOW, &Settings::default()), "web"), 0);
+    }
+
+    #[test]
+    fn cap_is_shared_fairly() {
+        let s = snap(
+            6,
+            vec![ws("a", 10, 10), ws("b", 10, 10), ws("c", 2, 2)],
+            vec![],
+        );
+        let a = plan(&s, NOW, &Settings::default());
+        // Proportional fill: c (2 wanted) gets 1 or 2, a and b get the rest evenly.
+        assert_eq!(a.len(), 6);
+        let (na, nb, nc) = (boots(&a, "a"), boots(&a, "b"), boots(&a, "c"));
+        assert!(na.abs_diff(nb) <= 1 && nc >= 1, "{na} {nb} {nc}");
+        // A workspace that already has some never starves one that has none.
+        let s = snap(
+            3,
+            vec![ws("a", 5, 5), ws("b", 5, 5)],
+            vec![vm("a", VmState::Idle), vm("a", VmState::Idle)],
+        );
+        let a = plan(&s, NOW, &Settings::default());
+        assert_eq!(boots(&a, "b"), 1);
+        assert_eq!(boots(&a, "a"), 0);
+    }
+
+    #[test]
+    fn concurrent_boots_are_bounded() {
+        let settings = Settings {
+            max_concurrent_boots: 3,
+            ..Default::default()
+        };
+        let s = snap(
+            100,
+            vec![ws("web", 10, 10)],
+            vec![vm("web", VmState::Booting)],
+        );
+        assert_eq!(boots(&plan(&s, NOW, &settings), "web"), 2);
+    }
+
+    #[test]
+    fn excess_idle_is_destroyed() {
+        let vms: Vec<_> = (0..5).map(|_| vm("web", VmState::Idle)).collect();
+        let s = snap(10, vec![ws("web", 1, 3)], vms);
+        let d = destroys(&plan(&s, NOW, &Settings::default()));
+        assert_eq!(d.len(), 2);
+        assert!(d.iter().all(|(_, r)| *r == Reason::Excess));
+    }
+
+    #[test]
+    fn idle_timeout_keeps_min_idle() {
+        let mut vms: Vec<_> = (0..4).map(|_| vm("web", VmState::Idle)).collect();
+        for v in &mut vms {
+            v.updated_at = NOW - 16 * 60 * 1000;
+        }
+        let s = snap(10, vec![ws("web", 1, 5)], vms);
+        let d = destroys(&plan(&s, NOW, &Settings::default()));
+        assert_eq!(d.len(), 3);
+        assert!(d.iter().all(|(_, r)| *r == Reason::IdleTimeout));
+    }
+
+    #[test]
+    fn stale_vms_are_replaced_without_dropping_below_min_idle() {
+        let mut old: Vec<_> = (0..3).map(|_| vm("web", VmState::Idle)).collect();
+        for v in &mut old {
+            v.env_version = 0;
+        }
+        let settings = Settings::default();
+        // Capacity allows: boot fresh ones first, destroy nothing yet.
+        let s = snap(10, vec![ws("web", 3, 3)], old.clone());
+        let a = plan(&s, NOW, &settings);
+        assert_eq!(boots(&a, "web"), 3);
+        assert!(destroys(&a).is_empty());
+        assert!(a.contains(&Action::MarkStale {
+            workspace: "web".into()
+        }));
+        // Fresh ones ready: stale ones go, a few at a time.
+        let mut vms = old.clone();
+        vms.extend((0..3).map(|_| vm("web", VmState::Idle)));
+        let s = snap(10, vec![ws("web", 3, 6)], vms);
+        let d = destroys(&plan(&s, NOW, &settings));
+        assert_eq!(d.len(), settings.stale_batch);
+        assert!(d.iter().all(|(_, r)| *r == Reason::Stale));
+        // At the cap: make room a few at a time.
+        let s = snap(3, vec![ws("web", 3, 3)], old);
+        let a = plan(&s, NOW, &settings);
+        assert_eq!(destroys(&a).len(), settings.stale_batch);
+        assert_eq!(boots(&a, "web"), settings.stale_batch);
+    }
+
+    #[test]
+    fn queued_agents_are_served_fifo() {
+        let first = agent("web");
+        let second = agent("web");
+        let s = Snapshot {
+            queued: vec![first.clone(), second.clone()],
+            ..snap(1, vec![ws("web", 0, 2)], vec![])
+        };
+        let a = plan(&s, NOW, &Settings::default());
+        assert_eq!(
+            a,
+            vec![Action::Boot {
+                workspace: "web".into(),
+                reserved_for: Some(first.id)
+            }]
+        );
+        // An idle VM goes to the first in line.
+        let s = Snapshot {
+            queued: vec![first.clone(), second],
+            ..snap(1, vec![ws("web", 0, 2)], vec![vm("web", VmState::Idle)])
+        };
+        let a = plan(&s, NOW, &Settings::default());
+        assert_eq!(
+            a,
+            vec![Action::Assign {
+                agent: first.id,
+                workspace: "web".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn returns_follow_max_idle() {
+        let mut a = agent("web");
+        a.phase = AgentPhase::Completed;
+        let mut held = vm("web", VmState::Assigned);
+        held.agent_id = Some(a.id);
+        let mut s = snap(10, vec![ws("web", 0, 1)], vec![held.clone()]);
+        s.holders
+            .insert(a.id, (AgentPhase::Completed, Some(held.id)));
+        assert_eq!(
+            plan(&s, NOW, &Settings::default()),
+            vec![Action::Return {
+                vm: held.id,
+                to_idle: true
+            }]
+        );
+        s.vms.push(vm("web", VmState::Idle));
+        assert_eq!(
+            plan(&s, NOW, &Settings::default()),
+            vec![Action::Return {
+                vm: held.id,
+                to_idle: false
+            }]
+        );
+        // A running agent keeps its VM.
+        s.holders.insert(a.id, (AgentPhase::Running, Some(held.id)));
+        assert!(plan(&s, NOW, &Settings::default()).is_empty());
+    }
+
+    #[test]
+    fn stopped_pool_destroys_idle_and_boots_nothing() {
+        let mut s = snap(10, vec![ws("web", 3, 3)], vec![vm("web", VmState::Idle)]);
+        s.stopped = true;
+        let a = plan(&s, NOW, &Settings::default());
+        assert_eq!(destroys(&a).len(), 1);
+        assert_eq!(boots(&a, "web"), 0);
+    }
+
+    #[test]
+    fn back_off_and_hard_limit() {
+        let settings = Settings::default();
+        let mut w = ws("web", 2, 2);
+        w.state = after_failure(&w.state, "boom", NOW, &settings);
+        assert_eq!(w.state.backoff_until, Some(NOW + settings.backoff_base_ms));
+        let s = snap(10, vec![w.clone()], vec![]);
+        assert_eq!(boots(&plan(&s, NOW, &settings), "web"), 0);
+        // After the back-off, one probe boot at a time.
+        assert_eq!(
+            boots(&plan(&s, NOW + settings.backoff_base_ms, &settings), "web"),
+            1
+        );
+        let probing = Snapshot {
+            vms: vec![vm("web", VmState::Booting)],
+            ..s.clone()
+        };
+        assert_eq!(
+            boots(
+                &plan(&probing, NOW + settings.backoff_base_ms, &settings),
+                "web"
+            ),
+            0
+        );
+        let second = after_failure(&w.state, "boom", NOW, &settings);
+        assert_eq!(
+            second.backoff_until,
+            Some(NOW + 2 * settings.backoff_base_ms)
+        );
+        let mut state = w.state.clone();
+        for _ in 1..settings.hard_limit_failures {
+            state = after_failure(&state, "boom", NOW, &settings);
+        }
+        assert!(state.hard_limited);
+        w.state = state;
+        let queued = agent("web");
+        let s = Snapshot {
+            queued: vec![queued.clone()],
+            ..snap(10, vec![w], vec![])
+        };
+        let a = plan(&s, NOW + 10 * 60 * 1000, &settings);
+        assert!(
+            matches!(&a[..], [Action::FailAgent { agent, .. }] if *agent == queued.id),
+            "{a:?}"
+        );
+    }
+
+    fn arb_snapshot() -> impl Strategy<Value = (Snapshot, usize)> {
+        let states = prop::sample::select(vec![
+            VmState::Booting,
+            VmState::Provisioning,
+            VmState::Idle,
+            VmState::Assigned,
+            VmState::Draining,
+        ]);
+        (
+            1i64..40,
+            prop::collection::vec((0usize..4, 0usize..6, 0usize..6), 1..4),
+            prop::collection::vec((0usize..4, states, any::<bool>(), any::<bool>()), 0..40),
+            prop::collection::vec(0usize..4, 0..10),
+            1usize..10,
+        )
+            .prop_map(|(max_vms, wss, vms, queued, concurrent)| {
+                let names = ["a", "b", "c", "d"];
+                let workspaces: Vec<_> = wss
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, min, extra))| ws(names[i], *min, *min + *extra))
+                    .collect();
+                let vms: Vec<_> = vms
+                    .into_iter()
+                    .map(|(w, state, stale, busy)| {
+                        let mut v = vm(names[w % workspaces.len()], state);
+                        if stale {
+                            v.env_version = 0;
+                        }
+                        if state == VmState::Assigned && busy {
+                            v.agent_id = Some(AgentId::new());
+                        }
+                        v
+                    })
+                    .collect();
+                let mut s = snap(max_vms, workspaces.clone(), vms);
+                for v in &s.vms {
+                    if let Some(a) = v.agent_id {
+                        s.holders.insert(a, (AgentPhase::Running, Some(v.id)));
+                    }
+                }
+                s.queued = queued
+                    .into_iter()
+                    .map(|w| agent(names[w % workspaces.len()]))
+                    .collect();
+                (s, concurrent)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn plans_respect_the_invariants((s, concurrent) in arb_snapshot()) {
+            let settings = Settings { max_concurrent_boots: concurrent, ..Default::default() };
+            let actions = plan(&s, NOW, &settings);
+            let boots = actions.iter().filter(|a| matches!(a, Action::Boot { .. })).count() as i64;
+            let live = s.vms.len() as i64;
+            let room_made = actions.iter().filter(|a| matches!(a, Action::Destroy { reason: Reason::Stale, .. })).count() as i64;
+            // Never beyond the cap (a stale VM destroyed to make room frees its slot).
+            prop_assert!(boots == 0 || live + boots - room_made <= s.max_vms.unwrap());
+            let booting = s.vms.iter().filter(|v| matches!(v.state, VmState::Booting | VmState::Provisioning)).count();
+            prop_assert!(boots == 0 || booting + boots as usize <= concurrent);
+            for a in &actions {
+                if let Action::Destroy { vm, from, .. } = a {
+                    let v = s.vms.iter().find(|v| v.id == *vm).unwrap();
+                    prop_assert_ne!(v.state, VmState::Assigned);
+                    prop_assert_eq!(v.state, *from);
+                }
+                if let Action::Return { vm, .. } = a {
+                    let v = s.vms.iter().find(|v| v.id == *vm).unwrap();
+                    let held = v.agent_id.and_then(|id| s.holders.get(&id)).is_some();
+                    prop_assert!(!held, "a VM an agent holds is never returned");
+                }
+            }
+            let mut seen = HashSet::new();
+            for a in &actions {
+                if let Action::Destroy { vm, .. } | Action::Return { vm, .. } = a {
+                    prop_assert!(seen.insert(*vm), "one action per VM");
+                }
+            }
+        }
+    }
+}

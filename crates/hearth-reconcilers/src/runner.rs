@@ -1,0 +1,1130 @@
+//! The pool runner: reads a tenant's snapshot, plans, executes. Woken by
+//! changes and by a slow resync timer; also owns adoption at start, the
+//! agents' commands, flush/nuke/up, and the reaper pass.
+
+use crate::plan::{self, Action, Reason, Settings, Snapshot, WorkspaceView};
+use crate::reaper;
+use crate::status::{self, PoolStatus};
+use hearth_core::ids::{AgentId, TenantId, VmId};
+use hearth_core::resource::{
+    DriverKind, Environment, Image, Kind, Network, POOL_CONFIG_NAME, PoolConfig, Spec, Workspace,
+};
+use hearth_drivers::{
+    Driver, DriverError, Drivers, ExecRequest, ExecResult, ImageSpec, OutputChunk, Stream, VmSpec,
+};
+use hearth_store::{
+    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, InsertVm, Millis, Ready, Store, StoreError,
+    VmRecord, VmState, WorkspaceState, now_millis,
+};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, watch};
+
+/// What can go wrong in a pass.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    #[error("{0}")]
+    Precondition(String),
+}
+
+/// How a server runs its pool.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    pub settings: Settings,
+    /// The build this server is (agents' workflows are pinned to it).
+    pub build: String,
+    /// How long a workflow may be stranded before `enabled` reaps it.
+    pub reap_after: Duration,
+    /// The slow periodic resync.
+    pub resync: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            settings: Settings::default(),
+            build: concat!("hearth-", env!("CARGO_PKG_VERSION")).into(),
+            reap_after: Duration::from_secs(48 * 3600),
+            resync: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What adoption found at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdoptReport {
+    pub adopted: usize,
+    /// Real VMs nothing in the store knew, destroyed.
+    pub unknown_destroyed: usize,
+    /// Records whose VM was gone (or half-booted), closed.
+    pub records_closed: usize,
+    pub agents_failed: usize,
+    pub agents_requeued: usize,
+}
+
+/// Output kept of a command, at most.
+const OUTPUT_TAIL: usize = 64 * 1024;
+
+/// Run in a VM before it goes back to the pool: every process but the
+/// guest agent's own is killed and /tmp emptied.
+const CLEANUP: &str = "for d in /proc/[0-9]*; do p=${d#/proc/}; case $p in 1|$$|$PPID) ;; *) kill -9 $p 2>/dev/null;; esac; done; \
+     find /tmp -mindepth 1 -delete 2>/dev/null; true";
+
+/// What booting a VM of a workspace needs.
+#[derive(Debug, Clone)]
+struct BootPlan {
+    driver: DriverKind,
+    cpus: u32,
+    memory_mib: u64,
+    image: ImageSpec,
+    isolated_network: bool,
+    env_version: i64,
+    image_version: i64,
+}
+
+/// A tenant's snapshot plus what executing its plan needs.
+struct Pass {
+    snapshot: Snapshot,
+    boot_plans: HashMap<String, BootPlan>,
+    reap_mode: hearth_core::resource::ReapMode,
+    reap_setting: String,
+    active_agents: Vec<AgentRecord>,
+}
+
+/// The pool runner of one server (all tenants).
+pub struct Pool {
+    store: Arc<dyn Store>,
+    drivers: Drivers,
+    options: PoolOptions,
+    wake: Notify,
+    in_flight: Mutex<HashSet<VmId>>,
+    commands: Mutex<HashSet<AgentId>>,
+    dry_run_logged: Mutex<HashSet<AgentId>>,
+    workspace_state_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+fn driver_kind(name: &str) -> Option<DriverKind> {
+    serde_json::from_value(serde_json::Value::String(name.to_owned())).ok()
+}
+
+fn driver_name(kind: DriverKind) -> String {
+    serde_json::to_value(kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn decode<T: Spec>(value: &serde_json::Value) -> Result<T, PoolError> {
+    serde_json::from_value(value.clone())
+        .map_err(|e| PoolError::Store(StoreError::Corrupt(format!("stored {}: {e}", T::KIND))))
+}
+
+/// Keeps the last `OUTPUT_TAIL` bytes of a growing text.
+fn push_tail(buffer: &mut String, data: &str) {
+    buffer.push_str(data);
+    if buffer.len() > OUTPUT_TAIL {
+        let mut cut = buffer.len() - OUTPUT_TAIL;
+        while !buffer.is_char_boundary(cut) {
+            cut += 1;
+        }
+        buffer.drain(..cut);
+    }
+}
+
+impl Pool {
+    pub fn new(store: Arc<dyn Store>, drivers: Drivers, options: PoolOptions) -> Arc<Pool> {
+        Arc::new(Pool {
+            store,
+            drivers,
+            options,
+            wake: Notify::new(),
+            in_flight: Mutex::new(HashSet::new()),
+            commands: Mutex::new(HashSet::new()),
+            dry_run_logged: Mutex::new(HashSet::new()),
+            workspace_state_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn options(&self) -> &PoolOptions {
+        &self.options
+    }
+
+    /// Asks for a pass as soon as possible (coalesced).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Runs passes until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.reconcile_all().await {
+                tracing::error!(error = %e, "pool pass failed");
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.options.resync) => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+    }
+
+    /// One pass over every tenant.
+    pub async fn reconcile_all(self: &Arc<Self>) -> Result<(), PoolError> {
+        for tenant in self.store.list_tenants().await? {
+            if let Err(e) = self.reconcile_tenant(tenant.id).await {
+                tracing::error!(tenant = %tenant.name, error = %e, "pool pass of a tenant failed");
+            }
+        }
+        Ok(())
+    }
+
+    fn in_flight(&self) -> HashSet<VmId> {
+        self.in_flight.lock().unwrap().clone()
+    }
+
+    /// Reads everything the planner needs of one tenant.
+    async fn read_pass(&self, tenant: TenantId) -> Result<Pass, PoolError> {
+        // Taken before the VMs are read: a task still running then is left
+        // out of this pass; one finished since shows its effect in the read.
+        let in_flight = self.in_flight();
+        let store = &self.store;
+        let config = match store
+            .get_resource(tenant, Kind::PoolConfig, POOL_CONFIG_NAME)
+            .await?
+        {
+            Some(r) => Some(decode::<PoolConfig>(&r.spec)?),
+            None => None,
+        };
+        let stopped = store.get_pool_state(tenant).await?.stopped;
+        let environments: HashMap<String, (Environment, i64)> = store
+            .list_resources(tenant, Kind::Environment)
+            .await?
+            .iter()
+            .map(|r| Ok((r.name.clone(), (decode::<Environment>(&r.spec)?, r.version))))
+            .collect::<Result<_, PoolError>>()?;
+        let images: HashMap<String, (Image, i64)> = store
+            .list_resources(tenant, Kind::Image)
+            .await?
+            .iter()
+            .map(|r| Ok((r.name.clone(), (decode::<Image>(&r.spec)?, r.version))))
+            .collect::<Result<_, PoolError>>()?;
+        let states: HashMap<String, WorkspaceState> = store
+            .list_workspace_states(tenant)
+            .await?
+            .into_iter()
+            .map(|s| (s.workspace.clone(), s))
+            .collect();
+        let mut workspaces = Vec::new();
+        let mut boot_plans = HashMap::new();
+        for record in store.list_resources(tenant, Kind::Workspace).await? {
+            let ws: Workspace = decode(&record.spec)?;
+            let Some((env, env_version)) = environments.get(&ws.environment) else {
+                continue;
+            };
+            let image = env.image.as_ref().and_then(|name| images.get(name));
+            let image_version = image.map_or(0, |(_, v)| *v);
+            let fingerprint = format!("{}/{}/{}", record.version, env_version, image_version);
+            let known = states.get(&record.name).cloned();
+            let mut state = known.clone().unwrap_or_default();
+            if known.is_none() || state.config_fingerprint.is_empty() {
+                // First sight: record the configuration that failures are
+                // counted against.
+                state.workspace = record.name.clone();
+                state.config_fingerprint = fingerprint;
+                let _guard = self.workspace_state_lock.lock().await;
+                store.put_workspace_state(tenant, &state).await?;
+            } else if state.config_fingerprint != fingerprint {
+                // A configuration change lifts the back-off and the hard limit.
+                state = WorkspaceState {
+                    workspace: record.name.clone(),
+                    config_fingerprint: fingerprint,
+                    ..Default::default()
+                };
+                let _guard = self.workspace_state_lock.lock().await;
+                store.put_workspace_state(tenant, &state).await?;
+            }
+            boot_plans.insert(
+                record.name.clone(),
+                BootPlan {
+                    driver: env.driver,
+                    cpus: env.cpus.max(1) as u32,
+                    memory_mib: env.memory_mib().unwrap_or(512),
+                    image: image
+                        .map(|(i, _)| ImageSpec {
+                            root_dir: i.root_dir.as_ref().map(PathBuf::from),
+                            kernel: i.kernel.as_ref().map(PathBuf::from),
+                            initrd: i.initrd.as_ref().map(PathBuf::from),
+                            disk: i.disk.as_ref().map(PathBuf::from),
+                        })
+                        .unwrap_or_default(),
+                    isolated_network: env.network == Network::Isolated,
+                    env_version: *env_version,
+                    image_version,
+                },
+            );
+            workspaces.push(WorkspaceView {
+                name: record.name.clone(),
+                min_idle: ws.min_idle.max(0) as usize,
+                max_idle: ws.max_idle().max(0) as usize,
+                warm: ws.warm_pool.enabled,
+                env_version: *env_version,
+                image_version,
+                idle_timeout_ms: env.idle_timeout_secs().unwrap_or(900) as i64 * 1000,
+                state,
+            });
+        }
+        let vms = store.list_vms(tenant, false).await?;
+        let queued = store.list_queued_agents(tenant).await?;
+        let active_agents = store
+            .list_agents(
+                tenant,
+                &AgentFilter {
+                    phases: AgentPhase::ACTIVE.to_vec(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let holders = active_agents
+            .iter()
+            .map(|a| (a.id, (a.phase, a.vm_id)))
+            .collect();
+        let reap_setting = config.as_ref().map_or_else(
+            || "dry_run".to_owned(),
+            |c| c.reap_stranded_workflows.clone(),
+        );
+        Ok(Pass {
+            snapshot: Snapshot {
+                max_vms: config.as_ref().map(|c| i64::from(c.max_vms)),
+                stopped,
+                workspaces,
+                vms,
+                queued,
+                holders,
+                in_flight,
+            },
+            boot_plans,
+            reap_mode: config
+                .as_ref()
+                .map_or(hearth_core::resource::ReapMode::DryRun, |c| c.reap_mode()),
+            reap_setting,
+            active_agents,
+        })
+    }
+
+    /// The tenant's pool status.
+    pub async fn status(&self, tenant: TenantId) -> Result<PoolStatus, PoolError> {
+        let pass = self.read_pass(tenant).await?;
+        let builds = self.store.list_builds().await?;
+        let finding = reaper::find(
+            pass.reap_mode,
+            &pass.active_agents,
+            &builds,
+            now_millis(),
+            self.reap_after_ms(),
+        );
+        Ok(status::compute(
+            &pass.snapshot,
+            now_millis(),
+            self.options.settings.boot_timeout_ms,
+            &pass.reap_setting,
+            finding.stranded.len(),
+        ))
+    }
+
+    fn reap_after_ms(&self) -> Millis {
+        self.options.reap_after.as_millis() as Millis
+    }
+
+    /// One pass over one tenant: plan, then act.
+    #[tracing::instrument(level = "debug", skip(self), fields(tenant = %tenant))]
+    pub async fn reconcile_tenant(
+        self: &Arc<Self>,
+        tenant: TenantId,
+    ) -> Result<Vec<Action>, PoolError> {
+        let pass = self.read_pass(tenant).await?;
+        let now = now_millis();
+        self.reap(tenant, &pass, now).await?;
+        let actions = plan::plan(&pass.snapshot, now, &self.options.settings);
+        for action in &actions {
+            if let Err(e) = self.execute(tenant, &pass, action).await {
+                tracing::warn!(tenant = %tenant, ?action, error = %e, "pool action failed");
+            }
+        }
+        Ok(actions)
+    }
+
+    async fn reap(&self, tenant: TenantId, pass: &Pass, now: Millis) -> Result<(), PoolError> {
+        let builds = self.store.list_builds().await?;
+        let finding = reaper::find(
+            pass.reap_mode,
+            &pass.active_agents,
+            &builds,
+            now,
+            self.reap_after_ms(),
+        );
+        for id in &finding.stranded {
+            if pass.reap_mode == hearth_core::resource::ReapMode::DryRun
+                && self.dry_run_logged.lock().unwrap().insert(*id)
+            {
+                tracing::warn!(tenant = %tenant, agent = %id, "stranded workflow on a retired build (dry run: not terminated)");
+            }
+        }
+        for id in finding.reap {
+            let update = AgentUpdate {
+                error: Some("reaped: its workflow was stranded on a retired build".into()),
+                ..Default::default()
+            };
+            match self
+                .store
+                .transition_agent(tenant, id, AgentPhase::ACTIVE, AgentPhase::Killed, &update)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(tenant = %tenant, agent = %id, "reaped a stranded workflow")
+                }
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn execute(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        pass: &Pass,
+        action: &Action,
+    ) -> Result<(), PoolError> {
+        let snap = &pass.snapshot;
+        match action {
+            Action::MarkStale { workspace } => {
+                if let Some(ws) = snap.workspaces.iter().find(|w| &w.name == workspace) {
+                    self.store
+                        .mark_stale(tenant, workspace, ws.env_version, ws.image_version)
+                        .await?;
+                }
+            }
+            Action::Assign { agent, workspace } => {
+                if let Some(vm) = self.store.assign_idle_vm(tenant, workspace, *agent).await? {
+                    tracing::info!(tenant = %tenant, agent = %agent, vm = %vm.id, workspace, "queued agent assigned a warm VM");
+                    let record = self.store.get_agent(tenant, *agent).await?;
+                    self.agent_started(&record);
+                }
+            }
+            Action::FailAgent { agent, error } => {
+                let update = AgentUpdate {
+                    error: Some(error.clone()),
+                    ..Default::default()
+                };
+                match self
+                    .store
+                    .transition_agent(
+                        tenant,
+                        *agent,
+                        &[AgentPhase::Queued],
+                        AgentPhase::Failed,
+                        &update,
+                    )
+                    .await
+                {
+                    Ok(_) | Err(StoreError::Conflict(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Action::Destroy { vm, from, reason } => {
+                let Some(record) = snap.vms.iter().find(|v| v.id == *vm).cloned() else {
+                    return Ok(());
+                };
+                if *from != VmState::Draining
+                    && !self
+                        .store
+                        .set_vm_state(*vm, &[*from], VmState::Draining, None)
+                        .await?
+                {
+                    return Ok(()); // claimed (or changed) meanwhile: keep it
+                }
+                if *reason == Reason::BootTimeout {
+                    self.record_failure(tenant, &record.workspace, "boot timed out")
+                        .await?;
+                }
+                self.requeue_reserved(tenant, &record).await;
+                tracing::info!(tenant = %tenant, vm = %vm, workspace = %record.workspace, ?reason, "destroying VM");
+                self.spawn_destroy(record, VmState::Destroyed, None);
+            }
+            Action::Return { vm, to_idle } => {
+                let Some(record) = snap.vms.iter().find(|v| v.id == *vm).cloned() else {
+                    return Ok(());
+                };
+                self.spawn_return(record, *to_idle);
+            }
+            Action::Boot {
+                workspace,
+                reserved_for,
+            } => {
+                let Some(plan) = pass.boot_plans.get(workspace) else {
+                    return Ok(());
+                };
+                let Some(max_vms) = snap.max_vms else {
+                    return Ok(());
+                };
+                let mut record = VmRecord::booting(
+                    VmId::new(),
+                    tenant,
+                    workspace,
+                    &driver_name(plan.driver),
+                    plan.env_version,
+                    plan.image_version,
+                );
+                record.reserved_for = *reserved_for;
+                match self.store.insert_vm_within_cap(&record, max_vms).await? {
+                    InsertVm::Inserted => {
+                        tracing::info!(tenant = %tenant, vm = %record.id, workspace, agent = ?reserved_for, "booting VM");
+                        self.spawn_boot(record, plan.clone());
+                    }
+                    InsertVm::AtCapacity | InsertVm::AgentNotQueued => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A cold boot reserved for an agent was given up: the agent waits again.
+    async fn requeue_reserved(&self, tenant: TenantId, vm: &VmRecord) {
+        if let Some(agent) = vm.reserved_for {
+            let _ = self
+                .store
+                .transition_agent(
+                    tenant,
+                    agent,
+                    &[AgentPhase::Provisioning],
+                    AgentPhase::Queued,
+                    &AgentUpdate::default(),
+                )
+                .await;
+        }
+    }
+
+    fn driver_for(&self, vm: &VmRecord) -> Result<Arc<dyn Driver>, PoolError> {
+        let kind = driver_kind(&vm.driver).ok_or_else(|| {
+            PoolError::Precondition(format!(
+                "VM {} names an unknown driver {:?}",
+                vm.id, vm.driver
+            ))
+        })?;
+        Ok(self.drivers.get(kind)?.clone())
+    }
+
+    fn track(&self, vm: VmId) -> bool {
+        self.in_flight.lock().unwrap().insert(vm)
+    }
+
+    fn untrack(&self, vm: VmId) {
+        self.in_flight.lock().unwrap().remove(&vm);
+    }
+
+    /// Destroys a `draining` VM in the driver, then records it as `end`.
+    fn spawn_destroy(self: &Arc<Self>, vm: VmRecord, end: VmState, error: Option<String>) {
+        if !self.track(vm.id) {
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            pool.destroy_now(&vm, end, error.as_deref()).await;
+            pool.untrack(vm.id);
+            pool.wake();
+        });
+    }
+
+    async fn destroy_now(&self, vm: &VmRecord, end: VmState, error: Option<&str>) {
+        let result = match self.driver_for(vm) {
+            Ok(driver) => driver.destroy(vm.id).await.map_err(PoolError::from),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                if let Err(e) = self
+                    .store
+                    .set_vm_state(vm.id, &[VmState::Draining], end, error)
+                    .await
+                {
+                    tracing::error!(vm = %vm.id, error = %e, "cannot record a destroyed VM");
+                }
+            }
+            // Left `draining`: the next pass tries again.
+            Err(e) => tracing::error!(vm = %vm.id, error = %e, "destroy failed; will retry"),
+        }
+    }
+
+    /// Cleans an assigned VM and gives it back to the pool, or destroys it.
+    fn spawn_return(self: &Arc<Self>, vm: VmRecord, to_idle: bool) {
+        if !self.track(vm.id) {
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let mut keep = to_idle;
+            if keep {
+                let cleanup = ExecRequest {
+                    timeout: Duration::from_secs(30),
+                    ..ExecRequest::new(CLEANUP)
+                };
+                let cleaned = match pool.driver_for(&vm) {
+                    Ok(d) => {
+                        d.exec(
+                            vm.id,
+                            &ExecRequest {
+                                cwd: "/".into(),
+                                ..cleanup
+                            },
+                            None,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(DriverError::Unsupported(e.to_string())),
+                };
+                if let Err(e) = cleaned {
+                    tracing::warn!(vm = %vm.id, error = %e, "cleaning a returned VM failed; destroying it");
+                    keep = false;
+                }
+            }
+            match pool.store.release_vm(vm.id, vm.agent_id, keep).await {
+                Ok(true) if !keep => {
+                    pool.destroy_now(&vm, VmState::Destroyed, None).await;
+                }
+                Ok(_) => {
+                    tracing::info!(vm = %vm.id, workspace = %vm.workspace, "VM returned to the pool")
+                }
+                Err(e) => tracing::error!(vm = %vm.id, error = %e, "cannot release a VM"),
+            }
+            pool.untrack(vm.id);
+            pool.wake();
+        });
+    }
+
+    /// Creates the VM, waits for its guest agent, and makes it warm (or
+    /// hands it to the agent it was booted for).
+    fn spawn_boot(self: &Arc<Self>, vm: VmRecord, plan: BootPlan) {
+        self.track(vm.id);
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let result = pool.boot(&vm, &plan).await;
+            match result {
+                Ok(()) => match pool.store.vm_ready(vm.id).await {
+                    Ok(Ready::Idle) => {
+                        tracing::info!(vm = %vm.id, workspace = %vm.workspace, boot_ms = started.elapsed().as_millis() as u64, "VM warm");
+                        pool.record_success(vm.tenant_id, &vm.workspace).await;
+                    }
+                    Ok(Ready::Assigned(agent)) => {
+                        tracing::info!(vm = %vm.id, agent = %agent, boot_ms = started.elapsed().as_millis() as u64, "cold-booted VM assigned");
+                        pool.record_success(vm.tenant_id, &vm.workspace).await;
+                        if let Ok(record) = pool.store.get_agent(vm.tenant_id, agent).await {
+                            pool.agent_started(&record);
+                        }
+                    }
+                    Ok(Ready::Gone) => {
+                        // Flushed or nuked while booting.
+                        pool.destroy_now(&vm, VmState::Destroyed, None).await;
+                    }
+                    Err(e) => tracing::error!(vm = %vm.id, error = %e, "cannot record a booted VM"),
+                },
+                Err(error) => {
+                    tracing::warn!(vm = %vm.id, workspace = %vm.workspace, %error, "boot failed");
+                    let _ = pool
+                        .store
+                        .set_vm_state(vm.id, VmState::LIVE, VmState::Draining, Some(&error))
+                        .await;
+                    pool.destroy_now(&vm, VmState::Failed, Some(&error)).await;
+                    if let Err(e) = pool
+                        .record_failure(vm.tenant_id, &vm.workspace, &error)
+                        .await
+                    {
+                        tracing::error!(error = %e, "cannot record a failed boot");
+                    }
+                    pool.requeue_reserved(vm.tenant_id, &vm).await;
+                }
+            }
+            pool.untrack(vm.id);
+            pool.wake();
+        });
+    }
+
+    async fn boot(&self, vm: &VmRecord, plan: &BootPlan) -> Result<(), String> {
+        let driver = self
+            .drivers
+            .get(plan.driver)
+            .map_err(|e| e.to_string())?
+            .clone();
+        let spec = VmSpec {
+            id: vm.id,
+            tenant: vm.tenant_id,
+            workspace: vm.workspace.clone(),
+            cpus: plan.cpus,
+            memory_mib: plan.memory_mib,
+            image: plan.image.clone(),
+            isolated_network: plan.isolated_network,
+        };
+        driver.create(&spec).await.map_err(|e| e.to_string())?;
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(self.options.settings.boot_timeout_ms as u64);
+        let mut wait = Duration::from_millis(2);
+        loop {
+            match driver.health(vm.id).await {
+                Ok(_) => return Ok(()),
+                Err(DriverError::NotFound(_)) => {
+                    return Err("the VM disappeared while booting".into());
+                }
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(format!("boot timed out waiting for the guest agent: {e}"));
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    async fn record_success(&self, tenant: TenantId, workspace: &str) {
+        let _guard = self.workspace_state_lock.lock().await;
+        let Ok(states) = self.store.list_workspace_states(tenant).await else {
+            return;
+        };
+        if let Some(state) = states.into_iter().find(|s| s.workspace == workspace)
+            && (state.consecutive_failures > 0 || state.backoff_until.is_some())
+            && !state.hard_limited
+        {
+            let reset = WorkspaceState {
+                consecutive_failures: 0,
+                backoff_until: None,
+                last_error: None,
+                ..state
+            };
+            let _ = self.store.put_workspace_state(tenant, &reset).await;
+        }
+    }
+
+    async fn record_failure(
+        &self,
+        tenant: TenantId,
+        workspace: &str,
+        error: &str,
+    ) -> Result<(), PoolError> {
+        let _guard = self.workspace_state_lock.lock().await;
+        let states = self.store.list_workspace_states(tenant).await?;
+        let current = states
+            .into_iter()
+            .find(|s| s.workspace == workspace)
+            .unwrap_or_else(|| WorkspaceState {
+                workspace: workspace.to_owned(),
+                ..Default::default()
+            });
+        let next = plan::after_failure(&current, error, now_millis(), &self.options.settings);
+        if next.hard_limited && !current.hard_limited {
+            tracing::error!(tenant = %tenant, workspace, failures = next.consecutive_failures, error, "workspace hard-limited: boots stopped");
+        }
+        self.store.put_workspace_state(tenant, &next).await?;
+        Ok(())
+    }
+
+    /// Starts an agent's command when it has one and none runs yet.
+    pub fn agent_started(self: &Arc<Self>, agent: &AgentRecord) {
+        let (Some(command), Some(vm_id)) = (agent.command.clone(), agent.vm_id) else {
+            return;
+        };
+        if agent.phase != AgentPhase::Running || !self.commands.lock().unwrap().insert(agent.id) {
+            return;
+        }
+        let pool = self.clone();
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let outcome = pool.run_command(&agent, vm_id, &command).await;
+            let (phase, update) = match outcome {
+                Ok((result, output)) => (
+                    if result.exit_code == 0 {
+                        AgentPhase::Completed
+                    } else {
+                        AgentPhase::Failed
+                    },
+                    AgentUpdate {
+                        exit_code: Some(result.exit_code),
+                        output: Some(output),
+                        error: result.timed_out.then(|| "the command timed out".to_owned()),
+                    },
+                ),
+                Err(e) => (
+                    AgentPhase::Failed,
+                    AgentUpdate {
+                        error: Some(e.to_string()),
+                        ..Default::default()
+                    },
+                ),
+            };
+            match pool
+                .store
+                .transition_agent(
+                    agent.tenant_id,
+                    agent.id,
+                    &[AgentPhase::Running, AgentPhase::Idle],
+                    phase,
+                    &update,
+                )
+                .await
+            {
+                Ok(_) => tracing::info!(agent = %agent.id, %phase, "agent finished"),
+                Err(StoreError::Conflict(_)) => {} // killed or put to sleep meanwhile
+                Err(e) => {
+                    tracing::error!(agent = %agent.id, error = %e, "cannot record an agent's end")
+                }
+            }
+            pool.commands.lock().unwrap().remove(&agent.id);
+            pool.wake();
+        });
+    }
+
+    async fn run_command(
+        &self,
+        agent: &AgentRecord,
+        vm_id: VmId,
+        command: &str,
+    ) -> Result<(ExecResult, String), PoolError> {
+        let vm = self.store.get_vm(vm_id).await?;
+        let driver = self.driver_for(&vm)?;
+        let mut request = ExecRequest {
+            timeout: Duration::from_secs(24 * 3600),
+            ..ExecRequest::new(command)
+        };
+        request
+            .env
+            .insert("HEARTH_AGENT_ID".into(), agent.id.to_string());
+        let (tx, mut rx) = mpsc::unbounded_channel::<OutputChunk>();
+        let collect = tokio::spawn(async move {
+            let mut output = String::new();
+            while let Some(chunk) = rx.recv().await {
+                push_tail(&mut output, &chunk.data);
+            }
+            output
+        });
+        let result = driver.exec(vm_id, &request, Some(tx)).await?;
+        let output = collect.await.unwrap_or_default();
+        Ok((result, output))
+    }
+
+    /// Runs a command on an agent's VM and returns (result, stdout, stderr).
+    pub async fn exec_in_agent(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<(ExecResult, String, String), PoolError> {
+        let record = self.store.get_agent(tenant, agent).await?;
+        let vm_id = match (record.phase, record.vm_id) {
+            (AgentPhase::Running | AgentPhase::Idle, Some(vm)) => vm,
+            (phase, _) => {
+                return Err(PoolError::Precondition(format!(
+                    "agent {agent} is {phase}, not on a VM"
+                )));
+            }
+        };
+        let vm = self.store.get_vm(vm_id).await?;
+        let driver = self.driver_for(&vm)?;
+        let mut request = ExecRequest {
+            timeout,
+            ..ExecRequest::new(command)
+        };
+        request
+            .env
+            .insert("HEARTH_AGENT_ID".into(), agent.to_string());
+        let (tx, mut rx) = mpsc::unbounded_channel::<OutputChunk>();
+        let collect = tokio::spawn(async move {
+            let (mut out, mut err) = (String::new(), String::new());
+            while let Some(chunk) = rx.recv().await {
+                match chunk.stream {
+                    Stream::Stdout => push_tail(&mut out, &chunk.data),
+                    Stream::Stderr => push_tail(&mut err, &chunk.data),
+                }
+            }
+            (out, err)
+        });
+        let result = driver.exec(vm_id, &request, Some(tx)).await?;
+        let (out, err) = collect.await.unwrap_or_default();
+        Ok((result, out, err))
+    }
+
+    /// Marks idle VMs (of one workspace, or all) for destruction; the pool
+    /// then replenishes. Running agents are untouched. Returns how many.
+    pub async fn flush(
+        &self,
+        tenant: TenantId,
+        workspace: Option<&str>,
+    ) -> Result<usize, PoolError> {
+        let mut flushed = 0;
+        for vm in self.store.list_vms(tenant, false).await? {
+            if vm.state == VmState::Idle
+                && !vm.test
+                && workspace.is_none_or(|w| w == vm.workspace)
+                && self
+                    .store
+                    .set_vm_state(vm.id, &[VmState::Idle], VmState::Draining, None)
+                    .await?
+            {
+                flushed += 1;
+            }
+        }
+        tracing::info!(tenant = %tenant, workspace, flushed, "pool flushed");
+        self.wake();
+        Ok(flushed)
+    }
+
+    /// Stops the pool, terminates every agent and deletes every VM of the
+    /// tenant; waits (bounded) for the deletions. Returns (agents, VMs).
+    pub async fn nuke(&self, tenant: TenantId) -> Result<(usize, usize), PoolError> {
+        self.store.set_pool_stopped(tenant, true).await?;
+        let mut terminated = 0;
+        let active = self
+            .store
+            .list_agents(
+                tenant,
+                &AgentFilter {
+                    phases: AgentPhase::ACTIVE.to_vec(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        for agent in active {
+            let update = AgentUpdate {
+                error: Some("terminated by pool flush --nuke".into()),
+                ..Default::default()
+            };
+            match self
+                .store
+                .transition_agent(
+                    tenant,
+                    agent.id,
+                    AgentPhase::ACTIVE,
+                    AgentPhase::Killed,
+                    &update,
+                )
+                .await
+            {
+                Ok(_) => terminated += 1,
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut deleted = 0;
+        for vm in self.store.list_vms(tenant, false).await? {
+            let from: Vec<VmState> = VmState::LIVE
+                .iter()
+                .copied()
+                .filter(|s| *s != VmState::Draining)
+                .collect();
+            if vm.state == VmState::Draining
+                || self
+                    .store
+                    .set_vm_state(vm.id, &from, VmState::Draining, None)
+                    .await?
+            {
+                deleted += 1;
+            }
+        }
+        self.wake();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while tokio::time::Instant::now() < deadline {
+            if self.store.list_vms(tenant, false).await?.is_empty() {
+                break;
+            }
+            self.wake();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::warn!(tenant = %tenant, terminated, deleted, "pool nuked; stopped until pool up");
+        Ok((terminated, deleted))
+    }
+
+    /// Starts a stopped pool and nudges it to reach min_idle now. Returns
+    /// whether it was stopped.
+    pub async fn up(&self, tenant: TenantId) -> Result<bool, PoolError> {
+        let was = self.store.get_pool_state(tenant).await?.stopped;
+        if was {
+            self.store.set_pool_stopped(tenant, false).await?;
+        }
+        self.wake();
+        Ok(was)
+    }
+
+    /// Clears a workspace's failure back-off and hard limit.
+    pub async fn reset(&self, tenant: TenantId, workspace: &str) -> Result<(), PoolError> {
+        let _guard = self.workspace_state_lock.lock().await;
+        let states = self.store.list_workspace_states(tenant).await?;
+        let fingerprint = states
+            .into_iter()
+            .find(|s| s.workspace == workspace)
+            .map(|s| s.config_fingerprint)
+            .unwrap_or_default();
+        let fresh = WorkspaceState {
+            workspace: workspace.to_owned(),
+            config_fingerprint: fingerprint,
+            ..Default::default()
+        };
+        self.store.put_workspace_state(tenant, &fresh).await?;
+        self.wake();
+        Ok(())
+    }
+
+    /// At start: reconciles what the drivers really run with the store.
+    /// Adopts what matches, destroys what nothing knows, closes records of
+    /// VMs that are gone, fails the agents that were on them, and requeues
+    /// agents whose cold boot was interrupted.
+    pub async fn adopt(self: &Arc<Self>) -> Result<AdoptReport, PoolError> {
+        let mut report = AdoptReport::default();
+        let mut observed = HashMap::new();
+        for driver in self.drivers.all() {
+            for vm in driver.list().await? {
+                observed.insert(vm.id, (vm, driver.clone()));
+            }
+        }
+        let records = self.store.list_live_vms().await?;
+        let known: HashSet<VmId> = records.iter().map(|v| v.id).collect();
+        for (id, (vm, driver)) in &observed {
+            if !known.contains(id) {
+                tracing::warn!(vm = %id, workspace = %vm.workspace, "destroying a VM the store does not know");
+                driver.destroy(*id).await?;
+                report.unknown_destroyed += 1;
+            }
+        }
+        for vm in records {
+            let real = observed.get(&vm.id);
+            let alive = real.is_some_and(|(o, _)| o.running);
+            match vm.state {
+                VmState::Idle | VmState::Assigned if alive => {
+                    report.adopted += 1;
+                    if vm.state == VmState::Assigned
+                        && let Some(agent) = vm.agent_id
+                        && let Ok(record) = self.store.get_agent(vm.tenant_id, agent).await
+                        && record.command.is_some()
+                        && record.phase == AgentPhase::Running
+                    {
+                        // Its command's stream died with the old process.
+                        let update = AgentUpdate {
+                            error: Some("the control plane restarted while its command ran; resurrect it to run again".into()),
+                            ..Default::default()
+                        };
+                        if self
+                            .store
+                            .transition_agent(
+                                vm.tenant_id,
+                                agent,
+                                &[AgentPhase::Running],
+                                AgentPhase::Failed,
+                                &update,
+                            )
+                            .await
+                            .is_ok()
+                        {
+                            report.agents_failed += 1;
+                        }
+                    }
+                }
+                _ => {
+                    // Half-booted, draining, or gone: close the record.
+                    let from: Vec<VmState> = VmState::LIVE.to_vec();
+                    let lost_agent = (vm.state == VmState::Assigned)
+                        .then_some(vm.agent_id)
+                        .flatten();
+                    self.store
+                        .set_vm_state(vm.id, &from, VmState::Draining, None)
+                        .await?;
+                    if let Some((_, driver)) = real {
+                        driver.destroy(vm.id).await?;
+                    }
+                    let note = if real.is_none() {
+                        Some("the VM was gone after a control-plane restart")
+                    } else {
+                        None
+                    };
+                    self.store
+                        .set_vm_state(vm.id, &[VmState::Draining], VmState::Destroyed, note)
+                        .await?;
+                    report.records_closed += 1;
+                    if let Some(agent) = lost_agent {
+                        let update = AgentUpdate {
+                            error: Some("its VM was lost while the control plane was down".into()),
+                            ..Default::default()
+                        };
+                        if self
+                            .store
+                            .transition_agent(
+                                vm.tenant_id,
+                                agent,
+                                &[AgentPhase::Running, AgentPhase::Idle],
+                                AgentPhase::Failed,
+                                &update,
+                            )
+                            .await
+                            .is_ok()
+                        {
+                            report.agents_failed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // Agents waiting on a cold boot that no longer runs wait again.
+        for tenant in self.store.list_tenants().await? {
+            let provisioning = self
+                .store
+                .list_agents(
+                    tenant.id,
+                    &AgentFilter {
+                        phases: vec![AgentPhase::Provisioning],
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            let booting: HashSet<AgentId> = self
+                .store
+                .list_vms(tenant.id, false)
+                .await?
+                .iter()
+                .filter_map(|v| v.reserved_for)
+                .collect();
+            for agent in provisioning {
+                if !booting.contains(&agent.id)
+                    && self
+                        .store
+                        .transition_agent(
+                            tenant.id,
+                            agent.id,
+                            &[AgentPhase::Provisioning],
+                            AgentPhase::Queued,
+                            &AgentUpdate::default(),
+                        )
+                        .await
+                        .is_ok()
+                {
+                    report.agents_requeued += 1;
+                }
+            }
+        }
+        tracing::info!(?report, "adoption done");
+        self.wake();
+        Ok(report)
+    }
+}

@@ -1,0 +1,324 @@
+//! The pool runner against the fake driver and a real SQLite store: boots,
+//! claims, returns, failures, adoption.
+
+use hearth_core::ids::{AgentId, TenantId, VmId};
+use hearth_core::rbac::IdentityKind;
+use hearth_core::resource::{Kind, ResourceRef};
+use hearth_drivers::fake::{FakeConfig, FakeDriver};
+use hearth_drivers::{Driver, Drivers, VmSpec};
+use hearth_reconcilers::{Pool, PoolOptions};
+use hearth_store::{
+    AgentPhase, AgentUpdate, NewAgent, NewToken, OnIdle, Precondition, PutResource, SqliteStore,
+    Store, VmRecord, VmState,
+};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    fake: Arc<FakeDriver>,
+    pool: Arc<Pool>,
+    tenant: TenantId,
+}
+
+async fn put(
+    store: &Arc<dyn Store>,
+    tenant: TenantId,
+    kind: Kind,
+    name: &str,
+    spec: serde_json::Value,
+    refs: &[ResourceRef],
+) {
+    store
+        .put_resource(PutResource {
+            tenant,
+            kind,
+            name,
+            spec: &spec,
+            references: refs,
+            precondition: Precondition::None,
+        })
+        .await
+        .unwrap();
+}
+
+async fn rig(max_vms: i64, min_idle: i64, max_idle: i64) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&dir.path().join("h.db")).await.unwrap());
+    let token = NewToken {
+        id: hearth_core::ids::TokenId::new(),
+        secret_sha256: vec![0; 32],
+        expires_at: None,
+    };
+    let (tenant, _) = store
+        .bootstrap("default", "admin", &token)
+        .await
+        .unwrap()
+        .unwrap();
+    put(&store, tenant.id, Kind::PoolConfig, "default", json!({"max_vms": max_vms, "max_agents_per_developer": 0, "reap_stranded_workflows": "dry_run"}), &[]).await;
+    put(
+        &store,
+        tenant.id,
+        Kind::Environment,
+        "dev",
+        json!({"driver": "fake"}),
+        &[],
+    )
+    .await;
+    let env_ref = [ResourceRef {
+        kind: Kind::Environment,
+        name: "dev".into(),
+    }];
+    put(
+        &store,
+        tenant.id,
+        Kind::Workspace,
+        "web",
+        json!({"environment": "dev", "min_idle": min_idle, "max_idle": max_idle}),
+        &env_ref,
+    )
+    .await;
+    let fake = Arc::new(FakeDriver::new(FakeConfig::default()));
+    let mut options = PoolOptions::default();
+    options.settings.backoff_base_ms = 1;
+    options.settings.backoff_max_ms = 1;
+    options.settings.hard_limit_failures = 3;
+    let pool = Pool::new(store.clone(), Drivers::new().with(fake.clone()), options);
+    Rig {
+        _dir: dir,
+        store,
+        fake,
+        pool,
+        tenant: tenant.id,
+    }
+}
+
+impl Rig {
+    /// Runs passes until `f` holds (or panics after 10 s).
+    async fn settle(&self, what: &str, f: impl AsyncFn(&Rig) -> bool) {
+        for _ in 0..500 {
+            self.pool.reconcile_tenant(self.tenant).await.unwrap();
+            if f(self).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "never settled: {what}; VMs: {:?}",
+            self.store.list_vms(self.tenant, true).await.unwrap()
+        );
+    }
+
+    async fn count(&self, state: VmState) -> usize {
+        self.store
+            .list_vms(self.tenant, false)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|v| v.state == state)
+            .count()
+    }
+
+    async fn agent(&self) -> AgentId {
+        let new = NewAgent {
+            id: AgentId::new(),
+            tenant_id: self.tenant,
+            workspace: "web".into(),
+            owner_id: hearth_core::ids::IdentityId::new(),
+            owner_name: "dev".into(),
+            owner_kind: IdentityKind::Developer,
+            parent_id: None,
+            on_idle: OnIdle::Sleep,
+            command: None,
+            build: "b".into(),
+        };
+        self.store.create_agent(&new, None).await.unwrap().id
+    }
+}
+
+#[tokio::test]
+async fn backfills_then_claims_then_returns() {
+    let r = rig(10, 2, 2).await;
+    r.settle("two warm", async |r| r.count(VmState::Idle).await == 2)
+        .await;
+    assert_eq!(r.fake.count(), 2);
+    let agent = r.agent().await;
+    let vm = r
+        .store
+        .assign_idle_vm(r.tenant, "web", agent)
+        .await
+        .unwrap()
+        .expect("a warm VM");
+    r.settle("backfilled", async |r| r.count(VmState::Idle).await == 2)
+        .await;
+    r.store
+        .transition_agent(
+            r.tenant,
+            agent,
+            &[AgentPhase::Running],
+            AgentPhase::Completed,
+            &AgentUpdate::default(),
+        )
+        .await
+        .unwrap();
+    // max_idle 2 and 2 idle: the returned VM is destroyed, in the driver too.
+    r.settle("returned", async |r| {
+        r.count(VmState::Assigned).await == 0 && r.fake.count() == 2
+    })
+    .await;
+    assert!(
+        r.store
+            .list_vms(r.tenant, false)
+            .await
+            .unwrap()
+            .iter()
+            .all(|v| v.id != vm.id)
+    );
+    // The cleanup ran in the VM before it was handed back or destroyed? It was destroyed: no cleanup needed.
+    let (created, destroyed) = r.fake.totals();
+    assert_eq!((created, destroyed), (3, 1));
+}
+
+#[tokio::test]
+async fn queued_agents_get_cold_boots_up_to_the_cap() {
+    let r = rig(2, 0, 0).await;
+    let a: Vec<AgentId> = futures_like_join(&r, 3).await;
+    r.settle("two running", async |r| {
+        let agents = r
+            .store
+            .list_agents(r.tenant, &Default::default())
+            .await
+            .unwrap();
+        agents
+            .iter()
+            .filter(|x| x.phase == AgentPhase::Running)
+            .count()
+            == 2
+    })
+    .await;
+    let third = r.store.get_agent(r.tenant, a[2]).await.unwrap();
+    assert_eq!(third.phase, AgentPhase::Queued, "FIFO: the last one waits");
+    assert_eq!(r.fake.count(), 2);
+    r.store
+        .transition_agent(
+            r.tenant,
+            a[0],
+            &[AgentPhase::Running],
+            AgentPhase::Completed,
+            &AgentUpdate::default(),
+        )
+        .await
+        .unwrap();
+    r.settle("third runs", async |r| {
+        r.store.get_agent(r.tenant, a[2]).await.unwrap().phase == AgentPhase::Running
+    })
+    .await;
+    assert!(r.fake.count() <= 2);
+}
+
+async fn futures_like_join(r: &Rig, n: usize) -> Vec<AgentId> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        ids.push(r.agent().await);
+    }
+    ids
+}
+
+#[tokio::test]
+async fn failing_boots_back_off_and_hard_limit() {
+    let r = rig(10, 2, 2).await;
+    r.fake.set_failing("web", true);
+    r.settle("hard-limited", async |r| {
+        r.store
+            .list_workspace_states(r.tenant)
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.hard_limited)
+    })
+    .await;
+    let state = r
+        .store
+        .list_workspace_states(r.tenant)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(state.consecutive_failures, 3);
+    assert!(state.last_error.unwrap().contains("simulated boot failure"));
+    let failed = r
+        .store
+        .list_vms(r.tenant, true)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|v| v.state == VmState::Failed)
+        .count();
+    for _ in 0..10 {
+        r.pool.reconcile_tenant(r.tenant).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let again = r
+        .store
+        .list_vms(r.tenant, true)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|v| v.state == VmState::Failed)
+        .count();
+    assert_eq!(failed, again, "no more boots once hard-limited");
+    assert_eq!(r.fake.count(), 0, "failed boots leave nothing");
+    // An operator reset lets it try again.
+    r.fake.set_failing("web", false);
+    r.pool.reset(r.tenant, "web").await.unwrap();
+    r.settle("recovered", async |r| r.count(VmState::Idle).await == 2)
+        .await;
+}
+
+#[tokio::test]
+async fn adoption_destroys_unknown_and_closes_lost() {
+    let r = rig(10, 0, 0).await;
+    // A VM the driver runs but the store does not know.
+    let stray = VmSpec {
+        id: VmId::new(),
+        tenant: r.tenant,
+        workspace: "web".into(),
+        cpus: 1,
+        memory_mib: 64,
+        image: Default::default(),
+        isolated_network: false,
+    };
+    r.fake.create(&stray).await.unwrap();
+    // A record whose VM is gone, assigned to a running agent.
+    let agent = r.agent().await;
+    let mut lost = VmRecord::booting(VmId::new(), r.tenant, "web", "fake", 1, 0);
+    lost.state = VmState::Idle;
+    r.store.insert_vm(&lost).await.unwrap();
+    r.store
+        .assign_idle_vm(r.tenant, "web", agent)
+        .await
+        .unwrap()
+        .unwrap();
+    // A record half-booted, and its real VM.
+    let half = VmRecord::booting(VmId::new(), r.tenant, "web", "fake", 1, 0);
+    r.store.insert_vm(&half).await.unwrap();
+    r.fake
+        .create(&VmSpec {
+            id: half.id,
+            ..stray.clone()
+        })
+        .await
+        .unwrap();
+
+    let report = r.pool.adopt().await.unwrap();
+    assert_eq!(report.unknown_destroyed, 1);
+    assert_eq!(report.records_closed, 2);
+    assert_eq!(report.agents_failed, 1);
+    assert_eq!(r.fake.count(), 0);
+    assert!(r.store.list_vms(r.tenant, false).await.unwrap().is_empty());
+    let a = r.store.get_agent(r.tenant, agent).await.unwrap();
+    assert_eq!(a.phase, AgentPhase::Failed);
+    assert!(a.error.unwrap().contains("lost"));
+}
