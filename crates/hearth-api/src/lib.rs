@@ -21,6 +21,7 @@ pub mod openapi;
 mod pool;
 mod resources;
 mod tenants;
+mod warm_pool;
 
 use axum::Router;
 use axum::http::{Method, Uri};
@@ -53,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .merge(agents::routes())
         .merge(pool::routes())
         .merge(builds::routes())
+        .merge(warm_pool::routes())
         .fallback(fallback)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(

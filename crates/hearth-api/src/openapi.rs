@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::resources::{environment, image, pool_config, workspace};
-use crate::{agents, auth, builds, identities, pool, tenants};
+use crate::{agents, auth, builds, identities, pool, tenants, warm_pool};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,8 @@ use crate::{agents, auth, builds, identities, pool, tenants};
         agents::resurrect, agents::finish, agents::idle, agents::exec,
         pool::status, pool::vms, pool::flush, pool::up, pool::reset,
         builds::list, builds::retire,
+        warm_pool::get_settings, warm_pool::patch_settings, warm_pool::test, warm_pool::get_workspace_instance,
+        warm_pool::list_workspace_instances, warm_pool::list_instances, warm_pool::get_instance,
     ),
     modifiers(&BearerAuth)
 )]

@@ -153,12 +153,31 @@ impl Client {
         segments: &[&str],
         patch: &Value,
     ) -> Result<T, CliError> {
-        let bytes = serde_json::to_vec(patch).map_err(|e| CliError::internal(e.to_string()))?;
+        self.patch_as("application/merge-patch+json", segments, patch)
+    }
+
+    /// `PATCH /v1/<segments>` with a plain JSON body (the warm-pool API's
+    /// partial updates).
+    pub fn patch_json<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: &Value,
+    ) -> Result<T, CliError> {
+        self.patch_as("application/json", segments, body)
+    }
+
+    fn patch_as<T: DeserializeOwned>(
+        &self,
+        content_type: &str,
+        segments: &[&str],
+        body: &Value,
+    ) -> Result<T, CliError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| CliError::internal(e.to_string()))?;
         self.call(
             Method::PATCH,
             segments,
             &[],
-            Some(("application/merge-patch+json", bytes)),
+            Some((content_type, bytes)),
             Some(DEFAULT_TIMEOUT),
         )
     }
@@ -421,6 +440,29 @@ mod tests {
             "{request}"
         );
         assert!(request.ends_with("{\"min_idle\":2}"), "{request}");
+
+        let (url, request) = serve_once(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        );
+        let c = Client::new(&url, "test", None).unwrap();
+        let _: Value = c
+            .patch_json(
+                &["workspaces", "web", "warm-pool"],
+                &json!({"branch": null}),
+            )
+            .unwrap();
+        let request = request.join().unwrap();
+        assert!(
+            request.starts_with("PATCH /v1/workspaces/web/warm-pool HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(
+            request
+                .to_ascii_lowercase()
+                .contains("content-type: application/json\r\n"),
+            "{request}"
+        );
+        assert!(request.ends_with("{\"branch\":null}"), "{request}");
 
         let (url, request) = serve_once(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\nConnection: close\r\n\r\n{\"items\":[]}",

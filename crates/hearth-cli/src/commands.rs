@@ -6,20 +6,23 @@
 //! ([`Context::progress`]).
 //!
 //! The decisions that need no server are pure functions here (request
-//! bodies, the pool commands' agent-VM guard, the `spawn --wait` loop with
-//! its clock passed in, the exit status of `agents exec`).
+//! bodies, the pool commands' agent-VM guard, the `spawn --wait` and
+//! `warm-pool test --watch` loops with their clock passed in, the exit
+//! status of `agents exec`). `warm-pool test --watch` also prints while it
+//! waits, through [`Context::progress`]: the steps as [`Live`] draws them.
 
 use crate::client::{Client, DEFAULT_TIMEOUT};
 use crate::config::{self, ENV_TOKEN, Settings};
 use crate::error::CliError;
+use crate::live::{self, Live};
 use crate::output::{
-    self, AgentAction, AgentView, ExecAnswer, Items, OutputFormat, Resource, ResourceList,
-    WriteAnswer,
+    self, AgentAction, AgentView, ExecAnswer, InstanceView, Items, OutputFormat, Resource,
+    ResourceList, WriteAnswer,
 };
 use crate::patch::merge_patch;
 use crate::{
-    AgentsCommand, AuthCommand, BuildsCommand, Command, GlobalArgs, IdentityCommand, PoolCommand,
-    SpawnArgs, TenantCommand,
+    AgentsCommand, AuthCommand, BuildsCommand, Command, GlobalArgs, IdentityCommand,
+    InstancesCommand, PoolCommand, SpawnArgs, TenantCommand, WarmPoolCommand, WarmPoolSetArgs,
 };
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, parse_duration};
@@ -78,8 +81,12 @@ pub struct Context<'a> {
     pub read_stdin: &'a dyn Fn() -> anyhow::Result<String>,
     /// Where an agent VM keeps its id ([`VM_ID_FILE`] in the real process).
     pub vm_id_file: &'a Path,
-    /// Prints a line on stdout at once, before a request is sent.
+    /// Prints a line on stdout at once, before a request is sent (and the
+    /// steps while `warm-pool test --watch` waits).
     pub progress: &'a dyn Fn(&str),
+    /// Whether stdout is a terminal (`warm-pool test --watch` then redraws
+    /// its list of steps in place).
+    pub stdout_is_tty: bool,
 }
 
 /// Parses a kind as `hearth get KIND` names it (aliases included).
@@ -279,6 +286,160 @@ pub fn exec_printed(answer: &Value, format: Option<OutputFormat>) -> Result<Prin
     })
 }
 
+/// One `--setup NAME=COMMAND` as `{"name", "command"}` (split at the first
+/// `=`; neither side is checked here: the server does).
+pub fn parse_setup(arg: &str) -> Result<Value, CliError> {
+    let Some((name, command)) = arg.split_once('=') else {
+        return Err(CliError::invalid(format!(
+            "--setup expects NAME=COMMAND, got {arg:?}"
+        )));
+    };
+    Ok(json!({"name": name, "command": command}))
+}
+
+/// The body of `PATCH /v1/workspaces/{ws}/warm-pool`: only the fields
+/// given, in the order `enabled`, `targetSize`, `branch` (`null` with
+/// `--no-branch`), `setupCommands` (the `--setup` entries in order, `[]`
+/// with `--no-setup`).
+pub fn warm_pool_patch(args: &WarmPoolSetArgs) -> Result<Value, CliError> {
+    if args.branch.is_some() && args.no_branch {
+        return Err(CliError::invalid(
+            "--branch and --no-branch cannot be used together",
+        ));
+    }
+    if !args.setup.is_empty() && args.no_setup {
+        return Err(CliError::invalid(
+            "--setup and --no-setup cannot be used together",
+        ));
+    }
+    let mut body = Map::new();
+    if let Some(enabled) = args.enabled {
+        body.insert("enabled".into(), json!(enabled));
+    }
+    if let Some(size) = args.target_size {
+        body.insert("targetSize".into(), json!(size));
+    }
+    if let Some(branch) = &args.branch {
+        body.insert("branch".into(), json!(branch));
+    } else if args.no_branch {
+        body.insert("branch".into(), Value::Null);
+    }
+    if args.no_setup {
+        body.insert("setupCommands".into(), json!([]));
+    } else if !args.setup.is_empty() {
+        let commands = args
+            .setup
+            .iter()
+            .map(|s| parse_setup(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        body.insert("setupCommands".into(), Value::Array(commands));
+    }
+    if body.is_empty() {
+        return Err(CliError::invalid(
+            "nothing to set: pass --enabled, --target-size, --branch, --no-branch, --setup or --no-setup",
+        ));
+    }
+    Ok(Value::Object(body))
+}
+
+/// The query of `GET /v1/instances`: `workspace` unless `--all`, then
+/// `status`, then `test=true` with `--test`.
+pub fn instances_query<'a>(
+    workspace: Option<&'a str>,
+    status: Option<&'a str>,
+    test: bool,
+    all: bool,
+) -> Vec<(&'static str, &'a str)> {
+    let mut query = Vec::new();
+    if let Some(workspace) = workspace.filter(|_| !all) {
+        query.push(("workspace", workspace));
+    }
+    if let Some(status) = status {
+        query.push(("status", status));
+    }
+    if test {
+        query.push(("test", "true"));
+    }
+    query
+}
+
+/// How often `hearth warm-pool test --watch` asks for the instance.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(300);
+
+/// The clock, the server and the screen as `warm-pool test --watch` sees
+/// them, so that the loop runs in tests without any of them.
+pub struct Watching<'a> {
+    /// Fetches the instance again.
+    pub fetch: &'a mut dyn FnMut() -> Result<Value, CliError>,
+    pub sleep: &'a mut dyn FnMut(Duration),
+    /// Time since the watch began.
+    pub elapsed: &'a dyn Fn() -> Duration,
+    /// The wall clock in Unix ms (the running step's elapsed time).
+    pub now_ms: &'a dyn Fn() -> i64,
+    /// Writes what [`Live`] draws, at once.
+    pub show: &'a mut dyn FnMut(&str),
+}
+
+/// Polls every [`WATCH_INTERVAL`] from `instance` (the answer to the test
+/// boot), showing each answer through `live`, until the run is ready or
+/// failed; after `timeout` (spelled `timeout_text` in the message) gives up
+/// with `DEADLINE_EXCEEDED: instance <id> is still provisioning after
+/// <timeout>`. Returns the last answer.
+pub fn watch_instance(
+    mut instance: Value,
+    timeout: Duration,
+    timeout_text: &str,
+    live: &mut Live,
+    watching: Watching<'_>,
+) -> Result<(Value, InstanceView), CliError> {
+    const WHAT: &str = "GET /v1/workspaces/{ws}/warm-pool/instances/{id}";
+    loop {
+        let view = InstanceView::from_answer(WHAT, &instance)?;
+        let text = live.update(&view, (watching.now_ms)());
+        if !text.is_empty() {
+            (watching.show)(&text);
+        }
+        if view.is_finished() {
+            return Ok((instance, view));
+        }
+        let elapsed = (watching.elapsed)();
+        if elapsed >= timeout {
+            return Err(CliError::deadline_exceeded(format!(
+                "instance {} is still {} after {timeout_text}",
+                view.id, view.status
+            )));
+        }
+        (watching.sleep)(WATCH_INTERVAL.min(timeout - elapsed));
+        instance = (watching.fetch)()?;
+    }
+}
+
+/// What `hearth warm-pool test --watch` prints once the run is over: the
+/// [`output::instance_outcome`] (or with `-o yaml|json` the last answer),
+/// exit 0 when ready and 1 when failed.
+pub fn test_printed(
+    answer: &Value,
+    instance: &InstanceView,
+    format: Option<OutputFormat>,
+) -> Printed {
+    let stdout = match format {
+        Some(f @ (OutputFormat::Yaml | OutputFormat::Json)) => output::render_value(answer, f),
+        _ => output::instance_outcome(instance),
+    };
+    Printed {
+        stdout,
+        stderr: String::new(),
+        exit_code: if instance.status == "ready" { 0 } else { 1 },
+    }
+}
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// The body of `POST /v1/identities`, after checking role, kind and
 /// duration locally.
 pub fn identity_body(
@@ -445,6 +606,8 @@ pub fn execute(
                 output::retired_message(&id),
             ))
         }
+        Command::WarmPool(command) => warm_pool(global, command, ctx)?,
+        Command::Instances(command) => instances(global, command, ctx)?,
     };
     Ok(printed)
 }
@@ -625,6 +788,133 @@ fn agents(
     }
 }
 
+/// `hearth warm-pool ...`.
+fn warm_pool(
+    global: &GlobalArgs,
+    command: WarmPoolCommand,
+    ctx: &Context<'_>,
+) -> anyhow::Result<Printed> {
+    let format = global.output;
+    // Checked before anything is resolved or sent.
+    let patch = match &command {
+        WarmPoolCommand::Set(args) => Some(warm_pool_patch(args)?),
+        _ => None,
+    };
+    let timeout = match &command {
+        WarmPoolCommand::Test { timeout, .. } => Some(duration_flag("--timeout", timeout)?),
+        _ => None,
+    };
+    let settings = config::resolve(global, ctx.env, ctx.cwd)?;
+    let workspace = require_workspace(settings.workspace.clone())?;
+    let client = Client::from_settings(&settings)?;
+    let path = ["workspaces", workspace.as_str(), "warm-pool"];
+    match command {
+        WarmPoolCommand::Get => {
+            let answer: Value = client.get(&path)?;
+            Ok(Printed::out(output::render_warm_pool(&answer, format)))
+        }
+        WarmPoolCommand::Set(_) => {
+            let patch = patch.expect("built above");
+            let answer: Value = client.patch_json(&path, &patch)?;
+            Ok(Printed::out(match format {
+                Some(_) => output::render_warm_pool(&answer, format),
+                None => {
+                    output::warm_pool_configured(&workspace)
+                        + &output::render_warm_pool(&answer, None)
+                }
+            }))
+        }
+        WarmPoolCommand::Test {
+            watch,
+            timeout: timeout_text,
+        } => {
+            const WHAT: &str = "POST /v1/workspaces/{ws}/warm-pool/test";
+            let answer: Value =
+                client.post_json(&["workspaces", &workspace, "warm-pool", "test"], &json!({}))?;
+            let instance = InstanceView::from_answer(WHAT, &answer)?;
+            if !watch {
+                return Ok(Printed::out(output::answer_or_message(
+                    &answer,
+                    format,
+                    output::test_started_message(&instance.id),
+                )));
+            }
+            let structured = matches!(format, Some(OutputFormat::Yaml | OutputFormat::Json));
+            let redraw =
+                !structured && live::redraws(ctx.stdout_is_tty, (ctx.env)("TERM").as_deref());
+            let mut live = if redraw {
+                Live::redraw()
+            } else {
+                Live::lines()
+            };
+            if redraw {
+                (ctx.progress)(&output::test_started_message(&instance.id));
+            }
+            let id = instance.id;
+            let started = Instant::now();
+            let (answer, instance) = watch_instance(
+                answer,
+                timeout.expect("parsed above"),
+                &timeout_text,
+                &mut live,
+                Watching {
+                    fetch: &mut || {
+                        client.get(&["workspaces", &workspace, "warm-pool", "instances", &id])
+                    },
+                    sleep: &mut std::thread::sleep,
+                    elapsed: &|| started.elapsed(),
+                    now_ms: &unix_ms,
+                    show: &mut |text| {
+                        if !structured {
+                            (ctx.progress)(text);
+                        }
+                    },
+                },
+            )?;
+            Ok(test_printed(&answer, &instance, format))
+        }
+    }
+}
+
+/// `hearth instances ...`.
+fn instances(
+    global: &GlobalArgs,
+    command: InstancesCommand,
+    ctx: &Context<'_>,
+) -> anyhow::Result<Printed> {
+    let format = global.output;
+    let settings = config::resolve(global, ctx.env, ctx.cwd)?;
+    let client = Client::from_settings(&settings)?;
+    match command {
+        InstancesCommand::List { status, test, all } => {
+            let query =
+                instances_query(settings.workspace.as_deref(), status.as_deref(), test, all);
+            let list: Items = client.get_query(&["instances"], &query)?;
+            Ok(Printed::out(output::render_instances(
+                &list.items,
+                format,
+                SystemTime::now(),
+            )?))
+        }
+        InstancesCommand::Get { id, steps } => {
+            let answer: Value = client.get(&["instances", &id])?;
+            let structured = matches!(format, Some(OutputFormat::Yaml | OutputFormat::Json));
+            if steps && !structured {
+                let instance = InstanceView::from_answer("GET /v1/instances/{id}", &answer)?;
+                return Ok(Printed::out(output::render_instance_steps(
+                    &instance,
+                    unix_ms(),
+                )));
+            }
+            Ok(Printed::out(output::render_instance(
+                &answer,
+                format,
+                SystemTime::now(),
+            )?))
+        }
+    }
+}
+
 /// `hearth auth login`: checks the token against the server, then saves it
 /// to `hearth.local.yaml`.
 fn login(global: &GlobalArgs, ctx: &Context<'_>) -> anyhow::Result<Printed> {
@@ -728,6 +1018,7 @@ mod tests {
             read_stdin: &stdin,
             vm_id_file: &dir.path().join("no-vm-id"),
             progress: &|_| panic!("no progress before local errors"),
+            stdout_is_tty: false,
         };
         let global = GlobalArgs::default();
         let run = |command: Command| {
@@ -780,6 +1071,25 @@ mod tests {
             run(Command::Pool(PoolCommand::Reset)),
             "INVALID_ARGUMENT: no workspace: pass --workspace or set workspace in hearth.yaml"
         );
+        for command in [
+            WarmPoolCommand::Get,
+            WarmPoolCommand::Test {
+                watch: true,
+                timeout: "30m".into(),
+            },
+        ] {
+            assert_eq!(
+                run(Command::WarmPool(command)),
+                "INVALID_ARGUMENT: no workspace: pass --workspace or set workspace in hearth.yaml"
+            );
+        }
+        // instances need no workspace: the unusable URL is what fails.
+        let list = Command::Instances(InstancesCommand::List {
+            status: None,
+            test: false,
+            all: false,
+        });
+        assert!(run(list).contains("invalid server URL"));
         let exec = Command::Agents(AgentsCommand::Exec {
             id: "a".into(),
             timeout: Some("0s".into()),
@@ -825,6 +1135,7 @@ mod tests {
                 read_stdin: &stdin,
                 vm_id_file: &vm_id_file,
                 progress: &|_| panic!("no progress on a VM"),
+                stdout_is_tty: false,
             };
             [
                 PoolCommand::Status,
@@ -1199,6 +1510,16 @@ mod tests {
         global: GlobalArgs,
         command: Command,
     ) -> (Result<Printed, String>, Vec<String>) {
+        run_in(url, global, command, false)
+    }
+
+    /// [`run_against`], with stdout a terminal or not.
+    fn run_in(
+        url: &str,
+        global: GlobalArgs,
+        command: Command,
+        stdout_is_tty: bool,
+    ) -> (Result<Printed, String>, Vec<String>) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("hearth.yaml"), "workspace: web\n").unwrap();
         let env = |k: &str| match k {
@@ -1213,6 +1534,7 @@ mod tests {
             read_stdin: &|| Ok(String::new()),
             vm_id_file: &dir.path().join("vm-id"),
             progress: &|line| progress.borrow_mut().push(line.to_owned()),
+            stdout_is_tty,
         };
         let result = execute(&global, command, &ctx).map_err(|e| crate::error::error_line(&e));
         (result, progress.into_inner())
@@ -1415,5 +1737,520 @@ mod tests {
                 "POST /v1/builds/b1/retire HTTP/1.1 {}",
             ]
         );
+    }
+
+    fn set_args() -> WarmPoolSetArgs {
+        WarmPoolSetArgs::default()
+    }
+
+    #[test]
+    fn warm_pool_patches_carry_only_the_fields_given() {
+        let nothing = warm_pool_patch(&set_args()).unwrap_err();
+        assert_eq!(
+            nothing.to_string(),
+            "INVALID_ARGUMENT: nothing to set: pass --enabled, --target-size, --branch, --no-branch, --setup or --no-setup"
+        );
+        let all = WarmPoolSetArgs {
+            enabled: Some(false),
+            target_size: Some(3),
+            branch: Some("main".into()),
+            setup: vec!["deps=make deps".into(), "warm=make a=b".into()],
+            ..set_args()
+        };
+        assert_eq!(
+            warm_pool_patch(&all).unwrap().to_string(),
+            r#"{"enabled":false,"targetSize":3,"branch":"main","setupCommands":[{"name":"deps","command":"make deps"},{"name":"warm","command":"make a=b"}]}"#
+        );
+        let cleared = WarmPoolSetArgs {
+            no_branch: true,
+            no_setup: true,
+            ..set_args()
+        };
+        assert_eq!(
+            warm_pool_patch(&cleared).unwrap().to_string(),
+            r#"{"branch":null,"setupCommands":[]}"#
+        );
+        // The server judges the values: a negative size is sent as is.
+        let negative = WarmPoolSetArgs {
+            target_size: Some(-1),
+            ..set_args()
+        };
+        assert_eq!(
+            warm_pool_patch(&negative).unwrap(),
+            json!({"targetSize": -1})
+        );
+        let bad = WarmPoolSetArgs {
+            setup: vec!["deps=make deps".into(), "make warm".into()],
+            ..set_args()
+        };
+        assert_eq!(
+            warm_pool_patch(&bad).unwrap_err().to_string(),
+            r#"INVALID_ARGUMENT: --setup expects NAME=COMMAND, got "make warm""#
+        );
+        assert_eq!(
+            parse_setup("=x").unwrap(),
+            json!({"name": "", "command": "x"})
+        );
+        // What clap refuses first, refused here too.
+        let both = WarmPoolSetArgs {
+            setup: vec!["a=b".into()],
+            no_setup: true,
+            ..set_args()
+        };
+        assert!(
+            warm_pool_patch(&both)
+                .unwrap_err()
+                .message
+                .contains("--no-setup")
+        );
+        let both = WarmPoolSetArgs {
+            branch: Some("main".into()),
+            no_branch: true,
+            ..set_args()
+        };
+        assert!(
+            warm_pool_patch(&both)
+                .unwrap_err()
+                .message
+                .contains("--no-branch")
+        );
+    }
+
+    #[test]
+    fn instances_queries() {
+        assert_eq!(
+            instances_query(Some("web"), Some("failed"), true, false),
+            [("workspace", "web"), ("status", "failed"), ("test", "true")]
+        );
+        assert_eq!(instances_query(Some("web"), None, false, true), []);
+        assert_eq!(
+            instances_query(None, Some("ready"), false, false),
+            [("status", "ready")]
+        );
+    }
+
+    fn instance(status: &str, steps: Value) -> Value {
+        json!({"id": "i-1", "workspace": "web", "vm": "v-1", "test": true, "status": status,
+               "summary": null, "steps": steps, "createdAt": "2026-11-23T03:00:00Z",
+               "updatedAt": "2026-11-23T03:00:00Z", "finishedAt": null})
+    }
+
+    fn step(name: &str, status: &str, ms: Value) -> Value {
+        json!({"name": name, "status": status, "output": "", "startedAt": 1000, "durationMs": ms})
+    }
+
+    /// Runs the watch loop (without a terminal) against a list of answers,
+    /// with a fake clock that advances by each sleep; returns the result,
+    /// what was shown, the sleeps and the fetches made.
+    fn watch(
+        first: Value,
+        then: Vec<Value>,
+        timeout: Duration,
+    ) -> (Result<Value, CliError>, Vec<String>, Vec<Duration>, usize) {
+        let clock = std::cell::Cell::new(Duration::ZERO);
+        let mut sleeps = Vec::new();
+        let mut shown = Vec::new();
+        let mut answers = then.into_iter();
+        let mut fetches = 0;
+        let result = watch_instance(
+            first,
+            timeout,
+            "1s",
+            &mut Live::lines(),
+            Watching {
+                fetch: &mut || {
+                    fetches += 1;
+                    Ok(answers.next().expect("no more answers"))
+                },
+                sleep: &mut |d| {
+                    sleeps.push(d);
+                    clock.set(clock.get() + d);
+                },
+                elapsed: &|| clock.get(),
+                now_ms: &|| 0,
+                show: &mut |text| shown.push(text.to_owned()),
+            },
+        );
+        (result.map(|(answer, _)| answer), shown, sleeps, fetches)
+    }
+
+    #[test]
+    fn watching_a_test_boot() {
+        let ms = Duration::from_millis;
+        let pending = Value::Null;
+        let (r, shown, sleeps, fetches) = watch(
+            instance(
+                "provisioning",
+                json!([
+                    step("create_vm", "running", pending.clone()),
+                    step("warm_pool_setup", "pending", pending.clone())
+                ]),
+            ),
+            vec![
+                instance(
+                    "provisioning",
+                    json!([
+                        step("create_vm", "succeeded", json!(10)),
+                        step("warm_pool_setup", "running", pending.clone())
+                    ]),
+                ),
+                instance(
+                    "provisioning",
+                    json!([
+                        step("create_vm", "succeeded", json!(10)),
+                        step("warm_pool_setup", "running", pending.clone())
+                    ]),
+                ),
+                instance(
+                    "ready",
+                    json!([
+                        step("create_vm", "succeeded", json!(10)),
+                        step("warm_pool_setup", "succeeded", json!(1200))
+                    ]),
+                ),
+            ],
+            ms(10_000),
+        );
+        assert_eq!(r.unwrap()["status"], "ready");
+        assert_eq!(shown, ["✓ create_vm 0.01s\n", "✓ warm_pool_setup 1.2s\n"]);
+        assert_eq!((sleeps, fetches), (vec![ms(300); 3], 3));
+        // Already over: no request at all.
+        let (r, shown, sleeps, fetches) = watch(
+            instance("failed", json!([step("create_vm", "failed", json!(5))])),
+            vec![],
+            ms(1000),
+        );
+        assert_eq!(r.unwrap()["status"], "failed");
+        assert_eq!(
+            (shown, sleeps.len(), fetches),
+            (vec!["✗ create_vm 0.01s\n".to_owned()], 0, 0)
+        );
+        // Out of time: the last sleep is cut to the deadline.
+        let (r, shown, sleeps, fetches) = watch(
+            instance("provisioning", json!([])),
+            vec![
+                instance("provisioning", json!([])),
+                instance("provisioning", json!([])),
+            ],
+            ms(500),
+        );
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "DEADLINE_EXCEEDED: instance i-1 is still provisioning after 1s"
+        );
+        assert!(shown.is_empty(), "nothing while nothing finishes");
+        assert_eq!((sleeps, fetches), (vec![ms(300), ms(200)], 2));
+        // A server error ends the watch with that error; an answer that is
+        // not an instance is the server's fault.
+        let e = watch_instance(
+            instance("provisioning", json!([])),
+            ms(1000),
+            "1s",
+            &mut Live::lines(),
+            Watching {
+                fetch: &mut || Err(CliError::invalid("boom")),
+                sleep: &mut |_| {},
+                elapsed: &|| Duration::ZERO,
+                now_ms: &|| 0,
+                show: &mut |_| {},
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "INVALID_ARGUMENT: boom");
+        let (r, _, _, _) = watch(json!({"id": "i-1"}), vec![], ms(1000));
+        assert!(
+            r.unwrap_err().message.starts_with(
+                "unexpected answer to GET /v1/workspaces/{ws}/warm-pool/instances/{id}"
+            )
+        );
+    }
+
+    #[test]
+    fn what_a_watched_test_boot_prints() {
+        let ready = instance(
+            "ready",
+            json!([step("create_vm", "succeeded", json!(2500))]),
+        );
+        let view = InstanceView::from_answer("t", &ready).unwrap();
+        assert_eq!(
+            test_printed(&ready, &view, None),
+            Printed::out("Instance i-1 ready in 2.5s\n".into())
+        );
+        let mut failed = instance("failed", json!([step("create_vm", "failed", json!(2500))]));
+        failed["summary"] =
+            json!({"success": false, "failedStep": "create_vm", "error": "no capacity"});
+        failed["steps"][0]["output"] = json!("booting\nout of memory\n");
+        let view = InstanceView::from_answer("t", &failed).unwrap();
+        assert_eq!(
+            test_printed(&failed, &view, Some(OutputFormat::Table)),
+            Printed {
+                stdout:
+                    "Instance i-1 failed at create_vm: no capacity\n  booting\n  out of memory\n"
+                        .into(),
+                stderr: String::new(),
+                exit_code: 1
+            }
+        );
+        let printed = test_printed(&failed, &view, Some(OutputFormat::Json));
+        assert_eq!(
+            serde_json::from_str::<Value>(&printed.stdout).unwrap(),
+            failed
+        );
+        assert_eq!(printed.exit_code, 1);
+    }
+
+    fn warm_pool_answer() -> Value {
+        json!({"enabled": true, "targetSize": 2, "branch": null,
+               "setupCommands": [{"name": "deps", "command": "make deps"}], "maxIdle": 2})
+    }
+
+    #[test]
+    fn warm_pool_get_and_set() {
+        let (url, requests) = stub(vec![
+            (200, warm_pool_answer()),
+            (200, warm_pool_answer()),
+            (200, warm_pool_answer()),
+        ]);
+        let (printed, _) = run_against(
+            &url,
+            GlobalArgs::default(),
+            Command::WarmPool(WarmPoolCommand::Get),
+        );
+        assert_eq!(
+            printed.unwrap().stdout,
+            "enabled: true\ntargetSize: 2\nbranch: null\nsetupCommands:\n- name: deps\n  command: make deps\nmaxIdle: 2\n"
+        );
+        let set = WarmPoolSetArgs {
+            target_size: Some(2),
+            no_branch: true,
+            setup: vec!["deps=make deps".into()],
+            ..set_args()
+        };
+        let (printed, _) = run_against(
+            &url,
+            with_workspace(Some("api")),
+            Command::WarmPool(WarmPoolCommand::Set(set.clone())),
+        );
+        assert_eq!(
+            printed.unwrap().stdout,
+            "warm-pool/api configured\nenabled: true\ntargetSize: 2\nbranch: null\nsetupCommands:\n- name: deps\n  command: make deps\nmaxIdle: 2\n"
+        );
+        // -o json: the answer alone.
+        let (printed, _) = run_against(
+            &url,
+            GlobalArgs {
+                output: Some(OutputFormat::Json),
+                ..GlobalArgs::default()
+            },
+            Command::WarmPool(WarmPoolCommand::Set(set)),
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&printed.unwrap().stdout).unwrap(),
+            warm_pool_answer()
+        );
+        assert_eq!(
+            requests.join().unwrap(),
+            [
+                "GET /v1/workspaces/web/warm-pool HTTP/1.1 ",
+                r#"PATCH /v1/workspaces/api/warm-pool HTTP/1.1 {"targetSize":2,"branch":null,"setupCommands":[{"name":"deps","command":"make deps"}]}"#,
+                r#"PATCH /v1/workspaces/web/warm-pool HTTP/1.1 {"targetSize":2,"branch":null,"setupCommands":[{"name":"deps","command":"make deps"}]}"#,
+            ]
+        );
+    }
+
+    fn test_boot(watch: bool, timeout: &str) -> Command {
+        Command::WarmPool(WarmPoolCommand::Test {
+            watch,
+            timeout: timeout.into(),
+        })
+    }
+
+    #[test]
+    fn warm_pool_test_without_watch() {
+        let (url, requests) = stub(vec![(201, instance("provisioning", json!([])))]);
+        let (printed, progress) = run_against(&url, GlobalArgs::default(), test_boot(false, "30m"));
+        assert_eq!(
+            printed.unwrap(),
+            Printed::out("Test boot started: instance i-1\n".into())
+        );
+        assert!(progress.is_empty());
+        assert_eq!(
+            requests.join().unwrap(),
+            ["POST /v1/workspaces/web/warm-pool/test HTTP/1.1 {}"]
+        );
+    }
+
+    fn failing_run() -> Vec<(u16, Value)> {
+        let mut failed = instance(
+            "failed",
+            json!([
+                step("create_vm", "succeeded", json!(10)),
+                step("warm_pool_setup", "failed", json!(300))
+            ]),
+        );
+        failed["summary"] = json!({"success": false, "failedStep": "warm_pool_setup", "error": "deps exited with 2"});
+        failed["steps"][1]["output"] = json!("make: *** [deps] Error 2\n");
+        vec![
+            (
+                201,
+                instance(
+                    "provisioning",
+                    json!([
+                        step("create_vm", "pending", Value::Null),
+                        step("warm_pool_setup", "pending", Value::Null)
+                    ]),
+                ),
+            ),
+            (
+                200,
+                instance(
+                    "provisioning",
+                    json!([
+                        step("create_vm", "succeeded", json!(10)),
+                        step("warm_pool_setup", "pending", Value::Null)
+                    ]),
+                ),
+            ),
+            (200, failed),
+        ]
+    }
+
+    #[test]
+    fn warm_pool_test_watch_without_a_terminal() {
+        let (url, requests) = stub(failing_run());
+        let (printed, progress) = run_against(&url, GlobalArgs::default(), test_boot(true, "1m"));
+        assert_eq!(
+            printed.unwrap(),
+            Printed {
+                stdout: "Instance i-1 failed at warm_pool_setup: deps exited with 2\n  make: *** [deps] Error 2\n".into(),
+                stderr: String::new(),
+                exit_code: 1
+            }
+        );
+        assert_eq!(
+            progress,
+            ["✓ create_vm 0.01s\n", "✗ warm_pool_setup 0.3s\n"]
+        );
+        assert_eq!(
+            requests.join().unwrap(),
+            [
+                "POST /v1/workspaces/web/warm-pool/test HTTP/1.1 {}",
+                "GET /v1/workspaces/web/warm-pool/instances/i-1 HTTP/1.1 ",
+                "GET /v1/workspaces/web/warm-pool/instances/i-1 HTTP/1.1 ",
+            ]
+        );
+    }
+
+    #[test]
+    fn warm_pool_test_watch_on_a_terminal_redraws() {
+        let (url, _requests) = stub(failing_run());
+        let (printed, progress) = run_in(&url, GlobalArgs::default(), test_boot(true, "1m"), true);
+        assert_eq!(printed.unwrap().exit_code, 1);
+        assert_eq!(
+            progress,
+            [
+                "Test boot started: instance i-1\n",
+                "\r\x1b[2K· create_vm\n\r\x1b[2K· warm_pool_setup\n\x1b[J",
+                "\x1b[2A\r\x1b[2K✓ create_vm         0.01s\n\r\x1b[2K· warm_pool_setup\n\x1b[J",
+                "\x1b[2A\r\x1b[2K✓ create_vm         0.01s\n\r\x1b[2K✗ warm_pool_setup   0.3s\n\x1b[J",
+            ]
+        );
+        // -o yaml: no live display, the last answer, the same exit code.
+        let (url, _requests) = stub(failing_run());
+        let (printed, progress) = run_in(
+            &url,
+            GlobalArgs {
+                output: Some(OutputFormat::Yaml),
+                ..GlobalArgs::default()
+            },
+            test_boot(true, "1m"),
+            true,
+        );
+        let printed = printed.unwrap();
+        assert!(
+            printed.stdout.starts_with("id: i-1\n"),
+            "{}",
+            printed.stdout
+        );
+        assert_eq!(printed.exit_code, 1);
+        assert!(progress.is_empty());
+    }
+
+    #[test]
+    fn instances_list_and_get() {
+        let ready = instance(
+            "ready",
+            json!([step("create_vm", "succeeded", json!(1500))]),
+        );
+        let (url, requests) = stub(vec![
+            (200, json!({"items": []})),
+            (200, json!({"items": []})),
+            (200, ready.clone()),
+            (200, ready),
+        ]);
+        let list = |status: Option<&str>, test, all| {
+            Command::Instances(InstancesCommand::List {
+                status: status.map(str::to_owned),
+                test,
+                all,
+            })
+        };
+        let (printed, _) = run_against(
+            &url,
+            GlobalArgs::default(),
+            list(Some("failed"), true, false),
+        );
+        assert_eq!(printed.unwrap().stdout, "No instances found.\n");
+        let (printed, _) = run_against(&url, GlobalArgs::default(), list(None, false, true));
+        assert_eq!(printed.unwrap().stdout, "No instances found.\n");
+        let get = |steps| {
+            Command::Instances(InstancesCommand::Get {
+                id: "i-1".into(),
+                steps,
+            })
+        };
+        let (printed, _) = run_against(&url, GlobalArgs::default(), get(false));
+        assert!(
+            printed
+                .unwrap()
+                .stdout
+                .starts_with("id: i-1\nworkspace: web\n")
+        );
+        let (printed, _) = run_against(&url, GlobalArgs::default(), get(true));
+        assert_eq!(
+            printed.unwrap().stdout,
+            "✓ create_vm 1.5s\nInstance i-1 ready in 1.5s\n"
+        );
+        assert_eq!(
+            requests.join().unwrap(),
+            [
+                "GET /v1/instances?workspace=web&status=failed&test=true HTTP/1.1 ",
+                "GET /v1/instances HTTP/1.1 ",
+                "GET /v1/instances/i-1 HTTP/1.1 ",
+                "GET /v1/instances/i-1 HTTP/1.1 ",
+            ]
+        );
+    }
+
+    #[test]
+    fn warm_pool_input_is_checked_before_any_connection() {
+        // hearth.yaml names a workspace, the server URL is unusable.
+        let (printed, _) = run_against(
+            "not a url",
+            GlobalArgs::default(),
+            Command::WarmPool(WarmPoolCommand::Set(set_args())),
+        );
+        assert!(
+            printed
+                .unwrap_err()
+                .starts_with("INVALID_ARGUMENT: nothing to set")
+        );
+        let (printed, _) = run_against("not a url", GlobalArgs::default(), test_boot(true, "soon"));
+        assert_eq!(
+            printed.unwrap_err(),
+            "INVALID_ARGUMENT: invalid --timeout \"soon\": use a duration such as 90s, 15m, 1h30m or 2d"
+        );
+        let (printed, _) = run_against("not a url", GlobalArgs::default(), test_boot(false, "30m"));
+        assert!(printed.unwrap_err().contains("invalid server URL"));
     }
 }

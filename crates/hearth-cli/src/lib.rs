@@ -1,20 +1,24 @@
 //! The `hearth` command-line client: the kubectl-like commands that talk to a
 //! hearth server over HTTP (`get`, `set`, `patch`, `delete`, `auth`,
 //! `tenant`, `identity`), the pool commands (`pool status|flush|up|reset`),
-//! the agent commands (`spawn`, `agents …`) and the operators' `builds`.
+//! the agent commands (`spawn`, `agents …`), the warm-pool commands
+//! (`warm-pool get|set|test`, `instances …`) and the operators' `builds`.
 //!
 //! The `hearth` binary flattens [`GlobalArgs`] and [`Command`] into its own
 //! parser and calls [`run`], which returns the process exit code. Everything
 //! here is blocking (no async runtime exists on this path).
 //!
 //! Modules: [`config`] finds and merges settings, [`patch`] turns `--set`
-//! into a merge patch, [`output`] renders answers, [`client`] speaks HTTP,
-//! [`error`] formats failures; `commands` glues them together per command.
+//! into a merge patch, [`output`] renders answers, [`live`] draws the steps
+//! of a provisioning run while `warm-pool test --watch` waits, [`client`]
+//! speaks HTTP, [`error`] formats failures; `commands` glues them together
+//! per command.
 
 pub mod client;
 mod commands;
 pub mod config;
 pub mod error;
+pub mod live;
 pub mod output;
 pub mod patch;
 
@@ -79,6 +83,87 @@ pub enum Command {
     /// List and retire control-plane builds (operators)
     #[command(subcommand)]
     Builds(BuildsCommand),
+    /// Show, configure and test the workspace's warm pool (--workspace,
+    /// HEARTH_WORKSPACE or hearth.yaml)
+    #[command(subcommand)]
+    WarmPool(WarmPoolCommand),
+    /// List and inspect provisioning runs (instances) and their steps
+    #[command(subcommand)]
+    Instances(InstancesCommand),
+}
+
+/// `hearth warm-pool ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum WarmPoolCommand {
+    /// Show the workspace's warm-pool settings
+    Get,
+    /// Change the workspace's warm-pool settings (only the fields given)
+    Set(WarmPoolSetArgs),
+    /// Boot one VM the way a warm one is provisioned, to check the setup (it
+    /// is never handed to an agent)
+    Test {
+        /// Show the steps as they run and wait until the VM is ready or has
+        /// failed (exit 1 on failure)
+        #[arg(long)]
+        watch: bool,
+        /// How long --watch waits, e.g. 90s, 10m, 1h
+        #[arg(long, value_name = "DURATION", default_value = "30m")]
+        timeout: String,
+    },
+}
+
+/// `hearth warm-pool set`: each flag given becomes one field of the patch.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WarmPoolSetArgs {
+    /// Turn the warm pool on or off
+    #[arg(long, value_name = "BOOL")]
+    pub enabled: Option<bool>,
+    /// Warm VMs to keep ready (the workspace's min_idle)
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub target_size: Option<i64>,
+    /// Branch warm VMs check out, for every repo
+    #[arg(long, value_name = "BRANCH", conflicts_with = "no_branch")]
+    pub branch: Option<String>,
+    /// Use each repo's own branch again
+    #[arg(long)]
+    pub no_branch: bool,
+    /// A setup command, as NAME=COMMAND; repeat it for several (they run in
+    /// order); the list replaces the current one
+    #[arg(
+        long = "setup",
+        value_name = "NAME=COMMAND",
+        conflicts_with = "no_setup"
+    )]
+    pub setup: Vec<String>,
+    /// Remove every setup command
+    #[arg(long)]
+    pub no_setup: bool,
+}
+
+/// `hearth instances ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum InstancesCommand {
+    /// List the workspace's provisioning runs, newest first (--all: of every
+    /// workspace)
+    List {
+        /// Only runs in this status (provisioning, ready or failed)
+        #[arg(long, value_name = "STATUS")]
+        status: Option<String>,
+        /// Only test boots (hearth warm-pool test)
+        #[arg(long)]
+        test: bool,
+        /// Every workspace, even when one is configured
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one provisioning run
+    Get {
+        /// Instance id
+        id: String,
+        /// Show the steps and their output instead of the record
+        #[arg(long)]
+        steps: bool,
+    },
 }
 
 /// `hearth pool ...`.
@@ -296,6 +381,7 @@ pub enum IdentityCommand {
 /// command reports: an agent's or a remote command's exit code).
 pub fn run(global: GlobalArgs, command: Command) -> i32 {
     let env = |name: &str| std::env::var(name).ok();
+    let stdout_is_tty = std::io::stdout().is_terminal();
     let progress = |line: &str| write_ignoring_closed_pipe(&mut std::io::stdout().lock(), line);
     let result = std::env::current_dir()
         .map_err(|e| anyhow::anyhow!("cannot read the current directory: {e}"))
@@ -306,6 +392,7 @@ pub fn run(global: GlobalArgs, command: Command) -> i32 {
                 read_stdin: &read_stdin,
                 vm_id_file: std::path::Path::new(commands::VM_ID_FILE),
                 progress: &progress,
+                stdout_is_tty,
             };
             commands::execute(&global, command, &ctx)
         });
@@ -609,5 +696,88 @@ mod tests {
             parse(&["builds", "retire", "b1"]).command,
             Top::Client(Command::Builds(BuildsCommand::Retire { ref id })) if id == "b1"
         ));
+    }
+
+    #[test]
+    fn warm_pool_and_instances_commands_parse() {
+        assert!(matches!(
+            parse(&["warm-pool", "get", "--workspace", "web", "-o", "json"]).command,
+            Top::Client(Command::WarmPool(WarmPoolCommand::Get))
+        ));
+        let set = |args: &[&str]| {
+            let all: Vec<&str> = ["warm-pool", "set"].iter().chain(args).copied().collect();
+            match parse(&all).command {
+                Top::Client(Command::WarmPool(WarmPoolCommand::Set(set))) => set,
+                other => panic!("not warm-pool set: {other:?}"),
+            }
+        };
+        let s = set(&[
+            "--enabled",
+            "false",
+            "--target-size",
+            "3",
+            "--branch",
+            "main",
+            "--setup",
+            "deps=make deps",
+            "--setup",
+            "warm=make warm",
+        ]);
+        assert_eq!(s.enabled, Some(false));
+        assert_eq!(s.target_size, Some(3));
+        assert_eq!(s.branch.as_deref(), Some("main"));
+        assert_eq!(s.setup, ["deps=make deps", "warm=make warm"]);
+        assert!(!s.no_branch && !s.no_setup);
+        let s = set(&["--no-branch", "--no-setup", "--target-size", "-1"]);
+        assert!(s.no_branch && s.no_setup);
+        assert_eq!(s.target_size, Some(-1), "the server judges it");
+        let s = set(&[]);
+        assert_eq!((s.enabled, s.target_size, s.setup.len()), (None, None, 0));
+        // Usage errors: clap's exit 2.
+        let fails = |args: &[&str]| {
+            let all: Vec<&str> = ["hearth", "warm-pool", "set"]
+                .iter()
+                .chain(args)
+                .copied()
+                .collect();
+            Cli::try_parse_from(all).is_err()
+        };
+        assert!(fails(&["--setup", "a=b", "--no-setup"]));
+        assert!(fails(&["--branch", "main", "--no-branch"]));
+        assert!(fails(&["--enabled", "yes"]), "true or false");
+        assert!(fails(&["--enabled"]), "a value is needed");
+        assert!(fails(&["--target-size", "two"]));
+
+        let Top::Client(Command::WarmPool(WarmPoolCommand::Test { watch, timeout })) =
+            parse(&["warm-pool", "test"]).command
+        else {
+            panic!("not warm-pool test")
+        };
+        assert_eq!((watch, timeout.as_str()), (false, "30m"));
+        let Top::Client(Command::WarmPool(WarmPoolCommand::Test { watch, timeout })) =
+            parse(&["warm-pool", "test", "--watch", "--timeout", "5m"]).command
+        else {
+            panic!("not warm-pool test")
+        };
+        assert_eq!((watch, timeout.as_str()), (true, "5m"));
+
+        assert!(matches!(
+            parse(&["instances", "list", "--status", "failed", "--test", "--all"]).command,
+            Top::Client(Command::Instances(InstancesCommand::List { ref status, test: true, all: true }))
+                if status.as_deref() == Some("failed")
+        ));
+        assert!(matches!(
+            parse(&["instances", "list"]).command,
+            Top::Client(Command::Instances(InstancesCommand::List {
+                status: None,
+                test: false,
+                all: false
+            }))
+        ));
+        assert!(matches!(
+            parse(&["instances", "get", "i-1", "--steps"]).command,
+            Top::Client(Command::Instances(InstancesCommand::Get { ref id, steps: true })) if id == "i-1"
+        ));
+        assert!(Cli::try_parse_from(["hearth", "instances", "get"]).is_err());
     }
 }

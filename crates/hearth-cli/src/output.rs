@@ -1,9 +1,10 @@
 //! Everything the CLI prints on success, as pure functions of the server's
 //! answers: the wire shapes of those answers, YAML and JSON rendering, the
 //! kubectl-style tables (borderless, uppercase headers), the one-line
-//! `kind/name verb` messages, the text of `hearth pool status` and the
-//! lines of the pool, agent and build commands. Anything that depends on
-//! the clock takes `now` as an argument.
+//! `kind/name verb` messages, the text of `hearth pool status`, the lines
+//! of the pool, agent and build commands, and the warm-pool settings,
+//! provisioning runs (instances) and their step lines. Anything that
+//! depends on the clock takes `now` as an argument.
 
 use crate::error::CliError;
 use comfy_table::{Table, presets::NOTHING};
@@ -912,6 +913,412 @@ pub fn answer_or_message(answer: &Value, format: Option<OutputFormat>, message: 
     }
 }
 
+// ---------------------------------------------------------------------------
+// Warm pools and instances
+
+/// The headers of `hearth warm-pool get -o table`.
+pub const WARM_POOL_HEADERS: &[&str] = &[
+    "ENABLED",
+    "TARGET_SIZE",
+    "MAX_IDLE",
+    "BRANCH",
+    "SETUP_COMMANDS",
+];
+
+/// `hearth warm-pool get|set`: the settings as the API sends them
+/// (camelCase keys), YAML by default, JSON with `-o json`, one row of
+/// [`WARM_POOL_HEADERS`] with `-o table` (the setup commands by name).
+pub fn render_warm_pool(answer: &Value, format: Option<OutputFormat>) -> String {
+    match format.unwrap_or(OutputFormat::Yaml) {
+        OutputFormat::Table => {
+            let names: Vec<String> = answer
+                .get("setupCommands")
+                .and_then(Value::as_array)
+                .map(|list| list.iter().map(|c| cell(c.get("name"))).collect())
+                .unwrap_or_default();
+            let setup = if names.is_empty() {
+                "<none>".to_owned()
+            } else {
+                names.join(",")
+            };
+            let row = vec![
+                cell(answer.get("enabled")),
+                cell(answer.get("targetSize")),
+                cell(answer.get("maxIdle")),
+                cell(answer.get("branch")),
+                setup,
+            ];
+            table(WARM_POOL_HEADERS, &[row])
+        }
+        other => render_value(answer, other),
+    }
+}
+
+/// The line `hearth warm-pool set` prints before the settings.
+pub fn warm_pool_configured(workspace: &str) -> String {
+    format!("warm-pool/{workspace} configured\n")
+}
+
+/// The line `hearth warm-pool test` prints once the test boot is started.
+pub fn test_started_message(id: &str) -> String {
+    format!("Test boot started: instance {id}\n")
+}
+
+/// A provisioning run (`Instance` on the wire, camelCase) as far as the CLI
+/// reads it; the answer itself is what `-o yaml|json` prints.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceView {
+    pub id: String,
+    pub workspace: String,
+    #[serde(default)]
+    pub vm: Option<String>,
+    #[serde(default)]
+    pub test: bool,
+    /// `provisioning`, `ready` or `failed`.
+    pub status: String,
+    /// Set once the run ended.
+    #[serde(default)]
+    pub summary: Option<InstanceSummary>,
+    #[serde(default)]
+    pub steps: Vec<StepView>,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    #[serde(default)]
+    pub finished_at: Option<String>,
+}
+
+/// How a provisioning run ended.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceSummary {
+    pub success: bool,
+    #[serde(default)]
+    pub failed_step: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// One step of a provisioning run.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepView {
+    pub name: String,
+    /// The repo's folder, for the per-repo steps.
+    #[serde(default)]
+    pub repo: Option<String>,
+    /// `pending`, `running`, `succeeded` or `failed`.
+    pub status: String,
+    /// The tail of what the step printed.
+    #[serde(default)]
+    pub output: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Unix milliseconds.
+    #[serde(default)]
+    pub started_at: Option<i64>,
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+}
+
+impl InstanceView {
+    /// Reads an instance answer; `what` names the call for the error.
+    pub fn from_answer(what: &str, answer: &Value) -> Result<InstanceView, CliError> {
+        parse_answer(what, answer)
+    }
+
+    /// Whether the run is over: `ready` or `failed`.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.status.as_str(), "ready" | "failed")
+    }
+
+    /// The step the run failed at: the first `failed` one, else the one the
+    /// summary names.
+    pub fn failed_step(&self) -> Option<&StepView> {
+        self.steps
+            .iter()
+            .find(|s| s.status == "failed")
+            .or_else(|| {
+                let name = self.summary.as_ref()?.failed_step.as_deref()?;
+                self.steps.iter().find(|s| s.name == name)
+            })
+    }
+
+    /// The name of the step the run failed at (the summary's `failedStep`,
+    /// else the failed step's), if any.
+    pub fn failed_step_name(&self) -> Option<&str> {
+        self.summary
+            .as_ref()
+            .and_then(|s| s.failed_step.as_deref())
+            .filter(|s| !s.is_empty())
+            .or_else(|| self.failed_step().map(|s| s.name.as_str()))
+    }
+
+    /// How long the run took: the sum of its steps' durations (they run one
+    /// after the other), else `finishedAt - createdAt`; `None` when neither
+    /// is known.
+    pub fn total_duration(&self) -> Option<Duration> {
+        let durations: Vec<u64> = self.steps.iter().filter_map(|s| s.duration_ms).collect();
+        if !durations.is_empty() {
+            return Some(Duration::from_millis(durations.iter().sum()));
+        }
+        let created = parse_timestamp(self.created_at.as_deref()?)?;
+        let finished = parse_timestamp(self.finished_at.as_deref()?)?;
+        Some(finished.duration_since(created).unwrap_or_default())
+    }
+}
+
+impl StepView {
+    /// `name`, or `name (repo)` for a per-repo step.
+    pub fn label(&self) -> String {
+        match self.repo.as_deref().filter(|r| !r.is_empty()) {
+            Some(repo) => format!("{} ({repo})", self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// Whether the step is over: `succeeded` or `failed`.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.status.as_str(), "succeeded" | "failed")
+    }
+
+    /// What the step printed (none: empty).
+    pub fn output(&self) -> &str {
+        self.output.as_deref().unwrap_or("")
+    }
+}
+
+/// A duration as the warm-pool commands show it: to the hundredth of a
+/// second under a second (`0.01s`, `0.3s`), to the tenth under a minute
+/// (`1.2s`, `12s`), trailing zeros dropped; then `2m03s` under an hour and
+/// `1h02m03s` beyond. Each is rounded to its last digit.
+pub fn format_duration(d: Duration) -> String {
+    fn seconds(whole: u128, fraction: String) -> String {
+        let fraction = fraction.trim_end_matches('0');
+        if fraction.is_empty() {
+            format!("{whole}s")
+        } else {
+            format!("{whole}.{fraction}s")
+        }
+    }
+    let ms = d.as_millis();
+    let centis = (ms + 5) / 10;
+    if centis < 100 {
+        return seconds(0, format!("{centis:02}"));
+    }
+    let decis = (ms + 50) / 100;
+    if decis < 600 {
+        return seconds(decis / 10, (decis % 10).to_string());
+    }
+    let secs = (ms + 500) / 1000;
+    if secs < 3600 {
+        return format!("{}m{:02}s", secs / 60, secs % 60);
+    }
+    format!("{}h{:02}m{:02}s", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+/// The mark of a step that succeeded.
+pub const STEP_SUCCEEDED: &str = "✓";
+/// The mark of a step that failed.
+pub const STEP_FAILED: &str = "✗";
+/// The mark of a step that has not started.
+pub const STEP_PENDING: &str = "·";
+/// The mark of a running step where nothing spins (`instances get --steps`).
+pub const STEP_RUNNING: &str = "▸";
+
+/// One step as a line (no newline, no trailing blanks): its mark, its
+/// label padded to `width` (0: no padding, one space before the duration),
+/// then its duration — for a running step (marked `running`, a spinner
+/// frame on a terminal) the time since it started, up to `now_ms` (Unix
+/// ms); none for a pending one.
+///
+/// `✓ clone_repo (myrepo) 1.2s`, `⠹ project_setup 2.4s`, `· repo_setup`.
+pub fn step_line(step: &StepView, width: usize, running: &str, now_ms: i64) -> String {
+    let mark = match step.status.as_str() {
+        "succeeded" => STEP_SUCCEEDED,
+        "failed" => STEP_FAILED,
+        "running" => running,
+        "pending" => STEP_PENDING,
+        _ => "?",
+    };
+    let duration = match step.status.as_str() {
+        "running" => step.started_at.map(|started| {
+            Duration::from_millis(u64::try_from(now_ms.saturating_sub(started)).unwrap_or(0))
+        }),
+        "pending" => None,
+        _ => step.duration_ms.map(Duration::from_millis),
+    };
+    let line = format!(
+        "{mark} {:<width$} {}",
+        step.label(),
+        duration.map(format_duration).unwrap_or_default()
+    );
+    line.trim_end().to_owned()
+}
+
+/// How many lines of the failed step's output a failure shows.
+pub const OUTPUT_TAIL_LINES: usize = 20;
+
+/// The last `n` lines of `output`, each indented two spaces (blank lines
+/// stay empty), each ending in a newline.
+pub fn indented_tail(output: &str, n: usize) -> String {
+    let lines: Vec<&str> = output.trim_end_matches(['\n', '\r']).lines().collect();
+    if lines.iter().all(|l| l.trim().is_empty()) {
+        return String::new();
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines[skip..]
+        .iter()
+        .map(|line| {
+            let line = line.trim_end();
+            if line.is_empty() {
+                "\n".to_owned()
+            } else {
+                format!("  {line}\n")
+            }
+        })
+        .collect()
+}
+
+/// The line that says how a run ended: `Instance <id> ready in <total>`,
+/// `Instance <id> failed at <step>: <error>` (the step with its repo, as
+/// in [`step_line`]), or `Instance <id> <status>` while it runs.
+pub fn instance_headline(instance: &InstanceView) -> String {
+    let id = &instance.id;
+    match instance.status.as_str() {
+        "ready" => match instance.total_duration() {
+            Some(total) => format!("Instance {id} ready in {}\n", format_duration(total)),
+            None => format!("Instance {id} ready\n"),
+        },
+        "failed" => {
+            let step = match (instance.failed_step(), instance.failed_step_name()) {
+                (Some(step), Some(name)) if step.name == name => Some(step.label()),
+                (_, name) => name.map(str::to_owned),
+            };
+            let error = instance
+                .summary
+                .as_ref()
+                .and_then(|s| s.error.clone())
+                .or_else(|| instance.failed_step().and_then(|s| s.error.clone()))
+                .filter(|e| !e.trim().is_empty());
+            let mut line = format!("Instance {id} failed");
+            if let Some(step) = step {
+                line.push_str(&format!(" at {step}"));
+            }
+            if let Some(error) = error {
+                line.push_str(&format!(": {}", error.trim_end()));
+            }
+            line.push('\n');
+            line
+        }
+        other => format!("Instance {id} {other}\n"),
+    }
+}
+
+/// What `hearth warm-pool test --watch` prints at the end: the
+/// [`instance_headline`], and after a failure the last
+/// [`OUTPUT_TAIL_LINES`] lines of the failed step's output, indented.
+pub fn instance_outcome(instance: &InstanceView) -> String {
+    let mut text = instance_headline(instance);
+    if instance.status == "failed"
+        && let Some(step) = instance.failed_step()
+    {
+        text.push_str(&indented_tail(step.output(), OUTPUT_TAIL_LINES));
+    }
+    text
+}
+
+/// `hearth instances get ID --steps`: every step as a [`step_line`] (no
+/// padding, as when the output is not a terminal) followed by its whole
+/// output indented, then the [`instance_headline`].
+pub fn render_instance_steps(instance: &InstanceView, now_ms: i64) -> String {
+    let mut text = String::new();
+    for step in &instance.steps {
+        text.push_str(&step_line(step, 0, STEP_RUNNING, now_ms));
+        text.push('\n');
+        text.push_str(&indented_tail(step.output(), usize::MAX));
+    }
+    text.push_str(&instance_headline(instance));
+    text
+}
+
+/// The headers of `hearth instances list`.
+pub const INSTANCE_HEADERS: &[&str] = &[
+    "ID",
+    "WORKSPACE",
+    "STATUS",
+    "TEST",
+    "FAILED_STEP",
+    "DURATION",
+    "AGE",
+];
+
+/// One instance as a table row (see [`INSTANCE_HEADERS`]): DURATION is `-`
+/// while it provisions, FAILED_STEP `-` unless it failed; AGE is counted up
+/// to `now`.
+pub fn instance_row(instance: &InstanceView, now: SystemTime) -> Vec<String> {
+    let failed_step = if instance.status == "failed" {
+        instance.failed_step_name().unwrap_or("-").to_owned()
+    } else {
+        "-".to_owned()
+    };
+    let duration = if instance.is_finished() {
+        instance
+            .total_duration()
+            .map_or_else(|| "-".to_owned(), format_duration)
+    } else {
+        "-".to_owned()
+    };
+    vec![
+        instance.id.clone(),
+        instance.workspace.clone(),
+        instance.status.clone(),
+        instance.test.to_string(),
+        failed_step,
+        duration,
+        instance
+            .created_at
+            .as_deref()
+            .map_or_else(|| "<unknown>".to_owned(), |t| age(t, now)),
+    ]
+}
+
+/// `hearth instances list`: a table by default (`No instances found.` when
+/// empty), the items as they came with `-o yaml|json`.
+pub fn render_instances(
+    items: &[Value],
+    format: Option<OutputFormat>,
+    now: SystemTime,
+) -> Result<String, CliError> {
+    Ok(match format.unwrap_or(OutputFormat::Table) {
+        OutputFormat::Table if items.is_empty() => "No instances found.\n".to_owned(),
+        OutputFormat::Table => {
+            let rows = items
+                .iter()
+                .map(|item| {
+                    InstanceView::from_answer("GET /v1/instances", item)
+                        .map(|i| instance_row(&i, now))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            table(INSTANCE_HEADERS, &rows)
+        }
+        other => render_value(&Value::Array(items.to_vec()), other),
+    })
+}
+
+/// `hearth instances get`: the instance as YAML by default, JSON with
+/// `-o json`, a one-row [`render_instances`] table with `-o table`.
+pub fn render_instance(
+    answer: &Value,
+    format: Option<OutputFormat>,
+    now: SystemTime,
+) -> Result<String, CliError> {
+    match format.unwrap_or(OutputFormat::Yaml) {
+        OutputFormat::Table => render_instances(std::slice::from_ref(answer), format, now),
+        other => Ok(render_value(answer, other)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1629,6 +2036,345 @@ Reaper: enabled (1 stranded workflow)
         assert_eq!(
             answer_or_message(&answer, Some(OutputFormat::Yaml), "msg\n".into()),
             "workspace: web\n"
+        );
+    }
+
+    fn instance_answer(status: &str, summary: Value, steps: Value) -> Value {
+        json!({"id": "0190c5a4-aaaa-7000-8000-000000000001", "workspace": "web",
+               "vm": "0190c5a4-bbbb-7000-8000-000000000002", "test": true, "status": status,
+               "summary": summary, "steps": steps,
+               "createdAt": "2026-11-23T03:00:00.000Z", "updatedAt": "2026-11-23T03:00:05.000Z",
+               "finishedAt": null})
+    }
+
+    fn step_answer(name: &str, status: &str, started: Value, ms: Value) -> Value {
+        json!({"name": name, "status": status, "output": "", "startedAt": started,
+               "durationMs": ms})
+    }
+
+    fn step_view(step: Value) -> StepView {
+        serde_json::from_value(step).unwrap()
+    }
+
+    fn instance_view(answer: &Value) -> InstanceView {
+        InstanceView::from_answer("test", answer).unwrap()
+    }
+
+    #[test]
+    fn durations() {
+        let ms = |n: u64| format_duration(Duration::from_millis(n));
+        assert_eq!(ms(0), "0s");
+        assert_eq!(ms(4), "0s");
+        assert_eq!(ms(5), "0.01s");
+        assert_eq!(ms(10), "0.01s");
+        assert_eq!(ms(300), "0.3s");
+        assert_eq!(ms(340), "0.34s");
+        assert_eq!(ms(994), "0.99s");
+        assert_eq!(ms(995), "1s", "rounds up into the next form");
+        assert_eq!(ms(1200), "1.2s");
+        assert_eq!(ms(1249), "1.2s");
+        assert_eq!(ms(1250), "1.3s");
+        assert_eq!(ms(10_000), "10s");
+        assert_eq!(ms(10_050), "10.1s");
+        assert_eq!(ms(59_949), "59.9s");
+        assert_eq!(ms(59_950), "1m00s");
+        assert_eq!(ms(123_000), "2m03s");
+        assert_eq!(ms(123_499), "2m03s");
+        assert_eq!(ms(123_500), "2m04s");
+        assert_eq!(ms(3_599_499), "59m59s");
+        assert_eq!(ms(3_599_500), "1h00m00s");
+        assert_eq!(ms(3_723_000), "1h02m03s");
+        assert_eq!(ms(100 * 3600 * 1000), "100h00m00s");
+    }
+
+    #[test]
+    fn step_lines() {
+        let line = |step: Value, width, now| step_line(&step_view(step), width, "⠹", now);
+        let mut clone = step_answer("clone_repo", "succeeded", json!(1000), json!(1200));
+        clone["repo"] = json!("myrepo");
+        assert_eq!(line(clone.clone(), 0, 0), "✓ clone_repo (myrepo) 1.2s");
+        assert_eq!(line(clone, 21, 0), "✓ clone_repo (myrepo)   1.2s");
+        assert_eq!(
+            line(
+                step_answer("create_vm", "succeeded", json!(1000), json!(10)),
+                0,
+                0
+            ),
+            "✓ create_vm 0.01s"
+        );
+        assert_eq!(
+            line(
+                step_answer("warm_pool_setup", "failed", json!(1000), json!(300)),
+                17,
+                0
+            ),
+            "✗ warm_pool_setup   0.3s"
+        );
+        // Running: the spinner frame given and the time since it started.
+        assert_eq!(
+            line(
+                step_answer("project_setup", "running", json!(1000), Value::Null),
+                0,
+                3400
+            ),
+            "⠹ project_setup 2.4s"
+        );
+        assert_eq!(
+            line(
+                step_answer("project_setup", "running", json!(5000), Value::Null),
+                0,
+                3400
+            ),
+            "⠹ project_setup 0s",
+            "a server clock ahead of ours counts as just started"
+        );
+        assert_eq!(
+            line(
+                step_answer("ensure_server", "running", Value::Null, Value::Null),
+                20,
+                0
+            ),
+            "⠹ ensure_server",
+            "no start time, no duration, no trailing blanks"
+        );
+        // Pending: the label alone, even when padded.
+        assert_eq!(
+            line(
+                step_answer("project_setup", "pending", Value::Null, Value::Null),
+                20,
+                0
+            ),
+            "· project_setup"
+        );
+        // A finished step without a duration, an unknown status.
+        assert_eq!(
+            line(
+                step_answer("init_repo", "succeeded", Value::Null, Value::Null),
+                0,
+                0
+            ),
+            "✓ init_repo"
+        );
+        assert_eq!(
+            line(
+                step_answer("init_repo", "skipped", Value::Null, json!(1)),
+                0,
+                0
+            ),
+            "? init_repo 0s"
+        );
+        assert_eq!(
+            step_line(
+                &step_view(step_answer("x", "running", Value::Null, Value::Null)),
+                0,
+                STEP_RUNNING,
+                0
+            ),
+            "▸ x"
+        );
+    }
+
+    fn failed_run() -> Value {
+        let mut failed = step_answer("warm_pool_setup", "failed", json!(3000), json!(300));
+        failed["output"] = json!(
+            (1..=25)
+                .map(|i| format!("line {i}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                + "\n"
+        );
+        failed["error"] = json!("deps exited with 2");
+        instance_answer(
+            "failed",
+            json!({"success": false, "failedStep": "warm_pool_setup",
+                   "error": "setup command deps exited with 2"}),
+            json!([
+                step_answer("create_vm", "succeeded", json!(1000), json!(10)),
+                step_answer("project_setup", "succeeded", json!(1010), json!(1990)),
+                failed,
+                step_answer("done_later", "pending", Value::Null, Value::Null),
+            ]),
+        )
+    }
+
+    #[test]
+    fn outcome_of_a_ready_run() {
+        let answer = instance_answer(
+            "ready",
+            json!({"success": true}),
+            json!([
+                step_answer("create_vm", "succeeded", json!(1000), json!(10)),
+                step_answer("clone_repo", "succeeded", json!(1010), json!(1200)),
+                step_answer("warm_pool_setup", "succeeded", json!(2210), json!(61_000)),
+            ]),
+        );
+        assert_eq!(
+            instance_outcome(&instance_view(&answer)),
+            "Instance 0190c5a4-aaaa-7000-8000-000000000001 ready in 1m02s\n"
+        );
+        // No step durations: from the timestamps; neither: no total.
+        let mut answer = instance_answer("ready", json!({"success": true}), json!([]));
+        answer["finishedAt"] = json!("2026-11-23T03:00:04.250Z");
+        assert_eq!(
+            instance_outcome(&instance_view(&answer)),
+            "Instance 0190c5a4-aaaa-7000-8000-000000000001 ready in 4.3s\n"
+        );
+        answer["finishedAt"] = Value::Null;
+        assert_eq!(
+            instance_outcome(&instance_view(&answer)),
+            "Instance 0190c5a4-aaaa-7000-8000-000000000001 ready\n"
+        );
+    }
+
+    #[test]
+    fn outcome_of_a_failed_run_shows_the_output_tail() {
+        let tail: String = (6..=25).map(|i| format!("  line {i}\n")).collect();
+        assert_eq!(
+            instance_outcome(&instance_view(&failed_run())),
+            format!(
+                "Instance 0190c5a4-aaaa-7000-8000-000000000001 failed at warm_pool_setup: setup command deps exited with 2\n{tail}"
+            )
+        );
+        // A per-repo step is named with its repo; without a summary, the
+        // failed step's own error; an empty output adds nothing.
+        let mut clone = step_answer("clone_repo", "failed", json!(1000), json!(50));
+        clone["repo"] = json!("myrepo");
+        clone["error"] = json!("repository not found");
+        clone["output"] = json!("\n");
+        let answer = instance_answer("failed", Value::Null, json!([clone]));
+        assert_eq!(
+            instance_outcome(&instance_view(&answer)),
+            "Instance 0190c5a4-aaaa-7000-8000-000000000001 failed at clone_repo (myrepo): repository not found\n"
+        );
+        // Nothing known but the status.
+        let answer = instance_answer("failed", json!({"success": false}), json!([]));
+        assert_eq!(
+            instance_outcome(&instance_view(&answer)),
+            "Instance 0190c5a4-aaaa-7000-8000-000000000001 failed\n"
+        );
+        // Still running: the status.
+        let answer = instance_answer("provisioning", Value::Null, json!([]));
+        assert_eq!(
+            instance_outcome(&instance_view(&answer)),
+            "Instance 0190c5a4-aaaa-7000-8000-000000000001 provisioning\n"
+        );
+    }
+
+    #[test]
+    fn output_tails() {
+        assert_eq!(indented_tail("", 20), "");
+        assert_eq!(indented_tail(" \n\n", 20), "");
+        assert_eq!(indented_tail("a\n\nb  \r\nc", 20), "  a\n\n  b\n  c\n");
+        assert_eq!(indented_tail("a\nb\nc\n", 2), "  b\n  c\n");
+    }
+
+    #[test]
+    fn instance_steps_view() {
+        let mut answer = failed_run();
+        answer["steps"][0]["output"] = json!("created vm\n");
+        answer["steps"][2]["output"] = json!("make: *** [deps] Error 2");
+        assert_eq!(
+            render_instance_steps(&instance_view(&answer), 0),
+            "✓ create_vm 0.01s\n  created vm\n✓ project_setup 2s\n✗ warm_pool_setup 0.3s\n  make: *** [deps] Error 2\n· done_later\n\
+             Instance 0190c5a4-aaaa-7000-8000-000000000001 failed at warm_pool_setup: setup command deps exited with 2\n"
+        );
+        let running = instance_answer(
+            "provisioning",
+            Value::Null,
+            json!([step_answer(
+                "create_vm",
+                "running",
+                json!(1000),
+                Value::Null
+            )]),
+        );
+        assert_eq!(
+            render_instance_steps(&instance_view(&running), 2500),
+            "▸ create_vm 1.5s\nInstance 0190c5a4-aaaa-7000-8000-000000000001 provisioning\n"
+        );
+    }
+
+    #[test]
+    fn instances_table() {
+        let now = humantime::parse_rfc3339("2026-11-23T03:05:00Z").unwrap();
+        let mut running = instance_answer(
+            "provisioning",
+            Value::Null,
+            json!([step_answer("create_vm", "succeeded", json!(1), json!(10))]),
+        );
+        running["id"] = json!("0190c5a4-aaaa-7000-8000-000000000003");
+        running["test"] = json!(false);
+        running["workspace"] = json!("docs");
+        running["createdAt"] = json!("2026-11-23T03:04:55Z");
+        let items = vec![running, failed_run()];
+        assert_eq!(
+            render_instances(&items, None, now).unwrap(),
+            "ID                                     WORKSPACE   STATUS         TEST    FAILED_STEP       DURATION   AGE\n\
+             0190c5a4-aaaa-7000-8000-000000000003   docs        provisioning   false   -                 -          5s\n\
+             0190c5a4-aaaa-7000-8000-000000000001   web         failed         true    warm_pool_setup   2.3s       5m\n"
+        );
+        assert_eq!(
+            render_instances(&[], None, now).unwrap(),
+            "No instances found.\n"
+        );
+        assert_eq!(
+            render_instances(&[], Some(OutputFormat::Json), now).unwrap(),
+            "[]\n"
+        );
+        let yaml = render_instances(&items[1..], Some(OutputFormat::Yaml), now).unwrap();
+        assert!(
+            yaml.starts_with("- id: 0190c5a4-aaaa-7000-8000-000000000001\n  workspace: web\n"),
+            "{yaml}"
+        );
+        // One instance: YAML of the answer, camelCase as sent.
+        let yaml = render_instance(&items[1], None, now).unwrap();
+        assert!(
+            yaml.contains("\nsummary:\n  success: false\n  failedStep: warm_pool_setup\n"),
+            "{yaml}"
+        );
+        assert_eq!(
+            render_instance(&items[1], Some(OutputFormat::Table), now).unwrap(),
+            render_instances(&items[1..], None, now).unwrap()
+        );
+        let e = render_instances(&[json!({"id": "x"})], None, now).unwrap_err();
+        assert!(
+            e.message
+                .starts_with("unexpected answer to GET /v1/instances: missing field"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn warm_pool_settings() {
+        let answer = json!({"enabled": true, "targetSize": 2, "branch": null,
+                            "setupCommands": [{"name": "deps", "command": "make deps"},
+                                              {"name": "warm", "command": "make warm"}],
+                            "maxIdle": 2});
+        assert_eq!(
+            render_warm_pool(&answer, None),
+            "enabled: true\ntargetSize: 2\nbranch: null\nsetupCommands:\n- name: deps\n  command: make deps\n- name: warm\n  command: make warm\nmaxIdle: 2\n"
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&render_warm_pool(&answer, Some(OutputFormat::Json)))
+                .unwrap(),
+            answer
+        );
+        assert_eq!(
+            render_warm_pool(&answer, Some(OutputFormat::Table)),
+            "ENABLED   TARGET_SIZE   MAX_IDLE   BRANCH   SETUP_COMMANDS\n\
+             true      2             2          <none>   deps,warm\n"
+        );
+        let bare = json!({"enabled": false, "targetSize": 0, "branch": "main",
+                          "setupCommands": [], "maxIdle": 0});
+        assert_eq!(
+            render_warm_pool(&bare, Some(OutputFormat::Table)),
+            "ENABLED   TARGET_SIZE   MAX_IDLE   BRANCH   SETUP_COMMANDS\n\
+             false     0             0          main     <none>\n"
+        );
+        assert_eq!(warm_pool_configured("web"), "warm-pool/web configured\n");
+        assert_eq!(
+            test_started_message("i-1"),
+            "Test boot started: instance i-1\n"
         );
     }
 }

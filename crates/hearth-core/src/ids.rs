@@ -60,3 +60,7 @@ typed_id!(
     /// One agent.
     AgentId
 );
+typed_id!(
+    /// One provisioning run (an instance record).
+    InstanceId
+);

@@ -5,6 +5,7 @@
 use crate::plan::{self, Action, Reason, Settings, Snapshot, WorkspaceView};
 use crate::reaper;
 use crate::status::{self, PoolStatus};
+use hearth_core::ids::InstanceId;
 use hearth_core::ids::{AgentId, TenantId, VmId};
 use hearth_core::resource::{
     DriverKind, Environment, Image, Kind, Network, POOL_CONFIG_NAME, PoolConfig, Spec, Workspace,
@@ -12,12 +13,15 @@ use hearth_core::resource::{
 use hearth_drivers::{
     Driver, DriverError, Drivers, ExecRequest, ExecResult, ImageSpec, OutputChunk, Stream, VmSpec,
 };
+use hearth_provisioning::{Command, ProvisionPlan, Recorder, RepoPlan, Step, StepStatus, Summary};
 use hearth_store::{
     AgentFilter, AgentPhase, AgentRecord, AgentUpdate, InsertVm, Millis, Ready, Store, StoreError,
     VmRecord, VmState, WorkspaceState, now_millis,
 };
+use hearth_store::{InstanceRecord, InstanceStatus};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc, watch};
@@ -43,6 +47,8 @@ pub struct PoolOptions {
     pub reap_after: Duration,
     /// The slow periodic resync.
     pub resync: Duration,
+    /// Longest any one provisioning command may run.
+    pub command_timeout: Duration,
 }
 
 impl Default for PoolOptions {
@@ -52,6 +58,7 @@ impl Default for PoolOptions {
             build: concat!("hearth-", env!("CARGO_PKG_VERSION")).into(),
             reap_after: Duration::from_secs(48 * 3600),
             resync: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -76,6 +83,38 @@ const OUTPUT_TAIL: usize = 64 * 1024;
 const CLEANUP: &str = "for d in /proc/[0-9]*; do p=${d#/proc/}; case $p in 1|$$|$PPID) ;; *) kill -9 $p 2>/dev/null;; esac; done; \
      find /tmp -mindepth 1 -delete 2>/dev/null; true";
 
+/// Persists a run's steps as they change, and moves the VM to
+/// `provisioning` once its guest agent answered.
+struct InstanceRecorder {
+    store: Arc<dyn Store>,
+    instance: InstanceId,
+    vm: VmId,
+    provisioning: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Recorder for InstanceRecorder {
+    async fn record(&self, steps: &[Step]) {
+        let past_boot = steps
+            .iter()
+            .any(|s| s.name == "set_env_vars" && s.status != StepStatus::Pending);
+        if past_boot && !self.provisioning.swap(true, Ordering::Relaxed) {
+            let _ = self
+                .store
+                .set_vm_state(self.vm, &[VmState::Booting], VmState::Provisioning, None)
+                .await;
+        }
+        let json = serde_json::to_value(steps).unwrap_or_default();
+        if let Err(e) = self
+            .store
+            .update_instance(self.instance, InstanceStatus::Provisioning, &json, None)
+            .await
+        {
+            tracing::warn!(instance = %self.instance, error = %e, "cannot record provisioning progress");
+        }
+    }
+}
+
 /// What booting a VM of a workspace needs.
 #[derive(Debug, Clone)]
 struct BootPlan {
@@ -86,6 +125,7 @@ struct BootPlan {
     isolated_network: bool,
     env_version: i64,
     image_version: i64,
+    provision: ProvisionPlan,
 }
 
 /// A tenant's snapshot plus what executing its plan needs.
@@ -131,6 +171,39 @@ fn driver_name(kind: DriverKind) -> String {
 fn decode<T: Spec>(value: &serde_json::Value) -> Result<T, PoolError> {
     serde_json::from_value(value.clone())
         .map_err(|e| PoolError::Store(StoreError::Corrupt(format!("stored {}: {e}", T::KIND))))
+}
+
+/// What provisioning a VM of `ws` runs, from the workspace and its environment.
+fn provision_plan(ws: &Workspace, env: &Environment, options: &PoolOptions) -> ProvisionPlan {
+    let commands = |list: &[hearth_core::resource::SetupCommand]| {
+        list.iter()
+            .map(|c| Command {
+                name: c.name.clone(),
+                command: c.command.clone(),
+            })
+            .collect()
+    };
+    ProvisionPlan {
+        env: env.env.clone(),
+        repos: ws
+            .repos
+            .iter()
+            .map(|r| RepoPlan {
+                url: r.url.clone(),
+                branch: ws
+                    .warm_pool
+                    .branch
+                    .clone()
+                    .unwrap_or_else(|| r.branch.clone()),
+                dir: r.dir_name(),
+            })
+            .collect(),
+        project_setup: commands(&env.project_setup),
+        repo_setup: commands(&env.repo_setup),
+        warm_pool_setup: commands(&ws.warm_pool.setup_commands),
+        guest_timeout: Duration::from_millis(options.settings.boot_timeout_ms.max(1) as u64),
+        command_timeout: options.command_timeout,
+    }
 }
 
 /// Keeps the last `OUTPUT_TAIL` bytes of a growing text.
@@ -277,6 +350,7 @@ impl Pool {
                     isolated_network: env.network == Network::Isolated,
                     env_version: *env_version,
                     image_version,
+                    provision: provision_plan(&ws, env, &self.options),
                 },
             );
             workspaces.push(WorkspaceView {
@@ -496,7 +570,7 @@ impl Pool {
                 match self.store.insert_vm_within_cap(&record, max_vms).await? {
                     InsertVm::Inserted => {
                         tracing::info!(tenant = %tenant, vm = %record.id, workspace, agent = ?reserved_for, "booting VM");
-                        self.spawn_boot(record, plan.clone());
+                        self.start_boot(record, plan.clone()).await?;
                     }
                     InsertVm::AtCapacity | InsertVm::AgentNotQueued => {}
                 }
@@ -618,87 +692,196 @@ impl Pool {
         });
     }
 
-    /// Creates the VM, waits for its guest agent, and makes it warm (or
-    /// hands it to the agent it was booted for).
-    fn spawn_boot(self: &Arc<Self>, vm: VmRecord, plan: BootPlan) {
+    /// Records the VM's provisioning run, then runs it in a task: the
+    /// pipeline creates the VM, waits for its guest agent and provisions it;
+    /// the VM then becomes warm (or goes to the agent it was booted for, or,
+    /// for a test boot, is destroyed keeping the record).
+    async fn start_boot(
+        self: &Arc<Self>,
+        vm: VmRecord,
+        plan: BootPlan,
+    ) -> Result<InstanceRecord, PoolError> {
+        let steps = hearth_provisioning::planned_steps(&plan.provision);
+        let now = now_millis();
+        let instance = InstanceRecord {
+            id: InstanceId::new(),
+            tenant_id: vm.tenant_id,
+            workspace: vm.workspace.clone(),
+            vm_id: vm.id,
+            test: vm.test,
+            status: InstanceStatus::Provisioning,
+            summary: None,
+            steps: serde_json::to_value(&steps).unwrap_or_default(),
+            created_at: now,
+            updated_at: now,
+            finished_at: None,
+        };
         self.track(vm.id);
+        if let Err(e) = self.store.create_instance(&instance).await {
+            // Nothing was created yet: close the record and let the pool retry.
+            let _ = self
+                .store
+                .set_vm_state(
+                    vm.id,
+                    VmState::LIVE,
+                    VmState::Failed,
+                    Some("cannot record its provisioning run"),
+                )
+                .await;
+            self.untrack(vm.id);
+            return Err(e.into());
+        }
         let pool = self.clone();
+        let id = instance.id;
         tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            let result = pool.boot(&vm, &plan).await;
-            match result {
-                Ok(()) => match pool.store.vm_ready(vm.id).await {
-                    Ok(Ready::Idle) => {
-                        tracing::info!(vm = %vm.id, workspace = %vm.workspace, boot_ms = started.elapsed().as_millis() as u64, "VM warm");
-                        pool.record_success(vm.tenant_id, &vm.workspace).await;
-                    }
-                    Ok(Ready::Assigned(agent)) => {
-                        tracing::info!(vm = %vm.id, agent = %agent, boot_ms = started.elapsed().as_millis() as u64, "cold-booted VM assigned");
-                        pool.record_success(vm.tenant_id, &vm.workspace).await;
-                        if let Ok(record) = pool.store.get_agent(vm.tenant_id, agent).await {
-                            pool.agent_started(&record);
-                        }
-                    }
-                    Ok(Ready::Gone) => {
-                        // Flushed or nuked while booting.
-                        pool.destroy_now(&vm, VmState::Destroyed, None).await;
-                    }
-                    Err(e) => tracing::error!(vm = %vm.id, error = %e, "cannot record a booted VM"),
-                },
-                Err(error) => {
-                    tracing::warn!(vm = %vm.id, workspace = %vm.workspace, %error, "boot failed");
-                    let _ = pool
-                        .store
-                        .set_vm_state(vm.id, VmState::LIVE, VmState::Draining, Some(&error))
-                        .await;
-                    pool.destroy_now(&vm, VmState::Failed, Some(&error)).await;
-                    if let Err(e) = pool
-                        .record_failure(vm.tenant_id, &vm.workspace, &error)
-                        .await
-                    {
-                        tracing::error!(error = %e, "cannot record a failed boot");
-                    }
-                    pool.requeue_reserved(vm.tenant_id, &vm).await;
-                }
-            }
-            pool.untrack(vm.id);
-            pool.wake();
+            pool.boot(vm, plan, id).await;
         });
+        Ok(instance)
     }
 
-    async fn boot(&self, vm: &VmRecord, plan: &BootPlan) -> Result<(), String> {
-        let driver = self
-            .drivers
-            .get(plan.driver)
-            .map_err(|e| e.to_string())?
-            .clone();
-        let spec = VmSpec {
-            id: vm.id,
-            tenant: vm.tenant_id,
-            workspace: vm.workspace.clone(),
-            cpus: plan.cpus,
-            memory_mib: plan.memory_mib,
-            image: plan.image.clone(),
-            isolated_network: plan.isolated_network,
-        };
-        driver.create(&spec).await.map_err(|e| e.to_string())?;
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(self.options.settings.boot_timeout_ms as u64);
-        let mut wait = Duration::from_millis(2);
-        loop {
-            match driver.health(vm.id).await {
-                Ok(_) => return Ok(()),
-                Err(DriverError::NotFound(_)) => {
-                    return Err("the VM disappeared while booting".into());
-                }
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(format!("boot timed out waiting for the guest agent: {e}"));
-                }
-                Err(_) => {}
+    async fn boot(self: Arc<Self>, vm: VmRecord, plan: BootPlan, instance: InstanceId) {
+        let started = std::time::Instant::now();
+        let outcome = match self.drivers.get(plan.driver) {
+            Ok(driver) => {
+                let driver = driver.clone();
+                let spec = VmSpec {
+                    id: vm.id,
+                    tenant: vm.tenant_id,
+                    workspace: vm.workspace.clone(),
+                    cpus: plan.cpus,
+                    memory_mib: plan.memory_mib,
+                    image: plan.image.clone(),
+                    isolated_network: plan.isolated_network,
+                };
+                let recorder = InstanceRecorder {
+                    store: self.store.clone(),
+                    instance,
+                    vm: vm.id,
+                    provisioning: AtomicBool::new(false),
+                };
+                hearth_provisioning::provision(driver.as_ref(), &spec, &plan.provision, &recorder)
+                    .await
             }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_millis(50));
+            Err(e) => {
+                let mut steps = hearth_provisioning::planned_steps(&plan.provision);
+                steps[0].status = StepStatus::Failed;
+                steps[0].error = Some(e.to_string());
+                (
+                    steps,
+                    Summary {
+                        success: false,
+                        failed_step: Some("create_vm".into()),
+                        error: Some(e.to_string()),
+                    },
+                )
+            }
+        };
+        let (steps, summary) = outcome;
+        let status = if summary.success {
+            InstanceStatus::Ready
+        } else {
+            InstanceStatus::Failed
+        };
+        let steps_json = serde_json::to_value(&steps).unwrap_or_default();
+        let summary_json = serde_json::to_value(&summary).unwrap_or_default();
+        if let Err(e) = self
+            .store
+            .update_instance(instance, status, &steps_json, Some(&summary_json))
+            .await
+        {
+            tracing::error!(instance = %instance, error = %e, "cannot record a provisioning run's end");
         }
+        let boot_ms = started.elapsed().as_millis() as u64;
+        if !summary.success {
+            let error = format!(
+                "{} failed: {}",
+                summary.failed_step.as_deref().unwrap_or("provisioning"),
+                summary.error.as_deref().unwrap_or("unknown error")
+            );
+            tracing::warn!(vm = %vm.id, workspace = %vm.workspace, instance = %instance, test = vm.test, %error, "provisioning failed");
+            let _ = self
+                .store
+                .set_vm_state(vm.id, VmState::LIVE, VmState::Draining, Some(&error))
+                .await;
+            self.destroy_now(&vm, VmState::Failed, Some(&error)).await;
+            // A test boot is an experiment: it never throttles the pool.
+            if !vm.test
+                && let Err(e) = self
+                    .record_failure(vm.tenant_id, &vm.workspace, &error)
+                    .await
+            {
+                tracing::error!(error = %e, "cannot record a failed boot");
+            }
+            self.requeue_reserved(vm.tenant_id, &vm).await;
+        } else if vm.test {
+            tracing::info!(vm = %vm.id, workspace = %vm.workspace, instance = %instance, boot_ms, "test boot ready; destroying its VM");
+            let _ = self
+                .store
+                .set_vm_state(vm.id, VmState::LIVE, VmState::Draining, None)
+                .await;
+            self.destroy_now(&vm, VmState::Destroyed, None).await;
+        } else {
+            match self.store.vm_ready(vm.id).await {
+                Ok(Ready::Idle) => {
+                    tracing::info!(vm = %vm.id, workspace = %vm.workspace, boot_ms, "VM warm");
+                    self.record_success(vm.tenant_id, &vm.workspace).await;
+                }
+                Ok(Ready::Assigned(agent)) => {
+                    tracing::info!(vm = %vm.id, agent = %agent, boot_ms, "cold-booted VM assigned");
+                    self.record_success(vm.tenant_id, &vm.workspace).await;
+                    if let Ok(record) = self.store.get_agent(vm.tenant_id, agent).await {
+                        self.agent_started(&record);
+                    }
+                }
+                Ok(Ready::Gone) => {
+                    // Flushed or nuked while booting.
+                    self.destroy_now(&vm, VmState::Destroyed, None).await;
+                }
+                Err(e) => tracing::error!(vm = %vm.id, error = %e, "cannot record a booted VM"),
+            }
+        }
+        self.untrack(vm.id);
+        self.wake();
+    }
+
+    /// Starts a warm-pool test boot of a workspace: one VM provisioned like
+    /// a warm one, never handed to an agent, destroyed when its run ends
+    /// (the instance record stays).
+    pub async fn test_boot(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        workspace: &str,
+    ) -> Result<InstanceRecord, PoolError> {
+        let pass = self.read_pass(tenant).await?;
+        let plan = pass.boot_plans.get(workspace).cloned().ok_or_else(|| {
+            PoolError::Precondition(format!(
+                "workspace {workspace:?} has no environment to boot"
+            ))
+        })?;
+        let max_vms = pass.snapshot.max_vms.ok_or_else(|| {
+            PoolError::Precondition(
+                "no pool config: set one with `hearth set pool-config default`".into(),
+            )
+        })?;
+        let mut vm = VmRecord::booting(
+            VmId::new(),
+            tenant,
+            workspace,
+            &driver_name(plan.driver),
+            plan.env_version,
+            plan.image_version,
+        );
+        vm.test = true;
+        match self.store.insert_vm_within_cap(&vm, max_vms).await? {
+            InsertVm::Inserted => {}
+            _ => {
+                return Err(PoolError::Precondition(format!(
+                    "the tenant is at max_vms ({max_vms}): a test boot needs a free slot"
+                )));
+            }
+        }
+        tracing::info!(tenant = %tenant, vm = %vm.id, workspace, "test boot");
+        self.start_boot(vm, plan).await
     }
 
     async fn record_success(&self, tenant: TenantId, workspace: &str) {

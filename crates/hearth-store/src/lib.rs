@@ -24,7 +24,7 @@ pub use sqlite::SqliteStore;
 pub use types::*;
 
 use async_trait::async_trait;
-use hearth_core::ids::{AgentId, TenantId, TokenId, VmId};
+use hearth_core::ids::{AgentId, InstanceId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::Kind;
 use std::path::Path;
@@ -264,6 +264,30 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every build, oldest first.
     async fn list_builds(&self) -> Result<Vec<Build>>;
+
+    /// Records a provisioning run.
+    async fn create_instance(&self, instance: &InstanceRecord) -> Result<()>;
+
+    /// Updates a run's status, steps and summary (one statement); sets
+    /// `finished_at` when the status is not `provisioning`. `NotFound` when
+    /// absent.
+    async fn update_instance(
+        &self,
+        id: InstanceId,
+        status: InstanceStatus,
+        steps: &serde_json::Value,
+        summary: Option<&serde_json::Value>,
+    ) -> Result<()>;
+
+    /// One run of the tenant. `NotFound` when absent.
+    async fn get_instance(&self, tenant: TenantId, id: InstanceId) -> Result<InstanceRecord>;
+
+    /// The tenant's runs matching `filter`, newest first.
+    async fn list_instances(
+        &self,
+        tenant: TenantId,
+        filter: &InstanceFilter,
+    ) -> Result<Vec<InstanceRecord>>;
 }
 
 /// Opens the store a URL names, applying migrations: `postgres://…` or

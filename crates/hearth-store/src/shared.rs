@@ -36,15 +36,15 @@
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
         const _: () = {
-            use ::hearth_core::ids::{AgentId, IdentityId, TenantId, TokenId, VmId};
+            use ::hearth_core::ids::{AgentId, IdentityId, InstanceId, TenantId, TokenId, VmId};
             use ::hearth_core::rbac::{IdentityKind, Role};
             use ::hearth_core::resource::Kind;
             use $crate::sql::{self, ViolationExt};
             use $crate::{
                 AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Build, Identity, InsertVm,
-                NewAgent, NewToken, PoolState, Precondition, PutOutcome, PutResource, Ready,
-                ResourceRecord, Result, Store, StoreError, Tenant, TokenRecord, VmRecord, VmState,
-                WorkspaceState, now_millis,
+                InstanceFilter, InstanceRecord, InstanceStatus, NewAgent, NewToken, PoolState,
+                Precondition, PutOutcome, PutResource, Ready, ResourceRecord, Result, Store,
+                StoreError, Tenant, TokenRecord, VmRecord, VmState, WorkspaceState, now_millis,
             };
 
             type Conn = <$db as ::sqlx::Database>::Connection;
@@ -1109,6 +1109,85 @@ macro_rules! impl_store {
 
                 async fn list_builds(&self) -> Result<Vec<Build>> {
                     let rows = ::sqlx::query_as::<_, sql::BuildRow>(sql::LIST_BUILDS)
+                        .fetch_all(self.reader())
+                        .await?;
+                    sql::decode_all(rows)
+                }
+
+                async fn create_instance(&self, instance: &InstanceRecord) -> Result<()> {
+                    ::sqlx::query(sql::INSERT_INSTANCE)
+                        .bind(instance.id.to_string())
+                        .bind(instance.tenant_id.to_string())
+                        .bind(&instance.workspace)
+                        .bind(instance.vm_id.to_string())
+                        .bind(sql::store_flag(instance.test))
+                        .bind(instance.status.as_str())
+                        .bind(instance.summary.as_ref().map(|s| s.to_string()))
+                        .bind(instance.steps.to_string())
+                        .bind(instance.created_at)
+                        .bind(instance.updated_at)
+                        .bind(instance.finished_at)
+                        .execute(self.writer())
+                        .await
+                        .on_unique(|| {
+                            StoreError::AlreadyExists(format!("instance {}", instance.id))
+                        })
+                        .on_foreign_key(|| {
+                            StoreError::NotFound(format!("tenant {}", instance.tenant_id))
+                        })?;
+                    Ok(())
+                }
+
+                async fn update_instance(
+                    &self,
+                    id: InstanceId,
+                    status: InstanceStatus,
+                    steps: &::serde_json::Value,
+                    summary: Option<&::serde_json::Value>,
+                ) -> Result<()> {
+                    let now = now_millis();
+                    let finished_at = (status != InstanceStatus::Provisioning).then_some(now);
+                    let done = ::sqlx::query(sql::UPDATE_INSTANCE)
+                        .bind(id.to_string())
+                        .bind(status.as_str())
+                        .bind(steps.to_string())
+                        .bind(summary.map(|s| s.to_string()))
+                        .bind(now)
+                        .bind(finished_at)
+                        .execute(self.writer())
+                        .await?;
+                    if done.rows_affected() == 0 {
+                        return Err(StoreError::NotFound(format!("instance {id}")));
+                    }
+                    Ok(())
+                }
+
+                async fn get_instance(
+                    &self,
+                    tenant: TenantId,
+                    id: InstanceId,
+                ) -> Result<InstanceRecord> {
+                    ::sqlx::query_as::<_, sql::InstanceRow>(sql::GET_INSTANCE)
+                        .bind(tenant.to_string())
+                        .bind(id.to_string())
+                        .fetch_optional(self.reader())
+                        .await?
+                        .ok_or_else(|| StoreError::NotFound(format!("instance {id}")))?
+                        .try_into()
+                }
+
+                async fn list_instances(
+                    &self,
+                    tenant: TenantId,
+                    filter: &InstanceFilter,
+                ) -> Result<Vec<InstanceRecord>> {
+                    let rows = ::sqlx::query_as::<_, sql::InstanceRow>(sql::LIST_INSTANCES)
+                        .bind(tenant.to_string())
+                        .bind(filter.workspace.as_deref())
+                        .bind(filter.status.map(InstanceStatus::as_str))
+                        .bind(filter.test.map(sql::store_flag))
+                        .bind(filter.vm.map(|v| v.to_string()))
+                        .bind(sql::instance_limit(filter))
                         .fetch_all(self.reader())
                         .await?;
                     sql::decode_all(rows)

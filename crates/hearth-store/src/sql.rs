@@ -16,10 +16,11 @@
 //! Flags are BIGINT 0/1 on both backends ([`flag`], [`store_flag`]).
 
 use crate::{
-    AgentPhase, AgentRecord, Build, Identity, Millis, OnIdle, ResourceRecord, Result, StoreError,
-    Tenant, TokenRecord, VmRecord, VmState, WorkspaceState,
+    AgentPhase, AgentRecord, Build, Identity, InstanceFilter, InstanceRecord, InstanceStatus,
+    Millis, OnIdle, ResourceRecord, Result, StoreError, Tenant, TokenRecord, VmRecord, VmState,
+    WorkspaceState,
 };
-use hearth_core::ids::{AgentId, IdentityId, TenantId, TokenId, VmId};
+use hearth_core::ids::{AgentId, IdentityId, InstanceId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::Kind;
 use std::fmt::Display;
@@ -424,6 +425,61 @@ pub const RETIRE_BUILD: &str = "UPDATE builds SET retired_at = COALESCE(retired_
 pub const LIST_BUILDS: &str =
     "SELECT id, first_seen, retired_at FROM builds ORDER BY first_seen, id";
 
+// -------------------------------------------------------------- instances
+
+/// The columns of an [`InstanceRow`], in order, as a literal for `concat!`.
+macro_rules! instance_columns {
+    () => {
+        "id, tenant_id, workspace, vm_id, test, status, summary, steps, created_at, \
+         updated_at, finished_at"
+    };
+}
+
+/// `$1`…`$11` in [`instance_columns!`] order.
+pub const INSERT_INSTANCE: &str = concat!(
+    "INSERT INTO instances (",
+    instance_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+);
+
+/// `$1` id, `$2` status, `$3` steps, `$4` summary (`NULL`: none), `$5` now,
+/// `$6` finish time (`NULL` while provisioning: keep the recorded one).
+pub const UPDATE_INSTANCE: &str = "UPDATE instances \
+     SET status = $2, steps = $3, summary = $4, updated_at = $5, \
+         finished_at = COALESCE($6, finished_at) \
+     WHERE id = $1";
+
+pub const GET_INSTANCE: &str = concat!(
+    "SELECT ",
+    instance_columns!(),
+    " FROM instances WHERE tenant_id = $1 AND id = $2"
+);
+
+/// `$1` tenant, `$2` workspace, `$3` status, `$4` test flag, `$5` VM (each
+/// `NULL`: any), `$6` limit; newest first.
+pub const LIST_INSTANCES: &str = concat!(
+    "SELECT ",
+    instance_columns!(),
+    " FROM instances WHERE tenant_id = $1 AND ($2 IS NULL OR workspace = $2) \
+     AND ($3 IS NULL OR status = $3) AND ($4 IS NULL OR test = $4) \
+     AND ($5 IS NULL OR vm_id = $5) \
+     ORDER BY created_at DESC, id DESC LIMIT $6"
+);
+
+/// How many runs [`LIST_INSTANCES`] returns when the filter names no limit.
+pub const DEFAULT_INSTANCE_LIMIT: i64 = 100;
+/// The most runs one [`LIST_INSTANCES`] returns.
+pub const MAX_INSTANCE_LIMIT: i64 = 1000;
+
+/// The `LIMIT` of a listing: the filter's (default
+/// [`DEFAULT_INSTANCE_LIMIT`]), clamped to `1..=`[`MAX_INSTANCE_LIMIT`].
+pub fn instance_limit(filter: &InstanceFilter) -> i64 {
+    filter
+        .limit
+        .unwrap_or(DEFAULT_INSTANCE_LIMIT)
+        .clamp(1, MAX_INSTANCE_LIMIT)
+}
+
 /// `('a', 'b', …)` from fixed spellings (never user text). Callers never
 /// pass an empty list: `IN ()` is not SQL.
 fn in_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
@@ -666,6 +722,51 @@ impl TryFrom<BuildRow> for Build {
             id: row.id,
             first_seen: row.first_seen,
             retired_at: row.retired_at,
+        })
+    }
+}
+
+/// An `instances` row as stored (summary and steps still JSON text).
+#[derive(sqlx::FromRow)]
+pub struct InstanceRow {
+    id: String,
+    tenant_id: String,
+    workspace: String,
+    vm_id: String,
+    test: i64,
+    status: String,
+    summary: Option<String>,
+    steps: String,
+    created_at: Millis,
+    updated_at: Millis,
+    finished_at: Option<Millis>,
+}
+
+impl TryFrom<InstanceRow> for InstanceRecord {
+    type Error = StoreError;
+    fn try_from(row: InstanceRow) -> Result<InstanceRecord> {
+        let json = |what: &str, text: &str| {
+            serde_json::from_str(text)
+                .map_err(|e| StoreError::Corrupt(format!("{what} of instance {}: {e}", row.id)))
+        };
+        let steps = json("steps", &row.steps)?;
+        let summary = row
+            .summary
+            .as_deref()
+            .map(|text| json("summary", text))
+            .transpose()?;
+        Ok(InstanceRecord {
+            id: parse::<InstanceId>("instance id", &row.id)?,
+            tenant_id: parse::<TenantId>("tenant id", &row.tenant_id)?,
+            workspace: row.workspace,
+            vm_id: parse::<VmId>("VM id", &row.vm_id)?,
+            test: flag("instance test flag", row.test)?,
+            status: parse::<InstanceStatus>("instance status", &row.status)?,
+            summary,
+            steps,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            finished_at: row.finished_at,
         })
     }
 }

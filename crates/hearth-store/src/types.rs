@@ -1,6 +1,6 @@
 //! Rows as the rest of hearth sees them.
 
-use hearth_core::ids::{AgentId, IdentityId, TenantId, TokenId, VmId};
+use hearth_core::ids::{AgentId, IdentityId, InstanceId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, ResourceRef};
 use std::fmt;
@@ -435,4 +435,66 @@ pub struct Build {
     pub id: String,
     pub first_seen: Millis,
     pub retired_at: Option<Millis>,
+}
+
+/// Where a provisioning run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InstanceStatus {
+    Provisioning,
+    Ready,
+    Failed,
+}
+
+impl InstanceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Provisioning => "provisioning",
+            InstanceStatus::Ready => "ready",
+            InstanceStatus::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for InstanceStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "provisioning" => Ok(InstanceStatus::Provisioning),
+            "ready" => Ok(InstanceStatus::Ready),
+            "failed" => Ok(InstanceStatus::Failed),
+            _ => Err(format!(
+                "unknown instance status {s:?}: expected provisioning, ready or failed"
+            )),
+        }
+    }
+}
+
+/// The record of one VM's provisioning run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRecord {
+    pub id: InstanceId,
+    pub tenant_id: TenantId,
+    pub workspace: String,
+    pub vm_id: VmId,
+    /// A warm-pool test boot (its VM is never handed to an agent).
+    pub test: bool,
+    pub status: InstanceStatus,
+    /// `{success, failedStep, error}` once the run ended.
+    pub summary: Option<serde_json::Value>,
+    /// The steps, as JSON (an array).
+    pub steps: serde_json::Value,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    pub finished_at: Option<Millis>,
+}
+
+/// Which instances to list.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceFilter {
+    pub workspace: Option<String>,
+    pub status: Option<InstanceStatus>,
+    pub test: Option<bool>,
+    pub vm: Option<VmId>,
+    /// Newest first, at most this many (default 100).
+    pub limit: Option<i64>,
 }

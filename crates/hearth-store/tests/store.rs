@@ -8,13 +8,14 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`, dropped afterwards). The
 //! PostgreSQL half fails, never skips, when the server is unreachable.
 
-use hearth_core::ids::{AgentId, IdentityId, TenantId, TokenId, VmId};
+use hearth_core::ids::{AgentId, IdentityId, InstanceId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, ResourceRef};
 use hearth_store::{
-    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Identity, InsertVm, NewAgent, NewToken,
-    OnIdle, PgStore, PoolState, Precondition, PutOutcome, PutResource, Ready, SqliteStore, Store,
-    StoreError, VmRecord, VmState, WorkspaceState, now_millis,
+    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Identity, InsertVm, InstanceFilter,
+    InstanceRecord, InstanceStatus, NewAgent, NewToken, OnIdle, PgStore, PoolState, Precondition,
+    PutOutcome, PutResource, Ready, SqliteStore, Store, StoreError, VmRecord, VmState,
+    WorkspaceState, now_millis,
 };
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
@@ -1119,12 +1120,18 @@ async fn claim_takes_oldest_idle_vm(ctx: Ctx) {
     s.claim_idle_vm(t, "web", agent).await.unwrap().unwrap();
     let err = s.claim_idle_vm(t, "web", agent).await.unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists(_)), "{err:?}");
-    assert!(
-        s.claim_idle_vm(t, "web", AgentId::new())
-            .await
-            .unwrap()
-            .is_some()
-    );
+    // The refused claim's row lock is released when PostgreSQL ends its
+    // implicit transaction, which may be a moment after the error reached
+    // us; meanwhile SKIP LOCKED skips that VM.
+    let mut claimed = None;
+    for _ in 0..100 {
+        claimed = s.claim_idle_vm(t, "web", AgentId::new()).await.unwrap();
+        if claimed.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(claimed.is_some(), "the other idle VM stays claimable");
 }
 
 both_backends!(concurrent_claims_are_exclusive, multi_thread);
@@ -2608,6 +2615,423 @@ async fn corrupt_rows_are_reported(ctx: Ctx) {
     .await;
     let err = s.get_pool_state(t).await.unwrap_err();
     assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+}
+
+// ---------------------------------------------------- provisioning runs
+
+/// A `provisioning` run of `vm_id` in `workspace`, created at `created_at`.
+fn instance(
+    tenant: TenantId,
+    workspace: &str,
+    vm_id: VmId,
+    test: bool,
+    created_at: i64,
+) -> InstanceRecord {
+    InstanceRecord {
+        id: InstanceId::new(),
+        tenant_id: tenant,
+        workspace: workspace.to_owned(),
+        vm_id,
+        test,
+        status: InstanceStatus::Provisioning,
+        summary: None,
+        steps: json!([]),
+        created_at,
+        updated_at: created_at,
+        finished_at: None,
+    }
+}
+
+/// Steps with key orders, nesting, unicode and numbers of every kind, to
+/// see the JSON come back exactly.
+fn sample_steps() -> Value {
+    json!([
+        {"name": "clone", "status": "ok", "durationMs": 1234, "output": ["a", "b"]},
+        {"zeta": 1, "alpha": -2, "mid": 2.5, "big": 18446744073709551615u64,
+         "nested": {"y": null, "x": [true, false, {}]}, "text": "héllo \"quoted\"\n"},
+        {"name": "setup", "status": "failed", "error": "exit 1"}
+    ])
+}
+
+both_backends!(instances_round_trip);
+async fn instances_round_trip(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    let mut run = instance(t, "web", VmId::new(), true, now_millis());
+    run.steps = sample_steps();
+    s.create_instance(&run).await.unwrap();
+    let got = s.get_instance(t, run.id).await.unwrap();
+    assert_eq!(got, run);
+    assert_eq!(
+        serde_json::to_string(&got.steps).unwrap(),
+        serde_json::to_string(&run.steps).unwrap(),
+        "key order preserved"
+    );
+
+    let mut done = instance(t, "web", VmId::new(), false, now_millis());
+    done.status = InstanceStatus::Failed;
+    done.steps = json!([{"b": 1, "a": 2}]);
+    done.summary = Some(json!({"success": false, "failedStep": "setup", "error": "exit 1"}));
+    done.finished_at = Some(done.created_at + 5);
+    s.create_instance(&done).await.unwrap();
+    let got = s.get_instance(t, done.id).await.unwrap();
+    assert_eq!(got, done);
+    assert_eq!(
+        serde_json::to_string(&got.summary).unwrap(),
+        r#"{"success":false,"failedStep":"setup","error":"exit 1"}"#
+    );
+
+    let err = s.create_instance(&run).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::AlreadyExists(m) if *m == format!("instance {}", run.id)),
+        "{err:?}"
+    );
+    let err = s
+        .create_instance(&instance(TenantId::new(), "web", VmId::new(), false, 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    let err = s.get_instance(t, InstanceId::new()).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+both_backends!(update_instance_records_progress_and_end);
+async fn update_instance_records_progress_and_end(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    let created = now_millis() - 1_000;
+    let run = instance(t, "web", VmId::new(), false, created);
+    s.create_instance(&run).await.unwrap();
+
+    // Progress: still provisioning, no finish time.
+    let before = now_millis();
+    let steps = json!([{"name": "clone", "status": "running"}]);
+    s.update_instance(run.id, InstanceStatus::Provisioning, &steps, None)
+        .await
+        .unwrap();
+    let got = s.get_instance(t, run.id).await.unwrap();
+    assert_eq!(got.status, InstanceStatus::Provisioning);
+    assert_eq!(got.steps, steps);
+    assert_eq!((got.summary, got.finished_at), (None, None));
+    assert_eq!(got.created_at, created);
+    assert!(got.updated_at >= before);
+
+    // The end: ready, with a summary and a finish time.
+    sleep_ms().await;
+    let before = now_millis();
+    let steps = sample_steps();
+    let summary = json!({"success": true, "failedStep": null, "error": null});
+    s.update_instance(run.id, InstanceStatus::Ready, &steps, Some(&summary))
+        .await
+        .unwrap();
+    let got = s.get_instance(t, run.id).await.unwrap();
+    assert_eq!(got.status, InstanceStatus::Ready);
+    assert_eq!(got.steps, steps);
+    assert_eq!(got.summary, Some(summary));
+    let finished = got.finished_at.expect("finished_at set");
+    assert!(finished >= before, "{finished} < {before}");
+    assert_eq!(got.updated_at, finished);
+    assert_eq!(
+        (
+            got.id,
+            got.tenant_id,
+            got.workspace.as_str(),
+            got.vm_id,
+            got.test
+        ),
+        (run.id, t, "web", run.vm_id, false),
+        "the rest is untouched"
+    );
+
+    // Failed also finishes.
+    let other = instance(t, "web", VmId::new(), true, now_millis());
+    s.create_instance(&other).await.unwrap();
+    let summary = json!({"success": false, "failedStep": "setup", "error": "exit 1"});
+    s.update_instance(other.id, InstanceStatus::Failed, &json!([]), Some(&summary))
+        .await
+        .unwrap();
+    let got = s.get_instance(t, other.id).await.unwrap();
+    assert_eq!(got.status, InstanceStatus::Failed);
+    assert_eq!(got.summary, Some(summary));
+    assert!(got.finished_at.is_some());
+
+    let unknown = InstanceId::new();
+    let err = s
+        .update_instance(unknown, InstanceStatus::Ready, &json!([]), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NotFound(m) if *m == format!("instance {unknown}")),
+        "{err:?}"
+    );
+}
+
+both_backends!(list_instances_filters_newest_first);
+async fn list_instances_filters_newest_first(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    let vm_a = VmId::new();
+    let vm_b = VmId::new();
+    let base = now_millis();
+    // Created in this order (oldest first).
+    let r1 = instance(t, "web", vm_a, false, base);
+    let r2 = instance(t, "api", vm_b, true, base + 1);
+    let r3 = instance(t, "web", vm_b, true, base + 2);
+    let r4 = instance(t, "web", vm_a, false, base + 3);
+    // Same instant as r4: the larger id comes first.
+    let mut r5 = instance(t, "api", vm_a, false, base + 3);
+    while r5.id < r4.id {
+        r5.id = InstanceId::new();
+    }
+    for r in [&r4, &r2, &r5, &r1, &r3] {
+        s.create_instance(r).await.unwrap();
+    }
+    s.update_instance(r1.id, InstanceStatus::Ready, &json!([]), None)
+        .await
+        .unwrap();
+    s.update_instance(r3.id, InstanceStatus::Failed, &json!([]), None)
+        .await
+        .unwrap();
+
+    let list = |filter: InstanceFilter| async move {
+        s.list_instances(t, &filter)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        list(InstanceFilter::default()).await,
+        [r5.id, r4.id, r3.id, r2.id, r1.id],
+        "newest first, then id descending"
+    );
+    assert_eq!(
+        list(InstanceFilter {
+            workspace: Some("web".to_owned()),
+            ..InstanceFilter::default()
+        })
+        .await,
+        [r4.id, r3.id, r1.id]
+    );
+    assert_eq!(
+        list(InstanceFilter {
+            status: Some(InstanceStatus::Provisioning),
+            ..InstanceFilter::default()
+        })
+        .await,
+        [r5.id, r4.id, r2.id]
+    );
+    assert_eq!(
+        list(InstanceFilter {
+            status: Some(InstanceStatus::Ready),
+            ..InstanceFilter::default()
+        })
+        .await,
+        [r1.id]
+    );
+    assert_eq!(
+        list(InstanceFilter {
+            test: Some(true),
+            ..InstanceFilter::default()
+        })
+        .await,
+        [r3.id, r2.id]
+    );
+    assert_eq!(
+        list(InstanceFilter {
+            test: Some(false),
+            ..InstanceFilter::default()
+        })
+        .await,
+        [r5.id, r4.id, r1.id]
+    );
+    assert_eq!(
+        list(InstanceFilter {
+            vm: Some(vm_b),
+            ..InstanceFilter::default()
+        })
+        .await,
+        [r3.id, r2.id]
+    );
+    assert_eq!(
+        list(InstanceFilter {
+            workspace: Some("web".to_owned()),
+            status: Some(InstanceStatus::Provisioning),
+            test: Some(false),
+            vm: Some(vm_a),
+            limit: None,
+        })
+        .await,
+        [r4.id]
+    );
+    assert_eq!(
+        list(InstanceFilter {
+            limit: Some(2),
+            ..InstanceFilter::default()
+        })
+        .await,
+        [r5.id, r4.id]
+    );
+    assert_eq!(
+        list(InstanceFilter {
+            workspace: Some("web".to_owned()),
+            limit: Some(2),
+            ..InstanceFilter::default()
+        })
+        .await,
+        [r4.id, r3.id]
+    );
+    assert_eq!(
+        list(InstanceFilter {
+            limit: Some(0),
+            ..InstanceFilter::default()
+        })
+        .await,
+        [r5.id],
+        "at least one"
+    );
+    assert_eq!(
+        list(InstanceFilter {
+            limit: Some(-5),
+            ..InstanceFilter::default()
+        })
+        .await,
+        [r5.id],
+        "at least one"
+    );
+    assert_eq!(
+        list(InstanceFilter {
+            limit: Some(i64::MAX),
+            ..InstanceFilter::default()
+        })
+        .await
+        .len(),
+        5
+    );
+    assert!(
+        list(InstanceFilter {
+            workspace: Some("nope".to_owned()),
+            ..InstanceFilter::default()
+        })
+        .await
+        .is_empty()
+    );
+}
+
+both_backends!(list_instances_limits_default_and_max);
+async fn list_instances_limits_default_and_max(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    let vm_id = VmId::new();
+    for i in 0..1005 {
+        s.create_instance(&instance(t, "web", vm_id, false, i))
+            .await
+            .unwrap();
+    }
+    let default = s
+        .list_instances(t, &InstanceFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(default.len(), 100);
+    assert_eq!(default[0].created_at, 1004, "newest first");
+    let max = s
+        .list_instances(
+            t,
+            &InstanceFilter {
+                limit: Some(5000),
+                ..InstanceFilter::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(max.len(), 1000, "clamped to 1000");
+    assert_eq!(max.last().unwrap().created_at, 5);
+}
+
+both_backends!(instances_are_tenant_scoped);
+async fn instances_are_tenant_scoped(ctx: Ctx) {
+    let s = &ctx.store;
+    let a = tenant(s, "a").await;
+    let b = tenant(s, "b").await;
+    let vm_id = VmId::new();
+    let mine = instance(a, "web", vm_id, false, now_millis());
+    s.create_instance(&mine).await.unwrap();
+
+    let err = s.get_instance(b, mine.id).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NotFound(m) if *m == format!("instance {}", mine.id)),
+        "{err:?}"
+    );
+    assert!(
+        s.list_instances(b, &InstanceFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.list_instances(
+            b,
+            &InstanceFilter {
+                vm: Some(vm_id),
+                ..InstanceFilter::default()
+            }
+        )
+        .await
+        .unwrap()
+        .is_empty()
+    );
+    assert_eq!(s.get_instance(a, mine.id).await.unwrap(), mine);
+    assert_eq!(
+        s.list_instances(a, &InstanceFilter::default())
+            .await
+            .unwrap(),
+        vec![mine]
+    );
+}
+
+both_backends!(corrupt_instance_rows_are_reported);
+async fn corrupt_instance_rows_are_reported(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    let run = instance(t, "web", VmId::new(), false, now_millis());
+    s.create_instance(&run).await.unwrap();
+    let corrupt = |err: StoreError, what: &str| {
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains(what)),
+            "{err:?}"
+        );
+    };
+
+    ctx.execute_raw("UPDATE instances SET status = 'exploded'")
+        .await;
+    corrupt(s.get_instance(t, run.id).await.unwrap_err(), "exploded");
+    corrupt(
+        s.list_instances(t, &InstanceFilter::default())
+            .await
+            .unwrap_err(),
+        "exploded",
+    );
+
+    ctx.execute_raw("UPDATE instances SET status = 'ready', steps = '[{\"name\":'")
+        .await;
+    corrupt(s.get_instance(t, run.id).await.unwrap_err(), "steps");
+
+    ctx.execute_raw("UPDATE instances SET steps = '[]', summary = 'not json'")
+        .await;
+    corrupt(
+        s.list_instances(t, &InstanceFilter::default())
+            .await
+            .unwrap_err(),
+        "summary",
+    );
+
+    ctx.execute_raw("UPDATE instances SET summary = NULL, test = 3")
+        .await;
+    corrupt(s.get_instance(t, run.id).await.unwrap_err(), "test flag");
+
+    ctx.execute_raw("UPDATE instances SET test = 1").await;
+    assert!(s.get_instance(t, run.id).await.unwrap().test);
 }
 
 // ------------------------------------------------------- backend-specific

@@ -47,6 +47,9 @@ pub struct ServerArgs {
     /// `reap_stranded_workflows: enabled` terminates it.
     #[arg(long, env = "HEARTH_REAP_AFTER", default_value = "48h", value_parser = duration)]
     reap_after: Duration,
+    /// Longest any one provisioning command (clone, hook, setup) may run.
+    #[arg(long, env = "HEARTH_COMMAND_TIMEOUT", default_value = "30m", value_parser = duration)]
+    command_timeout: Duration,
     /// The pool's slow periodic resync (it is also woken by every change).
     #[arg(long, env = "HEARTH_RESYNC", default_value = "30s", value_parser = duration)]
     resync: Duration,
@@ -173,6 +176,7 @@ async fn start_pool(
     options.settings.backoff_max_ms = ms(args.backoff_max);
     options.reap_after = args.reap_after;
     options.resync = args.resync;
+    options.command_timeout = args.command_timeout;
     store
         .register_build(&options.build)
         .await

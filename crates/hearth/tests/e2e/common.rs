@@ -5,6 +5,7 @@
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
@@ -577,4 +578,95 @@ pub fn destroy_sandboxes(state_dir: &Path, ids: &[String]) {
             }
         }
     });
+}
+
+/// Real git repositories, served by a real `git daemon` on loopback (the
+/// sandbox shares the host's network, so VMs clone from it).
+pub struct GitServer {
+    pub root: tempfile::TempDir,
+    pub port: u16,
+    daemon: Child,
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=hearth",
+            "-c",
+            "user.email=hearth@localhost",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl GitServer {
+    pub fn start() -> GitServer {
+        let root = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let daemon = Command::new("git")
+            .args([
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+                "--listen=127.0.0.1",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", root.path().display()))
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // `git daemon` runs `git-daemon` as a child: kill them as a group.
+            .process_group(0)
+            .spawn()
+            .expect("git daemon starts");
+        let server = GitServer { root, port, daemon };
+        assert!(
+            wait_until(10, || std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_ok()),
+            "git daemon never listened"
+        );
+        server
+    }
+
+    /// Makes a repository `name` (branch main) with `files`, and returns
+    /// its `git://` URL.
+    pub fn repo(&self, name: &str, files: &[(&str, &str)]) -> String {
+        let dir = self.root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        git(&dir, &["init", "-q"]);
+        for (path, text) in files {
+            let file = dir.join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, text).unwrap();
+        }
+        git(&dir, &["add", "-A"]);
+        git(&dir, &["commit", "-q", "-m", "first"]);
+        self.url(name)
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("git://127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(self.daemon.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.daemon.wait();
+    }
 }

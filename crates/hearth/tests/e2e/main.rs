@@ -8,5 +8,6 @@ mod agents;
 mod auth;
 mod cli;
 mod pool;
+mod provisioning;
 mod resources;
 mod server;

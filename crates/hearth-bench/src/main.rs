@@ -1,0 +1,103 @@
+//! `hearth-bench`: benchmarks of hearth on the machine it runs on.
+//!
+//! - `spawn` drives the real `hearth server` binary over real HTTP on
+//!   loopback: warm claims at several client counts and cold starts, side
+//!   by side in one run (see [`spawn`]);
+//! - `boot` drives the sandbox driver alone, in this process: boot and
+//!   destroy times and the RSS of an idle sandbox (see [`boot`]).
+//!
+//! Every figure is a p50 with its spread (p99, max, n) over many runs (see
+//! [`stats`]). Each command prints Markdown tables on stdout, progress on
+//! stderr, and writes its figures and raw samples as JSON (`--json`,
+//! default `target/bench/<name>.json`). Build everything in release mode
+//! first: `cargo build --release --workspace`; the binaries it runs are
+//! found next to its own.
+
+mod api;
+mod boot;
+mod machine;
+mod postgres;
+mod procfs;
+mod report;
+mod server;
+mod spawn;
+mod stats;
+mod table;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "hearth-bench", version, about = "Benchmarks of hearth")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Warm-claim latency at several client counts, and cold starts,
+    /// through a real server.
+    Spawn(spawn::SpawnArgs),
+    /// Sandbox boot and destroy times and idle RSS, with the driver alone.
+    Boot(boot::BootArgs),
+}
+
+/// How to start the server (shared by the commands that run one).
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// The `hearth` binary (default: next to this one).
+    #[arg(long)]
+    hearth: Option<PathBuf>,
+    /// The guest agent binary given to the server (default: next to this one).
+    #[arg(long)]
+    guest_agent: Option<PathBuf>,
+    /// The server's store backend.
+    #[arg(long, value_enum, default_value_t = server::Store::Sqlite)]
+    store: server::Store,
+    /// Where `--store postgres` creates (and drops) its database.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    postgres_url: String,
+}
+
+impl ServerArgs {
+    fn config(&self) -> Result<server::ServerConfig> {
+        Ok(server::ServerConfig {
+            hearth: beside_exe(self.hearth.clone(), "hearth", "--hearth")?,
+            guest_agent: beside_exe(
+                self.guest_agent.clone(),
+                "hearth-guest-agent",
+                "--guest-agent",
+            )?,
+            store: self.store,
+            postgres_admin_url: self.postgres_url.clone(),
+        })
+    }
+}
+
+/// `given`, or the binary `name` in this executable's folder; it must exist
+/// (`flag` is the option that names it, for the error).
+fn beside_exe(given: Option<PathBuf>, name: &str, flag: &str) -> Result<PathBuf> {
+    let path = match given {
+        Some(path) => path,
+        None => std::env::current_exe()?
+            .parent()
+            .map(|dir| dir.join(name))
+            .unwrap_or_else(|| PathBuf::from(name)),
+    };
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it (cargo build --release --workspace) or name it with {flag}",
+            path.display()
+        );
+    }
+    Ok(std::path::absolute(path)?)
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Spawn(args) => spawn::run(args),
+        Command::Boot(args) => boot::run(args),
+    }
+}

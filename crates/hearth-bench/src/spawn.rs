@@ -1,0 +1,542 @@
+//! `hearth-bench spawn`: how long an agent waits for its VM, through the
+//! real server over real HTTP, warm and cold, side by side in one run.
+//!
+//! - **Cold start** first, while no VM exists: workspace `cold` has
+//!   `min_idle: 0`, so each spawn is queued and the pool boots a VM for it;
+//!   the agent is polled every 2 ms until `running`. Each agent is finished
+//!   and the next run starts once no VM is live.
+//! - **Warm claims** then, for each client count C: workspace `warm` gets
+//!   `min_idle = max_idle = C × spawns-per-client`, and once that many VMs
+//!   are idle, C threads (one keep-alive client each, released together)
+//!   each spawn their agents back to back, timing each `POST /v1/agents`.
+//!   A warm claim is answered `running`; any other answer is counted apart
+//!   and left out of the warm figures. After each round every agent is
+//!   finished and the pool refills before the next round.
+//!
+//! `max_vms` is twice the largest warm pool (plus a little), so the
+//! backfill the claims trigger is never capped: it boots while later claims
+//! of the same round are served, as it would in production.
+
+use crate::api::Api;
+use crate::machine::Machine;
+use crate::report;
+use crate::server::{Server, Store};
+use crate::stats::{Summary, millis};
+use crate::table::{Table, fixed, summary_cells};
+use anyhow::{Context, Result, bail};
+use reqwest::Method;
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+/// How long the pool may take to reach its warm size.
+const FILL_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// How long a cold start may take.
+const COLD_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a cold agent is polled.
+const COLD_POLL: Duration = Duration::from_millis(2);
+/// How often the pool status is polled while waiting.
+const STATUS_POLL: Duration = Duration::from_millis(100);
+/// How often a wait reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+const WARM: &str = "warm";
+const COLD: &str = "cold";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    Sandbox,
+    Fake,
+}
+
+impl DriverKind {
+    fn name(self) -> &'static str {
+        match self {
+            DriverKind::Sandbox => "sandbox",
+            DriverKind::Fake => "fake",
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SpawnArgs {
+    /// The VM driver of the benchmark's environment.
+    #[arg(long, value_enum, default_value_t = DriverKind::Sandbox)]
+    driver: DriverKind,
+    /// Concurrent clients, one warm-claim level each.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    clients: Vec<usize>,
+    /// Spawns per client per round (the warm pool holds clients × this).
+    #[arg(long, default_value_t = 4)]
+    spawns_per_client: usize,
+    /// Rounds per client count (the pool refills between rounds).
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// Cold starts, one after the other.
+    #[arg(long, default_value_t = 20)]
+    cold_runs: usize,
+    #[command(flatten)]
+    server: crate::ServerArgs,
+    /// Where to write the JSON results (default:
+    /// target/bench/spawn-<store>-<driver>.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The outcome of one timed spawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Answered `running`: a warm VM was claimed in the request.
+    Warm,
+    /// Answered 201 in another phase (queued for a boot).
+    NotWarm,
+    /// Not answered 201.
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+struct Spawned {
+    latency: Duration,
+    outcome: Outcome,
+    agent: Option<String>,
+    detail: String,
+}
+
+/// What one client thread did in a round.
+struct ClientRun {
+    started: Instant,
+    ended: Instant,
+    spawns: Vec<Spawned>,
+}
+
+#[derive(Debug, Serialize)]
+struct WarmLevel {
+    clients: usize,
+    pool_size: usize,
+    rounds: usize,
+    /// Warm claims only, ms.
+    latency_ms: Option<Summary>,
+    warm: usize,
+    not_warm: usize,
+    failed: usize,
+    /// Spawns per second of each round (all spawns / the round's wall time).
+    claims_per_second: Option<Summary>,
+    samples_ms: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct ColdResult {
+    /// The spawn request alone (answered `queued`), ms.
+    request_ms: Option<Summary>,
+    /// From the spawn request to the agent seen `running`, ms.
+    running_ms: Option<Summary>,
+    /// Runs whose spawn answer already was `running` (should be none).
+    answered_running: usize,
+    samples_ms: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct SpawnReport {
+    benchmark: &'static str,
+    machine: Machine,
+    store: Store,
+    driver: DriverKind,
+    spawns_per_client: usize,
+    rounds: usize,
+    cold_runs: usize,
+    max_vms: usize,
+    hearth: PathBuf,
+    cold: ColdResult,
+    warm: Vec<WarmLevel>,
+    /// Cold p50 ÷ warm p50 at the fewest clients.
+    cold_warm_ratio: Option<f64>,
+}
+
+pub fn run(args: SpawnArgs) -> Result<()> {
+    if args.clients.contains(&0) || args.spawns_per_client == 0 || args.rounds == 0 {
+        bail!("--clients, --spawns-per-client and --rounds must be positive");
+    }
+    let machine = Machine::probe();
+    eprintln!("[spawn] machine: {}", machine.describe());
+    let config = args.server.config()?;
+    let max_vms = 2 * args.clients.iter().max().unwrap_or(&1) * args.spawns_per_client + 8;
+    let server = Server::start(&config)?;
+    let api = server.api()?;
+    setup(&api, args.driver, max_vms)?;
+    let server_log = || format!("the server's last log lines:\n{}", server.log_tail());
+    let cold = cold_starts(&api, args.cold_runs).with_context(server_log)?;
+    let mut warm = Vec::new();
+    for &clients in &args.clients {
+        warm.push(warm_level(&server, &api, clients, &args).with_context(server_log)?);
+    }
+    drop(server);
+    let report = SpawnReport {
+        benchmark: "spawn",
+        machine,
+        store: config.store,
+        driver: args.driver,
+        spawns_per_client: args.spawns_per_client,
+        rounds: args.rounds,
+        cold_runs: args.cold_runs,
+        max_vms,
+        hearth: config.hearth,
+        cold_warm_ratio: ratio(&cold, &warm),
+        cold,
+        warm,
+    };
+    print!("{}", render(&report));
+    let name = format!("spawn-{:?}-{}", report.store, args.driver.name()).to_lowercase();
+    report::write_json(&report::json_path(args.json.as_deref(), &name), &report)
+}
+
+/// The pool config, the environment and both workspaces (empty pools).
+fn setup(api: &Api, driver: DriverKind, max_vms: usize) -> Result<()> {
+    api.put("/v1/pool-config/default", &json!({"max_vms": max_vms}))?;
+    api.put("/v1/environments/bench", &json!({"driver": driver.name()}))?;
+    for name in [COLD, WARM] {
+        set_pool_size(api, name, 0)?;
+    }
+    Ok(())
+}
+
+fn set_pool_size(api: &Api, workspace: &str, size: usize) -> Result<()> {
+    let spec = json!({"environment": "bench", "min_idle": size, "max_idle": size});
+    api.put(&format!("/v1/workspaces/{workspace}"), &spec)?;
+    Ok(())
+}
+
+// ---- cold starts ----
+
+fn cold_starts(api: &Api, runs: usize) -> Result<ColdResult> {
+    let mut requests = Vec::with_capacity(runs);
+    let mut running = Vec::with_capacity(runs);
+    let mut answered_running = 0;
+    for i in 1..=runs {
+        let (request, ready, at_once) = cold_once(api)?;
+        eprintln!(
+            "[spawn] cold {i}/{runs}: request {:.1} ms, running after {:.1} ms",
+            millis(request),
+            millis(ready)
+        );
+        requests.push(request);
+        running.push(ready);
+        answered_running += usize::from(at_once);
+    }
+    Ok(ColdResult {
+        request_ms: Summary::of_durations(&requests),
+        running_ms: Summary::of_durations(&running),
+        answered_running,
+        samples_ms: running.iter().map(|d| millis(*d)).collect(),
+    })
+}
+
+/// One cold start: (request time, time to `running`, answered running).
+fn cold_once(api: &Api) -> Result<(Duration, Duration, bool)> {
+    let start = Instant::now();
+    let agent = api.post("/v1/agents", &json!({"workspace": COLD}))?;
+    let request = start.elapsed();
+    let id = agent_id(&agent)?;
+    let at_once = agent["phase"] == "running";
+    let mut last = agent;
+    while last["phase"] != "running" {
+        if is_terminal(&last) || start.elapsed() > COLD_TIMEOUT {
+            bail!("cold agent {id} never ran: {last}");
+        }
+        std::thread::sleep(COLD_POLL);
+        last = api.get(&format!("/v1/agents/{id}"))?;
+    }
+    let ready = start.elapsed();
+    finish(api, &id)?;
+    wait_no_live_vm(api)?;
+    Ok((request, ready, at_once))
+}
+
+fn wait_no_live_vm(api: &Api) -> Result<()> {
+    wait_for(api, "no live VM", |api| {
+        let vms = api.get("/v1/vms")?;
+        let n = vms["items"].as_array().map_or(0, Vec::len);
+        Ok((n == 0, format!("{n} live VMs")))
+    })
+}
+
+// ---- warm claims ----
+
+fn warm_level(server: &Server, api: &Api, clients: usize, args: &SpawnArgs) -> Result<WarmLevel> {
+    let pool_size = clients * args.spawns_per_client;
+    eprintln!("[spawn] {clients} clients: warming {pool_size} VMs");
+    set_pool_size(api, WARM, pool_size)?;
+    wait_warm(api, pool_size)?;
+    let mut spawns = Vec::new();
+    let mut rates = Vec::new();
+    for round in 1..=args.rounds {
+        let runs = run_round(server, clients, args.spawns_per_client)?;
+        let done: Vec<Spawned> = runs.iter().flat_map(|r| r.spawns.clone()).collect();
+        let rate = round_rate(&runs);
+        let warm: Vec<Duration> = warm_latencies(&done);
+        eprintln!(
+            "[spawn] {clients} clients, round {round}/{}: {} warm (p50 {:.2} ms), {} not warm, {} failed, {rate:.0} spawns/s",
+            args.rounds,
+            warm.len(),
+            Summary::of_durations(&warm).map_or(f64::NAN, |s| s.p50),
+            count(&done, Outcome::NotWarm),
+            count(&done, Outcome::Failed),
+        );
+        report_odd_spawns(&done);
+        end_agents(api, &done)?;
+        wait_warm(api, pool_size)?;
+        rates.push(rate);
+        spawns.extend(done);
+    }
+    let warm = warm_latencies(&spawns);
+    Ok(WarmLevel {
+        clients,
+        pool_size,
+        rounds: args.rounds,
+        latency_ms: Summary::of_durations(&warm),
+        warm: warm.len(),
+        not_warm: count(&spawns, Outcome::NotWarm),
+        failed: count(&spawns, Outcome::Failed),
+        claims_per_second: Summary::of(&rates),
+        samples_ms: warm.iter().map(|d| millis(*d)).collect(),
+    })
+}
+
+/// `clients` threads, released together, each spawning `per_client`
+/// agents back to back on its own keep-alive connection.
+fn run_round(server: &Server, clients: usize, per_client: usize) -> Result<Vec<ClientRun>> {
+    let barrier = Barrier::new(clients);
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..clients)
+            .map(|_| scope.spawn(|| client(server, &barrier, per_client)))
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("a client thread panicked"))
+            .collect()
+    })
+}
+
+/// One client: connect (one untimed request), wait for the others, spawn.
+fn client(server: &Server, barrier: &Barrier, per_client: usize) -> Result<ClientRun> {
+    // Every thread reaches the barrier, even when its setup failed.
+    let api = server
+        .api()
+        .and_then(|api| api.get("/v1/whoami").map(|_| api));
+    barrier.wait();
+    let api = api?;
+    let started = Instant::now();
+    let spawns = (0..per_client).map(|_| spawn_timed(&api)).collect();
+    Ok(ClientRun {
+        started,
+        ended: Instant::now(),
+        spawns,
+    })
+}
+
+fn spawn_timed(api: &Api) -> Spawned {
+    let body = json!({"workspace": WARM});
+    let start = Instant::now();
+    let answer = api.call(Method::POST, "/v1/agents", Some(&body));
+    let latency = start.elapsed();
+    let (outcome, agent, detail) = match answer {
+        Ok(a) if a.status == 201 => {
+            let phase = a.body["phase"].as_str().unwrap_or_default().to_owned();
+            let outcome = match phase.as_str() {
+                "running" => Outcome::Warm,
+                _ => Outcome::NotWarm,
+            };
+            (outcome, a.body["id"].as_str().map(str::to_owned), phase)
+        }
+        Ok(a) => (Outcome::Failed, None, format!("{} {}", a.status, a.body)),
+        Err(e) => (Outcome::Failed, None, format!("{e:#}")),
+    };
+    Spawned {
+        latency,
+        outcome,
+        agent,
+        detail,
+    }
+}
+
+/// All spawns of a round per second of its wall time (first start to last
+/// end across the clients).
+fn round_rate(runs: &[ClientRun]) -> f64 {
+    let (Some(first), Some(last)) = (
+        runs.iter().map(|r| r.started).min(),
+        runs.iter().map(|r| r.ended).max(),
+    ) else {
+        return 0.0;
+    };
+    let n: usize = runs.iter().map(|r| r.spawns.len()).sum();
+    n as f64 / (last - first).as_secs_f64().max(f64::EPSILON)
+}
+
+fn warm_latencies(spawns: &[Spawned]) -> Vec<Duration> {
+    spawns
+        .iter()
+        .filter(|s| s.outcome == Outcome::Warm)
+        .map(|s| s.latency)
+        .collect()
+}
+
+fn count(spawns: &[Spawned], outcome: Outcome) -> usize {
+    spawns.iter().filter(|s| s.outcome == outcome).count()
+}
+
+/// Says what the first few spawns that were not warm claims answered.
+fn report_odd_spawns(spawns: &[Spawned]) {
+    for s in spawns.iter().filter(|s| s.outcome != Outcome::Warm).take(3) {
+        eprintln!("[spawn]   not a warm claim: {:?} {}", s.outcome, s.detail);
+    }
+}
+
+/// Finishes the warm agents and kills the others (queued ones cannot finish).
+fn end_agents(api: &Api, spawns: &[Spawned]) -> Result<()> {
+    for s in spawns {
+        let Some(id) = &s.agent else { continue };
+        match s.outcome {
+            Outcome::Warm => finish(api, id)?,
+            _ => {
+                api.post(&format!("/v1/agents/{id}/kill"), &json!({}))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the warm workspace holds `size` idle VMs and nothing else
+/// happens in the pool (no agent, boot or destroy).
+fn wait_warm(api: &Api, size: usize) -> Result<()> {
+    wait_for(api, &format!("{size} warm VMs"), |api| {
+        let status = api.get("/v1/pool/status")?;
+        let ws = status["workspaces"]
+            .as_array()
+            .and_then(|all| all.iter().find(|w| w["name"] == WARM))
+            .cloned()
+            .unwrap_or(Value::Null);
+        if matches!(ws["status"].as_str(), Some("hard_limited" | "backing_off")) {
+            bail!("the warm pool is {}: {}", ws["status"], ws["last_error"]);
+        }
+        let n = |v: &Value, key: &str| v[key].as_u64().unwrap_or(0);
+        let done = n(&ws, "idle") == size as u64
+            && n(&ws, "booting") == 0
+            && n(&ws, "active") == 0
+            && n(&status["vms"], "draining") == 0
+            && n(&status, "queued") == 0;
+        let progress = format!(
+            "idle {}/{size}, booting {}, active {}, draining {}",
+            n(&ws, "idle"),
+            n(&ws, "booting"),
+            n(&ws, "active"),
+            n(&status["vms"], "draining")
+        );
+        Ok((done, progress))
+    })
+}
+
+// ---- shared ----
+
+/// Polls `check` (which says whether it is done, and how far it is) until
+/// done, reporting progress now and then; fails after [`FILL_TIMEOUT`].
+fn wait_for(
+    api: &Api,
+    what: &str,
+    mut check: impl FnMut(&Api) -> Result<(bool, String)>,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut reported = start;
+    loop {
+        let (done, progress) = check(api)?;
+        if done {
+            return Ok(());
+        }
+        if start.elapsed() > FILL_TIMEOUT {
+            bail!("gave up waiting for {what} after {FILL_TIMEOUT:?}: {progress}");
+        }
+        if reported.elapsed() > PROGRESS_EVERY {
+            eprintln!("[spawn]   waiting for {what}: {progress}");
+            reported = Instant::now();
+        }
+        std::thread::sleep(STATUS_POLL);
+    }
+}
+
+fn finish(api: &Api, id: &str) -> Result<()> {
+    api.post(
+        &format!("/v1/agents/{id}/finish"),
+        &json!({"status": "completed"}),
+    )?;
+    Ok(())
+}
+
+fn agent_id(agent: &Value) -> Result<String> {
+    agent["id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no agent id in {agent}"))
+}
+
+fn is_terminal(agent: &Value) -> bool {
+    matches!(
+        agent["phase"].as_str(),
+        Some("completed" | "failed" | "killed")
+    )
+}
+
+fn ratio(cold: &ColdResult, warm: &[WarmLevel]) -> Option<f64> {
+    let fewest = warm.iter().min_by_key(|l| l.clients)?;
+    Some(cold.running_ms?.p50 / fewest.latency_ms?.p50)
+}
+
+// ---- output ----
+
+fn render(report: &SpawnReport) -> String {
+    let title = format!("{} driver, {:?} store", report.driver.name(), report.store).to_lowercase();
+    let mut warm = Table::new([
+        "warm claims: clients",
+        "warm pool",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "n",
+        "not warm",
+        "failed",
+        "spawns/s (p50)",
+    ]);
+    for level in &report.warm {
+        let mut cells = vec![level.clients.to_string(), level.pool_size.to_string()];
+        cells.extend(summary_cells(level.latency_ms.as_ref(), 2));
+        cells.push(level.not_warm.to_string());
+        cells.push(level.failed.to_string());
+        cells.push(
+            level
+                .claims_per_second
+                .map_or("-".into(), |s| fixed(s.p50, 0)),
+        );
+        warm.row(cells);
+    }
+    let mut side = Table::new(["spawn → running", "p50 ms", "p99 ms", "max ms", "n"]);
+    if let Some(fewest) = report.warm.iter().min_by_key(|l| l.clients) {
+        let mut cells = vec![format!("warm claim ({} client)", fewest.clients)];
+        cells.extend(summary_cells(fewest.latency_ms.as_ref(), 2));
+        side.row(cells);
+    }
+    let mut cells = vec!["cold start (boot a VM)".to_owned()];
+    cells.extend(summary_cells(report.cold.running_ms.as_ref(), 2));
+    side.row(cells);
+    let mut cells = vec!["cold: the spawn request alone".to_owned()];
+    cells.extend(summary_cells(report.cold.request_ms.as_ref(), 2));
+    side.row(cells);
+    let ratio = report
+        .cold_warm_ratio
+        .map_or("-".into(), |r| format!("{r:.0}×"));
+    format!(
+        "\nWarm claims ({title}, {} spawns per client, {} rounds)\n\n{}\nCold start vs warm claim ({title})\n\n{}\ncold/warm ratio (p50): {ratio}\n",
+        report.spawns_per_client,
+        report.rounds,
+        warm.render(),
+        side.render()
+    )
+}
