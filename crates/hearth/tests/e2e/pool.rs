@@ -486,9 +486,18 @@ fn pool_commands_refuse_inside_a_vm(b: Backend) {
     wait_idle(&s, 1, 30);
     let r = s.spawn(&s.admin_token, json!({"workspace": "web"}));
     let id = r.body["id"].as_str().unwrap();
+    // The CLI binary where a VM sees the host's files (its /tmp and /home
+    // are its own, so a build under /tmp would be invisible inside).
+    let shared = std::path::PathBuf::from(format!(
+        "/var/tmp/hearth-e2e-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&shared).unwrap();
+    let cli = shared.join("hearth");
+    std::fs::copy(crate::common::binary(), &cli).unwrap();
     let command = format!(
         "{} --server {} pool status; echo exit=$?",
-        crate::common::binary(),
+        cli.display(),
         s.url
     );
     let e = s.admin().post(
