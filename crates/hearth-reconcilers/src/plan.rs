@@ -165,6 +165,12 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
         ws.state.consecutive_failures > 0
             && booting_in.get(ws.name.as_str()).copied().unwrap_or(0) > 0
     };
+    // Whether an agent still holds a VM (running or idle on it).
+    let held = |vm: &VmRecord| {
+        let holder = vm.agent_id.and_then(|a| snap.holders.get(&a));
+        matches!(holder, Some((phase, Some(on))) if *on == vm.id
+            && matches!(phase, AgentPhase::Running | AgentPhase::Idle))
+    };
     for (i, vm) in snap.vms.iter().enumerate() {
         if snap.in_flight.contains(&vm.id) {
             if matches!(vm.state, VmState::Booting | VmState::Provisioning)
@@ -175,6 +181,15 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
                     .entry(vm.workspace.as_str())
                     .or_default()
                     .booting_free += 1;
+            }
+            if vm.state == VmState::Assigned && !held(vm) {
+                // Being returned: it may come back warm, so it counts
+                // against max_idle until its return is done.
+                counts
+                    .entry(vm.workspace.as_str())
+                    .or_default()
+                    .fresh_idle
+                    .push(usize::MAX);
             }
             continue;
         }
@@ -202,10 +217,7 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
                 }
             }
             VmState::Assigned => {
-                let holder = vm.agent_id.and_then(|a| snap.holders.get(&a));
-                let held = matches!(holder, Some((phase, Some(on))) if *on == vm.id
-                    && matches!(phase, AgentPhase::Running | AgentPhase::Idle));
-                if !held {
+                if !held(vm) {
                     // Returned now; whether it stays warm is decided below,
                     // once every idle VM is counted.
                     counts.entry(vm.workspace.as_str()).or_default();
@@ -239,10 +251,7 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
         if vm.state != VmState::Assigned || snap.in_flight.contains(&vm.id) {
             continue;
         }
-        let holder = vm.agent_id.and_then(|a| snap.holders.get(&a));
-        let held = matches!(holder, Some((phase, Some(on))) if *on == vm.id
-            && matches!(phase, AgentPhase::Running | AgentPhase::Idle));
-        if held {
+        if held(vm) {
             continue;
         }
         let to_idle = match workspaces.get(vm.workspace.as_str()) {

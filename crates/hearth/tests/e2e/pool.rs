@@ -189,45 +189,52 @@ fn finished_agents_return_their_vm_under_max_idle(b: Backend) {
         json!({"status": "completed"}),
     );
     // Under max_idle (1 idle < 2): the same VM comes back, cleaned.
-    wait_idle(&s, 2, 30);
-    assert!(idle_ids(&s).contains(&vm));
+    let mut idle = vec![];
+    assert!(
+        wait_until(30, || {
+            idle = idle_ids(&s);
+            idle.len() == 2 && idle.contains(&vm)
+        }),
+        "the finished agent's VM did not come back: {idle:?}"
+    );
+    // It is the oldest idle VM, so the next claim takes it.
     let r = s.spawn(&s.admin_token, json!({"workspace": "web"}));
-    let id2 = r.body["id"].as_str().unwrap();
-    let vm2 = r.body["vm"].as_str().unwrap();
-    if vm2 == vm {
-        let e = s.admin().post(
-            &format!("/v1/agents/{id2}/exec"),
-            json!({"command": "ls /tmp; pgrep -c sleep || true"}),
-        );
-        assert_eq!(
-            e.body["stdout"], "0\n",
-            "a returned VM is cleaned: {}",
-            e.text
-        );
-    }
-    // At max_idle, a returned VM is destroyed instead.
-    wait_idle(&s, 1, 30);
-    let r3 = s.spawn(&s.admin_token, json!({"workspace": "web"}));
-    wait_idle(&s, 1, 30);
-    let vm3 = r3.body["vm"].as_str().unwrap().to_owned();
-    s.admin().post(
-        &format!("/v1/agents/{}/kill", r3.body["id"].as_str().unwrap()),
-        json!({}),
-    );
-    s.admin().post(&format!("/v1/agents/{id2}/kill"), json!({}));
-    wait_idle(&s, 2, 30);
-    let live: Vec<String> = s
-        .vms()
-        .iter()
-        .map(|v| v["id"].as_str().unwrap().to_owned())
-        .collect();
     assert_eq!(
-        live.len(),
-        2,
-        "one of the two returned VMs was destroyed: {live:?}"
+        (r.body["phase"].as_str(), r.body["vm"].as_str()),
+        (Some("running"), Some(vm.as_str())),
+        "{}",
+        r.text
     );
-    assert!(wait_until(10, || s.sandboxes().len() == 2));
-    let _ = vm3;
+    let id2 = r.body["id"].as_str().unwrap().to_owned();
+    let e = s.admin().post(
+        &format!("/v1/agents/{id2}/exec"),
+        json!({"command": "ls /tmp; pgrep -c sleep || true"}),
+    );
+    assert_eq!(
+        e.body["stdout"], "0\n",
+        "a returned VM is cleaned: {}",
+        e.text
+    );
+    // Fill the pool to max_idle, then a returned VM is destroyed instead.
+    s.admin()
+        .patch("/v1/workspaces/web", json!({"min_idle": 2}));
+    assert!(wait_until(30, || idle_ids(&s).len() == 2
+        && s.status()["vms"]["booting"] == 0));
+    s.admin().post(&format!("/v1/agents/{id2}/kill"), json!({}));
+    let mut live = vec![];
+    let converged = wait_until(30, || {
+        live = s
+            .vms()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_owned())
+            .collect();
+        live.len() == 2 && !live.contains(&vm) && s.sandboxes().len() == 2
+    });
+    assert!(
+        converged,
+        "the VM returned beyond max_idle was not destroyed: {live:?}, sandboxes {:?}",
+        s.sandboxes()
+    );
 }
 
 fn scale_down_past_max_idle_and_idle_timeout(b: Backend) {
