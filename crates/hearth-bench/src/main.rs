@@ -78,7 +78,7 @@ impl ServerArgs {
 
 /// `given`, or the binary `name` in this executable's folder; it must exist
 /// (`flag` is the option that names it, for the error).
-fn beside_exe(given: Option<PathBuf>, name: &str, flag: &str) -> Result<PathBuf> {
+pub(crate) fn beside_exe(given: Option<PathBuf>, name: &str, flag: &str) -> Result<PathBuf> {
     let path = match given {
         Some(path) => path,
         None => std::env::current_exe()?

@@ -22,7 +22,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const NUKE_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long SIGTERM may take.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Server log lines kept for error messages.
+/// Server log lines kept for error messages (request traces left out).
 const LOG_TAIL_LINES: usize = 40;
 
 /// The store backend the server runs on.
@@ -211,6 +211,10 @@ fn read_log(
             && let Some(addr) = v["addr"].as_str()
         {
             let _ = listening.send(addr.to_owned());
+        }
+        if line.contains("\"target\":\"tower_http::trace") {
+            // One line per request: they would bury everything else.
+            continue;
         }
         let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
         if tail.len() == LOG_TAIL_LINES {

@@ -42,6 +42,8 @@ const STATUS_POLL: Duration = Duration::from_millis(100);
 /// How often a wait reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 const WARM: &str = "warm";
+/// The phases of an agent that may hold or wait for a VM.
+const ACTIVE_PHASES: [&str; 5] = ["queued", "provisioning", "running", "idle", "sleeping"];
 const COLD: &str = "cold";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -121,6 +123,10 @@ struct WarmLevel {
     warm: usize,
     not_warm: usize,
     failed: usize,
+    /// Agents found active after a round that no spawn answer named.
+    swept: usize,
+    /// The distinct answers of the spawns that were not warm claims (first few).
+    odd_answers: Vec<String>,
     /// Spawns per second of each round (all spawns / the round's wall time).
     claims_per_second: Option<Summary>,
     samples_ms: Vec<f64>,
@@ -270,6 +276,7 @@ fn warm_level(server: &Server, api: &Api, clients: usize, args: &SpawnArgs) -> R
     wait_warm(api, pool_size)?;
     let mut spawns = Vec::new();
     let mut rates = Vec::new();
+    let mut swept = 0;
     for round in 1..=args.rounds {
         let runs = run_round(server, clients, args.spawns_per_client)?;
         let done: Vec<Spawned> = runs.iter().flat_map(|r| r.spawns.clone()).collect();
@@ -284,7 +291,7 @@ fn warm_level(server: &Server, api: &Api, clients: usize, args: &SpawnArgs) -> R
             count(&done, Outcome::Failed),
         );
         report_odd_spawns(&done);
-        end_agents(api, &done)?;
+        swept += end_agents(api, &done)?;
         wait_warm(api, pool_size)?;
         rates.push(rate);
         spawns.extend(done);
@@ -298,6 +305,8 @@ fn warm_level(server: &Server, api: &Api, clients: usize, args: &SpawnArgs) -> R
         warm: warm.len(),
         not_warm: count(&spawns, Outcome::NotWarm),
         failed: count(&spawns, Outcome::Failed),
+        swept,
+        odd_answers: odd_answers(&spawns),
         claims_per_second: Summary::of(&rates),
         samples_ms: warm.iter().map(|d| millis(*d)).collect(),
     })
@@ -385,6 +394,18 @@ fn count(spawns: &[Spawned], outcome: Outcome) -> usize {
     spawns.iter().filter(|s| s.outcome == outcome).count()
 }
 
+/// The distinct answers of spawns that were not warm claims, the first few.
+fn odd_answers(spawns: &[Spawned]) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for s in spawns.iter().filter(|s| s.outcome != Outcome::Warm) {
+        let answer = format!("{:?}: {}", s.outcome, s.detail);
+        if seen.len() < 10 && !seen.contains(&answer) {
+            seen.push(answer);
+        }
+    }
+    seen
+}
+
 /// Says what the first few spawns that were not warm claims answered.
 fn report_odd_spawns(spawns: &[Spawned]) {
     for s in spawns.iter().filter(|s| s.outcome != Outcome::Warm).take(3) {
@@ -392,18 +413,37 @@ fn report_odd_spawns(spawns: &[Spawned]) {
     }
 }
 
-/// Finishes the warm agents and kills the others (queued ones cannot finish).
-fn end_agents(api: &Api, spawns: &[Spawned]) -> Result<()> {
+/// Finishes the warm agents and kills the others (queued ones cannot
+/// finish), then sweeps the workspace; returns how many agents the sweep
+/// ended.
+fn end_agents(api: &Api, spawns: &[Spawned]) -> Result<usize> {
     for s in spawns {
         let Some(id) = &s.agent else { continue };
         match s.outcome {
             Outcome::Warm => finish(api, id)?,
-            _ => {
-                api.post(&format!("/v1/agents/{id}/kill"), &json!({}))?;
-            }
+            _ => kill(api, id)?,
         }
     }
-    Ok(())
+    sweep(api, WARM)
+}
+
+/// Kills the agents of `workspace` still active that the benchmark does
+/// not know of (a spawn answered with an error but created its agent
+/// anyway), so that the pool can settle; returns how many.
+fn sweep(api: &Api, workspace: &str) -> Result<usize> {
+    let mut swept = 0;
+    for phase in ACTIVE_PHASES {
+        let list = api.get(&format!("/v1/agents?workspace={workspace}&phase={phase}"))?;
+        for agent in list["items"].as_array().into_iter().flatten() {
+            let id = agent_id(agent)?;
+            eprintln!("[spawn]   sweeping agent {id} ({phase}) that no spawn answer named");
+            if let Err(e) = kill(api, &id) {
+                eprintln!("[spawn]   cannot kill {id}: {e:#}");
+            }
+            swept += 1;
+        }
+    }
+    Ok(swept)
 }
 
 /// Waits until the warm workspace holds `size` idle VMs and nothing else
@@ -461,6 +501,11 @@ fn wait_for(
         }
         std::thread::sleep(STATUS_POLL);
     }
+}
+
+fn kill(api: &Api, id: &str) -> Result<()> {
+    api.post(&format!("/v1/agents/{id}/kill"), &json!({}))?;
+    Ok(())
 }
 
 fn finish(api: &Api, id: &str) -> Result<()> {
@@ -533,10 +578,29 @@ fn render(report: &SpawnReport) -> String {
         .cold_warm_ratio
         .map_or("-".into(), |r| format!("{r:.0}×"));
     format!(
-        "\nWarm claims ({title}, {} spawns per client, {} rounds)\n\n{}\nCold start vs warm claim ({title})\n\n{}\ncold/warm ratio (p50): {ratio}\n",
+        "\nWarm claims ({title}, {} spawns per client, {} rounds)\n\n{}{}\nCold start vs warm claim ({title})\n\n{}\ncold/warm ratio (p50): {ratio}\n",
         report.spawns_per_client,
         report.rounds,
         warm.render(),
+        render_odd(&report.warm),
         side.render()
     )
+}
+
+/// The answers of the spawns that were not warm claims, per client count.
+fn render_odd(levels: &[WarmLevel]) -> String {
+    let mut out = String::new();
+    for level in levels
+        .iter()
+        .filter(|l| !l.odd_answers.is_empty() || l.swept > 0)
+    {
+        out.push_str(&format!(
+            "\n{} clients: {} agents swept after their spawn failed; answers that were not warm claims:\n",
+            level.clients, level.swept
+        ));
+        for answer in &level.odd_answers {
+            out.push_str(&format!("- {answer}\n"));
+        }
+    }
+    out
 }

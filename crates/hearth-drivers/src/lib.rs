@@ -13,6 +13,7 @@
 
 pub mod fake;
 pub mod guest;
+pub mod qemu;
 pub mod sandbox;
 
 use async_trait::async_trait;

@@ -1,25 +1,34 @@
-//! The command line of the `hearth-guest-agent` binary: `serve`, `init` and
-//! `launch`, parsed by hand to keep the binary small and fast to start.
+//! The command line of the `hearth-guest-agent` binary: `serve`, `init`,
+//! `vm-init` and `launch`, parsed by hand to keep the binary small and fast
+//! to start.
 //!
 //! Flags are `--name value`; `--hide` and `--cgroup-procs` take every value
 //! up to the next flag and may repeat; `launch` takes its command after `--`.
+//! Run with no arguments as PID 1 (a kernel starting `/init`), the binary is
+//! `vm-init`.
 
 use crate::init::{self, InitArgs};
 use crate::server::{self, ServerConfig};
+use crate::vminit;
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fs;
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 const USAGE: &str = "usage:
-  hearth-guest-agent serve --socket PATH --secret-file PATH --vm-id ID
+  hearth-guest-agent serve (--socket PATH | --tcp ADDR:PORT) --secret-file PATH --vm-id ID
+  hearth-guest-agent vm-init   (PID 1 of a qemu VM; also when run as PID 1 with no arguments)
   hearth-guest-agent init --vm-dir DIR --lower DIR [--hide PATH...] --hostname NAME [--memory-bytes N] [--cpu-quota-us N]
   hearth-guest-agent launch [--cgroup-procs PATH...] -- COMMAND [ARGS...]";
 
 /// Runs the subcommand `args` names (program name excluded).
 pub fn run(args: Vec<OsString>) -> ExitCode {
+    if args.is_empty() && std::process::id() == 1 {
+        return finish("vm-init", vminit::run());
+    }
     let Some((command, rest)) = args.split_first() else {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
@@ -28,19 +37,22 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
         Some("serve") => serve(rest),
         Some("init") => init(rest),
         Some("launch") => launch(rest),
+        Some("vm-init") if rest.is_empty() => vminit::run(),
+        Some("vm-init") => Err(format!("vm-init takes no arguments\n{USAGE}")),
         Some("--help" | "-h" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
         _ => Err(format!("unknown command {command:?}\n{USAGE}")),
     };
+    finish(&command.to_string_lossy(), result)
+}
+
+fn finish(command: &str, result: Result<i32, String>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(message) => {
-            eprintln!(
-                "hearth-guest-agent {}: {message}",
-                command.to_string_lossy()
-            );
+            eprintln!("hearth-guest-agent {command}: {message}");
             ExitCode::FAILURE
         }
     }
@@ -119,14 +131,29 @@ fn text(value: OsString, name: &str) -> Result<String, String> {
 }
 
 fn serve(args: &[OsString]) -> Result<i32, String> {
-    let flags = Flags::parse(args, &["socket", "secret-file", "vm-id"])?;
-    let socket = PathBuf::from(flags.one("socket")?);
+    let flags = Flags::parse(args, &["socket", "tcp", "secret-file", "vm-id"])?;
+    let socket = flags.optional("socket")?.map(PathBuf::from);
+    let tcp = flags
+        .optional("tcp")?
+        .map(|addr| {
+            let addr = text(addr, "tcp")?;
+            addr.parse::<SocketAddr>()
+                .map_err(|e| format!("--tcp {addr}: {e}"))
+        })
+        .transpose()?;
     let secret_file = PathBuf::from(flags.one("secret-file")?);
     let vm_id = text(flags.one("vm-id")?, "vm-id")?;
     let secret = server::read_secret(&secret_file)
         .map_err(|e| format!("read the secret from {}: {e}", secret_file.display()))?;
-    server::serve_unix(&socket, ServerConfig { secret, vm_id })
-        .map_err(|e| format!("serve on {}: {e}", socket.display()))?;
+    let config = ServerConfig { secret, vm_id };
+    match (socket, tcp) {
+        (Some(socket), None) => server::serve_unix(&socket, config)
+            .map_err(|e| format!("serve on {}: {e}", socket.display()))?,
+        (None, Some(addr)) => {
+            server::serve_tcp(addr, config).map_err(|e| format!("serve on {addr}: {e}"))?
+        }
+        _ => return Err(format!("give exactly one of --socket and --tcp\n{USAGE}")),
+    }
     Ok(0)
 }
 

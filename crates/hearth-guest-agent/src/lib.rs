@@ -5,6 +5,8 @@
 //!   client (`hearth_drivers::guest`);
 //! - [`server`]: `hearth-guest-agent serve`, the agent proper;
 //! - [`init`]: `hearth-guest-agent init`, PID 1 of a sandbox;
+//! - [`vminit`]: `hearth-guest-agent vm-init`, PID 1 of a qemu VM (the
+//!   `/init` of a baked image);
 //! - [`cli`]: the binary's command line, including `launch` (join cgroups,
 //!   then exec the sandbox's `unshare`).
 //!
@@ -15,3 +17,4 @@ pub mod cli;
 pub mod init;
 pub mod protocol;
 pub mod server;
+pub mod vminit;

@@ -25,7 +25,7 @@ use nix::unistd::Pid;
 use std::fmt;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -126,6 +126,13 @@ pub fn serve_unix(socket: &Path, config: ServerConfig) -> io::Result<()> {
     Server::new(config).serve(listener)
 }
 
+/// Binds `addr` over TCP (the qemu driver's VMs: the host reaches it through
+/// qemu's port forwarding) and serves forever.
+pub fn serve_tcp(addr: SocketAddr, config: ServerConfig) -> io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    Server::new(config).serve_tcp(listener)
+}
+
 /// The server: its configuration and start time.
 #[derive(Debug, Clone)]
 pub struct Server {
@@ -150,9 +157,23 @@ impl Server {
 
     /// Accepts connections forever, one thread each.
     pub fn serve(&self, listener: UnixListener) -> io::Result<()> {
+        self.accept_loop(|| listener.accept().map(|(stream, _)| stream))
+    }
+
+    /// Accepts TCP connections forever, one thread each (Nagle off, so that
+    /// streamed output lines are not held back).
+    pub fn serve_tcp(&self, listener: TcpListener) -> io::Result<()> {
+        self.accept_loop(|| {
+            let (stream, _) = listener.accept()?;
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        })
+    }
+
+    fn accept_loop<C: Connection>(&self, accept: impl Fn() -> io::Result<C>) -> io::Result<()> {
         loop {
-            match listener.accept() {
-                Ok((stream, _)) => self.spawn_connection(stream),
+            match accept() {
+                Ok(stream) => self.spawn_connection(stream),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // Out of file descriptors or memory: wait, do not spin.
@@ -554,6 +575,32 @@ fn write_file(op: &WriteFileOp) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_connections_are_served() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = Server::new(ServerConfig {
+            secret: "s3cr3t".into(),
+            vm_id: "vm".into(),
+        });
+        thread::spawn(move || server.serve_tcp(listener));
+        let ask = |line: &str| {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream.write_all(line.as_bytes()).unwrap();
+            let mut answer = String::new();
+            BufReader::new(stream).read_line(&mut answer).unwrap();
+            Response::from_line(&answer).unwrap()
+        };
+        assert!(matches!(
+            ask("{\"secret\":\"s3cr3t\",\"op\":\"health\"}\n"),
+            Response::Health { .. }
+        ));
+        assert_eq!(
+            ask("{\"secret\":\"nope\",\"op\":\"health\"}\n"),
+            Response::error(UNAUTHORIZED)
+        );
+    }
 
     #[test]
     fn utf8_split_across_reads_is_kept_whole() {
