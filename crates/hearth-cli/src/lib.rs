@@ -90,6 +90,38 @@ pub enum Command {
     /// List and inspect provisioning runs (instances) and their steps
     #[command(subcommand)]
     Instances(InstancesCommand),
+    /// Bake VM images for the qemu driver
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+/// `hearth image ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ImageCommand {
+    /// Bake a new version of an image here (kernel + root filesystem with
+    /// the guest agent as init) and record it as the image resource NAME;
+    /// a re-bake makes the VMs built from the old version stale.
+    Bake {
+        name: String,
+        /// `minimal` (busybox initramfs) or `debian` (debootstrap ext4 disk).
+        #[arg(long, default_value = "minimal")]
+        rootfs: String,
+        /// A kernel image (bzImage) instead of Debian's cloud kernel.
+        #[arg(long)]
+        kernel: Option<std::path::PathBuf>,
+        /// With --kernel: its lib/modules/<release> folder.
+        #[arg(long)]
+        modules_dir: Option<std::path::PathBuf>,
+        /// Where images are written (the server must read them there).
+        #[arg(long, default_value = ".hearth/images")]
+        images_dir: std::path::PathBuf,
+        /// Where downloaded inputs are cached between bakes.
+        #[arg(long, default_value = ".hearth/cache")]
+        cache_dir: std::path::PathBuf,
+        /// The guest agent to put in (default: next to this binary).
+        #[arg(long)]
+        guest_agent: Option<std::path::PathBuf>,
+    },
 }
 
 /// `hearth warm-pool ...`.

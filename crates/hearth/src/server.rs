@@ -56,6 +56,10 @@ pub struct ServerArgs {
     /// The guest agent binary put into sandboxes (default: next to hearth).
     #[arg(long, env = "HEARTH_GUEST_AGENT")]
     guest_agent: Option<PathBuf>,
+    /// Accelerator of the qemu driver: `auto` (KVM only after a probe boot
+    /// succeeds, else TCG), `kvm` or `tcg`.
+    #[arg(long, env = "HEARTH_QEMU_ACCEL", default_value = "auto")]
+    qemu_accel: String,
     /// Boot latency of the fake driver (simulation).
     #[arg(long, env = "HEARTH_FAKE_BOOT_LATENCY", default_value = "0ms", value_parser = duration)]
     fake_boot_latency: Duration,
@@ -163,6 +167,20 @@ async fn start_pool(
         None => tracing::warn!(
             "no hearth-guest-agent binary found: the sandbox driver is off (set --guest-agent)"
         ),
+    }
+    if let Some(qemu) = find_on_path(hearth_drivers::qemu::DEFAULT_QEMU_BINARY) {
+        use hearth_drivers::qemu::{Accel, QemuConfig, QemuDriver};
+        let mut config = QemuConfig::new(fs::canonicalize(&args.data_dir)?.join("qemu"));
+        config.qemu_binary = qemu;
+        config.accel = match args.qemu_accel.as_str() {
+            "auto" => Accel::Auto,
+            "kvm" => Accel::Kvm,
+            "tcg" => Accel::Tcg,
+            other => anyhow::bail!("--qemu-accel {other:?}: use auto, kvm or tcg"),
+        };
+        drivers = drivers.with(Arc::new(QemuDriver::new(config)));
+    } else {
+        tracing::info!("no qemu-system-x86_64 on PATH: the qemu driver is off");
     }
     let mut options = hearth_reconcilers::PoolOptions::default();
     if let Some(build) = &args.build {
@@ -286,4 +304,16 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     file.write_all(b"\n")?;
     file.sync_all()?;
     Ok(())
+}
+
+/// The first `name` on `PATH`, or `name` itself when it is a path.
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        return Path::new(name).is_file().then(|| PathBuf::from(name));
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
 }

@@ -9,5 +9,6 @@ mod auth;
 mod cli;
 mod pool;
 mod provisioning;
+mod qemu;
 mod resources;
 mod server;

@@ -1,0 +1,167 @@
+//! Real microVMs through the pool: `hearth image bake --rootfs debian` (git
+//! and build tools inside; the minimal busybox image has no git), the qemu
+//! driver,
+//! the whole provisioning pipeline inside a VM (a git repository cloned from
+//! the host over git://10.0.2.2), an agent on a warm VM, a `kill -9` of the
+//! server with adoption, and no qemu process left behind.
+
+use crate::common::{Backend, GitServer, Server, guest_agent, run_cli, wait_until};
+use serde_json::json;
+use std::path::Path;
+
+// One backend: what is tested here is the driver and the image, and a
+// debian bake takes minutes; the store's part is the same as with sandboxes.
+#[test]
+fn sqlite_qemu_vms_run_the_pipeline_serve_agents_and_survive_kill_9() {
+    qemu_vms_run_the_pipeline_serve_agents_and_survive_kill_9(Backend::Sqlite)
+}
+
+/// Live qemu processes whose arguments mention `dir`.
+fn qemu_processes(dir: &Path) -> usize {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let path = e.path();
+            let alive =
+                std::fs::read_to_string(path.join("stat")).is_ok_and(|s| !s.contains(") Z "));
+            alive
+                && std::fs::read(path.join("cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("qemu-system") && c.contains(&needle)
+                })
+        })
+        .count()
+}
+
+fn qemu_vms_run_the_pipeline_serve_agents_and_survive_kill_9(b: Backend) {
+    let git = GitServer::start();
+    let app = git.repo("app", &[("README", "hello from the host\n")]);
+    // VMs reach the host's loopback at 10.0.2.2 (qemu user networking).
+    let app_in_vm = app.replace("127.0.0.1", "10.0.2.2");
+    let mut s = Server::start_with(b, &["--resync", "200ms", "--boot-timeout", "3m"]);
+    let images = tempfile::tempdir().unwrap();
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hearth-image-cache");
+    let cwd = tempfile::tempdir().unwrap();
+    let out = run_cli(
+        cwd.path(),
+        &[
+            "image",
+            "bake",
+            "qvm",
+            "--rootfs",
+            "debian",
+            "--images-dir",
+            images.path().to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--guest-agent",
+            guest_agent(),
+        ],
+        "",
+        &[("HEARTH_SERVER", &s.url), ("HEARTH_TOKEN", &s.admin_token)],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.starts_with("image/qvm baked: bake 1 in "),
+        "{out:?}"
+    );
+    let image = s.admin().get("/v1/images/qvm");
+    assert_eq!(
+        (
+            image.body["spec"]["driver"].as_str(),
+            image.body["version"].as_i64()
+        ),
+        (Some("qemu"), Some(1)),
+        "{}",
+        image.text
+    );
+
+    s.pool(
+        4,
+        "driver: qemu\nimage: qvm\nmemory: 512Mi\nenv:\n  API_KEY: k3y-never-shown\n",
+        "web",
+        &format!(
+            "min_idle: 1\nmax_idle: 1\nrepos:\n- url: {app_in_vm}\nwarm_pool:\n  setup_commands:\n  - name: build\n    command: cp /home/app/README /home/built.txt\n"
+        ),
+    );
+    assert!(
+        wait_until(240, || s.status()["vms"]["idle"] == 1),
+        "no warm microVM: {}\n{}",
+        s.status(),
+        s.logs_tail()
+    );
+    let runs = s
+        .admin()
+        .get("/v1/instances?workspace=web&status=ready")
+        .body;
+    let steps = runs["items"][0]["steps"].as_array().unwrap().clone();
+    assert!(
+        steps.iter().all(|st| st["status"] == "succeeded"),
+        "{steps:?}"
+    );
+    let qemu_dir = s.data_dir.path().join("qemu");
+    assert_eq!(qemu_processes(&qemu_dir), 1);
+
+    // An agent on the warm microVM sees the clone, the env file and the setup.
+    let a = s.spawn(&s.admin_token, json!({"workspace": "web"}));
+    assert_eq!(a.body["phase"], "running", "{}", a.text);
+    let id = a.body["id"].as_str().unwrap().to_owned();
+    let exec = |s: &Server, command: &str| {
+        s.admin().post(
+            &format!("/v1/agents/{id}/exec"),
+            json!({"command": command}),
+        )
+    };
+    let e = exec(
+        &s,
+        "cat /home/built.txt; stat -c %a /home/.env; cat /proc/1/cmdline | head -c 40 | tr '\\0' ' '",
+    );
+    assert_eq!(e.body["exit_code"], 0, "{}", e.text);
+    let stdout = e.body["stdout"].as_str().unwrap();
+    assert!(stdout.starts_with("hello from the host\n600\n"), "{stdout}");
+    assert!(!s.logs().contains("k3y-never-shown"));
+
+    // kill -9 of the server: the VMs live on and are adopted.
+    assert!(
+        wait_until(240, || s.status()["vms"]["idle"] == 1),
+        "backfill: {}",
+        s.status()
+    );
+    let before = qemu_processes(&qemu_dir);
+    assert_eq!(before, 2);
+    s.kill();
+    s.launch();
+    assert!(
+        s.logs()
+            .contains("reconciled the drivers' VMs with the store")
+    );
+    let e = exec(&s, "echo still here");
+    assert_eq!(
+        e.body["stdout"], "still here\n",
+        "the agent's VM was adopted: {}",
+        e.text
+    );
+    assert_eq!(
+        qemu_processes(&qemu_dir),
+        before,
+        "no VM lost, none doubled"
+    );
+
+    // Nothing outlives its record.
+    let out = s.cli(&s.admin_token, &["pool", "flush", "--nuke"], "");
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        wait_until(60, || qemu_processes(&qemu_dir) == 0),
+        "qemu processes left behind"
+    );
+    let leftover: Vec<_> = std::fs::read_dir(&qemu_dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftover.is_empty(), "{leftover:?}");
+}
