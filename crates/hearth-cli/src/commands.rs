@@ -967,6 +967,83 @@ fn login(global: &GlobalArgs, ctx: &Context<'_>) -> anyhow::Result<Printed> {
     )))
 }
 
+/// What `hearth image bake` was asked.
+pub struct BakeArgs {
+    pub name: String,
+    pub rootfs: String,
+    pub kernel: Option<std::path::PathBuf>,
+    pub modules_dir: Option<std::path::PathBuf>,
+    pub images_dir: std::path::PathBuf,
+    pub cache_dir: std::path::PathBuf,
+    pub guest_agent: Option<std::path::PathBuf>,
+}
+
+/// Bakes an image locally (progress on stderr), then records it as the
+/// image resource `name` (driver qemu), whose version bump makes older VMs
+/// stale.
+fn bake_image(client: &Client, args: BakeArgs) -> anyhow::Result<Printed> {
+    use hearth_image::{BakeOptions, RootfsKind, bake};
+    let rootfs = match args.rootfs.as_str() {
+        "minimal" => RootfsKind::Minimal,
+        "debian" => RootfsKind::Debian,
+        other => {
+            return Err(
+                CliError::invalid(format!("--rootfs {other:?}: use minimal or debian")).into(),
+            );
+        }
+    };
+    let agent = match args.guest_agent {
+        Some(path) => path,
+        None => std::env::current_exe()?
+            .parent()
+            .map(|dir| dir.join("hearth-guest-agent"))
+            .filter(|p| p.is_file())
+            .ok_or_else(|| {
+                CliError::invalid("no hearth-guest-agent next to hearth: pass --guest-agent")
+            })?,
+    };
+    let absolute = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let mut options = BakeOptions::new(
+        absolute(args.images_dir),
+        args.name.clone(),
+        agent,
+        absolute(args.cache_dir),
+    );
+    options.rootfs = rootfs;
+    options.kernel = args.kernel.map(absolute);
+    options.modules_dir = args.modules_dir.map(absolute);
+    let baked = bake(&options, |line| eprintln!("{line}"))
+        .map_err(|e| CliError::invalid(format!("bake failed: {e}")))?;
+    let mut spec = Map::new();
+    spec.insert("driver".into(), json!("qemu"));
+    spec.insert(
+        "description".into(),
+        json!(format!(
+            "baked version {} ({} rootfs) in {}",
+            baked.version,
+            args.rootfs,
+            baked.dir.display()
+        )),
+    );
+    spec.insert("kernel".into(), json!(baked.kernel.display().to_string()));
+    spec.insert("initrd".into(), json!(baked.initrd.display().to_string()));
+    if let Some(disk) = &baked.disk {
+        spec.insert("disk".into(), json!(disk.display().to_string()));
+    }
+    let yaml = serde_yaml_ng::to_string(&Value::Object(spec))?;
+    let answer: Value = client.put_yaml(&["images", &args.name], yaml)?;
+    let version = answer["resource"]["version"].as_i64().unwrap_or_default();
+    Ok(Printed {
+        stdout: format!(
+            "image/{} baked: bake {} in {}, resource version {version}\n",
+            args.name,
+            baked.version,
+            baked.dir.display()
+        ),
+        ..Printed::default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2273,81 +2350,4 @@ mod tests {
         let (printed, _) = run_against("not a url", GlobalArgs::default(), test_boot(false, "30m"));
         assert!(printed.unwrap_err().contains("invalid server URL"));
     }
-}
-
-/// What `hearth image bake` was asked.
-pub struct BakeArgs {
-    pub name: String,
-    pub rootfs: String,
-    pub kernel: Option<std::path::PathBuf>,
-    pub modules_dir: Option<std::path::PathBuf>,
-    pub images_dir: std::path::PathBuf,
-    pub cache_dir: std::path::PathBuf,
-    pub guest_agent: Option<std::path::PathBuf>,
-}
-
-/// Bakes an image locally (progress on stderr), then records it as the
-/// image resource `name` (driver qemu), whose version bump makes older VMs
-/// stale.
-fn bake_image(client: &Client, args: BakeArgs) -> anyhow::Result<Printed> {
-    use hearth_image::{BakeOptions, RootfsKind, bake};
-    let rootfs = match args.rootfs.as_str() {
-        "minimal" => RootfsKind::Minimal,
-        "debian" => RootfsKind::Debian,
-        other => {
-            return Err(
-                CliError::invalid(format!("--rootfs {other:?}: use minimal or debian")).into(),
-            );
-        }
-    };
-    let agent = match args.guest_agent {
-        Some(path) => path,
-        None => std::env::current_exe()?
-            .parent()
-            .map(|dir| dir.join("hearth-guest-agent"))
-            .filter(|p| p.is_file())
-            .ok_or_else(|| {
-                CliError::invalid("no hearth-guest-agent next to hearth: pass --guest-agent")
-            })?,
-    };
-    let absolute = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p);
-    let mut options = BakeOptions::new(
-        absolute(args.images_dir),
-        args.name.clone(),
-        agent,
-        absolute(args.cache_dir),
-    );
-    options.rootfs = rootfs;
-    options.kernel = args.kernel.map(absolute);
-    options.modules_dir = args.modules_dir.map(absolute);
-    let baked = bake(&options, |line| eprintln!("{line}"))
-        .map_err(|e| CliError::invalid(format!("bake failed: {e}")))?;
-    let mut spec = Map::new();
-    spec.insert("driver".into(), json!("qemu"));
-    spec.insert(
-        "description".into(),
-        json!(format!(
-            "baked version {} ({} rootfs) in {}",
-            baked.version,
-            args.rootfs,
-            baked.dir.display()
-        )),
-    );
-    spec.insert("kernel".into(), json!(baked.kernel.display().to_string()));
-    spec.insert("initrd".into(), json!(baked.initrd.display().to_string()));
-    if let Some(disk) = &baked.disk {
-        spec.insert("disk".into(), json!(disk.display().to_string()));
-    }
-    let yaml = serde_yaml_ng::to_string(&Value::Object(spec))?;
-    let answer: Value = client.put_yaml(&["images", &args.name], yaml)?;
-    let version = answer["resource"]["version"].as_i64().unwrap_or_default();
-    Ok(Printed {
-        stdout: format!(
-            "image/{} baked: bake {} in {}, resource version {version}\n",
-            args.name,
-            baked.version,
-            baked.dir.display()
-        ),
-        ..Printed::default()
-    })
 }
