@@ -18,6 +18,7 @@ mod boot;
 mod machine;
 mod postgres;
 mod procfs;
+mod provision;
 mod report;
 mod server;
 mod spawn;
@@ -42,6 +43,9 @@ enum Command {
     Spawn(spawn::SpawnArgs),
     /// Sandbox boot and destroy times and idle RSS, with the driver alone.
     Boot(boot::BootArgs),
+    /// The provisioning pipeline on a real git repository against the same
+    /// commands run by hand, side by side.
+    Provision(provision::ProvisionArgs),
 }
 
 /// How to start the server (shared by the commands that run one).
@@ -99,5 +103,6 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Spawn(args) => spawn::run(args),
         Command::Boot(args) => boot::run(args),
+        Command::Provision(args) => provision::run(args),
     }
 }
