@@ -244,11 +244,22 @@ pub async fn spawn(
 
 /// A queued agent takes an idle VM now if there is one; else the pool is woken.
 async fn claim_or_queue(state: &AppState, agent: AgentRecord) -> Result<AgentRecord, ApiError> {
-    match state
+    let claimed = match state
         .store
         .assign_idle_vm(agent.tenant_id, &agent.workspace, agent.id)
-        .await?
+        .await
     {
+        Ok(claimed) => claimed,
+        // The pool assigned it a VM at the same moment (the unique index on
+        // a VM's agent refused the second claim): it runs on that one.
+        Err(StoreError::AlreadyExists(_)) => {
+            let agent = state.store.get_agent(agent.tenant_id, agent.id).await?;
+            state.pool.agent_started(&agent);
+            return Ok(agent);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match claimed {
         Some(_) => {
             let agent = state.store.get_agent(agent.tenant_id, agent.id).await?;
             state.pool.agent_started(&agent);
