@@ -100,7 +100,10 @@ impl Env {
     fn with(adjust: impl FnOnce(&Path, &mut SandboxConfig)) -> Self {
         require_root();
         let tag = uuid::Uuid::new_v4().simple().to_string();
-        let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("hs-{}", &tag[..10]));
+        // Under /var/tmp, not the target dir: a checkout under /tmp would
+        // put the test's paths where every sandbox has a /tmp of its own,
+        // so what a test shows a sandbox must live elsewhere.
+        let base = Path::new("/var/tmp/hearth-tests").join(format!("hs-{}", &tag[..10]));
         fs::create_dir_all(&base).unwrap();
         let mut config = SandboxConfig::new(base.join("state"), agent_binary());
         config.cgroup_root_name = format!("hearth-test-{tag}");
