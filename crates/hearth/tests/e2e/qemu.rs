@@ -149,6 +149,19 @@ fn qemu_vms_run_the_pipeline_serve_agents_and_survive_kill_9(b: Backend) {
         "no VM lost, none doubled"
     );
 
+    // The agent ends: its VM goes back, and with the pool at max_idle it is
+    // destroyed, qemu process included.
+    s.admin().post(
+        &format!("/v1/agents/{id}/finish"),
+        json!({"status": "completed"}),
+    );
+    assert!(
+        wait_until(120, || qemu_processes(&qemu_dir) == 1
+            && s.status()["vms"]["total"] == 1),
+        "the returned microVM was not destroyed: {}",
+        s.status()
+    );
+
     // Nothing outlives its record.
     let out = s.cli(&s.admin_token, &["pool", "flush", "--nuke"], "");
     assert_eq!(out.code, 0, "{out:?}");
