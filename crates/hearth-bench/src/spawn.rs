@@ -10,8 +10,10 @@
 //!   are idle, C threads (one keep-alive client each, released together)
 //!   each spawn their agents back to back, timing each `POST /v1/agents`.
 //!   A warm claim is answered `running`; any other answer is counted apart
-//!   and left out of the warm figures. After each round every agent is
-//!   finished and the pool refills before the next round.
+//!   (with what a GET of the agent says right after, untimed) and left out
+//!   of the warm figures. After each round every agent is finished, any
+//!   active agent no answer named (a spawn that failed yet created its
+//!   agent) is killed, and the pool refills before the next round.
 //!
 //! `max_vms` is twice the largest warm pool (plus a little), so the
 //! backfill the claims trigger is never capped: it boots while later claims
@@ -351,12 +353,15 @@ fn spawn_timed(api: &Api) -> Spawned {
     let latency = start.elapsed();
     let (outcome, agent, detail) = match answer {
         Ok(a) if a.status == 201 => {
-            let phase = a.body["phase"].as_str().unwrap_or_default().to_owned();
-            let outcome = match phase.as_str() {
-                "running" => Outcome::Warm,
-                _ => Outcome::NotWarm,
-            };
-            (outcome, a.body["id"].as_str().map(str::to_owned), phase)
+            let phase = a.body["phase"].as_str().unwrap_or_default();
+            let id = a.body["id"].as_str().map(str::to_owned);
+            match phase {
+                "running" => (Outcome::Warm, id, phase.to_owned()),
+                _ => {
+                    let detail = format!("answered {phase}; {}", phase_now(api, id.as_deref()));
+                    (Outcome::NotWarm, id, detail)
+                }
+            }
         }
         Ok(a) => (Outcome::Failed, None, format!("{} {}", a.status, a.body)),
         Err(e) => (Outcome::Failed, None, format!("{e:#}")),
@@ -366,6 +371,21 @@ fn spawn_timed(api: &Api) -> Spawned {
         outcome,
         agent,
         detail,
+    }
+}
+
+/// What the agent is right after an answer that was not a warm claim
+/// (untimed; tells a stale answer from a real miss).
+fn phase_now(api: &Api, id: Option<&str>) -> String {
+    let Some(id) = id else {
+        return "no agent id".into();
+    };
+    match api.get(&format!("/v1/agents/{id}")) {
+        Ok(agent) => format!(
+            "a GET right after: {} on VM {}",
+            agent["phase"], agent["vm"]
+        ),
+        Err(e) => format!("a GET right after failed: {e:#}"),
     }
 }
 
@@ -456,8 +476,9 @@ fn wait_warm(api: &Api, size: usize) -> Result<()> {
             .and_then(|all| all.iter().find(|w| w["name"] == WARM))
             .cloned()
             .unwrap_or(Value::Null);
-        if matches!(ws["status"].as_str(), Some("hard_limited" | "backing_off")) {
-            bail!("the warm pool is {}: {}", ws["status"], ws["last_error"]);
+        // A back-off ends by itself (the wait reports it); a hard limit does not.
+        if ws["status"] == "hard_limited" {
+            bail!("the warm pool is hard-limited: {}", ws["last_error"]);
         }
         let n = |v: &Value, key: &str| v[key].as_u64().unwrap_or(0);
         let done = n(&ws, "idle") == size as u64
@@ -465,13 +486,16 @@ fn wait_warm(api: &Api, size: usize) -> Result<()> {
             && n(&ws, "active") == 0
             && n(&status["vms"], "draining") == 0
             && n(&status, "queued") == 0;
-        let progress = format!(
+        let mut progress = format!(
             "idle {}/{size}, booting {}, active {}, draining {}",
             n(&ws, "idle"),
             n(&ws, "booting"),
             n(&ws, "active"),
             n(&status["vms"], "draining")
         );
+        if let Some(error) = ws["last_error"].as_str() {
+            progress.push_str(&format!("; last error: {error}"));
+        }
         Ok((done, progress))
     })
 }
