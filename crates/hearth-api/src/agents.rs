@@ -223,7 +223,9 @@ pub async fn spawn(
     };
     let cap = (caller.identity.kind == IdentityKind::Developer)
         .then_some(config.max_agents_per_developer);
-    let agent = match state.store.create_agent(&new, cap).await {
+    // One transaction: the cap check, the claim of an idle VM and the
+    // agent, already `running` on it (or `queued`).
+    let agent = match state.store.spawn_agent(&new, cap).await {
         Ok(agent) => agent,
         Err(StoreError::LimitReached(n)) => {
             return Err(Error::new(
@@ -236,7 +238,11 @@ pub async fn spawn(
         }
         Err(e) => return Err(e.into()),
     };
-    let agent = claim_or_queue(&state, agent).await?;
+    if agent.vm_id.is_some() {
+        state.pool.agent_started(&agent);
+    }
+    // A claim leaves a gap to backfill; a queued agent needs a boot.
+    state.pool.wake();
     tracing::info!(tenant = %tenant, agent = %agent.id, workspace = %agent.workspace, owner = %agent.owner_name,
         phase = %agent.phase, vm = ?agent.vm_id, "agent spawned");
     Ok((StatusCode::CREATED, Json(AgentView::from(&agent))))
@@ -268,7 +274,9 @@ async fn claim_or_queue(state: &AppState, agent: AgentRecord) -> Result<AgentRec
         }
         None => {
             state.pool.wake();
-            Ok(agent)
+            // Nothing idle, or the pool assigned it a VM meanwhile: answer
+            // what the agent is now, not what it was before the claim.
+            Ok(state.store.get_agent(agent.tenant_id, agent.id).await?)
         }
     }
 }

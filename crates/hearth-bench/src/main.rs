@@ -19,11 +19,13 @@ mod machine;
 mod postgres;
 mod procfs;
 mod provision;
+mod reconcile;
 mod report;
 mod server;
 mod spawn;
 mod stats;
 mod table;
+mod throughput;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
@@ -46,6 +48,12 @@ enum Command {
     /// The provisioning pipeline on a real git repository against the same
     /// commands run by hand, side by side.
     Provision(provision::ProvisionArgs),
+    /// One pool pass of a tenant at fleet scale (1k to 100k VMs), in this
+    /// process: the real runner and store, the fake driver.
+    Reconcile(reconcile::ReconcileArgs),
+    /// Sustained warm-claim throughput through a real server (fake driver)
+    /// against the raw store running the same claim statement, side by side.
+    Throughput(throughput::ThroughputArgs),
 }
 
 /// How to start the server (shared by the commands that run one).
@@ -104,5 +112,7 @@ fn main() -> Result<()> {
         Command::Spawn(args) => spawn::run(args),
         Command::Boot(args) => boot::run(args),
         Command::Provision(args) => provision::run(args),
+        Command::Reconcile(args) => reconcile::run(args),
+        Command::Throughput(args) => throughput::run(args),
     }
 }

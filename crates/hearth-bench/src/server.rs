@@ -96,6 +96,11 @@ impl Server {
     }
 
     /// The last lines the server logged.
+    /// The server's data dir (removed with the server).
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
     pub fn log_tail(&self) -> String {
         let tail = self.log_tail.lock().unwrap_or_else(|e| e.into_inner());
         tail.iter().cloned().collect::<Vec<_>>().join("\n")

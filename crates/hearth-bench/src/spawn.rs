@@ -53,6 +53,9 @@ const COLD: &str = "cold";
 pub enum DriverKind {
     Sandbox,
     Fake,
+    /// Real microVMs: needs `--clients 1` or few (each warm VM is a qemu
+    /// process of ~220 MiB); bakes a minimal image first unless `--image`.
+    Qemu,
 }
 
 impl DriverKind {
@@ -60,6 +63,7 @@ impl DriverKind {
         match self {
             DriverKind::Sandbox => "sandbox",
             DriverKind::Fake => "fake",
+            DriverKind::Qemu => "qemu",
         }
     }
 }
@@ -81,6 +85,15 @@ pub struct SpawnArgs {
     /// Cold starts, one after the other.
     #[arg(long, default_value_t = 20)]
     cold_runs: usize,
+    /// `--driver qemu`: an image already recorded in the server (never
+    /// with a fresh server, so in practice: leave it out and let the
+    /// benchmark bake a minimal one with `hearth image bake`).
+    #[arg(long, default_value = "bench")]
+    image: String,
+    /// `--driver qemu`: where the bake keeps its downloads (the Debian
+    /// kernel, busybox) between runs.
+    #[arg(long, default_value = "target/bench/image-cache")]
+    image_cache: PathBuf,
     #[command(flatten)]
     server: crate::ServerArgs,
     /// Where to write the JSON results (default:
@@ -172,7 +185,10 @@ pub fn run(args: SpawnArgs) -> Result<()> {
     let max_vms = 2 * args.clients.iter().max().unwrap_or(&1) * args.spawns_per_client + 8;
     let server = Server::start(&config)?;
     let api = server.api()?;
-    setup(&api, args.driver, max_vms)?;
+    if args.driver == DriverKind::Qemu {
+        bake(&server, &config, &args)?;
+    }
+    setup(&api, args.driver, &args.image, max_vms)?;
     let server_log = || format!("the server's last log lines:\n{}", server.log_tail());
     let cold = cold_starts(&api, args.cold_runs).with_context(server_log)?;
     let mut warm = Vec::new();
@@ -199,10 +215,49 @@ pub fn run(args: SpawnArgs) -> Result<()> {
     report::write_json(&report::json_path(args.json.as_deref(), &name), &report)
 }
 
+/// `hearth image bake <image> --rootfs minimal` against the server, its
+/// images in a folder that lives as long as the server's data dir.
+fn bake(server: &Server, config: &crate::server::ServerConfig, args: &SpawnArgs) -> Result<()> {
+    let images = server.data_dir().join("bench-images");
+    std::fs::create_dir_all(&args.image_cache)?;
+    eprintln!("[spawn] baking image {} (minimal) …", args.image);
+    let out = std::process::Command::new(&config.hearth)
+        .args([
+            "image",
+            "bake",
+            &args.image,
+            "--rootfs",
+            "minimal",
+            "--images-dir",
+        ])
+        .arg(&images)
+        .arg("--cache-dir")
+        .arg(std::path::absolute(&args.image_cache)?)
+        .arg("--guest-agent")
+        .arg(&config.guest_agent)
+        .env("HEARTH_SERVER", &server.url)
+        .env("HEARTH_TOKEN", &server.admin_token)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "hearth image bake failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!("[spawn] {}", String::from_utf8_lossy(&out.stdout).trim());
+    Ok(())
+}
+
 /// The pool config, the environment and both workspaces (empty pools).
-fn setup(api: &Api, driver: DriverKind, max_vms: usize) -> Result<()> {
+fn setup(api: &Api, driver: DriverKind, image: &str, max_vms: usize) -> Result<()> {
     api.put("/v1/pool-config/default", &json!({"max_vms": max_vms}))?;
-    api.put("/v1/environments/bench", &json!({"driver": driver.name()}))?;
+    let environment = match driver {
+        DriverKind::Qemu => json!({"driver": "qemu", "image": image, "memory": "256Mi"}),
+        _ => json!({"driver": driver.name()}),
+    };
+    api.put("/v1/environments/bench", &environment)?;
     for name in [COLD, WARM] {
         set_pool_size(api, name, 0)?;
     }

@@ -36,6 +36,8 @@ struct FakeVm {
     ready_at: Instant,
     files: HashMap<String, (Vec<u8>, u32)>,
     execs: Vec<String>,
+    /// Its processes died ([`FakeDriver::crash`]).
+    crashed: bool,
 }
 
 /// An in-memory driver.
@@ -68,6 +70,14 @@ impl FakeDriver {
             set.insert(workspace.to_owned());
         } else {
             set.remove(workspace);
+        }
+    }
+
+    /// Makes a VM's processes die: its guest agent stops answering and
+    /// `list` shows it not running, until it is destroyed.
+    pub fn crash(&self, id: VmId) {
+        if let Some(vm) = self.vms.lock().unwrap().get_mut(&id) {
+            vm.crashed = true;
         }
     }
 
@@ -137,6 +147,7 @@ impl Driver for FakeDriver {
             ready_at: Instant::now() + config.boot_latency,
             files: HashMap::new(),
             execs: Vec::new(),
+            crashed: false,
         };
         self.vms.lock().unwrap().insert(spec.id, vm);
         self.created.fetch_add(1, Ordering::Relaxed);
@@ -160,7 +171,7 @@ impl Driver for FakeDriver {
                 id: v.spec.id,
                 tenant: v.spec.tenant,
                 workspace: v.spec.workspace.clone(),
-                running: true,
+                running: !v.crashed,
             })
             .collect())
     }
@@ -198,6 +209,11 @@ impl Driver for FakeDriver {
     async fn health(&self, id: VmId) -> Result<GuestHealth> {
         let vms = self.vms.lock().unwrap();
         let vm = vms.get(&id).ok_or(DriverError::NotFound(id))?;
+        if vm.crashed {
+            return Err(DriverError::Guest(
+                "cannot connect: Connection refused".into(),
+            ));
+        }
         let now = Instant::now();
         if now < vm.ready_at {
             return Err(DriverError::Guest("not up yet".into()));

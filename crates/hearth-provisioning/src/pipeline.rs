@@ -9,7 +9,7 @@
 //! | step              | what it does                                                       |
 //! |-------------------|--------------------------------------------------------------------|
 //! | `create_vm`       | `Driver::create`                                                   |
-//! | `ensure_server`   | polls `Driver::health` (2 ms doubling to 50 ms) up to `guest_timeout` |
+//! | `ensure_server`   | polls `Driver::health` (2 ms doubling to 50 ms) up to `guest_timeout`; fails at once when the driver shows the VM stopped |
 //! | `set_env_vars`    | writes `/home/.env` (0600): one `KEY='value'` line per variable, sorted |
 //! | `clone_repo`      | `git clone --branch <b> --single-branch -- <url> /home/<dir>` from `/home` |
 //! | `init_repo`       | the repo's init hooks ([`crate::settings`]), in its folder          |
@@ -53,6 +53,9 @@ const HOME: &str = "/home";
 const HEALTH_POLL_FIRST: Duration = Duration::from_millis(2);
 /// …up to this.
 const HEALTH_POLL_MAX: Duration = Duration::from_millis(50);
+/// How often `ensure_server`, while the guest agent does not answer, asks
+/// the driver whether the VM still runs.
+const LIVENESS_EVERY: Duration = Duration::from_millis(250);
 /// The line `init_repo`'s reading command prints before the file's text.
 const SETTINGS_MARKER: &str = "hearth-settings:";
 
@@ -325,8 +328,20 @@ impl Run<'_> {
         let deadline = started + limit;
         let mut pause = HEALTH_POLL_FIRST;
         let mut last_error = None;
+        let mut last_liveness = started;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
+            if last_error.is_some() && last_liveness.elapsed() >= LIVENESS_EVERY {
+                // A VM whose processes died never answers: fail now, not
+                // at the end of the guest timeout.
+                last_liveness = Instant::now();
+                if let Some(gone) = self.vm_gone().await {
+                    return Err(format!(
+                        "the VM {gone} while booting; the guest agent never answered: {}",
+                        last_error.unwrap_or_default()
+                    ));
+                }
+            }
             match tokio::time::timeout(remaining, self.driver.health(self.spec.id)).await {
                 Ok(Ok(health)) => {
                     self.line(&format!(
@@ -351,6 +366,17 @@ impl Run<'_> {
             }
             tokio::time::sleep(pause.min(remaining)).await;
             pause = (pause * 2).min(HEALTH_POLL_MAX);
+        }
+    }
+
+    /// `Some(what happened)` when the driver no longer runs the VM; `None`
+    /// while it runs, or when the driver cannot tell.
+    async fn vm_gone(&self) -> Option<&'static str> {
+        let vms = self.driver.list().await.ok()?;
+        match vms.iter().find(|vm| vm.id == self.spec.id) {
+            Some(vm) if vm.running => None,
+            Some(_) => Some("stopped"),
+            None => Some("disappeared"),
         }
     }
 

@@ -301,6 +301,43 @@ async fn ensure_server_waits_for_the_guest_agent_up_to_guest_timeout() {
 }
 
 #[tokio::test]
+async fn ensure_server_fails_at_once_when_the_vm_dies_while_booting() {
+    let driver = std::sync::Arc::new(FakeDriver::new(FakeConfig {
+        boot_latency: Duration::from_secs(60),
+        failure_rate: 0.0,
+    }));
+    let (spec, recording) = (spec(), Recording::default());
+    let mut plan = plan();
+    plan.guest_timeout = Duration::from_secs(300);
+    let crasher = {
+        let (driver, id) = (driver.clone(), spec.id);
+        tokio::spawn(async move {
+            // Once it exists, its processes die (a launcher that fails).
+            while driver.list().await.unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            driver.crash(id);
+        })
+    };
+    let started = Instant::now();
+    let (steps, summary) = provision(driver.as_ref(), &spec, &plan, &recording).await;
+    crasher.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "failed after {:?}, not at the 300 s guest timeout",
+        started.elapsed()
+    );
+    assert_eq!(summary.failed_step.as_deref(), Some("ensure_server"));
+    assert_eq!(
+        summary.error.as_deref(),
+        Some(
+            "the VM stopped while booting; the guest agent never answered: guest agent: cannot connect: Connection refused"
+        )
+    );
+    assert_eq!(steps[2].status, StepStatus::Pending);
+}
+
+#[tokio::test]
 async fn the_recorder_sees_each_step_running_then_finished() {
     let driver = FakeDriver::new(FakeConfig::default());
     let (spec, plan, recording) = (spec(), plan(), Recording::default());

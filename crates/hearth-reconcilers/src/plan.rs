@@ -13,7 +13,7 @@
 
 use hearth_core::ids::{AgentId, VmId};
 use hearth_store::{AgentPhase, AgentRecord, Millis, VmRecord, VmState, WorkspaceState};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 /// Knobs of the pool that are the server's, not the tenant's.
 #[derive(Debug, Clone)]
@@ -128,42 +128,119 @@ pub fn may_boot(ws: &WorkspaceView, now: Millis) -> bool {
     !ws.state.hard_limited && ws.state.backoff_until.is_none_or(|t| t <= now)
 }
 
-#[derive(Default)]
-struct Counts {
-    fresh_idle: Vec<usize>,
-    stale_idle: Vec<usize>,
-    booting_free: usize,
+/// Stands for a VM being returned, counted as idle, in a list of idle VMs
+/// (an index into `snap.vms` otherwise).
+const RETURNING: usize = usize::MAX;
+
+/// Lists of VM indices per workspace, all in one allocation: those of
+/// workspace `w` are `items[start[w]..start[w + 1]]`, in the order given.
+struct Grouped {
+    start: Vec<usize>,
+    items: Vec<usize>,
+}
+
+impl Grouped {
+    /// Groups `(workspace, item)` pairs by workspace (a counting sort: the
+    /// order within a workspace is kept).
+    fn new(workspaces: usize, pairs: &[(usize, usize)]) -> Grouped {
+        let mut start = vec![0; workspaces + 1];
+        for &(w, _) in pairs {
+            start[w + 1] += 1;
+        }
+        for w in 0..workspaces {
+            start[w + 1] += start[w];
+        }
+        let mut next = start[..workspaces].to_vec();
+        let mut items = vec![0; pairs.len()];
+        for &(w, item) in pairs {
+            items[next[w]] = item;
+            next[w] += 1;
+        }
+        Grouped { start, items }
+    }
+
+    fn of(&self, w: usize) -> &[usize] {
+        &self.items[self.start[w]..self.start[w + 1]]
+    }
+}
+
+/// A workspace's fresh idle VMs: those counted in snapshot order, then
+/// `returning` VMs planned back warm (all [`RETURNING`]); taken off the end.
+struct Fresh<'a> {
+    head: &'a [usize],
+    returning: usize,
+}
+
+impl Fresh<'_> {
+    fn len(&self) -> usize {
+        self.head.len() + self.returning
+    }
+
+    fn pop(&mut self) -> Option<usize> {
+        if self.returning > 0 {
+            self.returning -= 1;
+            return Some(RETURNING);
+        }
+        let (&last, rest) = self.head.split_last()?;
+        self.head = rest;
+        Some(last)
+    }
 }
 
 /// Plans one pass.
 pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
+    plan_with_in_flight(snap, &snap.in_flight, now, settings)
+}
+
+/// [`plan`] with the VMs in flight given apart from the snapshot, so that a
+/// snapshot kept between passes is planned with each pass's own set
+/// (`snap.in_flight` is not read).
+///
+/// Linear in the snapshot (but for sorting a workspace's idle VMs by age
+/// when some may time out): every VM and queued agent is looked up once by
+/// its workspace's name; everything per workspace is then indexed by the
+/// workspace's position in `snap.workspaces`.
+pub fn plan_with_in_flight(
+    snap: &Snapshot,
+    in_flight: &HashSet<VmId>,
+    now: Millis,
+    settings: &Settings,
+) -> Vec<Action> {
     let mut actions = Vec::new();
-    let workspaces: BTreeMap<&str, &WorkspaceView> = snap
-        .workspaces
-        .iter()
-        .map(|w| (w.name.as_str(), w))
-        .collect();
+    // Workspaces by name (of two with one name, the later one counts, as
+    // in a map) and, in name order, the order capacity is handed out in.
+    let mut by_name: HashMap<&str, usize> = HashMap::with_capacity(snap.workspaces.len());
+    for (w, ws) in snap.workspaces.iter().enumerate() {
+        by_name.insert(ws.name.as_str(), w);
+    }
+    let mut order: Vec<usize> = if by_name.len() == snap.workspaces.len() {
+        (0..snap.workspaces.len()).collect()
+    } else {
+        by_name.values().copied().collect()
+    };
+    let name = |w: &usize| snap.workspaces[*w].name.as_str();
+    if !order.is_sorted_by_key(name) {
+        order.sort_unstable_by_key(name);
+    }
+    let workspace = |name: &str| by_name.get(name).copied();
+    let n = snap.workspaces.len();
+
     let live = snap.vms.len() as i64;
     let mut capacity = snap.max_vms.map_or(0, |m| (m - live).max(0));
-    let mut booting = snap
-        .vms
-        .iter()
-        .filter(|v| matches!(v.state, VmState::Booting | VmState::Provisioning))
-        .count();
-    let mut counts: HashMap<&str, Counts> = HashMap::new();
-    let mut stale_marks = HashSet::new();
-
+    let mut booting = 0;
     // Boots under way per workspace: a workspace whose boots fail probes
     // with one at a time.
-    let mut booting_in: HashMap<&str, usize> = HashMap::new();
+    let mut booting_in = vec![0usize; n];
     for vm in &snap.vms {
         if matches!(vm.state, VmState::Booting | VmState::Provisioning) {
-            *booting_in.entry(vm.workspace.as_str()).or_default() += 1;
+            booting += 1;
+            if let Some(w) = workspace(&vm.workspace) {
+                booting_in[w] += 1;
+            }
         }
     }
-    let probing = |ws: &WorkspaceView, booting_in: &HashMap<&str, usize>| {
-        ws.state.consecutive_failures > 0
-            && booting_in.get(ws.name.as_str()).copied().unwrap_or(0) > 0
+    let probing = |w: usize, booting_in: &[usize]| {
+        snap.workspaces[w].state.consecutive_failures > 0 && booting_in[w] > 0
     };
     // Whether an agent still holds a VM (running or idle on it).
     let held = |vm: &VmRecord| {
@@ -171,29 +248,39 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
         matches!(holder, Some((phase, Some(on))) if *on == vm.id
             && matches!(phase, AgentPhase::Running | AgentPhase::Idle))
     };
+    let is_in_flight = |vm: &VmRecord| !in_flight.is_empty() && in_flight.contains(&vm.id);
+
+    // Per workspace: idle VMs (fresh, stale) as (workspace, index) pairs
+    // in snapshot order, grouped below; boots under way no agent waits for.
+    let mut fresh_pairs: Vec<(usize, usize)> = Vec::new();
+    let mut stale_pairs: Vec<(usize, usize)> = Vec::new();
+    let mut booting_free = vec![0usize; n];
+    // Idle VMs of workspaces that no longer exist.
+    let mut orphans: Vec<usize> = Vec::new();
+    let mut stale_marked = vec![false; n];
+    let mut stale_marks = Vec::new();
     for (i, vm) in snap.vms.iter().enumerate() {
-        if snap.in_flight.contains(&vm.id) {
-            if matches!(vm.state, VmState::Booting | VmState::Provisioning)
-                && vm.reserved_for.is_none()
-                && !vm.test
-            {
-                counts
-                    .entry(vm.workspace.as_str())
-                    .or_default()
-                    .booting_free += 1;
-            }
-            if vm.state == VmState::Assigned && !held(vm) {
-                // Being returned: it may come back warm, so it counts
-                // against max_idle until its return is done.
-                counts
-                    .entry(vm.workspace.as_str())
-                    .or_default()
-                    .fresh_idle
-                    .push(usize::MAX);
+        let w = workspace(&vm.workspace);
+        if is_in_flight(vm) {
+            if let Some(w) = w {
+                if matches!(vm.state, VmState::Booting | VmState::Provisioning)
+                    && vm.reserved_for.is_none()
+                    && !vm.test
+                {
+                    booting_free[w] += 1;
+                }
+                if (vm.state == VmState::Assigned && !held(vm))
+                    || (vm.state == VmState::Idle && !vm.test)
+                {
+                    // Being returned: it may come back warm, so it counts
+                    // against max_idle until its return is done. Idle
+                    // already (a boot or return whose task is finishing):
+                    // it counts as warm, untouched, so no twin is booted.
+                    fresh_pairs.push((w, RETURNING));
+                }
             }
             continue;
         }
-        let ws = workspaces.get(vm.workspace.as_str()).copied();
         match vm.state {
             VmState::Draining => actions.push(Action::Destroy {
                 vm: vm.id,
@@ -209,62 +296,63 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
                         from: vm.state,
                         reason: Reason::BootTimeout,
                     });
-                } else if vm.reserved_for.is_none() && !vm.test {
-                    counts
-                        .entry(vm.workspace.as_str())
-                        .or_default()
-                        .booting_free += 1;
+                } else if vm.reserved_for.is_none()
+                    && !vm.test
+                    && let Some(w) = w
+                {
+                    booting_free[w] += 1;
                 }
             }
-            VmState::Assigned => {
-                if !held(vm) {
-                    // Returned now; whether it stays warm is decided below,
-                    // once every idle VM is counted.
-                    counts.entry(vm.workspace.as_str()).or_default();
-                }
-            }
+            // Held, or returned below once every idle VM is counted.
+            VmState::Assigned => {}
             VmState::Idle => {
                 if vm.test {
                     continue;
                 }
-                let c = counts.entry(vm.workspace.as_str()).or_default();
-                match ws {
-                    Some(ws) if is_stale(vm, ws) => {
-                        c.stale_idle.push(i);
-                        if !vm.stale {
-                            stale_marks.insert(ws.name.clone());
+                match w {
+                    Some(w) if is_stale(vm, &snap.workspaces[w]) => {
+                        stale_pairs.push((w, i));
+                        if !vm.stale && !stale_marked[w] {
+                            stale_marked[w] = true;
+                            stale_marks.push(w);
                         }
                     }
-                    _ => c.fresh_idle.push(i),
+                    Some(w) => fresh_pairs.push((w, i)),
+                    None => orphans.push(i),
                 }
             }
             VmState::Destroyed | VmState::Failed => {}
         }
     }
-    for workspace in stale_marks {
-        actions.push(Action::MarkStale { workspace });
+    for w in stale_marks {
+        actions.push(Action::MarkStale {
+            workspace: snap.workspaces[w].name.clone(),
+        });
     }
+    let fresh_idle = Grouped::new(n, &fresh_pairs);
+    let stale_idle = Grouped::new(n, &stale_pairs);
+    drop((fresh_pairs, stale_pairs));
+    // Returned VMs going back warm, per workspace (after its fresh ones).
+    let mut returning = vec![0usize; n];
+    let idle_in = |w: usize, returning: &[usize]| {
+        fresh_idle.of(w).len() + returning[w] + stale_idle.of(w).len()
+    };
 
     // Returns: an assigned VM whose agent let go goes back warm while its
     // workspace is under max_idle, else it is destroyed.
     for vm in &snap.vms {
-        if vm.state != VmState::Assigned || snap.in_flight.contains(&vm.id) {
+        if vm.state != VmState::Assigned || is_in_flight(vm) || held(vm) {
             continue;
         }
-        if held(vm) {
-            continue;
-        }
-        let to_idle = match workspaces.get(vm.workspace.as_str()) {
-            Some(ws) if !snap.stopped && !is_stale(vm, ws) => {
-                let c = counts.entry(vm.workspace.as_str()).or_default();
-                let warm = c.fresh_idle.len() + c.stale_idle.len();
-                if warm < ws.max_idle {
-                    // Counted as idle from now on (index unused for returns).
-                    c.fresh_idle.push(usize::MAX);
-                    true
-                } else {
-                    false
-                }
+        let to_idle = match workspace(&vm.workspace) {
+            Some(w)
+                if !snap.stopped
+                    && !is_stale(vm, &snap.workspaces[w])
+                    && idle_in(w, &returning) < snap.workspaces[w].max_idle =>
+            {
+                // Counted as idle from now on.
+                returning[w] += 1;
+                true
             }
             _ => false,
         };
@@ -272,7 +360,7 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
     }
 
     let destroy_idle = |actions: &mut Vec<Action>, index: usize, reason: Reason| {
-        if index != usize::MAX {
+        if index != RETURNING {
             actions.push(Action::Destroy {
                 vm: snap.vms[index].id,
                 from: VmState::Idle,
@@ -282,41 +370,40 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
     };
 
     if snap.stopped {
-        for c in counts.values() {
-            for &i in c.fresh_idle.iter().chain(&c.stale_idle) {
+        for w in 0..n {
+            for &i in fresh_idle.of(w).iter().chain(stale_idle.of(w)) {
                 destroy_idle(&mut actions, i, Reason::PoolStopped);
             }
+        }
+        for &i in &orphans {
+            destroy_idle(&mut actions, i, Reason::PoolStopped);
         }
         return actions;
     }
 
     // Idle VMs of workspaces that no longer exist.
-    for (name, c) in &counts {
-        if !workspaces.contains_key(name) {
-            for &i in c.fresh_idle.iter().chain(&c.stale_idle) {
-                destroy_idle(&mut actions, i, Reason::WorkspaceGone);
-            }
-        }
+    for &i in &orphans {
+        destroy_idle(&mut actions, i, Reason::WorkspaceGone);
     }
 
     // Queued agents, first in first out: an idle VM when there is one, else
     // a cold boot while capacity lasts.
-    let mut spare_idle: HashMap<&str, usize> = counts
-        .iter()
-        .map(|(k, c)| (*k, c.fresh_idle.len() + c.stale_idle.len()))
-        .collect();
+    let mut spare_idle: Vec<usize> = (0..n).map(|w| idle_in(w, &returning)).collect();
+    let mut queued_in = vec![0usize; n];
+    let mut boots_planned: i64 = 0;
     let mut boots_blocked = false;
     for agent in &snap.queued {
-        let Some(ws) = workspaces.get(agent.workspace.as_str()) else {
+        let Some(w) = workspace(&agent.workspace) else {
             actions.push(Action::FailAgent {
                 agent: agent.id,
                 error: format!("workspace {:?} no longer exists", agent.workspace),
             });
             continue;
         };
-        let spare = spare_idle.entry(ws.name.as_str()).or_default();
-        if *spare > 0 {
-            *spare -= 1;
+        let ws = &snap.workspaces[w];
+        queued_in[w] += 1;
+        if spare_idle[w] > 0 {
+            spare_idle[w] -= 1;
             actions.push(Action::Assign {
                 agent: agent.id,
                 workspace: ws.name.clone(),
@@ -335,13 +422,14 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
             });
             continue;
         }
-        if boots_blocked || !may_boot(ws, now) || probing(ws, &booting_in) {
+        if boots_blocked || !may_boot(ws, now) || probing(w, &booting_in) {
             continue;
         }
         if capacity > 0 && booting < settings.max_concurrent_boots {
             capacity -= 1;
             booting += 1;
-            *booting_in.entry(ws.name.as_str()).or_default() += 1;
+            booting_in[w] += 1;
+            boots_planned += 1;
             actions.push(Action::Boot {
                 workspace: ws.name.clone(),
                 reserved_for: Some(agent.id),
@@ -354,27 +442,26 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
 
     // Scale down: stale first, then past max_idle, then past idle_timeout
     // beyond min_idle. Agents about to be assigned take fresh VMs first (as
-    // the claim does), so those are left out.
-    let mut ready: HashMap<&str, usize> = HashMap::new();
+    // the claim does), so those are left out (the newest: taken off the end).
+    let mut ready = vec![0usize; n];
     let mut room_made: i64 = 0;
-    for ws in workspaces.values() {
-        let Some(c) = counts.get(ws.name.as_str()) else {
-            continue;
+    for &w in &order {
+        let ws = &snap.workspaces[w];
+        let mut fresh = Fresh {
+            head: fresh_idle.of(w),
+            returning: returning[w],
         };
-        let queued_here = snap
-            .queued
-            .iter()
-            .filter(|a| a.workspace == ws.name)
-            .count();
-        let mut fresh: Vec<usize> = c.fresh_idle.clone();
-        let mut stale: Vec<usize> = c.stale_idle.clone();
-        for _ in 0..queued_here {
-            if fresh.pop().is_none() && stale.pop().is_none() {
-                break;
+        let mut stale: &[usize] = stale_idle.of(w);
+        for _ in 0..queued_in[w] {
+            if fresh.pop().is_none() {
+                match stale.split_last() {
+                    Some((_, rest)) => stale = rest,
+                    None => break,
+                }
             }
         }
         let min_idle = if ws.warm { ws.min_idle } else { 0 };
-        let fresh_ready = fresh.len() + c.booting_free;
+        let fresh_ready = fresh.len() + booting_free[w];
         let mut stale_destroyed = 0;
         if !stale.is_empty() {
             // Replace stale VMs once fresh ones cover min_idle; at the cap,
@@ -389,13 +476,9 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
                     // The slots freed count only once the tenant is back
                     // under its cap.
                     room_made += stale_destroyed as i64;
-                    let planned = actions
-                        .iter()
-                        .filter(|a| matches!(a, Action::Boot { .. }))
-                        .count() as i64;
                     capacity = snap
                         .max_vms
-                        .map_or(0, |m| (m - (live - room_made) - planned).max(0));
+                        .map_or(0, |m| (m - (live - room_made) - boots_planned).max(0));
                 }
             }
         }
@@ -413,38 +496,51 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
             }
         }
         let mut keep = fresh.len();
-        let mut by_age: Vec<usize> = fresh.iter().copied().filter(|&i| i != usize::MAX).collect();
-        by_age.sort_by_key(|&i| snap.vms[i].updated_at);
-        for i in by_age {
-            if keep <= min_idle {
-                break;
-            }
-            if now - snap.vms[i].updated_at > ws.idle_timeout_ms {
-                destroy_idle(&mut actions, i, Reason::IdleTimeout);
-                keep -= 1;
+        if keep > min_idle {
+            // Oldest first (a stable sort: ties keep the snapshot order).
+            let mut by_age: Vec<usize> = fresh
+                .head
+                .iter()
+                .copied()
+                .filter(|&i| i != RETURNING)
+                .collect();
+            by_age.sort_by_key(|&i| snap.vms[i].updated_at);
+            for i in by_age {
+                if keep <= min_idle {
+                    break;
+                }
+                if now - snap.vms[i].updated_at > ws.idle_timeout_ms {
+                    destroy_idle(&mut actions, i, Reason::IdleTimeout);
+                    keep -= 1;
+                }
             }
         }
-        ready.insert(ws.name.as_str(), keep + c.booting_free);
+        ready[w] = keep + booting_free[w];
     }
 
     // Backfill: bring each workspace's fresh idle + booting up to min_idle,
     // one VM at a time to whichever is furthest below it (in proportion).
-    let mut deficits: Vec<(&WorkspaceView, usize, usize)> = workspaces
-        .values()
-        .filter(|ws| ws.warm && ws.min_idle > 0 && may_boot(ws, now) && !probing(ws, &booting_in))
-        .filter_map(|ws| {
-            let have = ready.get(ws.name.as_str()).copied().unwrap_or(0);
+    let mut deficits: Vec<(usize, usize, usize)> = order
+        .iter()
+        .copied()
+        .filter(|&w| {
+            let ws = &snap.workspaces[w];
+            ws.warm && ws.min_idle > 0 && may_boot(ws, now) && !probing(w, &booting_in)
+        })
+        .filter_map(|w| {
+            let ws = &snap.workspaces[w];
+            let have = ready[w];
             // After a failure, one probe boot at a time.
             let want = if ws.state.consecutive_failures > 0 {
                 ws.min_idle.min(have + 1)
             } else {
                 ws.min_idle
             };
-            (have < want).then_some((*ws, have, want))
+            (have < want).then_some((w, have, want))
         })
         .collect();
     while capacity > 0 && booting < settings.max_concurrent_boots && !deficits.is_empty() {
-        // Lowest fill ratio first; ties by name (the BTreeMap order).
+        // Lowest fill ratio first; ties by name (the order above).
         let (pos, _) = deficits
             .iter()
             .enumerate()
@@ -452,7 +548,7 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
             .expect("not empty");
         let entry = &mut deficits[pos];
         actions.push(Action::Boot {
-            workspace: entry.0.name.clone(),
+            workspace: snap.workspaces[entry.0].name.clone(),
             reserved_for: None,
         });
         entry.1 += 1;
@@ -464,7 +560,6 @@ pub fn plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
     }
     actions
 }
-
 /// The back-off state after one more failed boot.
 pub fn after_failure(
     state: &WorkspaceState,
@@ -591,6 +686,29 @@ mod tests {
             vec![vm("web", VmState::Idle), vm("web", VmState::Booting)],
         );
         assert!(plan(&s, NOW, &Settings::default()).is_empty());
+    }
+
+    #[test]
+    fn an_idle_vm_still_in_flight_counts_as_warm_and_is_left_alone() {
+        // Its boot (or return) recorded it idle; the task has not let go
+        // of it yet. No twin is booted for it, and it is not destroyed.
+        let ready = vm("web", VmState::Idle);
+        let mut s = snap(
+            10,
+            vec![ws("web", 2, 2)],
+            vec![ready.clone(), vm("web", VmState::Idle)],
+        );
+        s.in_flight.insert(ready.id);
+        assert!(plan(&s, NOW, &Settings::default()).is_empty());
+        // Over max_idle, the excess destroyed is one the pass may touch.
+        let mut s = snap(
+            10,
+            vec![ws("web", 1, 1)],
+            vec![ready.clone(), vm("web", VmState::Idle)],
+        );
+        s.in_flight.insert(ready.id);
+        let gone = destroys(&plan(&s, NOW, &Settings::default()));
+        assert_eq!(gone, vec![(s.vms[1].id, Reason::Excess)]);
     }
 
     #[test]
@@ -885,6 +1003,502 @@ mod tests {
                     prop_assert!(seen.insert(*vm), "one action per VM");
                 }
             }
+        }
+    }
+    /// The planner before it was made linear (a `BTreeMap` of workspaces,
+    /// per-name maps, a scan of the queue per workspace), kept verbatim to
+    /// check that the rewrite decides exactly the same.
+    mod reference {
+        use crate::plan::{Action, Reason, Settings, Snapshot, WorkspaceView, is_stale, may_boot};
+        use hearth_store::{AgentPhase, Millis, VmRecord, VmState};
+        use std::collections::{BTreeMap, HashMap, HashSet};
+
+        #[derive(Default)]
+        struct Counts {
+            fresh_idle: Vec<usize>,
+            stale_idle: Vec<usize>,
+            booting_free: usize,
+        }
+
+        /// Plans one pass (the planner as it was before it was made linear).
+        pub fn reference_plan(snap: &Snapshot, now: Millis, settings: &Settings) -> Vec<Action> {
+            let mut actions = Vec::new();
+            let workspaces: BTreeMap<&str, &WorkspaceView> = snap
+                .workspaces
+                .iter()
+                .map(|w| (w.name.as_str(), w))
+                .collect();
+            let live = snap.vms.len() as i64;
+            let mut capacity = snap.max_vms.map_or(0, |m| (m - live).max(0));
+            let mut booting = snap
+                .vms
+                .iter()
+                .filter(|v| matches!(v.state, VmState::Booting | VmState::Provisioning))
+                .count();
+            let mut counts: HashMap<&str, Counts> = HashMap::new();
+            let mut stale_marks = HashSet::new();
+
+            // Boots under way per workspace: a workspace whose boots fail probes
+            // with one at a time.
+            let mut booting_in: HashMap<&str, usize> = HashMap::new();
+            for vm in &snap.vms {
+                if matches!(vm.state, VmState::Booting | VmState::Provisioning) {
+                    *booting_in.entry(vm.workspace.as_str()).or_default() += 1;
+                }
+            }
+            let probing = |ws: &WorkspaceView, booting_in: &HashMap<&str, usize>| {
+                ws.state.consecutive_failures > 0
+                    && booting_in.get(ws.name.as_str()).copied().unwrap_or(0) > 0
+            };
+            // Whether an agent still holds a VM (running or idle on it).
+            let held = |vm: &VmRecord| {
+                let holder = vm.agent_id.and_then(|a| snap.holders.get(&a));
+                matches!(holder, Some((phase, Some(on))) if *on == vm.id
+                    && matches!(phase, AgentPhase::Running | AgentPhase::Idle))
+            };
+            for (i, vm) in snap.vms.iter().enumerate() {
+                if snap.in_flight.contains(&vm.id) {
+                    if matches!(vm.state, VmState::Booting | VmState::Provisioning)
+                        && vm.reserved_for.is_none()
+                        && !vm.test
+                    {
+                        counts
+                            .entry(vm.workspace.as_str())
+                            .or_default()
+                            .booting_free += 1;
+                    }
+                    if (vm.state == VmState::Assigned && !held(vm))
+                        || (vm.state == VmState::Idle && !vm.test)
+                    {
+                        // Being returned: it may come back warm, so it counts
+                        // against max_idle until its return is done.
+                        counts
+                            .entry(vm.workspace.as_str())
+                            .or_default()
+                            .fresh_idle
+                            .push(usize::MAX);
+                    }
+                    continue;
+                }
+                let ws = workspaces.get(vm.workspace.as_str()).copied();
+                match vm.state {
+                    VmState::Draining => actions.push(Action::Destroy {
+                        vm: vm.id,
+                        from: VmState::Draining,
+                        reason: Reason::Draining,
+                    }),
+                    VmState::Booting | VmState::Provisioning => {
+                        // A boot no task of this server runs: left by a crash or by
+                        // another server; past the timeout it is given up.
+                        if now - vm.updated_at > settings.boot_timeout_ms {
+                            actions.push(Action::Destroy {
+                                vm: vm.id,
+                                from: vm.state,
+                                reason: Reason::BootTimeout,
+                            });
+                        } else if vm.reserved_for.is_none() && !vm.test {
+                            counts
+                                .entry(vm.workspace.as_str())
+                                .or_default()
+                                .booting_free += 1;
+                        }
+                    }
+                    VmState::Assigned => {
+                        if !held(vm) {
+                            // Returned now; whether it stays warm is decided below,
+                            // once every idle VM is counted.
+                            counts.entry(vm.workspace.as_str()).or_default();
+                        }
+                    }
+                    VmState::Idle => {
+                        if vm.test {
+                            continue;
+                        }
+                        let c = counts.entry(vm.workspace.as_str()).or_default();
+                        match ws {
+                            Some(ws) if is_stale(vm, ws) => {
+                                c.stale_idle.push(i);
+                                if !vm.stale {
+                                    stale_marks.insert(ws.name.clone());
+                                }
+                            }
+                            _ => c.fresh_idle.push(i),
+                        }
+                    }
+                    VmState::Destroyed | VmState::Failed => {}
+                }
+            }
+            for workspace in stale_marks {
+                actions.push(Action::MarkStale { workspace });
+            }
+
+            // Returns: an assigned VM whose agent let go goes back warm while its
+            // workspace is under max_idle, else it is destroyed.
+            for vm in &snap.vms {
+                if vm.state != VmState::Assigned || snap.in_flight.contains(&vm.id) {
+                    continue;
+                }
+                if held(vm) {
+                    continue;
+                }
+                let to_idle = match workspaces.get(vm.workspace.as_str()) {
+                    Some(ws) if !snap.stopped && !is_stale(vm, ws) => {
+                        let c = counts.entry(vm.workspace.as_str()).or_default();
+                        let warm = c.fresh_idle.len() + c.stale_idle.len();
+                        if warm < ws.max_idle {
+                            // Counted as idle from now on (index unused for returns).
+                            c.fresh_idle.push(usize::MAX);
+                            true
+                        } else {
+                            false
+                        }
+                    }
+                    _ => false,
+                };
+                actions.push(Action::Return { vm: vm.id, to_idle });
+            }
+
+            let destroy_idle = |actions: &mut Vec<Action>, index: usize, reason: Reason| {
+                if index != usize::MAX {
+                    actions.push(Action::Destroy {
+                        vm: snap.vms[index].id,
+                        from: VmState::Idle,
+                        reason,
+                    });
+                }
+            };
+
+            if snap.stopped {
+                for c in counts.values() {
+                    for &i in c.fresh_idle.iter().chain(&c.stale_idle) {
+                        destroy_idle(&mut actions, i, Reason::PoolStopped);
+                    }
+                }
+                return actions;
+            }
+
+            // Idle VMs of workspaces that no longer exist.
+            for (name, c) in &counts {
+                if !workspaces.contains_key(name) {
+                    for &i in c.fresh_idle.iter().chain(&c.stale_idle) {
+                        destroy_idle(&mut actions, i, Reason::WorkspaceGone);
+                    }
+                }
+            }
+
+            // Queued agents, first in first out: an idle VM when there is one, else
+            // a cold boot while capacity lasts.
+            let mut spare_idle: HashMap<&str, usize> = counts
+                .iter()
+                .map(|(k, c)| (*k, c.fresh_idle.len() + c.stale_idle.len()))
+                .collect();
+            let mut boots_blocked = false;
+            for agent in &snap.queued {
+                let Some(ws) = workspaces.get(agent.workspace.as_str()) else {
+                    actions.push(Action::FailAgent {
+                        agent: agent.id,
+                        error: format!("workspace {:?} no longer exists", agent.workspace),
+                    });
+                    continue;
+                };
+                let spare = spare_idle.entry(ws.name.as_str()).or_default();
+                if *spare > 0 {
+                    *spare -= 1;
+                    actions.push(Action::Assign {
+                        agent: agent.id,
+                        workspace: ws.name.clone(),
+                    });
+                    continue;
+                }
+                if ws.state.hard_limited {
+                    actions.push(Action::FailAgent {
+                        agent: agent.id,
+                        error: format!(
+                            "workspace {:?} stopped booting VMs after {} consecutive failures: {}",
+                            ws.name,
+                            ws.state.consecutive_failures,
+                            ws.state.last_error.as_deref().unwrap_or("unknown error")
+                        ),
+                    });
+                    continue;
+                }
+                if boots_blocked || !may_boot(ws, now) || probing(ws, &booting_in) {
+                    continue;
+                }
+                if capacity > 0 && booting < settings.max_concurrent_boots {
+                    capacity -= 1;
+                    booting += 1;
+                    *booting_in.entry(ws.name.as_str()).or_default() += 1;
+                    actions.push(Action::Boot {
+                        workspace: ws.name.clone(),
+                        reserved_for: Some(agent.id),
+                    });
+                } else {
+                    // FIFO: no later agent jumps ahead for a boot.
+                    boots_blocked = true;
+                }
+            }
+
+            // Scale down: stale first, then past max_idle, then past idle_timeout
+            // beyond min_idle. Agents about to be assigned take fresh VMs first (as
+            // the claim does), so those are left out.
+            let mut ready: HashMap<&str, usize> = HashMap::new();
+            let mut room_made: i64 = 0;
+            for ws in workspaces.values() {
+                let Some(c) = counts.get(ws.name.as_str()) else {
+                    continue;
+                };
+                let queued_here = snap
+                    .queued
+                    .iter()
+                    .filter(|a| a.workspace == ws.name)
+                    .count();
+                let mut fresh: Vec<usize> = c.fresh_idle.clone();
+                let mut stale: Vec<usize> = c.stale_idle.clone();
+                for _ in 0..queued_here {
+                    if fresh.pop().is_none() && stale.pop().is_none() {
+                        break;
+                    }
+                }
+                let min_idle = if ws.warm { ws.min_idle } else { 0 };
+                let fresh_ready = fresh.len() + c.booting_free;
+                let mut stale_destroyed = 0;
+                if !stale.is_empty() {
+                    // Replace stale VMs once fresh ones cover min_idle; at the cap,
+                    // make room for the replacements a few at a time.
+                    let room_needed = fresh_ready < min_idle && capacity == 0;
+                    if fresh_ready >= min_idle || room_needed {
+                        stale_destroyed = stale.len().min(settings.stale_batch);
+                        for &i in &stale[..stale_destroyed] {
+                            destroy_idle(&mut actions, i, Reason::Stale);
+                        }
+                        if room_needed {
+                            // The slots freed count only once the tenant is back
+                            // under its cap.
+                            room_made += stale_destroyed as i64;
+                            let planned = actions
+                                .iter()
+                                .filter(|a| matches!(a, Action::Boot { .. }))
+                                .count() as i64;
+                            capacity = snap
+                                .max_vms
+                                .map_or(0, |m| (m - (live - room_made) - planned).max(0));
+                        }
+                    }
+                }
+                let stale_left = &stale[stale_destroyed..];
+                let warm = fresh.len() + stale_left.len();
+                if warm > ws.max_idle {
+                    let excess = warm - ws.max_idle;
+                    for &i in stale_left.iter().take(excess) {
+                        destroy_idle(&mut actions, i, Reason::Excess);
+                    }
+                    for _ in 0..excess.saturating_sub(stale_left.len()) {
+                        if let Some(i) = fresh.pop() {
+                            destroy_idle(&mut actions, i, Reason::Excess);
+                        }
+                    }
+                }
+                let mut keep = fresh.len();
+                let mut by_age: Vec<usize> =
+                    fresh.iter().copied().filter(|&i| i != usize::MAX).collect();
+                by_age.sort_by_key(|&i| snap.vms[i].updated_at);
+                for i in by_age {
+                    if keep <= min_idle {
+                        break;
+                    }
+                    if now - snap.vms[i].updated_at > ws.idle_timeout_ms {
+                        destroy_idle(&mut actions, i, Reason::IdleTimeout);
+                        keep -= 1;
+                    }
+                }
+                ready.insert(ws.name.as_str(), keep + c.booting_free);
+            }
+
+            // Backfill: bring each workspace's fresh idle + booting up to min_idle,
+            // one VM at a time to whichever is furthest below it (in proportion).
+            let mut deficits: Vec<(&WorkspaceView, usize, usize)> = workspaces
+                .values()
+                .filter(|ws| {
+                    ws.warm && ws.min_idle > 0 && may_boot(ws, now) && !probing(ws, &booting_in)
+                })
+                .filter_map(|ws| {
+                    let have = ready.get(ws.name.as_str()).copied().unwrap_or(0);
+                    // After a failure, one probe boot at a time.
+                    let want = if ws.state.consecutive_failures > 0 {
+                        ws.min_idle.min(have + 1)
+                    } else {
+                        ws.min_idle
+                    };
+                    (have < want).then_some((*ws, have, want))
+                })
+                .collect();
+            while capacity > 0 && booting < settings.max_concurrent_boots && !deficits.is_empty() {
+                // Lowest fill ratio first; ties by name (the BTreeMap order).
+                let (pos, _) = deficits
+                    .iter()
+                    .enumerate()
+                    .min_by(|(_, a), (_, b)| (a.1 * b.2).cmp(&(b.1 * a.2)))
+                    .expect("not empty");
+                let entry = &mut deficits[pos];
+                actions.push(Action::Boot {
+                    workspace: entry.0.name.clone(),
+                    reserved_for: None,
+                });
+                entry.1 += 1;
+                capacity -= 1;
+                booting += 1;
+                if entry.1 >= entry.2 {
+                    deficits.remove(pos);
+                }
+            }
+            actions
+        }
+    }
+
+    /// A snapshot with everything the planner looks at varied: VMs of
+    /// unknown workspaces, test VMs, reservations, in-flight VMs, holders
+    /// in every phase, old timestamps, stale versions, back-off and hard
+    /// limits, warm pools off, a stopped pool, duplicate workspace names.
+    fn arb_rich_snapshot() -> impl Strategy<Value = (Snapshot, Settings, Millis)> {
+        let states = prop::sample::select(vec![
+            VmState::Booting,
+            VmState::Provisioning,
+            VmState::Idle,
+            VmState::Assigned,
+            VmState::Draining,
+            VmState::Destroyed,
+        ]);
+        let phases = prop::sample::select(vec![
+            AgentPhase::Running,
+            AgentPhase::Idle,
+            AgentPhase::Completed,
+            AgentPhase::Queued,
+        ]);
+        let workspace = (
+            0usize..6,
+            0usize..5,
+            0usize..4,
+            any::<bool>(),
+            0i64..3,
+            0u8..4,
+            prop::sample::select(vec![60_000i64, 900_000]),
+        );
+        let vms = (
+            0usize..7,
+            states,
+            (any::<bool>(), any::<bool>(), any::<bool>()),
+            (any::<bool>(), any::<bool>(), any::<bool>()),
+            (phases, any::<bool>()),
+            0i64..4,
+        );
+        (
+            (1i64..60, any::<bool>(), any::<bool>()),
+            prop::collection::vec(workspace, 0..6),
+            prop::collection::vec(vms, 0..60),
+            prop::collection::vec(0usize..7, 0..12),
+            (1usize..10, 1usize..4),
+        )
+            .prop_map(
+                |((max_vms, has_cap, stopped), wss, vms, queued, (concurrent, batch))| {
+                    let names = ["a", "b", "c", "d", "e", "f", "gone"];
+                    let settings = Settings {
+                        max_concurrent_boots: concurrent,
+                        stale_batch: batch,
+                        ..Default::default()
+                    };
+                    let workspaces: Vec<_> = wss
+                        .iter()
+                        .map(|&(n, min, extra, warm, failures, limit, timeout)| {
+                            let mut w = ws(names[n.min(5)], min, min + extra);
+                            w.warm = warm;
+                            w.idle_timeout_ms = timeout;
+                            w.state.consecutive_failures = failures;
+                            w.state.hard_limited = limit == 0;
+                            w.state.backoff_until = (limit == 1).then_some(NOW + 1000);
+                            w
+                        })
+                        .collect();
+                    let mut s = snap(max_vms, workspaces, vec![]);
+                    if !has_cap {
+                        s.max_vms = None;
+                    }
+                    s.stopped = stopped;
+                    for (
+                        w,
+                        state,
+                        (stale, test, marked),
+                        (reserved, busy, flying),
+                        (phase, on_it),
+                        age,
+                    ) in vms
+                    {
+                        let mut v = vm(names[w], state);
+                        if stale {
+                            v.env_version = 0;
+                        }
+                        v.test = test;
+                        v.stale = marked;
+                        if reserved {
+                            v.reserved_for = Some(AgentId::new());
+                        }
+                        // 0: fresh; 1: past an idle timeout; 2, 3: past the boot timeout.
+                        v.updated_at = NOW
+                            - [1000, 16 * 60 * 1000, 6 * 60 * 1000, 60 * 60 * 1000][age as usize];
+                        if state == VmState::Assigned && busy {
+                            let agent = AgentId::new();
+                            v.agent_id = Some(agent);
+                            let on = if on_it { Some(v.id) } else { Some(VmId::new()) };
+                            s.holders.insert(agent, (phase, on));
+                        } else if state == VmState::Assigned {
+                            v.agent_id = Some(AgentId::new());
+                        }
+                        if flying {
+                            s.in_flight.insert(v.id);
+                        }
+                        s.vms.push(v);
+                    }
+                    s.queued = queued.into_iter().map(|w| agent(names[w])).collect();
+                    (s, settings, NOW)
+                },
+            )
+    }
+
+    /// Actions whose order is decided (not the order of a hash map's walk).
+    fn ordered(actions: &[Action]) -> Vec<&Action> {
+        actions
+            .iter()
+            .filter(|a| {
+                !matches!(
+                    a,
+                    Action::MarkStale { .. }
+                        | Action::Destroy {
+                            reason: Reason::PoolStopped | Reason::WorkspaceGone,
+                            ..
+                        }
+                )
+            })
+            .collect()
+    }
+
+    fn sorted(actions: &[Action]) -> Vec<String> {
+        let mut all: Vec<String> = actions.iter().map(|a| format!("{a:?}")).collect();
+        all.sort();
+        all
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn the_linear_planner_decides_as_the_reference((s, settings, now) in arb_rich_snapshot()) {
+            let new = plan(&s, now, &settings);
+            let old = reference::reference_plan(&s, now, &settings);
+            prop_assert_eq!(sorted(&new), sorted(&old));
+            prop_assert_eq!(ordered(&new), ordered(&old));
+            // The in-flight set given apart is the one planned with.
+            let mut bare = s.clone();
+            bare.in_flight.clear();
+            prop_assert_eq!(plan_with_in_flight(&bare, &s.in_flight, now, &settings), new);
         }
     }
 }

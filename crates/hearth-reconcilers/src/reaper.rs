@@ -34,6 +34,10 @@ pub fn find(
         .iter()
         .filter_map(|b| b.retired_at.map(|at| (b.id.as_str(), at)))
         .collect();
+    if retired.is_empty() {
+        // Nothing is retired (the usual case): no agent to look at.
+        return Finding::default();
+    }
     let mut finding = Finding::default();
     for agent in agents.iter().filter(|a| !a.phase.is_terminal()) {
         if let Some(&at) = retired.get(agent.build.as_str()) {

@@ -4,7 +4,7 @@
 
 use crate::plan::{self, Action, Reason, Settings, Snapshot, WorkspaceView};
 use crate::reaper;
-use crate::status::{self, PoolStatus};
+use crate::status::{self, PassStats, PoolStatus};
 use hearth_core::ids::InstanceId;
 use hearth_core::ids::{AgentId, TenantId, VmId};
 use hearth_core::resource::{
@@ -15,15 +15,15 @@ use hearth_drivers::{
 };
 use hearth_provisioning::{Command, ProvisionPlan, Recorder, RepoPlan, Step, StepStatus, Summary};
 use hearth_store::{
-    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, InsertVm, Millis, Ready, Store, StoreError,
-    VmRecord, VmState, WorkspaceState, now_millis,
+    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Build, ChangeToken, InsertVm, Millis, Ready,
+    Store, StoreError, VmRecord, VmState, WorkspaceState, now_millis,
 };
 use hearth_store::{InstanceRecord, InstanceStatus};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, watch};
 
 /// What can go wrong in a pass.
@@ -83,13 +83,61 @@ const OUTPUT_TAIL: usize = 64 * 1024;
 const CLEANUP: &str = "for d in /proc/[0-9]*; do p=${d#/proc/}; case $p in 1|$$|$PPID) ;; *) kill -9 $p 2>/dev/null;; esac; done; \
      find /tmp -mindepth 1 -delete 2>/dev/null; true";
 
-/// Persists a run's steps as they change, and moves the VM to
-/// `provisioning` once its guest agent answered.
+/// How often, at most, a run's progress is written while it provisions:
+/// a fast boot's steps (milliseconds apart) cost one write, not one each.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Persists a run's steps as they change (at most every
+/// [`PROGRESS_INTERVAL`]; the latest steps are written when it is up), and
+/// moves the VM to `provisioning` once its guest agent answered. The run's
+/// end is written by the boot itself, after [`Progress::close`].
 struct InstanceRecorder {
     store: Arc<dyn Store>,
     instance: InstanceId,
     vm: VmId,
     provisioning: AtomicBool,
+    progress: Arc<Progress>,
+}
+
+/// The progress writes of one run, in order and throttled.
+#[derive(Default)]
+struct Progress {
+    state: Mutex<ProgressState>,
+    /// Held across each write, so writes land in the order they were taken.
+    write: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct ProgressState {
+    last_write: Option<std::time::Instant>,
+    /// Steps waiting for the delayed write.
+    pending: Option<serde_json::Value>,
+    /// A delayed write is scheduled.
+    armed: bool,
+    /// The run ended: nothing more is written.
+    closed: bool,
+}
+
+impl Progress {
+    /// No progress is written after this (the end is, by the caller).
+    fn close(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.closed = true;
+        state.pending = None;
+    }
+
+    async fn write(&self, store: &dyn Store, instance: InstanceId, steps: &serde_json::Value) {
+        match store
+            .update_instance(instance, InstanceStatus::Provisioning, steps, None)
+            .await
+        {
+            // The run ended meanwhile: its end stands.
+            Ok(()) | Err(hearth_store::StoreError::NotFound(_)) => {}
+            Err(e) => {
+                tracing::warn!(instance = %instance, error = %e, "cannot record provisioning progress");
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -105,12 +153,53 @@ impl Recorder for InstanceRecorder {
                 .await;
         }
         let json = serde_json::to_value(steps).unwrap_or_default();
-        if let Err(e) = self
-            .store
-            .update_instance(self.instance, InstanceStatus::Provisioning, &json, None)
-            .await
-        {
-            tracing::warn!(instance = %self.instance, error = %e, "cannot record provisioning progress");
+        let now = std::time::Instant::now();
+        let delay = {
+            let mut state = self.progress.state.lock().unwrap();
+            if state.closed {
+                return;
+            }
+            let since = state.last_write.map(|t| now.duration_since(t));
+            match since {
+                Some(since) if since < PROGRESS_INTERVAL || state.armed => {
+                    state.pending = Some(json.clone());
+                    if state.armed {
+                        return;
+                    }
+                    state.armed = true;
+                    Some(PROGRESS_INTERVAL - since.min(PROGRESS_INTERVAL))
+                }
+                _ => {
+                    state.last_write = Some(now);
+                    None
+                }
+            }
+        };
+        match delay {
+            None => {
+                let _order = self.progress.write.lock().await;
+                self.progress
+                    .write(self.store.as_ref(), self.instance, &json)
+                    .await;
+            }
+            Some(delay) => {
+                let progress = self.progress.clone();
+                let store = self.store.clone();
+                let instance = self.instance;
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _order = progress.write.lock().await;
+                    let steps = {
+                        let mut state = progress.state.lock().unwrap();
+                        state.armed = false;
+                        state.last_write = Some(std::time::Instant::now());
+                        state.pending.take()
+                    };
+                    if let Some(steps) = steps {
+                        progress.write(store.as_ref(), instance, &steps).await;
+                    }
+                });
+            }
         }
     }
 }
@@ -128,13 +217,62 @@ struct BootPlan {
     provision: ProvisionPlan,
 }
 
-/// A tenant's snapshot plus what executing its plan needs.
+/// A tenant's snapshot plus what executing its plan needs: everything a
+/// pass reads of the store, kept for the next pass of the tenant while the
+/// store's change token says nothing was written since.
 struct Pass {
+    /// Its `in_flight` is left empty: each pass plans with its own.
     snapshot: Snapshot,
     boot_plans: HashMap<String, BootPlan>,
     reap_mode: hearth_core::resource::ReapMode,
     reap_setting: String,
     active_agents: Vec<AgentRecord>,
+    builds: Vec<Build>,
+    /// `snapshot.vms` by id, built the first time an action needs it.
+    vm_index: OnceLock<HashMap<VmId, usize>>,
+    /// `snapshot.workspaces` by name, likewise.
+    workspace_index: OnceLock<HashMap<String, usize>>,
+    /// `snapshot.queued` by id, likewise.
+    queued_index: OnceLock<HashMap<AgentId, usize>>,
+}
+
+impl Pass {
+    fn vm(&self, id: VmId) -> Option<&VmRecord> {
+        let index = self.vm_index.get_or_init(|| {
+            let vms = &self.snapshot.vms;
+            vms.iter().enumerate().map(|(i, v)| (v.id, i)).collect()
+        });
+        index.get(&id).map(|&i| &self.snapshot.vms[i])
+    }
+
+    fn workspace(&self, name: &str) -> Option<&WorkspaceView> {
+        let index = self.workspace_index.get_or_init(|| {
+            let workspaces = &self.snapshot.workspaces;
+            // The first of a name, as a scan would find.
+            let mut index = HashMap::with_capacity(workspaces.len());
+            for (i, w) in workspaces.iter().enumerate() {
+                index.entry(w.name.clone()).or_insert(i);
+            }
+            index
+        });
+        index.get(name).map(|&i| &self.snapshot.workspaces[i])
+    }
+
+    fn queued(&self, id: AgentId) -> Option<&AgentRecord> {
+        let index = self.queued_index.get_or_init(|| {
+            let queued = &self.snapshot.queued;
+            queued.iter().enumerate().map(|(i, a)| (a.id, i)).collect()
+        });
+        index.get(&id).map(|&i| &self.snapshot.queued[i])
+    }
+}
+
+/// What a pass starts from: the read (fresh, or kept from an earlier pass)
+/// and the VMs in flight, taken before it.
+struct Read {
+    pass: Arc<Pass>,
+    in_flight: HashSet<VmId>,
+    reused: bool,
 }
 
 /// The pool runner of one server (all tenants).
@@ -147,6 +285,11 @@ pub struct Pool {
     commands: Mutex<HashSet<AgentId>>,
     dry_run_logged: Mutex<HashSet<AgentId>>,
     workspace_state_lock: tokio::sync::Mutex<()>,
+    /// The last pass of each tenant, for [`Pool::last_pass`].
+    last_passes: Mutex<HashMap<TenantId, PassStats>>,
+    /// The last read of each tenant with the store's change token taken
+    /// before it (one per tenant; tenants gone are dropped).
+    reads: Mutex<HashMap<TenantId, (ChangeToken, Arc<Pass>)>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -169,7 +312,7 @@ fn driver_name(kind: DriverKind) -> String {
 }
 
 fn decode<T: Spec>(value: &serde_json::Value) -> Result<T, PoolError> {
-    serde_json::from_value(value.clone())
+    T::deserialize(value)
         .map_err(|e| PoolError::Store(StoreError::Corrupt(format!("stored {}: {e}", T::KIND))))
 }
 
@@ -229,6 +372,8 @@ impl Pool {
             commands: Mutex::new(HashSet::new()),
             dry_run_logged: Mutex::new(HashSet::new()),
             workspace_state_lock: tokio::sync::Mutex::new(()),
+            last_passes: Mutex::new(HashMap::new()),
+            reads: Mutex::new(HashMap::new()),
         })
     }
 
@@ -258,9 +403,21 @@ impl Pool {
         }
     }
 
+    /// What the last pass of a tenant did, and how long its parts took.
+    pub fn last_pass(&self, tenant: TenantId) -> Option<PassStats> {
+        self.last_passes.lock().unwrap().get(&tenant).cloned()
+    }
+
     /// One pass over every tenant.
     pub async fn reconcile_all(self: &Arc<Self>) -> Result<(), PoolError> {
-        for tenant in self.store.list_tenants().await? {
+        let tenants = self.store.list_tenants().await?;
+        let ids: HashSet<TenantId> = tenants.iter().map(|t| t.id).collect();
+        self.reads.lock().unwrap().retain(|t, _| ids.contains(t));
+        self.last_passes
+            .lock()
+            .unwrap()
+            .retain(|t, _| ids.contains(t));
+        for tenant in tenants {
             if let Err(e) = self.reconcile_tenant(tenant.id).await {
                 tracing::error!(tenant = %tenant.name, error = %e, "pool pass of a tenant failed");
             }
@@ -272,11 +429,54 @@ impl Pool {
         self.in_flight.lock().unwrap().clone()
     }
 
-    /// Reads everything the planner needs of one tenant.
-    async fn read_pass(&self, tenant: TenantId) -> Result<Pass, PoolError> {
-        // Taken before the VMs are read: a task still running then is left
-        // out of this pass; one finished since shows its effect in the read.
+    /// What a pass of one tenant starts from. The VMs in flight are taken
+    /// first: a task still running then is left out of this pass; one
+    /// finished since has written to the store, so its effect shows in the
+    /// read. Then the store's change token: when it equals the one taken
+    /// before the tenant's last read, nothing was written since and that
+    /// read is reused (with this pass's in-flight set and clock); else
+    /// everything is read again.
+    async fn read_pass(&self, tenant: TenantId) -> Result<Read, PoolError> {
         let in_flight = self.in_flight();
+        let token = match self.store.change_token().await {
+            Ok(token) => Some(token),
+            Err(e) => {
+                tracing::warn!(tenant = %tenant, error = %e, "cannot read the store's change token; reading everything");
+                None
+            }
+        };
+        {
+            let mut reads = self.reads.lock().unwrap();
+            match (reads.get(&tenant), &token) {
+                (Some((cached, pass)), Some(token)) if cached == token => {
+                    return Ok(Read {
+                        pass: pass.clone(),
+                        in_flight,
+                        reused: true,
+                    });
+                }
+                // Out of date: let it go before the new read is built.
+                _ => reads.remove(&tenant),
+            };
+        }
+        let pass = Arc::new(self.read_store(tenant).await?);
+        if let Some(token) = token {
+            self.reads
+                .lock()
+                .unwrap()
+                .insert(tenant, (token, pass.clone()));
+        }
+        Ok(Read {
+            pass,
+            in_flight,
+            reused: false,
+        })
+    }
+
+    /// Reads everything the planner needs of one tenant (the snapshot's
+    /// `in_flight` left empty). Records the configuration of a workspace
+    /// seen for the first time, or changed, as it goes.
+    async fn read_store(&self, tenant: TenantId) -> Result<Pass, PoolError> {
         let store = &self.store;
         let config = match store
             .get_resource(tenant, Kind::PoolConfig, POOL_CONFIG_NAME)
@@ -375,6 +575,7 @@ impl Pool {
                 },
             )
             .await?;
+        let builds = store.list_builds().await?;
         let holders = active_agents
             .iter()
             .map(|a| (a.id, (a.phase, a.vm_id)))
@@ -391,7 +592,7 @@ impl Pool {
                 vms,
                 queued,
                 holders,
-                in_flight,
+                in_flight: HashSet::new(),
             },
             boot_plans,
             reap_mode: config
@@ -399,17 +600,20 @@ impl Pool {
                 .map_or(hearth_core::resource::ReapMode::DryRun, |c| c.reap_mode()),
             reap_setting,
             active_agents,
+            builds,
+            vm_index: OnceLock::new(),
+            workspace_index: OnceLock::new(),
+            queued_index: OnceLock::new(),
         })
     }
 
     /// The tenant's pool status.
     pub async fn status(&self, tenant: TenantId) -> Result<PoolStatus, PoolError> {
-        let pass = self.read_pass(tenant).await?;
-        let builds = self.store.list_builds().await?;
+        let pass = self.read_pass(tenant).await?.pass;
         let finding = reaper::find(
             pass.reap_mode,
             &pass.active_agents,
-            &builds,
+            &pass.builds,
             now_millis(),
             self.reap_after_ms(),
         );
@@ -432,24 +636,46 @@ impl Pool {
         self: &Arc<Self>,
         tenant: TenantId,
     ) -> Result<Vec<Action>, PoolError> {
-        let pass = self.read_pass(tenant).await?;
+        let started = Instant::now();
+        let Read {
+            pass,
+            in_flight,
+            reused,
+        } = self.read_pass(tenant).await?;
+        let read = started.elapsed();
         let now = now_millis();
+        let started = Instant::now();
         self.reap(tenant, &pass, now).await?;
-        let actions = plan::plan(&pass.snapshot, now, &self.options.settings);
+        let reap = started.elapsed();
+        let started = Instant::now();
+        let actions =
+            plan::plan_with_in_flight(&pass.snapshot, &in_flight, now, &self.options.settings);
+        let planned = started.elapsed();
+        let started = Instant::now();
         for action in &actions {
             if let Err(e) = self.execute(tenant, &pass, action).await {
                 tracing::warn!(tenant = %tenant, ?action, error = %e, "pool action failed");
             }
         }
+        let stats = PassStats {
+            read,
+            reused,
+            reap,
+            plan: planned,
+            act: started.elapsed(),
+            vms: pass.snapshot.vms.len(),
+            actions: actions.len(),
+        };
+        tracing::debug!(tenant = %tenant, ?stats, "pool pass");
+        self.last_passes.lock().unwrap().insert(tenant, stats);
         Ok(actions)
     }
 
     async fn reap(&self, tenant: TenantId, pass: &Pass, now: Millis) -> Result<(), PoolError> {
-        let builds = self.store.list_builds().await?;
         let finding = reaper::find(
             pass.reap_mode,
             &pass.active_agents,
-            &builds,
+            &pass.builds,
             now,
             self.reap_after_ms(),
         );
@@ -489,7 +715,7 @@ impl Pool {
         let snap = &pass.snapshot;
         match action {
             Action::MarkStale { workspace } => {
-                if let Some(ws) = snap.workspaces.iter().find(|w| &w.name == workspace) {
+                if let Some(ws) = pass.workspace(workspace) {
                     self.store
                         .mark_stale(tenant, workspace, ws.env_version, ws.image_version)
                         .await?;
@@ -498,8 +724,12 @@ impl Pool {
             Action::Assign { agent, workspace } => {
                 if let Some(vm) = self.store.assign_idle_vm(tenant, workspace, *agent).await? {
                     tracing::info!(tenant = %tenant, agent = %agent, vm = %vm.id, workspace, "queued agent assigned a warm VM");
-                    let record = self.store.get_agent(tenant, *agent).await?;
-                    self.agent_started(&record);
+                    // Only an agent with a command has anything to start
+                    // (and an agent's command never changes).
+                    if pass.queued(*agent).is_none_or(|a| a.command.is_some()) {
+                        let record = self.store.get_agent(tenant, *agent).await?;
+                        self.agent_started(&record);
+                    }
                 }
             }
             Action::FailAgent { agent, error } => {
@@ -523,7 +753,7 @@ impl Pool {
                 }
             }
             Action::Destroy { vm, from, reason } => {
-                let Some(record) = snap.vms.iter().find(|v| v.id == *vm).cloned() else {
+                let Some(record) = pass.vm(*vm).cloned() else {
                     return Ok(());
                 };
                 if *from != VmState::Draining
@@ -543,7 +773,7 @@ impl Pool {
                 self.spawn_destroy(record, VmState::Destroyed, None);
             }
             Action::Return { vm, to_idle } => {
-                let Some(record) = snap.vms.iter().find(|v| v.id == *vm).cloned() else {
+                let Some(record) = pass.vm(*vm).cloned() else {
                     return Ok(());
                 };
                 self.spawn_return(record, *to_idle);
@@ -741,6 +971,7 @@ impl Pool {
 
     async fn boot(self: Arc<Self>, vm: VmRecord, plan: BootPlan, instance: InstanceId) {
         let started = std::time::Instant::now();
+        let progress = Arc::new(Progress::default());
         let outcome = match self.drivers.get(plan.driver) {
             Ok(driver) => {
                 let driver = driver.clone();
@@ -758,6 +989,7 @@ impl Pool {
                     instance,
                     vm: vm.id,
                     provisioning: AtomicBool::new(false),
+                    progress: progress.clone(),
                 };
                 hearth_provisioning::provision(driver.as_ref(), &spec, &plan.provision, &recorder)
                     .await
@@ -777,6 +1009,7 @@ impl Pool {
             }
         };
         let (steps, summary) = outcome;
+        progress.close();
         let status = if summary.success {
             InstanceStatus::Ready
         } else {
@@ -852,7 +1085,7 @@ impl Pool {
         tenant: TenantId,
         workspace: &str,
     ) -> Result<InstanceRecord, PoolError> {
-        let pass = self.read_pass(tenant).await?;
+        let pass = self.read_pass(tenant).await?.pass;
         let plan = pass.boot_plans.get(workspace).cloned().ok_or_else(|| {
             PoolError::Precondition(format!(
                 "workspace {workspace:?} has no environment to boot"
@@ -885,11 +1118,22 @@ impl Pool {
     }
 
     async fn record_success(&self, tenant: TenantId, workspace: &str) {
+        // Most boots follow successes: one row read, no lock, no write.
+        let clean = |state: &Option<WorkspaceState>| {
+            state
+                .as_ref()
+                .is_none_or(|s| s.consecutive_failures == 0 && s.backoff_until.is_none())
+        };
+        match self.store.get_workspace_state(tenant, workspace).await {
+            Ok(state) if clean(&state) => return,
+            Ok(_) => {}
+            Err(_) => return,
+        }
         let _guard = self.workspace_state_lock.lock().await;
-        let Ok(states) = self.store.list_workspace_states(tenant).await else {
+        let Ok(state) = self.store.get_workspace_state(tenant, workspace).await else {
             return;
         };
-        if let Some(state) = states.into_iter().find(|s| s.workspace == workspace)
+        if let Some(state) = state
             && (state.consecutive_failures > 0 || state.backoff_until.is_some())
             && !state.hard_limited
         {
@@ -910,10 +1154,10 @@ impl Pool {
         error: &str,
     ) -> Result<(), PoolError> {
         let _guard = self.workspace_state_lock.lock().await;
-        let states = self.store.list_workspace_states(tenant).await?;
-        let current = states
-            .into_iter()
-            .find(|s| s.workspace == workspace)
+        let current = self
+            .store
+            .get_workspace_state(tenant, workspace)
+            .await?
             .unwrap_or_else(|| WorkspaceState {
                 workspace: workspace.to_owned(),
                 ..Default::default()

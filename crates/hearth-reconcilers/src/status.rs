@@ -2,8 +2,10 @@
 //! from the same snapshot the planner reads.
 
 use crate::plan::{Snapshot, may_boot};
-use hearth_store::{AgentPhase, Millis, VmState};
+use hearth_store::{AgentPhase, Millis, VmRecord, VmState};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::Duration;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PoolStatus {
@@ -63,6 +65,28 @@ pub struct WorkspaceStatus {
     /// RFC 3339, when backing off.
     pub backoff_until: Option<String>,
     pub last_error: Option<String>,
+}
+
+/// What one reconcile pass of a tenant did and how long each part took
+/// ([`Pool::last_pass`](crate::Pool::last_pass)).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassStats {
+    /// Reading the snapshot: the store's change token, then everything
+    /// the planner needs unless the snapshot read before is still current.
+    pub read: Duration,
+    /// Whether the previous pass's snapshot was reused (nothing written
+    /// since it was read).
+    pub reused: bool,
+    /// The reaper of stranded workflows.
+    pub reap: Duration,
+    /// The planner.
+    pub plan: Duration,
+    /// Executing the actions (store writes; driver work runs in tasks).
+    pub act: Duration,
+    /// Live VMs in the snapshot.
+    pub vms: usize,
+    /// Actions planned.
+    pub actions: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -131,10 +155,20 @@ pub fn compute(
             _ => {}
         }
     }
+    // Each workspace's VMs and queued agents, grouped in one walk each
+    // (not a walk of every VM per workspace).
+    let mut vms_of: HashMap<&str, Vec<&VmRecord>> = HashMap::new();
+    for vm in &snap.vms {
+        vms_of.entry(vm.workspace.as_str()).or_default().push(vm);
+    }
+    let mut queued_in: HashMap<&str, usize> = HashMap::new();
+    for agent in snap.queued.iter().filter(|a| a.phase == AgentPhase::Queued) {
+        *queued_in.entry(agent.workspace.as_str()).or_default() += 1;
+    }
     let mut timeouts: Vec<Millis> = Vec::new();
     let mut degraded = false;
     for ws in &snap.workspaces {
-        let mine = snap.vms.iter().filter(|v| v.workspace == ws.name);
+        let mine = vms_of.get(ws.name.as_str()).into_iter().flatten();
         let mut w = WorkspaceStatus {
             name: ws.name.clone(),
             status: "healthy".into(),
@@ -142,11 +176,7 @@ pub fn compute(
             booting: 0,
             active: 0,
             stale: 0,
-            queued: snap
-                .queued
-                .iter()
-                .filter(|a| a.workspace == ws.name && a.phase == AgentPhase::Queued)
-                .count(),
+            queued: queued_in.get(ws.name.as_str()).copied().unwrap_or(0),
             min_idle: ws.min_idle,
             max_idle: ws.max_idle,
             idle_timeout: human_duration(ws.idle_timeout_ms),
@@ -229,6 +259,87 @@ mod tests {
         assert_eq!(human_duration(7_200_000), "2h");
         assert_eq!(human_duration(5_400_000), "1h30m");
         assert_eq!(human_duration(90_000), "90s");
+    }
+
+    #[test]
+    fn counts_each_workspace_from_the_snapshot() {
+        use crate::plan::WorkspaceView;
+        use hearth_core::ids::{AgentId, IdentityId, TenantId, VmId};
+        use hearth_core::rbac::IdentityKind;
+        use hearth_store::{AgentRecord, OnIdle, VmRecord, WorkspaceState};
+        let tenant = TenantId::new();
+        let ws = |name: &str| WorkspaceView {
+            name: name.into(),
+            min_idle: 2,
+            max_idle: 3,
+            warm: true,
+            env_version: 1,
+            image_version: 0,
+            idle_timeout_ms: 900_000,
+            state: WorkspaceState::default(),
+        };
+        let vm = |workspace: &str, state: VmState, env_version: i64| {
+            let mut v = VmRecord::booting(VmId::new(), tenant, workspace, "fake", env_version, 0);
+            v.state = state;
+            v
+        };
+        let agent = |workspace: &str, phase: AgentPhase| AgentRecord {
+            id: AgentId::new(),
+            tenant_id: tenant,
+            workspace: workspace.into(),
+            owner_id: IdentityId::new(),
+            owner_name: "dev".into(),
+            owner_kind: IdentityKind::Developer,
+            parent_id: None,
+            phase,
+            vm_id: None,
+            on_idle: OnIdle::Sleep,
+            command: None,
+            build: "b".into(),
+            exit_code: None,
+            output: String::new(),
+            error: None,
+            resurrections: 0,
+            created_at: 0,
+            updated_at: 0,
+            queued_at: 0,
+            started_at: None,
+            finished_at: None,
+        };
+        let snap = Snapshot {
+            max_vms: Some(10),
+            workspaces: vec![ws("a"), ws("b")],
+            vms: vec![
+                vm("a", VmState::Idle, 1),
+                vm("b", VmState::Assigned, 1),
+                vm("a", VmState::Idle, 0),
+                vm("gone", VmState::Idle, 1),
+                vm("a", VmState::Booting, 1),
+                vm("b", VmState::Draining, 1),
+            ],
+            queued: vec![
+                agent("b", AgentPhase::Queued),
+                agent("a", AgentPhase::Queued),
+                agent("b", AgentPhase::Queued),
+            ],
+            ..Default::default()
+        };
+        let status = compute(&snap, 0, 300_000, "dry_run", 0);
+        let counts = |w: &WorkspaceStatus| (w.idle, w.stale, w.booting, w.active, w.queued);
+        assert_eq!(counts(&status.workspaces[0]), (2, 1, 1, 0, 1));
+        assert_eq!(counts(&status.workspaces[1]), (0, 0, 0, 1, 2));
+        assert_eq!(
+            status.vms,
+            VmCounts {
+                total: 6,
+                active: 1,
+                idle: 3,
+                booting: 1,
+                draining: 1,
+                stale: 1
+            }
+        );
+        assert_eq!((status.queued, status.status.as_str()), (3, "healthy"));
     }
 
     #[test]

@@ -322,3 +322,89 @@ async fn adoption_destroys_unknown_and_closes_lost() {
     assert_eq!(a.phase, AgentPhase::Failed);
     assert!(a.error.unwrap().contains("lost"));
 }
+
+/// Runs passes until two in a row reuse the read before them and plan
+/// nothing: the tasks of earlier passes are done writing.
+async fn until_quiet(r: &Rig) {
+    let mut quiet = 0;
+    for _ in 0..500 {
+        let actions = r.pool.reconcile_tenant(r.tenant).await.unwrap();
+        if r.pool.last_pass(r.tenant).unwrap().reused && actions.is_empty() {
+            quiet += 1;
+            if quiet == 2 {
+                return;
+            }
+        } else {
+            quiet = 0;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the pool never settled into passes that reuse their read");
+}
+
+#[tokio::test]
+async fn passes_reuse_their_read_until_the_store_changes() {
+    use hearth_reconcilers::plan::{Action, Reason};
+    let r = rig(10, 2, 2).await;
+    r.settle("two warm", async |r| r.count(VmState::Idle).await == 2)
+        .await;
+    until_quiet(&r).await;
+    // Nothing written since: the next pass reuses the read again.
+    assert!(r.pool.reconcile_tenant(r.tenant).await.unwrap().is_empty());
+    let stats = r.pool.last_pass(r.tenant).unwrap();
+    assert!(stats.reused);
+    assert_eq!(
+        stats.vms,
+        r.store.list_vms(r.tenant, false).await.unwrap().len()
+    );
+
+    // A write through the store: the next pass reads again and sees it.
+    let agent = r.agent().await;
+    let actions = r.pool.reconcile_tenant(r.tenant).await.unwrap();
+    assert!(!r.pool.last_pass(r.tenant).unwrap().reused);
+    assert!(
+        actions.contains(&Action::Assign {
+            agent,
+            workspace: "web".into()
+        }),
+        "{actions:?}"
+    );
+    r.settle("backfilled", async |r| r.count(VmState::Idle).await == 2)
+        .await;
+    until_quiet(&r).await;
+
+    // A write by another store on the same file (another process): the
+    // status reads again and shows it; the pass after plans from it.
+    let other = SqliteStore::open(&r._dir.path().join("h.db"))
+        .await
+        .unwrap();
+    let idle = r
+        .store
+        .list_vms(r.tenant, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|v| v.state == VmState::Idle)
+        .unwrap();
+    assert!(
+        other
+            .set_vm_state(idle.id, &[VmState::Idle], VmState::Draining, None)
+            .await
+            .unwrap()
+    );
+    let status = r.pool.status(r.tenant).await.unwrap();
+    assert_eq!((status.vms.draining, status.vms.active), (1, 1));
+    let actions = r.pool.reconcile_tenant(r.tenant).await.unwrap();
+    assert!(
+        actions.contains(&Action::Destroy {
+            vm: idle.id,
+            from: VmState::Draining,
+            reason: Reason::Draining
+        }),
+        "{actions:?}"
+    );
+    r.settle("replaced", async |r| {
+        r.count(VmState::Idle).await == 2 && r.count(VmState::Draining).await == 0
+    })
+    .await;
+}

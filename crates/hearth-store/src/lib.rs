@@ -23,6 +23,24 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use types::*;
 
+/// The store's own SQL text, for benchmarks that measure the database
+/// alone against the same statements (`hearth-bench throughput`). Nothing
+/// in hearth uses it; it exists so that a raw baseline runs exactly what
+/// the store runs.
+pub mod raw {
+    use crate::sql::claim_idle_vm;
+
+    /// The VM claim as [`SqliteStore`](crate::SqliteStore) runs it (the
+    /// same macro and locking clause as its `CLAIM_IDLE_VM`): `$1` tenant,
+    /// `$2` workspace, `$3` agent, `$4` now (ms); returns the claimed row.
+    pub const SQLITE_CLAIM_IDLE_VM: &str = claim_idle_vm!("");
+
+    /// The VM claim as [`PgStore`](crate::PgStore) runs it (the same macro
+    /// and locking clause as its `CLAIM_IDLE_VM`); parameters as
+    /// [`SQLITE_CLAIM_IDLE_VM`].
+    pub const POSTGRES_CLAIM_IDLE_VM: &str = claim_idle_vm!("FOR UPDATE SKIP LOCKED");
+}
+
 use async_trait::async_trait;
 use hearth_core::ids::{AgentId, InstanceId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
@@ -33,6 +51,22 @@ use std::sync::Arc;
 /// Result of a store call.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// What [`Store::change_token`] answers: equal tokens mean nothing was
+/// written in between. Opaque; only compared.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChangeToken {
+    /// Writes this store instance has finished.
+    writes: u64,
+    /// The database's own mark of every writer's commits.
+    database: String,
+}
+
+impl ChangeToken {
+    pub(crate) fn new(writes: u64, database: String) -> ChangeToken {
+        ChangeToken { writes, database }
+    }
+}
+
 /// The store interface. Both backends pass the same test suite.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -41,6 +75,33 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks the database answers.
     async fn ping(&self) -> Result<()>;
+
+    /// A cheap mark of everything written to the database so far: read it
+    /// *before* reading some state, and while later calls answer an equal
+    /// token, nothing has been written since, so what was read is still
+    /// what the store holds (a reader can keep it instead of reading again).
+    ///
+    /// **Guarantee:** let a call answer T. Every write that a read started
+    /// after that call might not see — by this store instance (a
+    /// transaction, a single statement, whatever its outcome) or by
+    /// anything else on the same database (another store instance or
+    /// process, another server replica) — makes every call started once
+    /// that write has ended (its method returned, its commit is done)
+    /// answer a token other than T. So reads started after T was answered
+    /// hold everything written as long as the token still equals T.
+    /// Tokens may also change when nothing relevant was written (another
+    /// database on the same PostgreSQL server, a write that changed no
+    /// row): a conservative false positive, never a missed change.
+    ///
+    /// How: an in-process count of this instance's writes, each counted
+    /// once it has ended, plus what the database says of every writer —
+    /// on SQLite `PRAGMA data_version` of a connection of its own (it
+    /// moves on every commit by any other connection, in this process or
+    /// another), on PostgreSQL the current snapshot (`pg_current_snapshot()`:
+    /// it changes for good whenever any transaction of the server that
+    /// wrote something ends, and a write not yet visible to a read is still
+    /// in progress in it).
+    async fn change_token(&self) -> Result<ChangeToken>;
 
     /// On an empty store (no tenant at all), creates the first tenant, an
     /// `operator` developer identity in it and that identity's token, in one
@@ -204,6 +265,18 @@ pub trait Store: Send + Sync + 'static {
         image_version: i64,
     ) -> Result<u64>;
 
+    /// Spawns an agent in one transaction: the cap check of
+    /// [`Store::create_agent`], a claim of an idle VM of its workspace (as
+    /// [`Store::claim_idle_vm`]) and the agent's insert — `running` on the
+    /// claimed VM, or `queued` when none is idle. Nothing else (the pool
+    /// reconciler included) sees the agent before it is settled, so it
+    /// cannot be claimed for twice. Errors as [`Store::create_agent`].
+    async fn spawn_agent(
+        &self,
+        agent: &NewAgent,
+        developer_cap: Option<i32>,
+    ) -> Result<AgentRecord>;
+
     /// Creates a `queued` agent, in one transaction with the cap check: when
     /// `developer_cap` is `Some(n)` with n > 0, the owner is a developer and
     /// the agent has no parent, the owner's active top-level agents
@@ -252,6 +325,13 @@ pub trait Store: Send + Sync + 'static {
     /// The tenant's workspace back-off states, by workspace.
     async fn list_workspace_states(&self, tenant: TenantId) -> Result<Vec<WorkspaceState>>;
 
+    /// One workspace's back-off state, if it has one.
+    async fn get_workspace_state(
+        &self,
+        tenant: TenantId,
+        workspace: &str,
+    ) -> Result<Option<WorkspaceState>>;
+
     /// Creates or replaces one workspace's back-off state.
     async fn put_workspace_state(&self, tenant: TenantId, state: &WorkspaceState) -> Result<()>;
 
@@ -269,8 +349,10 @@ pub trait Store: Send + Sync + 'static {
     async fn create_instance(&self, instance: &InstanceRecord) -> Result<()>;
 
     /// Updates a run's status, steps and summary (one statement); sets
-    /// `finished_at` when the status is not `provisioning`. `NotFound` when
-    /// absent.
+    /// `finished_at` when the status is not `provisioning`. A `provisioning`
+    /// update of a run that has ended already changes nothing (a late
+    /// progress write never undoes the end). `NotFound` when absent or,
+    /// for such a late progress write, ended.
     async fn update_instance(
         &self,
         id: InstanceId,

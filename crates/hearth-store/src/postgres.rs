@@ -14,10 +14,12 @@
 //! locks above, the foreign keys and the unique constraints are what make
 //! concurrent writers safe, not the isolation level.
 
+use crate::Result;
+use crate::shared::{WriteCount, WriteTx, impl_store};
 use crate::sql::{claim_idle_vm, select_owner, select_resource};
-use crate::{Result, shared::impl_store};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Connections per server process.
@@ -27,6 +29,8 @@ const MAX_CONNECTIONS: u32 = 16;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// This instance's finished writes (`Store::change_token`).
+    writes: Arc<WriteCount>,
 }
 
 impl PgStore {
@@ -36,11 +40,18 @@ impl PgStore {
     pub async fn connect(url: &str) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            // No ping before each use (a round trip per statement, on the
+            // claim path too). A connection broken under it fails its
+            // statement and is dropped; callers retry as for any error.
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
             .connect(url)
             .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            writes: Arc::default(),
+        })
     }
 
     /// The connection pool.
@@ -81,8 +92,23 @@ impl PgStore {
         &self.pool
     }
 
-    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>> {
-        Ok(self.pool.begin().await?)
+    async fn begin_write(&self) -> Result<WriteTx<Postgres>> {
+        Ok(WriteTx::new(self.pool.begin().await?, self.writes.clone()))
+    }
+
+    fn writes(&self) -> &WriteCount {
+        &self.writes
+    }
+
+    /// The server's current snapshot (`xmin:xmax:in-progress ids`). A
+    /// write a later read does not see has not ended yet: its transaction
+    /// id is at or past `xmax`, or in the list. Once it ends, every later
+    /// snapshot has it below `xmax` and out of the list, so the text never
+    /// comes back. Cluster-wide: any database's writes move it too.
+    async fn database_mark(&self) -> Result<String> {
+        Ok(sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+            .fetch_one(&self.pool)
+            .await?)
     }
 }
 

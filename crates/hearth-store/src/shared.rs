@@ -28,10 +28,24 @@
 //!   per owner;
 //! - `fn reader(&self) -> &Pool<Db>` and `fn writer(&self) -> &Pool<Db>` —
 //!   where reads and writes go;
-//! - `async fn begin_write(&self) -> Result<Transaction<'static, Db>>` —
-//!   starts a write transaction on the writer.
+//! - `async fn begin_write(&self) -> Result<WriteTx<Db>>` — starts a write
+//!   transaction on the writer, counted in the store's [`WriteCount`] when
+//!   it ends;
+//! - `fn writes(&self) -> &WriteCount` — the count of this instance's
+//!   finished writes (shared by its clones);
+//! - `async fn database_mark(&self) -> Result<String>` — the database's own
+//!   mark of every writer's commits (see [`Store::change_token`]).
+//!
+//! **Change token.** Every write is counted once it has ended, whatever
+//! its outcome: a transaction by its [`WriteTx`] (when committed, rolled
+//! back or dropped), a statement on `writer()` by the `let _written =
+//! self.written();` that opens each method writing that way (dropped when
+//! the method returns or is abandoned, after its statements). A method
+//! that writes through `writer()` must open with it. The database mark
+//! catches any write all the same (and every other writer's).
 //!
 //! [`Store::backend`]: crate::Store::backend
+//! [`Store::change_token`]: crate::Store::change_token
 
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
@@ -48,11 +62,18 @@ macro_rules! impl_store {
             };
 
             type Conn = <$db as ::sqlx::Database>::Connection;
-            type Tx = ::sqlx::Transaction<'static, $db>;
+            type Tx = $crate::shared::WriteTx<$db>;
 
             /// The bodies of the multi-statement writes, each run inside
             /// one transaction by the trait method of the same name.
             impl $store {
+                /// Counts one write of this instance when dropped (see the
+                /// module doc): held by each method that writes through
+                /// `writer()`, so it counts after the method's statements.
+                fn written(&self) -> $crate::shared::Written<'_> {
+                    self.writes().on_drop()
+                }
+
                 /// Commits on success, rolls back on failure (at once, so
                 /// locks are not held until the connection is reused).
                 async fn finish<T>(tx: Tx, result: Result<T>) -> Result<T> {
@@ -303,11 +324,13 @@ macro_rules! impl_store {
                     Ok(true)
                 }
 
-                async fn create_agent_tx(
+                /// The developer cap check of [`Store::create_agent`]
+                /// (inside its transaction).
+                async fn check_developer_cap(
                     conn: &mut Conn,
                     agent: &NewAgent,
                     developer_cap: Option<i32>,
-                ) -> Result<AgentRecord> {
+                ) -> Result<()> {
                     let tenant = agent.tenant_id.to_string();
                     let owner = agent.owner_id.to_string();
                     if let Some(cap) = developer_cap.filter(|n| *n > 0)
@@ -337,7 +360,18 @@ macro_rules! impl_store {
                             return Err(StoreError::LimitReached(i64::from(cap)));
                         }
                     }
+                    Ok(())
+                }
 
+                /// Inserts a new agent: `running` on `vm` when one was
+                /// claimed for it in the same transaction, else `queued`.
+                async fn insert_agent_tx(
+                    conn: &mut Conn,
+                    agent: &NewAgent,
+                    vm: Option<&VmRecord>,
+                ) -> Result<AgentRecord> {
+                    let tenant = agent.tenant_id.to_string();
+                    let owner = agent.owner_id.to_string();
                     let now = now_millis();
                     let record = AgentRecord {
                         id: agent.id,
@@ -347,8 +381,12 @@ macro_rules! impl_store {
                         owner_name: agent.owner_name.clone(),
                         owner_kind: agent.owner_kind,
                         parent_id: agent.parent_id,
-                        phase: AgentPhase::Queued,
-                        vm_id: None,
+                        phase: if vm.is_some() {
+                            AgentPhase::Running
+                        } else {
+                            AgentPhase::Queued
+                        },
+                        vm_id: vm.map(|v| v.id),
                         on_idle: agent.on_idle,
                         command: agent.command.clone(),
                         build: agent.build.clone(),
@@ -359,7 +397,7 @@ macro_rules! impl_store {
                         created_at: now,
                         updated_at: now,
                         queued_at: now,
-                        started_at: None,
+                        started_at: vm.map(|_| now),
                         finished_at: None,
                     };
                     ::sqlx::query(sql::INSERT_AGENT)
@@ -371,7 +409,7 @@ macro_rules! impl_store {
                         .bind(record.owner_kind.as_str())
                         .bind(record.parent_id.map(|p| p.to_string()))
                         .bind(record.phase.as_str())
-                        .bind(None::<String>)
+                        .bind(record.vm_id.map(|v| v.to_string()))
                         .bind(record.on_idle.as_str())
                         .bind(record.command.as_deref())
                         .bind(&record.build)
@@ -681,6 +719,14 @@ macro_rules! impl_store {
                     Ok(())
                 }
 
+                async fn change_token(&self) -> Result<$crate::ChangeToken> {
+                    // Either order would do: each part only ever moves
+                    // after a write has ended.
+                    let writes = self.writes().get();
+                    let database = self.database_mark().await?;
+                    Ok($crate::ChangeToken::new(writes, database))
+                }
+
                 async fn bootstrap(
                     &self,
                     tenant_name: &str,
@@ -745,6 +791,7 @@ macro_rules! impl_store {
                 }
 
                 async fn delete_identity(&self, tenant: TenantId, name: &str) -> Result<()> {
+                    let _written = self.written();
                     let done = ::sqlx::query(sql::DELETE_IDENTITY)
                         .bind(tenant.to_string())
                         .bind(name)
@@ -762,6 +809,7 @@ macro_rules! impl_store {
                     identity_name: &str,
                     token: &NewToken,
                 ) -> Result<()> {
+                    let _written = self.written();
                     let done = ::sqlx::query(sql::INSERT_TOKEN_BY_IDENTITY_NAME)
                         .bind(token.id.to_string())
                         .bind(token.secret_sha256.as_slice())
@@ -834,6 +882,7 @@ macro_rules! impl_store {
                 }
 
                 async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
+                    let _written = self.written();
                     Self::insert_vm_on(self.writer(), vm).await
                 }
 
@@ -842,6 +891,38 @@ macro_rules! impl_store {
                     vm: &VmRecord,
                     max_vms: i64,
                 ) -> Result<InsertVm> {
+                    let _written = self.written();
+                    if Self::LOCK_TENANT.is_none() && vm.reserved_for.is_none() {
+                        // Every write is exclusive here: the count and the
+                        // insert go as one statement, one round trip.
+                        let done = ::sqlx::query(sql::INSERT_VM_WITHIN_CAP.as_str())
+                            .bind(vm.id.to_string())
+                            .bind(vm.tenant_id.to_string())
+                            .bind(&vm.workspace)
+                            .bind(vm.state.as_str())
+                            .bind(vm.agent_id.map(|a| a.to_string()))
+                            .bind(&vm.driver)
+                            .bind(vm.env_version)
+                            .bind(vm.image_version)
+                            .bind(sql::store_flag(vm.stale))
+                            .bind(None::<String>)
+                            .bind(sql::store_flag(vm.test))
+                            .bind(vm.error.as_deref())
+                            .bind(vm.created_at)
+                            .bind(vm.updated_at)
+                            .bind(max_vms)
+                            .execute(self.writer())
+                            .await
+                            .on_unique(|| StoreError::AlreadyExists(format!("VM {}", vm.id)))
+                            .on_foreign_key(|| {
+                                StoreError::NotFound(format!("tenant {}", vm.tenant_id))
+                            })?;
+                        return Ok(if done.rows_affected() == 1 {
+                            InsertVm::Inserted
+                        } else {
+                            InsertVm::AtCapacity
+                        });
+                    }
                     let mut tx = self.begin_write().await?;
                     let result = Self::insert_vm_within_cap_tx(&mut tx, vm, max_vms).await;
                     Self::settle(tx, result, |r| *r == InsertVm::Inserted).await
@@ -853,6 +934,7 @@ macro_rules! impl_store {
                     workspace: &str,
                     agent: AgentId,
                 ) -> Result<Option<VmRecord>> {
+                    let _written = self.written();
                     Self::claim_on(self.writer(), tenant, workspace, agent).await
                 }
 
@@ -907,6 +989,7 @@ macro_rules! impl_store {
                     to: VmState,
                     error: Option<&str>,
                 ) -> Result<bool> {
+                    let _written = self.written();
                     if from.is_empty() {
                         return Ok(false);
                     }
@@ -922,6 +1005,17 @@ macro_rules! impl_store {
                 }
 
                 async fn vm_ready(&self, id: VmId) -> Result<Ready> {
+                    let _written = self.written();
+                    // Most booted VMs were reserved for no agent: one
+                    // statement. Else (or gone) the transaction decides.
+                    let idle = ::sqlx::query(sql::READY_UNRESERVED_VM_TO_IDLE)
+                        .bind(id.to_string())
+                        .bind(now_millis())
+                        .execute(self.writer())
+                        .await?;
+                    if idle.rows_affected() == 1 {
+                        return Ok(Ready::Idle);
+                    }
                     let mut tx = self.begin_write().await?;
                     let result = Self::vm_ready_tx(&mut tx, id).await;
                     Self::settle(tx, result, |r| *r != Ready::Gone).await
@@ -945,6 +1039,7 @@ macro_rules! impl_store {
                     env_version: i64,
                     image_version: i64,
                 ) -> Result<u64> {
+                    let _written = self.written();
                     let done = ::sqlx::query(sql::MARK_STALE.as_str())
                         .bind(tenant.to_string())
                         .bind(workspace)
@@ -961,7 +1056,30 @@ macro_rules! impl_store {
                     developer_cap: Option<i32>,
                 ) -> Result<AgentRecord> {
                     let mut tx = self.begin_write().await?;
-                    let result = Self::create_agent_tx(&mut tx, agent, developer_cap).await;
+                    let result =
+                        match Self::check_developer_cap(&mut tx, agent, developer_cap).await {
+                            Ok(()) => Self::insert_agent_tx(&mut tx, agent, None).await,
+                            Err(e) => Err(e),
+                        };
+                    Self::finish(tx, result).await
+                }
+
+                async fn spawn_agent(
+                    &self,
+                    agent: &NewAgent,
+                    developer_cap: Option<i32>,
+                ) -> Result<AgentRecord> {
+                    let mut tx = self.begin_write().await?;
+                    let result = async {
+                        Self::check_developer_cap(&mut tx, agent, developer_cap).await?;
+                        // The VM first: the agent row is then written once,
+                        // already `running` on it (or `queued`).
+                        let vm =
+                            Self::claim_on(&mut *tx, agent.tenant_id, &agent.workspace, agent.id)
+                                .await?;
+                        Self::insert_agent_tx(&mut tx, agent, vm.as_ref()).await
+                    }
+                    .await;
                     Self::finish(tx, result).await
                 }
 
@@ -1006,6 +1124,7 @@ macro_rules! impl_store {
                     to: AgentPhase,
                     update: &AgentUpdate,
                 ) -> Result<AgentRecord> {
+                    let _written = self.written();
                     if !from.is_empty() {
                         let statement = sql::transition_agent(from, to);
                         let changed = ::sqlx::query_as::<_, sql::AgentRow>(&statement)
@@ -1042,6 +1161,7 @@ macro_rules! impl_store {
                 }
 
                 async fn set_pool_stopped(&self, tenant: TenantId, stopped: bool) -> Result<()> {
+                    let _written = self.written();
                     ::sqlx::query(sql::PUT_POOL_STATE)
                         .bind(tenant.to_string())
                         .bind(sql::store_flag(stopped))
@@ -1064,11 +1184,26 @@ macro_rules! impl_store {
                     sql::decode_all(rows)
                 }
 
+                async fn get_workspace_state(
+                    &self,
+                    tenant: TenantId,
+                    workspace: &str,
+                ) -> Result<Option<WorkspaceState>> {
+                    ::sqlx::query_as::<_, sql::WorkspaceStateRow>(sql::GET_WORKSPACE_STATE)
+                        .bind(tenant.to_string())
+                        .bind(workspace)
+                        .fetch_optional(self.reader())
+                        .await?
+                        .map(WorkspaceState::try_from)
+                        .transpose()
+                }
+
                 async fn put_workspace_state(
                     &self,
                     tenant: TenantId,
                     state: &WorkspaceState,
                 ) -> Result<()> {
+                    let _written = self.written();
                     ::sqlx::query(sql::PUT_WORKSPACE_STATE)
                         .bind(tenant.to_string())
                         .bind(&state.workspace)
@@ -1084,6 +1219,7 @@ macro_rules! impl_store {
                 }
 
                 async fn register_build(&self, id: &str) -> Result<Build> {
+                    let _written = self.written();
                     ::sqlx::query(sql::INSERT_BUILD)
                         .bind(id)
                         .bind(now_millis())
@@ -1098,6 +1234,7 @@ macro_rules! impl_store {
                 }
 
                 async fn retire_build(&self, id: &str) -> Result<Build> {
+                    let _written = self.written();
                     ::sqlx::query_as::<_, sql::BuildRow>(sql::RETIRE_BUILD)
                         .bind(id)
                         .bind(now_millis())
@@ -1115,6 +1252,7 @@ macro_rules! impl_store {
                 }
 
                 async fn create_instance(&self, instance: &InstanceRecord) -> Result<()> {
+                    let _written = self.written();
                     ::sqlx::query(sql::INSERT_INSTANCE)
                         .bind(instance.id.to_string())
                         .bind(instance.tenant_id.to_string())
@@ -1145,6 +1283,7 @@ macro_rules! impl_store {
                     steps: &::serde_json::Value,
                     summary: Option<&::serde_json::Value>,
                 ) -> Result<()> {
+                    let _written = self.written();
                     let now = now_millis();
                     let finished_at = (status != InstanceStatus::Provisioning).then_some(now);
                     let done = ::sqlx::query(sql::UPDATE_INSTANCE)
@@ -1197,3 +1336,95 @@ macro_rules! impl_store {
     };
 }
 pub(crate) use impl_store;
+
+use sqlx::{Database, Transaction};
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The writes one store instance has finished (its clones share it), the
+/// in-process half of [`Store::change_token`](crate::Store::change_token).
+#[derive(Debug, Default)]
+pub(crate) struct WriteCount(AtomicU64);
+
+impl WriteCount {
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn add_one(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A guard that counts one write when dropped.
+    pub(crate) fn on_drop(&self) -> Written<'_> {
+        Written(self)
+    }
+}
+
+/// Counts one write when dropped (see [`WriteCount::on_drop`]).
+#[must_use = "it counts the write when dropped: keep it until the write is done"]
+pub(crate) struct Written<'a>(&'a WriteCount);
+
+impl Drop for Written<'_> {
+    fn drop(&mut self) {
+        self.0.add_one();
+    }
+}
+
+/// A write transaction that counts itself in its store's [`WriteCount`]
+/// once it has ended: committed, rolled back, or dropped unfinished (which
+/// rolls it back). Used as the connection it runs on, as a
+/// [`Transaction`] is.
+pub(crate) struct WriteTx<DB: Database> {
+    tx: Option<Transaction<'static, DB>>,
+    writes: Arc<WriteCount>,
+}
+
+impl<DB: Database> WriteTx<DB> {
+    pub(crate) fn new(tx: Transaction<'static, DB>, writes: Arc<WriteCount>) -> Self {
+        WriteTx {
+            tx: Some(tx),
+            writes,
+        }
+    }
+
+    /// Commits; counted when `self` drops, right after.
+    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
+        match self.tx.take() {
+            Some(tx) => tx.commit().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Rolls back; counted when `self` drops, right after.
+    pub(crate) async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        match self.tx.take() {
+            Some(tx) => tx.rollback().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl<DB: Database> Drop for WriteTx<DB> {
+    fn drop(&mut self) {
+        self.writes.add_one();
+    }
+}
+
+impl<DB: Database> Deref for WriteTx<DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
+        self.tx
+            .as_deref()
+            .expect("a write transaction is not used once ended")
+    }
+}
+
+impl<DB: Database> DerefMut for WriteTx<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        self.tx
+            .as_deref_mut()
+            .expect("a write transaction is not used once ended")
+    }
+}

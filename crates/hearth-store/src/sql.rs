@@ -122,6 +122,24 @@ pub const INSERT_VM: &str = concat!(
     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 );
 
+/// [`INSERT_VM`] only while the tenant (`$2`) has fewer than `$15` live
+/// VMs: the count and the insert as one statement, for a backend whose
+/// write transactions are exclusive anyway (SQLite). 0 rows: at capacity.
+pub static INSERT_VM_WITHIN_CAP: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO vms ({}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 \
+         WHERE (SELECT count(*) FROM vms WHERE tenant_id = $2 AND state IN {}) < $15",
+        vm_columns!(),
+        in_list(VmState::LIVE.iter().map(|s| s.as_str()))
+    )
+});
+
+/// A booted VM (`$1`) reserved for no agent goes idle at `$2`: the common
+/// case of [`Store::vm_ready`](crate::Store::vm_ready) as one statement.
+pub const READY_UNRESERVED_VM_TO_IDLE: &str = "UPDATE vms \
+     SET state = 'idle', agent_id = NULL, updated_at = $2 \
+     WHERE id = $1 AND state IN ('booting', 'provisioning') AND reserved_for IS NULL";
+
 pub const GET_VM: &str = concat!("SELECT ", vm_columns!(), " FROM vms WHERE id = $1");
 
 pub const LIST_VMS: &str = concat!(
@@ -400,6 +418,10 @@ pub const LIST_WORKSPACE_STATES: &str = "SELECT workspace, consecutive_failures,
             hard_limited, last_error, config_fingerprint \
      FROM workspace_states WHERE tenant_id = $1 ORDER BY workspace";
 
+pub const GET_WORKSPACE_STATE: &str = "SELECT workspace, consecutive_failures, backoff_until, \
+            hard_limited, last_error, config_fingerprint \
+     FROM workspace_states WHERE tenant_id = $1 AND workspace = $2";
+
 pub const PUT_WORKSPACE_STATE: &str = "INSERT INTO workspace_states \
             (tenant_id, workspace, consecutive_failures, backoff_until, hard_limited, \
              last_error, config_fingerprint) \
@@ -447,7 +469,7 @@ pub const INSERT_INSTANCE: &str = concat!(
 pub const UPDATE_INSTANCE: &str = "UPDATE instances \
      SET status = $2, steps = $3, summary = $4, updated_at = $5, \
          finished_at = COALESCE($6, finished_at) \
-     WHERE id = $1";
+     WHERE id = $1 AND (status = 'provisioning' OR $2 <> 'provisioning')";
 
 pub const GET_INSTANCE: &str = concat!(
     "SELECT ",

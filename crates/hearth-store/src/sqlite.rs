@@ -13,13 +13,19 @@
 //! (the `SQLITE_BUSY` deadlock of deferred transactions), and another
 //! process writing the same file is waited for (`busy_timeout`), not raced.
 //! Reads use a separate pool of several `query_only` connections, which in
-//! WAL mode never block on, nor are blocked by, the writer.
+//! WAL mode never block on, nor are blocked by, the writer. One more
+//! `query_only` connection, opened on first use, only answers `PRAGMA
+//! data_version` for [`Store::change_token`](crate::Store::change_token).
 
+use crate::Result;
+use crate::shared::{WriteCount, WriteTx, impl_store};
 use crate::sql::{claim_idle_vm, select_owner, select_resource};
-use crate::{Result, shared::impl_store};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection, Sqlite, SqlitePool};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a connection waits for another process's lock on the file.
@@ -32,6 +38,22 @@ const READERS: u32 = 4;
 pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
+    /// This instance's finished writes (`Store::change_token`).
+    writes: Arc<WriteCount>,
+    watch: Arc<tokio::sync::Mutex<Watch>>,
+}
+
+/// The connection of its own that `PRAGMA data_version` is asked on for
+/// `Store::change_token`: its answer moves whenever any other connection
+/// (the writer, another process) commits, and is only comparable between
+/// calls on one connection.
+#[derive(Debug)]
+struct Watch {
+    options: SqliteConnectOptions,
+    conn: Option<SqliteConnection>,
+    /// Connections opened so far, part of the mark: a new connection's
+    /// answers do not compare with an old one's.
+    opened: u64,
 }
 
 impl SqliteStore {
@@ -50,6 +72,10 @@ impl SqliteStore {
 
         let write = SqlitePoolOptions::new()
             .max_connections(1)
+            // No ping before each use: it is a round trip to the
+            // connection's thread, as dear as a statement, and a SQLite
+            // file connection does not go stale.
+            .test_before_acquire(false)
             // Writers queue here; keep the connection for good.
             .min_connections(1)
             .idle_timeout(None)
@@ -61,12 +87,23 @@ impl SqliteStore {
 
         let read = SqlitePoolOptions::new()
             .max_connections(READERS)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             // Refuses writes, so nothing can bypass the single writer.
-            .connect_with(options.pragma("query_only", "ON"))
+            .connect_with(options.clone().pragma("query_only", "ON"))
             .await?;
 
-        Ok(SqliteStore { write, read })
+        let watch = Watch {
+            options: options.pragma("query_only", "ON"),
+            conn: None,
+            opened: 0,
+        };
+        Ok(SqliteStore {
+            write,
+            read,
+            writes: Arc::default(),
+            watch: Arc::new(tokio::sync::Mutex::new(watch)),
+        })
     }
 
     /// The pool of one connection every write goes through.
@@ -81,6 +118,9 @@ impl SqliteStore {
 
     /// Closes both pools, waiting for connections in use to come back.
     pub async fn close(&self) {
+        if let Some(conn) = self.watch.lock().await.conn.take() {
+            let _ = conn.close().await;
+        }
         self.read.close().await;
         self.write.close().await;
     }
@@ -106,8 +146,38 @@ impl SqliteStore {
         &self.write
     }
 
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
+    async fn begin_write(&self) -> Result<WriteTx<Sqlite>> {
+        let tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(WriteTx::new(tx, self.writes.clone()))
+    }
+
+    fn writes(&self) -> &WriteCount {
+        &self.writes
+    }
+
+    /// `<connections opened>:<PRAGMA data_version>` on the watch
+    /// connection (opened again after an error).
+    async fn database_mark(&self) -> Result<String> {
+        let mut guard = self.watch.lock().await;
+        let watch = &mut *guard;
+        let conn = match &mut watch.conn {
+            Some(conn) => conn,
+            None => {
+                let conn = watch.options.connect().await?;
+                watch.opened += 1;
+                watch.conn.insert(conn)
+            }
+        };
+        match sqlx::query_scalar::<_, i64>("PRAGMA data_version")
+            .fetch_one(&mut *conn)
+            .await
+        {
+            Ok(version) => Ok(format!("{}:{version}", watch.opened)),
+            Err(e) => {
+                watch.conn = None;
+                Err(e.into())
+            }
+        }
     }
 }
 

@@ -2755,6 +2755,17 @@ async fn update_instance_records_progress_and_end(ctx: Ctx) {
     assert_eq!(got.summary, Some(summary));
     assert!(got.finished_at.is_some());
 
+    // A late progress write (a throttled one landing after the end)
+    // changes nothing: the end stands.
+    let err = s
+        .update_instance(run.id, InstanceStatus::Provisioning, &json!([]), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    let ended = s.get_instance(t, run.id).await.unwrap();
+    assert_eq!(ended.status, InstanceStatus::Ready);
+    assert_eq!(ended.steps, steps);
+
     let unknown = InstanceId::new();
     let err = s
         .update_instance(unknown, InstanceStatus::Ready, &json!([]), None)
@@ -3078,4 +3089,217 @@ async fn sqlite_connection_settings() {
     SqliteStore::open(&dir.path().join("hearth.db"))
         .await
         .unwrap();
+}
+
+both_backends!(spawn_agent_claims_or_queues_in_one_go);
+async fn spawn_agent_claims_or_queues_in_one_go(ctx: Ctx) {
+    let s = &ctx.store;
+    let (t, admin) = tenant_with_admin(s, "acme").await;
+    let idle = vm(t, "web", VmState::Idle, 1);
+    s.insert_vm(&idle).await.unwrap();
+
+    // Warm: running on the idle VM at once, which now holds it.
+    let before = now_millis();
+    let warm = s
+        .spawn_agent(&new_agent(t, &admin, "web"), None)
+        .await
+        .unwrap();
+    assert_eq!(warm.phase, AgentPhase::Running);
+    assert_eq!(warm.vm_id, Some(idle.id));
+    assert!(warm.started_at.is_some_and(|at| at >= before));
+    assert_eq!(s.get_agent(t, warm.id).await.unwrap(), warm);
+    let held = s.get_vm(idle.id).await.unwrap();
+    assert_eq!(
+        (held.state, held.agent_id),
+        (VmState::Assigned, Some(warm.id))
+    );
+
+    // Nothing idle (nor in another workspace's pool): queued.
+    s.insert_vm(&vm(t, "api", VmState::Idle, 2)).await.unwrap();
+    let cold = s
+        .spawn_agent(&new_agent(t, &admin, "web"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (cold.phase, cold.vm_id, cold.started_at),
+        (AgentPhase::Queued, None, None)
+    );
+    assert_eq!(s.list_queued_agents(t).await.unwrap(), vec![cold.clone()]);
+
+    // The developer cap counts as create_agent's, and a refused spawn
+    // claims nothing.
+    let dev = s
+        .create_identity(t, "dev", IdentityKind::Developer, Role::Developer, None)
+        .await
+        .unwrap();
+    let spare = vm(t, "web", VmState::Idle, 3);
+    s.insert_vm(&spare).await.unwrap();
+    let first = s
+        .spawn_agent(&new_agent(t, &dev, "web"), Some(1))
+        .await
+        .unwrap();
+    assert_eq!(first.vm_id, Some(spare.id));
+    s.insert_vm(&vm(t, "web", VmState::Idle, 4)).await.unwrap();
+    let err = s
+        .spawn_agent(&new_agent(t, &dev, "web"), Some(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::LimitReached(1)), "{err:?}");
+    let idle_left = s
+        .list_vms(t, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.workspace == "web" && v.state == VmState::Idle)
+        .count();
+    assert_eq!(idle_left, 1, "the refused spawn left the idle VM alone");
+
+    // A taken id: AlreadyExists, and the VM it would have claimed stays idle.
+    let mut again = new_agent(t, &admin, "web");
+    again.id = warm.id;
+    let err = s.spawn_agent(&again, None).await.unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists(_)), "{err:?}");
+    let idle_left = s
+        .list_vms(t, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.workspace == "web" && v.state == VmState::Idle)
+        .count();
+    assert_eq!(idle_left, 1, "rolled back");
+}
+
+both_backends!(concurrent_spawns_claim_each_vm_once, multi_thread);
+async fn concurrent_spawns_claim_each_vm_once(ctx: Ctx) {
+    let s = ctx.store.clone();
+    let (t, admin) = tenant_with_admin(&s, "acme").await;
+    for i in 0..10 {
+        s.insert_vm(&vm(t, "web", VmState::Idle, i)).await.unwrap();
+    }
+    let mut racers = tokio::task::JoinSet::new();
+    for _ in 0..25 {
+        let store = s.clone();
+        let agent = new_agent(t, &admin, "web");
+        racers.spawn(async move {
+            // PostgreSQL may refuse a racer on a row lock; it tries again.
+            loop {
+                match store.spawn_agent(&agent, None).await {
+                    Err(StoreError::Conflict(_)) => tokio::task::yield_now().await,
+                    other => return other.unwrap(),
+                }
+            }
+        });
+    }
+    let spawned: Vec<AgentRecord> = racers.join_all().await;
+    let running: Vec<_> = spawned
+        .iter()
+        .filter(|a| a.phase == AgentPhase::Running)
+        .collect();
+    let vms: HashSet<VmId> = running.iter().filter_map(|a| a.vm_id).collect();
+    assert_eq!(running.len(), 10, "every idle VM went to one agent");
+    assert_eq!(vms.len(), 10, "no VM went to two");
+    assert_eq!(
+        spawned
+            .iter()
+            .filter(|a| a.phase == AgentPhase::Queued)
+            .count(),
+        15
+    );
+    for agent in running {
+        let vm = s.get_vm(agent.vm_id.unwrap()).await.unwrap();
+        assert_eq!((vm.state, vm.agent_id), (VmState::Assigned, Some(agent.id)));
+    }
+}
+
+both_backends!(get_workspace_state_reads_one);
+async fn get_workspace_state_reads_one(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    assert_eq!(s.get_workspace_state(t, "web").await.unwrap(), None);
+    let state = WorkspaceState {
+        workspace: "web".into(),
+        consecutive_failures: 2,
+        backoff_until: Some(42),
+        hard_limited: false,
+        last_error: Some("boom".into()),
+        config_fingerprint: "1/1/0".into(),
+    };
+    s.put_workspace_state(t, &state).await.unwrap();
+    s.put_workspace_state(
+        t,
+        &WorkspaceState {
+            workspace: "api".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.get_workspace_state(t, "web").await.unwrap(), Some(state));
+    let other = tenant(s, "other").await;
+    assert_eq!(s.get_workspace_state(other, "web").await.unwrap(), None);
+}
+
+/// The token now must differ from `last` (then becomes `last`).
+async fn assert_moved(store: &Arc<dyn Store>, last: &mut hearth_store::ChangeToken, what: &str) {
+    let now = store.change_token().await.unwrap();
+    assert_ne!(now, *last, "{what} must change the token");
+    *last = now;
+}
+
+both_backends!(change_token_moves_with_every_write);
+async fn change_token_moves_with_every_write(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    let mut last = s.change_token().await.unwrap();
+    // PostgreSQL's mark is the whole server's, which other tests' databases
+    // move too: "nothing written, same token" is checked on SQLite only.
+    if ctx.name() == "sqlite" {
+        assert_eq!(s.change_token().await.unwrap(), last);
+        s.list_vms(t, true).await.unwrap();
+        s.list_resources(t, Kind::Environment).await.unwrap();
+        s.get_pool_state(t).await.unwrap();
+        assert_eq!(s.change_token().await.unwrap(), last, "reads write nothing");
+    }
+    // A transaction.
+    let spec = json!({"driver": "fake"});
+    s.put_resource(PutResource {
+        tenant: t,
+        kind: Kind::Environment,
+        name: "dev",
+        spec: &spec,
+        references: &[],
+        precondition: Precondition::None,
+    })
+    .await
+    .unwrap();
+    assert_moved(s, &mut last, "a resource write").await;
+    // Single statements.
+    s.put_workspace_state(
+        t,
+        &WorkspaceState {
+            workspace: "web".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_moved(s, &mut last, "a workspace state write").await;
+    let mut vm = VmRecord::booting(VmId::new(), t, "web", "fake", 1, 0);
+    vm.state = VmState::Idle;
+    s.insert_vm(&vm).await.unwrap();
+    assert_moved(s, &mut last, "a VM insert").await;
+    assert!(
+        s.set_vm_state(vm.id, &[VmState::Idle], VmState::Draining, None)
+            .await
+            .unwrap()
+    );
+    assert_moved(s, &mut last, "a VM state change").await;
+    // Another store on the same database (another server, another process).
+    let other = ctx.open_again().await;
+    other.set_pool_stopped(t, true).await.unwrap();
+    assert_moved(s, &mut last, "another store's write").await;
+    // A statement behind every store's back.
+    ctx.execute_raw("UPDATE pool_states SET stopped = 0").await;
+    assert_moved(s, &mut last, "a raw write").await;
+    assert!(!s.get_pool_state(t).await.unwrap().stopped);
 }
