@@ -1428,6 +1428,14 @@ fn render(report: &ThroughputReport) -> String {
                 .ratio
                 .map_or("-".into(), |r| format!("{:.1} %", r * 100.0)),
         );
+        cells.push(level.paired_ratio.map_or("-".into(), |r| {
+            format!(
+                "{:.0} % ({:.0}–{:.0})",
+                r.p50 * 100.0,
+                r.min * 100.0,
+                r.max * 100.0
+            )
+        }));
         cells.push(
             level
                 .warm_latency_ms
@@ -1453,6 +1461,7 @@ fn render(report: &ThroughputReport) -> String {
                 .map(|r| r.booting_at_end)
                 .collect())
         ));
+        debug_assert_eq!(cells.len(), 14, "one cell per column");
         main.row(cells);
     }
     let mut cpu = Table::new([
