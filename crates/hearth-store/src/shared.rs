@@ -113,11 +113,14 @@ macro_rules! impl_store {
                     }
                 }
 
-                async fn insert_vm_on<'e, E>(exec: E, vm: &VmRecord) -> Result<()>
-                where
-                    E: ::sqlx::Executor<'e, Database = $db>,
+                /// Binds a VM's columns as `$1`…`$14`, in [`sql::INSERT_VM`]'s
+                /// order.
+                fn bind_vm<'q>(
+                    query: ::sqlx::query::Query<'q, $db, <$db as ::sqlx::Database>::Arguments<'q>>,
+                    vm: &'q VmRecord,
+                ) -> ::sqlx::query::Query<'q, $db, <$db as ::sqlx::Database>::Arguments<'q>>
                 {
-                    ::sqlx::query(sql::INSERT_VM)
+                    query
                         .bind(vm.id.to_string())
                         .bind(vm.tenant_id.to_string())
                         .bind(&vm.workspace)
@@ -132,6 +135,13 @@ macro_rules! impl_store {
                         .bind(vm.error.as_deref())
                         .bind(vm.created_at)
                         .bind(vm.updated_at)
+                }
+
+                async fn insert_vm_on<'e, E>(exec: E, vm: &VmRecord) -> Result<()>
+                where
+                    E: ::sqlx::Executor<'e, Database = $db>,
+                {
+                    Self::bind_vm(::sqlx::query(sql::INSERT_VM), vm)
                         .execute(exec)
                         .await
                         .on_unique(|| StoreError::AlreadyExists(format!("VM {}", vm.id)))
@@ -895,28 +905,16 @@ macro_rules! impl_store {
                     if Self::LOCK_TENANT.is_none() && vm.reserved_for.is_none() {
                         // Every write is exclusive here: the count and the
                         // insert go as one statement, one round trip.
-                        let done = ::sqlx::query(sql::INSERT_VM_WITHIN_CAP.as_str())
-                            .bind(vm.id.to_string())
-                            .bind(vm.tenant_id.to_string())
-                            .bind(&vm.workspace)
-                            .bind(vm.state.as_str())
-                            .bind(vm.agent_id.map(|a| a.to_string()))
-                            .bind(&vm.driver)
-                            .bind(vm.env_version)
-                            .bind(vm.image_version)
-                            .bind(sql::store_flag(vm.stale))
-                            .bind(None::<String>)
-                            .bind(sql::store_flag(vm.test))
-                            .bind(vm.error.as_deref())
-                            .bind(vm.created_at)
-                            .bind(vm.updated_at)
-                            .bind(max_vms)
-                            .execute(self.writer())
-                            .await
-                            .on_unique(|| StoreError::AlreadyExists(format!("VM {}", vm.id)))
-                            .on_foreign_key(|| {
-                                StoreError::NotFound(format!("tenant {}", vm.tenant_id))
-                            })?;
+                        // (`reserved_for` is None here.)
+                        let done =
+                            Self::bind_vm(::sqlx::query(sql::INSERT_VM_WITHIN_CAP.as_str()), vm)
+                                .bind(max_vms)
+                                .execute(self.writer())
+                                .await
+                                .on_unique(|| StoreError::AlreadyExists(format!("VM {}", vm.id)))
+                                .on_foreign_key(|| {
+                                    StoreError::NotFound(format!("tenant {}", vm.tenant_id))
+                                })?;
                         return Ok(if done.rows_affected() == 1 {
                             InsertVm::Inserted
                         } else {
