@@ -16,7 +16,7 @@ use hearth_core::resource::{Kind, POOL_CONFIG_NAME, PoolConfig};
 use hearth_reconcilers::PoolError;
 use hearth_reconcilers::status::rfc3339;
 use hearth_store::{
-    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, NewAgent, OnIdle, StoreError,
+    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, NewAgent, OnIdle, ParentProblem, StoreError,
 };
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -205,8 +205,13 @@ pub async fn spawn(
             Error::not_found(format!("workspace {:?} not found", request.workspace)).into(),
         );
     }
+    // Whether the parent may be one (the caller's own, active agent) is
+    // checked inside the spawn's transaction, so it cannot race a kill.
     let parent = match &request.parent {
-        Some(p) => Some(load(&state, &caller, p).await?.id),
+        Some(p) => Some(
+            p.parse::<AgentId>()
+                .map_err(|_| Error::invalid(format!("parent {p:?} is not an agent id")))?,
+        ),
         None => None,
     };
     let new = NewAgent {
@@ -236,6 +241,9 @@ pub async fn spawn(
             )
             .into());
         }
+        Err(StoreError::BadParent { parent, problem }) => {
+            return Err(bad_parent(parent, problem));
+        }
         Err(e) => return Err(e.into()),
     };
     if agent.vm_id.is_some() {
@@ -246,6 +254,23 @@ pub async fn spawn(
     tracing::info!(tenant = %tenant, agent = %agent.id, workspace = %agent.workspace, owner = %agent.owner_name,
         phase = %agent.phase, vm = ?agent.vm_id, "agent spawned");
     Ok((StatusCode::CREATED, Json(AgentView::from(&agent))))
+}
+
+/// The answer to a refused `--parent`: why that agent cannot be the parent.
+fn bad_parent(parent: AgentId, problem: ParentProblem) -> ApiError {
+    const RULE: &str = "a child agent's parent must be one of your own active agents";
+    match problem {
+        ParentProblem::NotFound => {
+            Error::not_found(format!("parent agent {parent} not found")).into()
+        }
+        ParentProblem::OtherOwner(owner) => Error::invalid(format!(
+            "parent agent {parent} belongs to {owner:?}, not to you: {RULE}"
+        ))
+        .into(),
+        ParentProblem::Terminal(phase) => {
+            Error::failed_precondition(format!("parent agent {parent} is {phase}: {RULE}")).into()
+        }
+    }
 }
 
 /// A queued agent takes an idle VM now if there is one; else the pool is woken.

@@ -155,19 +155,21 @@ pub async fn whoami(
     }))
 }
 
-/// Parses an `expires_in` duration into an absolute expiry.
+/// Parses an `expires_in` duration into an absolute expiry (Unix ms).
+/// Bounded by [`MAX_EXPIRES_IN_SECS`](hearth_core::rbac::MAX_EXPIRES_IN_SECS)
+/// and computed with checked arithmetic, so no value panics or wraps; it
+/// runs before anything is stored.
 pub fn expiry_from(expires_in: Option<&str>) -> Result<Option<i64>, ApiError> {
     let Some(text) = expires_in else {
         return Ok(None);
     };
-    let secs = hearth_core::resource::parse_duration(text)
-        .filter(|s| *s > 0)
-        .ok_or_else(|| {
-            Error::invalid(format!(
-                "expires_in {text:?} is not valid: use a duration such as 1h or 30d"
-            ))
-        })?;
-    Ok(Some(now_millis() + (secs as i64) * 1000))
+    let secs = hearth_core::rbac::parse_expires_in("expires_in", text)?;
+    let at = i64::try_from(secs)
+        .ok()
+        .and_then(|s| s.checked_mul(1000))
+        .and_then(|ms| now_millis().checked_add(ms))
+        .ok_or_else(|| Error::invalid(format!("expires_in {text:?} is too long")))?;
+    Ok(Some(at))
 }
 
 #[cfg(test)]

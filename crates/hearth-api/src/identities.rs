@@ -10,7 +10,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use hearth_core::rbac::{IdentityKind, Permission, Role};
 use hearth_core::resource::{Kind, validate_name};
-use hearth_store::Identity;
+use hearth_store::{Identity, IdentityRefusal, StoreError};
 use serde::{Deserialize, Serialize};
 
 /// An identity as the API shows it (never with a token).
@@ -114,12 +114,17 @@ pub async fn create(
             request.name
         ))
     })?;
-    if request.role == Role::Operator && caller.identity.role != Role::Operator {
-        return Err(hearth_core::Error::new(
-            hearth_core::ErrorCode::PermissionDenied,
-            "your role does not have tenant.create permission, which granting the operator role needs",
-        )
-        .into());
+    // Everything is checked before anything is stored: the identity and
+    // its token are then written in one transaction.
+    if request.role > caller.identity.role {
+        return Err(if request.role == Role::Operator {
+            denied("your role does not have tenant.create permission, which granting the operator role needs".into())
+        } else {
+            denied(format!(
+                "you cannot create an identity with role {}, above your own role {}",
+                request.role, caller.identity.role
+            ))
+        });
     }
     let expires_at = expiry_from(request.expires_in.as_deref())?;
     let token = issue_token(expires_at);
@@ -155,8 +160,13 @@ pub async fn remove(
     Path(name): Path<String>,
 ) -> Result<Json<IdentityDeleted>, ApiError> {
     caller.require(Permission::IdentityDelete)?;
-    let identity = state.store.get_identity(caller.tenant(), &name).await?;
-    state.store.delete_identity(caller.tenant(), &name).await?;
+    // The role ceiling and the last-manager rule are checked in the
+    // delete's own transaction.
+    let identity = state
+        .store
+        .delete_identity(caller.tenant(), &name, caller.identity.role)
+        .await
+        .map_err(|e| refused(e, "delete"))?;
     tracing::info!(tenant = %caller.tenant(), by = %caller.identity.name, identity = %name, "identity deleted");
     Ok(Json(IdentityDeleted {
         identity: IdentityView::from(&identity),
@@ -180,8 +190,9 @@ pub async fn create_token(
     let token = issue_token(expires_at);
     state
         .store
-        .create_token(caller.tenant(), &name, &token.stored)
-        .await?;
+        .create_token(caller.tenant(), &name, &token.stored, caller.identity.role)
+        .await
+        .map_err(|e| refused(e, "issue a token for"))?;
     tracing::info!(tenant = %caller.tenant(), by = %caller.identity.name, identity = %name, "token issued");
     Ok((
         StatusCode::CREATED,
@@ -190,6 +201,32 @@ pub async fn create_token(
             expires_at: expires_at.map(crate::tenants::rfc3339),
         }),
     ))
+}
+
+fn denied(message: String) -> ApiError {
+    hearth_core::Error::new(hearth_core::ErrorCode::PermissionDenied, message).into()
+}
+
+/// The answer to a store refusal of `verb` on an identity: its role above
+/// the caller's is `PERMISSION_DENIED`, the last manager
+/// `FAILED_PRECONDITION`.
+fn refused(e: StoreError, verb: &str) -> ApiError {
+    match e {
+        StoreError::IdentityRefused {
+            name,
+            refusal: IdentityRefusal::AboveCeiling { role, ceiling },
+        } => denied(format!(
+            "you cannot {verb} identity {name:?}: its role {role} is above your own role {ceiling}"
+        )),
+        StoreError::IdentityRefused {
+            name,
+            refusal: IdentityRefusal::LastManager,
+        } => hearth_core::Error::failed_precondition(format!(
+            "cannot delete identity {name:?}: it is the last identity of this tenant that can manage identities (identity.update); create another admin first"
+        ))
+        .into(),
+        e => e.into(),
+    }
 }
 
 pub fn routes() -> Router<AppState> {

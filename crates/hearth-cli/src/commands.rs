@@ -104,9 +104,11 @@ pub fn stdin_document(text: String) -> Result<String, CliError> {
     Ok(text)
 }
 
-/// Checks an `--expires-in` duration (`90s`, `15m`, `1h30m`, `2d`).
+/// Checks an `--expires-in` duration (`90s`, `15m`, `1h30m`, `2d`; at
+/// most 366d, as the server checks it).
 pub fn check_duration(text: &str) -> Result<(), CliError> {
-    duration_flag("--expires-in", text).map(|_| ())
+    hearth_core::rbac::parse_expires_in("--expires-in", text)?;
+    Ok(())
 }
 
 /// Reads the value of a duration flag (`90s`, `15m`, `1h30m`, `2d`; more
@@ -748,7 +750,7 @@ fn agents(
     let exec_wait = match &command {
         AgentsCommand::Exec {
             timeout: Some(t), ..
-        } => Some(duration_flag("--timeout", t)? + DEFAULT_TIMEOUT),
+        } => Some(duration_flag("--timeout", t)?.saturating_add(DEFAULT_TIMEOUT)),
         _ => None,
     };
     let settings = config::resolve(global, ctx.env, ctx.cwd)?;
@@ -1096,11 +1098,19 @@ mod tests {
         );
         let e = identity_body("x", "admin", "service", Some("soon")).unwrap_err();
         assert!(
-            e.message.starts_with("invalid --expires-in \"soon\""),
+            e.message.starts_with("--expires-in \"soon\" is not valid"),
             "{e}"
         );
         assert!(check_duration("0s").is_err());
         assert!(check_duration("1h30m").is_ok());
+        assert!(check_duration("366d").is_ok());
+        for long in ["367d", "99999999999999999999d", "18446744073709551615s"] {
+            let e = check_duration(long).unwrap_err();
+            assert_eq!(
+                e.message,
+                format!("--expires-in {long:?} is too long: tokens may last at most 366d")
+            );
+        }
     }
 
     #[test]

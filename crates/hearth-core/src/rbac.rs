@@ -95,8 +95,21 @@ impl fmt::Display for Permission {
 }
 
 /// A fixed bundle of permissions. Each role holds everything the role before
-/// it holds: `viewer` ⊂ `developer` ⊂ `admin` ⊂ `operator`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+/// it holds: `viewer` ⊂ `developer` ⊂ `admin` ⊂ `operator`, which is also
+/// their order (`Ord`): a role is "at most" another when it holds no more.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Reads everything in its tenant except identities.
@@ -170,6 +183,49 @@ impl FromStr for Role {
     }
 }
 
+/// The longest token lifetime `expires_in` may ask for: 366 days (a year,
+/// leap day included). Longer lifetimes are refused rather than clamped, so
+/// nobody believes a token lasts longer than it does.
+pub const MAX_EXPIRES_IN_SECS: u64 = 366 * 86_400;
+
+/// Parses an `expires_in` duration (`90s`, `15m`, `1h30m`, `30d`) into
+/// seconds: more than zero and at most [`MAX_EXPIRES_IN_SECS`]. The
+/// messages name `field` (`expires_in`, `--expires-in`).
+pub fn parse_expires_in(field: &str, text: &str) -> Result<u64, crate::Error> {
+    // `parse_duration` uses checked arithmetic: an overflowing value is
+    // `None`, never a wrapped one.
+    match crate::resource::parse_duration(text) {
+        Some(secs) if secs > MAX_EXPIRES_IN_SECS => Err(crate::Error::invalid(format!(
+            "{field} {text:?} is too long: tokens may last at most 366d"
+        ))),
+        Some(secs) if secs > 0 => Ok(secs),
+        // Digits only (a number too large for any unit) is still a
+        // duration that is too long rather than a malformed one.
+        None if is_overflowing_duration(text) => Err(crate::Error::invalid(format!(
+            "{field} {text:?} is too long: tokens may last at most 366d"
+        ))),
+        _ => Err(crate::Error::invalid(format!(
+            "{field} {text:?} is not valid: use a duration such as 1h or 30d"
+        ))),
+    }
+}
+
+/// Whether `text` is well formed (`<digits><unit>…`) but too large to count.
+fn is_overflowing_duration(text: &str) -> bool {
+    let mut digits = false;
+    let mut well_formed = !text.is_empty();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits = true;
+        } else if matches!(c, 's' | 'm' | 'h' | 'd') && digits {
+            digits = false;
+        } else {
+            well_formed = false;
+        }
+    }
+    well_formed && !digits && crate::resource::parse_duration(text).is_none()
+}
+
 /// Whether an identity is a person or an automation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -218,6 +274,47 @@ mod tests {
             if Role::Admin.allows(*p) {
                 assert!(Role::Operator.allows(*p), "{p}");
             }
+        }
+    }
+
+    #[test]
+    fn roles_are_ordered_by_what_they_hold() {
+        assert!(Role::Viewer < Role::Developer);
+        assert!(Role::Developer < Role::Admin);
+        assert!(Role::Admin < Role::Operator);
+        for pair in Role::ALL.windows(2) {
+            assert!(pair[0] < pair[1]);
+        }
+    }
+
+    #[test]
+    fn expires_in_is_bounded() {
+        assert_eq!(parse_expires_in("expires_in", "1h").unwrap(), 3600);
+        assert_eq!(
+            parse_expires_in("expires_in", "366d").unwrap(),
+            MAX_EXPIRES_IN_SECS
+        );
+        for long in [
+            "367d",
+            "8785h",
+            "99999999999999d",
+            "18446744073709551615s",
+            "99999999999999999999999d",
+        ] {
+            let e = parse_expires_in("expires_in", long).unwrap_err();
+            assert_eq!(
+                e.message,
+                format!("expires_in {long:?} is too long: tokens may last at most 366d")
+            );
+        }
+        for bad in ["soon", "0s", "", "12", "d"] {
+            let e = parse_expires_in("--expires-in", bad).unwrap_err();
+            assert!(
+                e.message
+                    .starts_with(&format!("--expires-in {bad:?} is not valid")),
+                "{}",
+                e.message
+            );
         }
     }
 

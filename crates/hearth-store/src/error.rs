@@ -1,6 +1,10 @@
 //! Store errors: typed, so the API can map each to the right code.
 
+use crate::AgentPhase;
+use hearth_core::ids::AgentId;
+use hearth_core::rbac::Role;
 use hearth_core::resource::Kind;
+use std::fmt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -23,6 +27,21 @@ pub enum StoreError {
     /// A count-based limit (the per-developer agent cap) was reached.
     #[error("limit of {0} reached")]
     LimitReached(i64),
+    /// [`Store::delete_identity`](crate::Store::delete_identity) or
+    /// [`Store::create_token`](crate::Store::create_token) refused to act
+    /// on the identity `name`.
+    #[error("identity {name:?}: {refusal}")]
+    IdentityRefused {
+        name: String,
+        refusal: IdentityRefusal,
+    },
+    /// A spawn named a parent agent that cannot be one
+    /// ([`Store::spawn_agent`](crate::Store::spawn_agent)).
+    #[error("parent agent {parent}: {problem}")]
+    BadParent {
+        parent: AgentId,
+        problem: ParentProblem,
+    },
     #[error("unsupported database URL {0:?}: use postgres://… or sqlite://PATH")]
     InvalidUrl(String),
     #[error("stored data is corrupt: {0}")]
@@ -33,4 +52,47 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("cannot prepare the data directory")]
     Io(#[from] std::io::Error),
+}
+
+/// Why an identity was not deleted or given a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityRefusal {
+    /// Its role is above the caller's ceiling.
+    AboveCeiling { role: Role, ceiling: Role },
+    /// It is the tenant's last identity whose role may manage identities.
+    LastManager,
+}
+
+impl fmt::Display for IdentityRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdentityRefusal::AboveCeiling { role, ceiling } => {
+                write!(f, "role {role} is above {ceiling}")
+            }
+            IdentityRefusal::LastManager => {
+                f.write_str("the last identity that manages identities")
+            }
+        }
+    }
+}
+
+/// Why a spawn's parent agent was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParentProblem {
+    /// No such agent in the tenant.
+    NotFound,
+    /// Another identity's agent (its owner's name).
+    OtherOwner(String),
+    /// It has ended (this phase).
+    Terminal(AgentPhase),
+}
+
+impl fmt::Display for ParentProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParentProblem::NotFound => f.write_str("not found"),
+            ParentProblem::OtherOwner(owner) => write!(f, "belongs to {owner:?}"),
+            ParentProblem::Terminal(phase) => write!(f, "is {phase}"),
+        }
+    }
 }

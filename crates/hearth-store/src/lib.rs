@@ -18,7 +18,7 @@ mod sql;
 mod sqlite;
 mod types;
 
-pub use error::StoreError;
+pub use error::{IdentityRefusal, ParentProblem, StoreError};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use types::*;
@@ -143,15 +143,29 @@ pub trait Store: Send + Sync + 'static {
     /// The tenant's identities, by name.
     async fn list_identities(&self, tenant: TenantId) -> Result<Vec<Identity>>;
 
-    /// Deletes an identity and every token of it. `NotFound` when absent.
-    async fn delete_identity(&self, tenant: TenantId, name: &str) -> Result<()>;
+    /// Deletes an identity and every token of it, in one transaction that
+    /// also checks: its role is at most `ceiling` (else
+    /// `IdentityRefused(AboveCeiling)`), and it is not the tenant's last
+    /// identity whose role holds `identity.update` (else
+    /// `IdentityRefused(LastManager)`). Concurrent deletes in one tenant
+    /// serialize, so two admins deleting each other cannot both succeed.
+    /// Returns the deleted identity; `NotFound` when absent.
+    async fn delete_identity(
+        &self,
+        tenant: TenantId,
+        name: &str,
+        ceiling: Role,
+    ) -> Result<Identity>;
 
-    /// Adds a token to an existing identity. `NotFound` when absent.
+    /// Adds a token to an existing identity whose role is at most
+    /// `ceiling` (else `IdentityRefused(AboveCeiling)`), in one
+    /// transaction. `NotFound` when absent.
     async fn create_token(
         &self,
         tenant: TenantId,
         identity_name: &str,
         token: &NewToken,
+        ceiling: Role,
     ) -> Result<()>;
 
     /// Looks a token up by its public id, with its identity and tenant.
@@ -265,8 +279,12 @@ pub trait Store: Send + Sync + 'static {
         image_version: i64,
     ) -> Result<u64>;
 
-    /// Spawns an agent in one transaction: the cap check of
-    /// [`Store::create_agent`], a claim of an idle VM of its workspace (as
+    /// Spawns an agent in one transaction: when it has a parent, the
+    /// parent must be an agent of the tenant (`BadParent(NotFound)`), of
+    /// the same owner (`BadParent(OtherOwner)`) and not terminal
+    /// (`BadParent(Terminal)`) — checked under a lock on the parent's row,
+    /// so a kill committing meanwhile is either seen or waits; then the
+    /// cap check of [`Store::create_agent`], a claim of an idle VM of its workspace (as
     /// [`Store::claim_idle_vm`]) and the agent's insert — `running` on the
     /// claimed VM, or `queued` when none is idle. Nothing else (the pool
     /// reconciler included) sees the agent before it is settled, so it

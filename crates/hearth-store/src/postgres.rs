@@ -16,7 +16,7 @@
 
 use crate::Result;
 use crate::shared::{WriteCount, WriteTx, impl_store};
-use crate::sql::{claim_idle_vm, select_owner, select_resource};
+use crate::sql::{claim_idle_vm, select_agent, select_owner, select_resource};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres};
 use std::sync::Arc;
@@ -83,6 +83,10 @@ impl PgStore {
     /// Serializes `create_agent`'s cap check per owner (see
     /// [`LOCK_TENANT`](Self::LOCK_TENANT) for `NO KEY UPDATE`).
     const SELECT_OWNER_FOR_CAP: &'static str = concat!(select_owner!(), " FOR NO KEY UPDATE");
+    /// A spawn's parent check: `FOR SHARE` conflicts with the row lock of
+    /// the `UPDATE` that kills or ends the parent, so a parent cannot end
+    /// between the check and the child's commit unseen.
+    const SELECT_PARENT_FOR_SPAWN: &'static str = concat!(select_agent!(), " FOR SHARE");
 
     fn reader(&self) -> &PgPool {
         &self.pool

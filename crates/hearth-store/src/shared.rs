@@ -26,6 +26,10 @@
 //!   [`sql::select_owner!`](crate::sql::select_owner) plus a row lock where
 //!   the backend has row locks, so `create_agent`'s cap check serializes
 //!   per owner;
+//! - `const SELECT_PARENT_FOR_SPAWN: &'static str` —
+//!   [`sql::select_agent!`](crate::sql::select_agent) plus a shared row
+//!   lock where the backend has row locks, so a parent cannot end unseen
+//!   while `spawn_agent` checks it;
 //! - `fn reader(&self) -> &Pool<Db>` and `fn writer(&self) -> &Pool<Db>` —
 //!   where reads and writes go;
 //! - `async fn begin_write(&self) -> Result<WriteTx<Db>>` — starts a write
@@ -55,10 +59,11 @@ macro_rules! impl_store {
             use ::hearth_core::resource::Kind;
             use $crate::sql::{self, ViolationExt};
             use $crate::{
-                AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Build, Identity, InsertVm,
-                InstanceFilter, InstanceRecord, InstanceStatus, NewAgent, NewToken, PoolState,
-                Precondition, PutOutcome, PutResource, Ready, ResourceRecord, Result, Store,
-                StoreError, Tenant, TokenRecord, VmRecord, VmState, WorkspaceState, now_millis,
+                AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Build, Identity,
+                IdentityRefusal, InsertVm, InstanceFilter, InstanceRecord, InstanceStatus,
+                NewAgent, NewToken, ParentProblem, PoolState, Precondition, PutOutcome,
+                PutResource, Ready, ResourceRecord, Result, Store, StoreError, Tenant, TokenRecord,
+                VmRecord, VmState, WorkspaceState, now_millis,
             };
 
             type Conn = <$db as ::sqlx::Database>::Connection;
@@ -332,6 +337,130 @@ macro_rules! impl_store {
                             .await?;
                     }
                     Ok(true)
+                }
+
+                /// The parent check of [`Store::spawn_agent`] (inside its
+                /// transaction): the parent is an active agent of the
+                /// same tenant and owner.
+                async fn check_parent(conn: &mut Conn, agent: &NewAgent) -> Result<()> {
+                    let Some(parent) = agent.parent_id else {
+                        return Ok(());
+                    };
+                    let row = ::sqlx::query_as::<_, sql::AgentRow>(Self::SELECT_PARENT_FOR_SPAWN)
+                        .bind(agent.tenant_id.to_string())
+                        .bind(parent.to_string())
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                    let bad = |problem| StoreError::BadParent { parent, problem };
+                    let Some(row) = row else {
+                        return Err(bad(ParentProblem::NotFound));
+                    };
+                    let record: AgentRecord = row.try_into()?;
+                    if record.owner_id != agent.owner_id {
+                        return Err(bad(ParentProblem::OtherOwner(record.owner_name)));
+                    }
+                    if !AgentPhase::ACTIVE.contains(&record.phase) {
+                        return Err(bad(ParentProblem::Terminal(record.phase)));
+                    }
+                    Ok(())
+                }
+
+                /// The checks and the delete of [`Store::delete_identity`]
+                /// (inside its transaction).
+                async fn delete_identity_tx(
+                    conn: &mut Conn,
+                    tenant: TenantId,
+                    name: &str,
+                    ceiling: Role,
+                ) -> Result<Identity> {
+                    let tenant_id = tenant.to_string();
+                    // Serializes deletes per tenant (PostgreSQL; SQLite's
+                    // write transaction is exclusive): the count below sees
+                    // every delete that committed before.
+                    if let Some(lock) = Self::LOCK_TENANT {
+                        ::sqlx::query(lock)
+                            .bind(&tenant_id)
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    let identities: Vec<Identity> = sql::decode_all(
+                        ::sqlx::query_as::<_, sql::IdentityRow>(sql::LIST_IDENTITIES)
+                            .bind(&tenant_id)
+                            .fetch_all(&mut *conn)
+                            .await?,
+                    )?;
+                    let Some(identity) = identities.iter().find(|i| i.name == name).cloned() else {
+                        return Err(StoreError::NotFound(format!("identity {name:?}")));
+                    };
+                    let refused = |refusal| StoreError::IdentityRefused {
+                        name: name.to_owned(),
+                        refusal,
+                    };
+                    if identity.role > ceiling {
+                        return Err(refused(IdentityRefusal::AboveCeiling {
+                            role: identity.role,
+                            ceiling,
+                        }));
+                    }
+                    let manages =
+                        |r: Role| r.allows(::hearth_core::rbac::Permission::IdentityUpdate);
+                    if manages(identity.role)
+                        && !identities
+                            .iter()
+                            .any(|i| i.id != identity.id && manages(i.role))
+                    {
+                        return Err(refused(IdentityRefusal::LastManager));
+                    }
+                    ::sqlx::query(sql::DELETE_IDENTITY)
+                        .bind(&tenant_id)
+                        .bind(name)
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(identity)
+                }
+
+                /// The checks and the insert of [`Store::create_token`]
+                /// (inside its transaction).
+                async fn create_token_tx(
+                    conn: &mut Conn,
+                    tenant: TenantId,
+                    identity_name: &str,
+                    token: &NewToken,
+                    ceiling: Role,
+                ) -> Result<()> {
+                    let identity: Identity =
+                        ::sqlx::query_as::<_, sql::IdentityRow>(sql::GET_IDENTITY)
+                            .bind(tenant.to_string())
+                            .bind(identity_name)
+                            .fetch_optional(&mut *conn)
+                            .await?
+                            .ok_or_else(|| {
+                                StoreError::NotFound(format!("identity {identity_name:?}"))
+                            })?
+                            .try_into()?;
+                    if identity.role > ceiling {
+                        return Err(StoreError::IdentityRefused {
+                            name: identity_name.to_owned(),
+                            refusal: IdentityRefusal::AboveCeiling {
+                                role: identity.role,
+                                ceiling,
+                            },
+                        });
+                    }
+                    ::sqlx::query(sql::INSERT_TOKEN)
+                        .bind(token.id.to_string())
+                        .bind(identity.id.to_string())
+                        .bind(token.secret_sha256.as_slice())
+                        .bind(token.expires_at)
+                        .bind(now_millis())
+                        .execute(&mut *conn)
+                        .await
+                        .on_unique(|| token_exists(token.id))
+                        // Deleted meanwhile (PostgreSQL, READ COMMITTED).
+                        .on_foreign_key(|| {
+                            StoreError::NotFound(format!("identity {identity_name:?}"))
+                        })?;
+                    Ok(())
                 }
 
                 /// The developer cap check of [`Store::create_agent`]
@@ -800,17 +929,15 @@ macro_rules! impl_store {
                     sql::decode_all(rows)
                 }
 
-                async fn delete_identity(&self, tenant: TenantId, name: &str) -> Result<()> {
-                    let _written = self.written();
-                    let done = ::sqlx::query(sql::DELETE_IDENTITY)
-                        .bind(tenant.to_string())
-                        .bind(name)
-                        .execute(self.writer())
-                        .await?;
-                    if done.rows_affected() == 0 {
-                        return Err(StoreError::NotFound(format!("identity {name:?}")));
-                    }
-                    Ok(())
+                async fn delete_identity(
+                    &self,
+                    tenant: TenantId,
+                    name: &str,
+                    ceiling: Role,
+                ) -> Result<Identity> {
+                    let mut tx = self.begin_write().await?;
+                    let result = Self::delete_identity_tx(&mut tx, tenant, name, ceiling).await;
+                    Self::finish(tx, result).await
                 }
 
                 async fn create_token(
@@ -818,22 +945,12 @@ macro_rules! impl_store {
                     tenant: TenantId,
                     identity_name: &str,
                     token: &NewToken,
+                    ceiling: Role,
                 ) -> Result<()> {
-                    let _written = self.written();
-                    let done = ::sqlx::query(sql::INSERT_TOKEN_BY_IDENTITY_NAME)
-                        .bind(token.id.to_string())
-                        .bind(token.secret_sha256.as_slice())
-                        .bind(token.expires_at)
-                        .bind(now_millis())
-                        .bind(tenant.to_string())
-                        .bind(identity_name)
-                        .execute(self.writer())
-                        .await
-                        .on_unique(|| token_exists(token.id))?;
-                    if done.rows_affected() == 0 {
-                        return Err(StoreError::NotFound(format!("identity {identity_name:?}")));
-                    }
-                    Ok(())
+                    let mut tx = self.begin_write().await?;
+                    let result =
+                        Self::create_token_tx(&mut tx, tenant, identity_name, token, ceiling).await;
+                    Self::finish(tx, result).await
                 }
 
                 async fn find_token(&self, id: TokenId) -> Result<Option<TokenRecord>> {
@@ -1069,6 +1186,7 @@ macro_rules! impl_store {
                 ) -> Result<AgentRecord> {
                     let mut tx = self.begin_write().await?;
                     let result = async {
+                        Self::check_parent(&mut tx, agent).await?;
                         Self::check_developer_cap(&mut tx, agent, developer_cap).await?;
                         // The VM first: the agent row is then written once,
                         // already `running` on it (or `queued`).

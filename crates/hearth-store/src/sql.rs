@@ -54,11 +54,6 @@ pub const DELETE_IDENTITY: &str = "DELETE FROM identities WHERE tenant_id = $1 A
 pub const INSERT_TOKEN: &str = "INSERT INTO tokens (id, identity_id, secret_sha256, expires_at, created_at) \
      VALUES ($1, $2, $3, $4, $5)";
 
-/// Inserts a token for an identity named in a tenant; inserts nothing (0
-/// rows affected) when there is no such identity.
-pub const INSERT_TOKEN_BY_IDENTITY_NAME: &str = "INSERT INTO tokens (id, identity_id, secret_sha256, expires_at, created_at) \
-     SELECT $1, id, $2, $3, $4 FROM identities WHERE tenant_id = $5 AND name = $6";
-
 pub const FIND_TOKEN: &str = "SELECT t.id AS token_id, t.secret_sha256, t.expires_at, \
             i.id, i.tenant_id, i.name, i.kind, i.role, i.created_at \
      FROM tokens t JOIN identities i ON i.id = t.identity_id \
@@ -307,6 +302,7 @@ macro_rules! agent_columns {
          updated_at, queued_at, started_at, finished_at"
     };
 }
+pub(crate) use agent_columns;
 
 /// `$1`…`$21` in [`agent_columns!`] order.
 pub const INSERT_AGENT: &str = concat!(
@@ -335,11 +331,20 @@ pub static COUNT_ACTIVE_TOP_LEVEL_AGENTS: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-pub const GET_AGENT: &str = concat!(
-    "SELECT ",
-    agent_columns!(),
-    " FROM agents WHERE tenant_id = $1 AND id = $2"
-);
+/// Agent `$2` of tenant `$1`, as a literal so a backend can append a row
+/// lock with `concat!` (a spawn's parent check).
+macro_rules! select_agent {
+    () => {
+        concat!(
+            "SELECT ",
+            $crate::sql::agent_columns!(),
+            " FROM agents WHERE tenant_id = $1 AND id = $2"
+        )
+    };
+}
+pub(crate) use select_agent;
+
+pub const GET_AGENT: &str = select_agent!();
 
 pub const LIST_QUEUED_AGENTS: &str = concat!(
     "SELECT ",

@@ -19,7 +19,7 @@
 
 use crate::Result;
 use crate::shared::{WriteCount, WriteTx, impl_store};
-use crate::sql::{claim_idle_vm, select_owner, select_resource};
+use crate::sql::{claim_idle_vm, select_agent, select_owner, select_resource};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -137,6 +137,8 @@ impl SqliteStore {
     const LOCK_TENANT: Option<&'static str> = None;
     /// No row locks; the write transaction holds the file's lock.
     const SELECT_OWNER_FOR_CAP: &'static str = select_owner!();
+    /// No row locks; the write transaction holds the file's lock.
+    const SELECT_PARENT_FOR_SPAWN: &'static str = select_agent!();
 
     fn reader(&self) -> &SqlitePool {
         &self.read

@@ -12,10 +12,10 @@ use hearth_core::ids::{AgentId, IdentityId, InstanceId, TenantId, TokenId, VmId}
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, ResourceRef};
 use hearth_store::{
-    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Identity, InsertVm, InstanceFilter,
-    InstanceRecord, InstanceStatus, NewAgent, NewToken, OnIdle, PgStore, PoolState, Precondition,
-    PutOutcome, PutResource, Ready, SqliteStore, Store, StoreError, VmRecord, VmState,
-    WorkspaceState, now_millis,
+    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Identity, IdentityRefusal, InsertVm,
+    InstanceFilter, InstanceRecord, InstanceStatus, NewAgent, NewToken, OnIdle, ParentProblem,
+    PgStore, PoolState, Precondition, PutOutcome, PutResource, Ready, SqliteStore, Store,
+    StoreError, VmRecord, VmState, WorkspaceState, now_millis,
 };
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
@@ -543,35 +543,55 @@ async fn identities_crud(ctx: Ctx) {
 
     // Tokens.
     let bob_token = token();
-    s.create_token(acme, "bob", &bob_token).await.unwrap();
+    s.create_token(acme, "bob", &bob_token, Role::Operator)
+        .await
+        .unwrap();
     assert_eq!(
         s.find_token(bob_token.id).await.unwrap().unwrap().identity,
         bob
     );
-    let err = s.create_token(acme, "nobody", &token()).await.unwrap_err();
+    let err = s
+        .create_token(acme, "nobody", &token(), Role::Operator)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, StoreError::NotFound(m) if m == "identity \"nobody\""),
         "{err:?}"
     );
-    let err = s.create_token(other, "ci-bot", &token()).await.unwrap_err();
+    let err = s
+        .create_token(other, "ci-bot", &token(), Role::Operator)
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
-    let err = s.create_token(acme, "bob", &bob_token).await.unwrap_err();
+    let err = s
+        .create_token(acme, "bob", &bob_token, Role::Operator)
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists(_)), "{err:?}");
 
     // Deleting an identity takes its tokens along.
-    s.delete_identity(acme, "ci-bot").await.unwrap();
+    s.delete_identity(acme, "ci-bot", Role::Operator)
+        .await
+        .unwrap();
     assert!(s.find_token(bot_token.id).await.unwrap().is_none());
     assert!(matches!(
         s.get_identity(acme, "ci-bot").await,
         Err(StoreError::NotFound(_))
     ));
-    let err = s.delete_identity(acme, "ci-bot").await.unwrap_err();
+    let err = s
+        .delete_identity(acme, "ci-bot", Role::Operator)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, StoreError::NotFound(m) if m == "identity \"ci-bot\""),
         "{err:?}"
     );
     // … and only from its own tenant.
-    assert!(matches!(s.delete_identity(other, "admin").await, Ok(())));
+    assert!(
+        s.delete_identity(other, "admin", Role::Operator)
+            .await
+            .is_ok()
+    );
     assert!(s.get_identity(acme, "admin").await.is_ok());
     let names: Vec<_> = s
         .list_identities(acme)
@@ -603,7 +623,9 @@ async fn find_token_round_trips(ctx: Ctx) {
         .await
         .unwrap();
     let forever = token();
-    s.create_token(acme, "bot", &forever).await.unwrap();
+    s.create_token(acme, "bot", &forever, Role::Operator)
+        .await
+        .unwrap();
 
     let found = s.find_token(expiring.id).await.unwrap().unwrap();
     assert_eq!(found.id, expiring.id);
@@ -3167,6 +3189,155 @@ async fn spawn_agent_claims_or_queues_in_one_go(ctx: Ctx) {
         .filter(|v| v.workspace == "web" && v.state == VmState::Idle)
         .count();
     assert_eq!(idle_left, 1, "rolled back");
+}
+
+both_backends!(spawn_agent_checks_the_parent_in_its_transaction);
+async fn spawn_agent_checks_the_parent_in_its_transaction(ctx: Ctx) {
+    let s = &ctx.store;
+    let (t, admin) = tenant_with_admin(s, "acme").await;
+    let (other_tenant, other_admin) = tenant_with_admin(s, "other").await;
+    let dev = s
+        .create_identity(t, "dev", IdentityKind::Developer, Role::Developer, None)
+        .await
+        .unwrap();
+    let parent = queued_agent(s, t, &dev, "web").await;
+    let child_of = |owner: &Identity, parent: AgentId| NewAgent {
+        parent_id: Some(parent),
+        ..new_agent(t, owner, "web")
+    };
+    s.insert_vm(&vm(t, "web", VmState::Idle, 1)).await.unwrap();
+
+    // Refusals claim nothing and insert nothing.
+    let refusals = [
+        (
+            child_of(&admin, parent.id),
+            ParentProblem::OtherOwner("dev".into()),
+        ),
+        (child_of(&dev, AgentId::new()), ParentProblem::NotFound),
+        (
+            NewAgent {
+                parent_id: Some(queued_agent(s, other_tenant, &other_admin, "web").await.id),
+                ..new_agent(t, &dev, "web")
+            },
+            ParentProblem::NotFound,
+        ),
+    ];
+    for (agent, problem) in refusals {
+        let err = s.spawn_agent(&agent, Some(1)).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::BadParent { problem: p, .. } if *p == problem),
+            "{err:?}"
+        );
+    }
+    // The dev's own active agent is a parent, and the child is exempt
+    // from the cap the parent already fills.
+    let child = s
+        .spawn_agent(&child_of(&dev, parent.id), Some(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        (child.parent_id, child.phase),
+        (Some(parent.id), AgentPhase::Running)
+    );
+    // Once the parent is killed, it is none.
+    s.transition_agent(
+        t,
+        parent.id,
+        AgentPhase::ACTIVE,
+        AgentPhase::Killed,
+        &AgentUpdate::default(),
+    )
+    .await
+    .unwrap();
+    let err = s
+        .spawn_agent(&child_of(&dev, parent.id), Some(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::BadParent { parent: p, problem: ParentProblem::Terminal(AgentPhase::Killed) } if *p == parent.id),
+        "{err:?}"
+    );
+    let agents = s.list_agents(t, &AgentFilter::default()).await.unwrap();
+    assert_eq!(agents.len(), 2, "only the parent and its one child exist");
+}
+
+both_backends!(identity_deletes_and_tokens_respect_ceiling_and_last_manager);
+async fn identity_deletes_and_tokens_respect_ceiling_and_last_manager(ctx: Ctx) {
+    let s = &ctx.store;
+    let (t, _admin) = tenant_with_admin(s, "acme").await;
+    s.create_identity(t, "op", IdentityKind::Developer, Role::Operator, None)
+        .await
+        .unwrap();
+    s.create_identity(t, "viewer", IdentityKind::Developer, Role::Viewer, None)
+        .await
+        .unwrap();
+    // Above the ceiling: no token, no delete.
+    let err = s
+        .create_token(t, "op", &token(), Role::Admin)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StoreError::IdentityRefused {
+                refusal: IdentityRefusal::AboveCeiling {
+                    role: Role::Operator,
+                    ceiling: Role::Admin
+                },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = s.delete_identity(t, "op", Role::Admin).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::IdentityRefused { .. }),
+        "{err:?}"
+    );
+    assert!(s.get_identity(t, "op").await.is_ok());
+    // At or below it: fine.
+    s.create_token(t, "viewer", &token(), Role::Admin)
+        .await
+        .unwrap();
+    s.create_token(t, "admin", &token(), Role::Admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.delete_identity(t, "viewer", Role::Admin)
+            .await
+            .unwrap()
+            .name,
+        "viewer"
+    );
+    // The last manager (admin or operator) stays.
+    s.delete_identity(t, "op", Role::Operator).await.unwrap();
+    let err = s
+        .delete_identity(t, "admin", Role::Operator)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::IdentityRefused { name, refusal: IdentityRefusal::LastManager } if name == "admin"),
+        "{err:?}"
+    );
+    assert!(s.get_identity(t, "admin").await.is_ok());
+}
+
+both_backends!(two_admins_deleting_each_other_leave_one, multi_thread);
+async fn two_admins_deleting_each_other_leave_one(ctx: Ctx) {
+    let s = ctx.store.clone();
+    for round in 0..10 {
+        let (t, _) = tenant_with_admin(&s, &format!("t{round}")).await;
+        s.create_identity(t, "second", IdentityKind::Developer, Role::Admin, None)
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(
+            s.delete_identity(t, "admin", Role::Admin),
+            s.delete_identity(t, "second", Role::Admin)
+        );
+        let deleted = [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count();
+        assert_eq!(deleted, 1, "round {round}: {a:?} {b:?}");
+        assert_eq!(s.list_identities(t).await.unwrap().len(), 1);
+    }
 }
 
 both_backends!(concurrent_spawns_claim_each_vm_once, multi_thread);

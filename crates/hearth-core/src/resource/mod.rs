@@ -10,7 +10,7 @@ mod workspace;
 pub use environment::{DriverKind, Environment, Network, REDACTED};
 pub use image::Image;
 pub use pool_config::{DEFAULT_NAME as POOL_CONFIG_NAME, PoolConfig, ReapMode};
-pub use workspace::{Repo, SetupCommand, WarmPool, Workspace};
+pub use workspace::{Repo, SetupCommand, WarmPool, Workspace, mask_repo_url, repo_url_secret};
 
 use crate::Error;
 use serde::{Serialize, de::DeserializeOwned};

@@ -1,6 +1,6 @@
 //! The workspace: a project's repos, its warm-pool size and setup.
 
-use super::{Kind, ResourceRef, Spec, validate_name};
+use super::{Kind, REDACTED, ResourceRef, Spec, validate_name};
 use crate::Error;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -44,6 +44,40 @@ pub struct Repo {
 
 fn default_branch() -> String {
     "main".to_owned()
+}
+
+/// The credential in a repo URL's userinfo (`scheme://user:password@host/…`
+/// → `password`; for http(s), a token-only `https://token@host/…` → `token`),
+/// or `None`. The user name of other schemes (`ssh://git@host/…`) is not a
+/// secret. `@` may appear in the password: the host starts after the last one.
+pub fn repo_url_secret(url: &str) -> Option<&str> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    let secret = match userinfo.split_once(':') {
+        Some((_, password)) => password,
+        None if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") => {
+            userinfo
+        }
+        None => return None,
+    };
+    (!secret.is_empty()).then_some(secret)
+}
+
+/// `url` with its credential ([`repo_url_secret`]) replaced by `***`.
+pub fn mask_repo_url(url: &str) -> String {
+    match repo_url_secret(url) {
+        Some(secret) => {
+            // The secret is a slice of `url`: replace exactly that span.
+            let start = secret.as_ptr() as usize - url.as_ptr() as usize;
+            format!(
+                "{}{REDACTED}{}",
+                &url[..start],
+                &url[start + secret.len()..]
+            )
+        }
+        None => url.to_owned(),
+    }
 }
 
 impl Repo {
@@ -193,6 +227,45 @@ impl Spec for Workspace {
             name: self.environment.clone(),
         }]
     }
+
+    fn redacted(&self) -> Self {
+        let mut copy = self.clone();
+        for repo in &mut copy.repos {
+            repo.url = mask_repo_url(&repo.url);
+        }
+        copy
+    }
+
+    /// A repo URL whose credential is `***` gets the stored URL back — the
+    /// stored repo of the same folder name (else at the same position)
+    /// whose masked URL is exactly this one. Matching the whole masked URL
+    /// means the stored credential is only ever sent where it was sent
+    /// before: pointing `***` at another host is refused.
+    fn restore_masked(&mut self, previous: Option<&Self>) -> Result<(), Error> {
+        let stored = previous.map_or(&[][..], |p| p.repos.as_slice());
+        for (i, repo) in self.repos.iter_mut().enumerate() {
+            if repo_url_secret(&repo.url) != Some(REDACTED) {
+                continue;
+            }
+            let dir = repo.dir_name();
+            let matches = |r: &&Repo| mask_repo_url(&r.url) == repo.url;
+            let found = stored
+                .iter()
+                .filter(|r| r.dir_name() == dir)
+                .find(matches)
+                .or_else(|| stored.get(i).filter(matches));
+            match found {
+                Some(r) => repo.url = r.url.clone(),
+                None => {
+                    return Err(Error::invalid(format!(
+                        "repos[{i}].url: {REDACTED:?} is the mask for a stored credential, and no stored repo has the URL {:?}; give the real credential",
+                        repo.url
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -217,6 +290,85 @@ mod tests {
         assert_eq!(r("https://example.org/org/myrepo.git"), "myrepo");
         assert_eq!(r("git@example.org:org/other"), "other");
         assert_eq!(r("/srv/git/local.git/"), "local");
+    }
+
+    #[test]
+    fn repo_credentials_are_masked() {
+        let cases = [
+            (
+                "https://user:secret@host/repo.git",
+                Some("secret"),
+                "https://user:***@host/repo.git",
+            ),
+            (
+                "https://ghp_token@github.com/o/r.git",
+                Some("ghp_token"),
+                "https://***@github.com/o/r.git",
+            ),
+            (
+                "HTTP://u:p@ss@host:8080/x?y#z",
+                Some("p@ss"),
+                "HTTP://u:***@host:8080/x?y#z",
+            ),
+            (
+                "ssh://git@github.com/o/s.git",
+                None,
+                "ssh://git@github.com/o/s.git",
+            ),
+            (
+                "ssh://git:pw@host/s.git",
+                Some("pw"),
+                "ssh://git:***@host/s.git",
+            ),
+            ("git@github.com:o/r.git", None, "git@github.com:o/r.git"),
+            ("https://host/a@b", None, "https://host/a@b"),
+            ("https://user:@host/x", None, "https://user:@host/x"),
+            ("/srv/git/local.git", None, "/srv/git/local.git"),
+        ];
+        for (url, secret, masked) in cases {
+            assert_eq!(repo_url_secret(url), secret, "{url}");
+            assert_eq!(mask_repo_url(url), masked, "{url}");
+        }
+    }
+
+    #[test]
+    fn masked_repo_urls_round_trip_to_the_stored_credential() {
+        let stored = yaml(
+            "environment: dev\nrepos:\n- url: https://u:s3cret@host/a.git\n- url: https://tok@host/b.git\n  name: bee\n",
+        )
+        .unwrap();
+        let shown = stored.redacted();
+        assert_eq!(shown.repos[0].url, "https://u:***@host/a.git");
+        assert_eq!(shown.repos[1].url, "https://***@host/b.git");
+        assert!(!serde_json::to_string(&shown).unwrap().contains("s3cret"));
+        // Written back as shown: the stored values stay.
+        let mut back = shown.clone();
+        back.restore_masked(Some(&stored)).unwrap();
+        assert_eq!(back, stored);
+        // Reordered: matched by folder name, not position.
+        let mut reordered = shown.clone();
+        reordered.repos.reverse();
+        reordered.restore_masked(Some(&stored)).unwrap();
+        assert_eq!(reordered.repos[0].url, "https://tok@host/b.git");
+        assert_eq!(reordered.repos[1].url, "https://u:s3cret@host/a.git");
+        // The mask pointed at another host: refused, nothing revealed.
+        let mut moved = shown.clone();
+        moved.repos[0].url = "https://u:***@evil.example/a.git".into();
+        let e = moved.restore_masked(Some(&stored)).unwrap_err();
+        assert!(
+            e.message.starts_with("repos[0].url: \"***\" is the mask"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("s3cret"));
+        // No stored workspace at all.
+        let mut fresh = shown;
+        assert!(fresh.restore_masked(None).is_err());
+        // A new real credential replaces the stored one.
+        let mut new = stored.redacted();
+        new.repos[0].url = "https://u:other@host/a.git".into();
+        new.restore_masked(Some(&stored)).unwrap();
+        assert_eq!(new.repos[0].url, "https://u:other@host/a.git");
     }
 
     #[test]
