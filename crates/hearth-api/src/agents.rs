@@ -86,7 +86,8 @@ pub struct SpawnRequest {
     /// A shell command run from `/home` on the VM; the agent ends with it.
     #[serde(default)]
     pub command: Option<String>,
-    /// The agent that spawns this one (children are exempt from the cap).
+    /// The agent that spawns this one: one of the caller's own active
+    /// agents (children are exempt from the cap).
     #[serde(default)]
     pub parent: Option<String>,
     /// sleep (default), terminate or keep-alive.
@@ -256,6 +257,34 @@ pub async fn spawn(
     Ok((StatusCode::CREATED, Json(AgentView::from(&agent))))
 }
 
+/// Agents as shown to a reader: their output tails masked with the
+/// current secrets of their workspace (the environment's variables, repo
+/// URL credentials). Output is already masked when stored; masking again
+/// here also covers tails stored before a value became a secret.
+async fn masked_views(
+    state: &AppState,
+    agents: &[AgentRecord],
+) -> Result<Vec<AgentView>, ApiError> {
+    let mut redactors = std::collections::HashMap::new();
+    let mut views = Vec::with_capacity(agents.len());
+    for agent in agents {
+        let mut view = AgentView::from(agent);
+        if !view.output.is_empty() {
+            if !redactors.contains_key(&agent.workspace) {
+                let (_, redactor) = state
+                    .pool
+                    .agent_environment(agent.tenant_id, &agent.workspace)
+                    .await
+                    .map_err(pool_error)?;
+                redactors.insert(agent.workspace.clone(), redactor);
+            }
+            view.output = redactors[&agent.workspace].redact(&view.output);
+        }
+        views.push(view);
+    }
+    Ok(views)
+}
+
 /// The answer to a refused `--parent`: why that agent cannot be the parent.
 fn bad_parent(parent: AgentId, problem: ParentProblem) -> ApiError {
     const RULE: &str = "a child agent's parent must be one of your own active agents";
@@ -326,7 +355,7 @@ pub async fn list(
     };
     let agents = state.store.list_agents(caller.tenant(), &filter).await?;
     Ok(Json(AgentList {
-        items: agents.iter().map(AgentView::from).collect(),
+        items: masked_views(&state, &agents).await?,
     }))
 }
 
@@ -339,7 +368,9 @@ pub async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<AgentView>, ApiError> {
     caller.require(Permission::AgentGet)?;
-    Ok(Json(AgentView::from(&load(&state, &caller, &id).await?)))
+    let agent = load(&state, &caller, &id).await?;
+    let mut views = masked_views(&state, std::slice::from_ref(&agent)).await?;
+    Ok(Json(views.remove(0)))
 }
 
 async fn transition(

@@ -47,7 +47,7 @@ pub struct CreateIdentity {
     #[serde(default = "developer")]
     pub kind: IdentityKind,
     pub role: Role,
-    /// Token lifetime such as `24h`; absent means no expiry.
+    /// Token lifetime such as `24h`, at most `366d`; absent means no expiry.
     #[serde(default)]
     pub expires_in: Option<String>,
 }
@@ -67,6 +67,7 @@ pub struct IdentityCreated {
 #[derive(Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
+    /// Token lifetime such as `24h`, at most `366d`; absent means no expiry.
     #[serde(default)]
     pub expires_in: Option<String>,
 }

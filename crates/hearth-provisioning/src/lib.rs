@@ -8,8 +8,9 @@
 //! - the pipeline talks to a VM only through the [`Driver`](hearth_drivers::Driver) trait and never
 //!   touches the store: progress leaves through a [`Recorder`];
 //! - the first failing step stops the run; later steps stay `pending`;
-//! - secret values (the environment's variables) never leave in a step's
-//!   output or error, nor in a log line: they are replaced by `***`.
+//! - secret values (the environment's variables, repo URL credentials)
+//!   never leave in a step's output or error, nor in a log line: they are
+//!   replaced by `***`.
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -20,7 +21,7 @@ mod pipeline;
 pub mod redact;
 pub mod settings;
 
-pub use pipeline::{ENV_FILE, OUTPUT_FLUSH, provision};
+pub use pipeline::{ENV_FILE, OUTPUT_FLUSH, provision, secret_redactor};
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;

@@ -26,7 +26,8 @@
 //! that runs past the limit with `<name> timed out after <limit>`.
 //!
 //! **Secrets.** The variables' values, their quoted form in `/home/.env`
-//! and the passwords of `scheme://user:password@host` repo URLs are
+//! and the credentials of repo URLs (`scheme://user:password@host`,
+//! `https://token@host`) are
 //! replaced by `***` in every output and error that leaves here (see
 //! [`Redactor`]); log lines carry only the VM id, step, repo, status and
 //! duration.
@@ -150,8 +151,27 @@ fn actions<'p>(plan: &'p ProvisionPlan, steps: &[Step]) -> Vec<Action<'p>> {
 
 /// Every value that must not leave in an output or error.
 fn secrets(plan: &ProvisionPlan) -> Vec<String> {
+    secret_values(&plan.env, plan.repos.iter().map(|r| r.url.as_str()))
+}
+
+/// A redactor of the secrets of an environment's variables and a
+/// workspace's repo URLs, as provisioning masks them: what an agent's
+/// command output on such a VM is masked with too.
+pub fn secret_redactor<'a>(
+    env: &BTreeMap<String, String>,
+    repo_urls: impl IntoIterator<Item = &'a str>,
+) -> Redactor {
+    Redactor::new(secret_values(env, repo_urls))
+}
+
+/// The variables' values (also as quoted in `/home/.env`) and the repo
+/// URLs' credentials.
+fn secret_values<'a>(
+    env: &BTreeMap<String, String>,
+    repo_urls: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
     let mut secrets = Vec::new();
-    for value in plan.env.values() {
+    for value in env.values() {
         secrets.push(value.clone());
         // As it appears inside its quotes in /home/.env.
         let quoted = shell_quote(value);
@@ -160,17 +180,15 @@ fn secrets(plan: &ProvisionPlan) -> Vec<String> {
             secrets.push(inner.to_owned());
         }
     }
-    secrets.extend(plan.repos.iter().filter_map(|r| url_password(&r.url)));
+    secrets.extend(repo_urls.into_iter().filter_map(url_password));
     secrets
 }
 
-/// The password of a `scheme://user:password@host/…` URL.
+/// The credential of a repo URL: the password of
+/// `scheme://user:password@host/…`, or the token of `https://token@host/…`
+/// (as the API masks it: `hearth_core::resource::repo_url_secret`).
 fn url_password(url: &str) -> Option<String> {
-    let (_, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let (userinfo, _) = authority.rsplit_once('@')?;
-    let (_, password) = userinfo.split_once(':')?;
-    (!password.is_empty()).then(|| password.to_owned())
+    hearth_core::resource::repo_url_secret(url).map(str::to_owned)
 }
 
 /// `text` as one word for `/bin/sh`, in single quotes.
@@ -637,7 +655,8 @@ mod tests {
         let mut found = secrets(&plan);
         found.sort();
         assert_eq!(found, ["", "ghp_abc", "it'\\''s", "it's"]);
-        assert_eq!(url_password("https://user@host/x"), None);
+        assert_eq!(url_password("https://tok@host/x").as_deref(), Some("tok"));
+        assert_eq!(url_password("ssh://git@host/x"), None);
         assert_eq!(url_password("git@github.com:o/r.git"), None);
         assert_eq!(
             url_password("https://u:p@ss@host/x").as_deref(),

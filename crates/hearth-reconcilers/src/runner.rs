@@ -13,13 +13,16 @@ use hearth_core::resource::{
 use hearth_drivers::{
     Driver, DriverError, Drivers, ExecRequest, ExecResult, ImageSpec, OutputChunk, Stream, VmSpec,
 };
-use hearth_provisioning::{Command, ProvisionPlan, Recorder, RepoPlan, Step, StepStatus, Summary};
+use hearth_provisioning::redact::{Redactor, TailBuffer};
+use hearth_provisioning::{
+    Command, ProvisionPlan, Recorder, RepoPlan, Step, StepStatus, Summary, secret_redactor,
+};
 use hearth_store::{
     AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Build, ChangeToken, InsertVm, Millis, Ready,
     Store, StoreError, VmRecord, VmState, WorkspaceState, now_millis,
 };
 use hearth_store::{InstanceRecord, InstanceStatus};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -346,18 +349,6 @@ fn provision_plan(ws: &Workspace, env: &Environment, options: &PoolOptions) -> P
         warm_pool_setup: commands(&ws.warm_pool.setup_commands),
         guest_timeout: Duration::from_millis(options.settings.boot_timeout_ms.max(1) as u64),
         command_timeout: options.command_timeout,
-    }
-}
-
-/// Keeps the last `OUTPUT_TAIL` bytes of a growing text.
-fn push_tail(buffer: &mut String, data: &str) {
-    buffer.push_str(data);
-    if buffer.len() > OUTPUT_TAIL {
-        let mut cut = buffer.len() - OUTPUT_TAIL;
-        while !buffer.is_char_boundary(cut) {
-            cut += 1;
-        }
-        buffer.drain(..cut);
     }
 }
 
@@ -1225,6 +1216,36 @@ impl Pool {
         });
     }
 
+    /// The variables of the environment of `workspace` (what agent
+    /// commands get in their process environment, as provisioning commands
+    /// do) and a redactor of every secret such a command could print: those
+    /// values and the workspace's repo URL credentials. Empty when the
+    /// workspace or its environment is gone.
+    pub async fn agent_environment(
+        &self,
+        tenant: TenantId,
+        workspace: &str,
+    ) -> Result<(BTreeMap<String, String>, Redactor), PoolError> {
+        let Some(ws) = self
+            .store
+            .get_resource(tenant, Kind::Workspace, workspace)
+            .await?
+        else {
+            return Ok((BTreeMap::new(), Redactor::default()));
+        };
+        let ws: Workspace = decode(&ws.spec)?;
+        let env = match self
+            .store
+            .get_resource(tenant, Kind::Environment, &ws.environment)
+            .await?
+        {
+            Some(record) => decode::<Environment>(&record.spec)?.env,
+            None => BTreeMap::new(),
+        };
+        let redactor = secret_redactor(&env, ws.repos.iter().map(|r| r.url.as_str()));
+        Ok((env, redactor))
+    }
+
     async fn run_command(
         &self,
         agent: &AgentRecord,
@@ -1233,27 +1254,33 @@ impl Pool {
     ) -> Result<(ExecResult, String), PoolError> {
         let vm = self.store.get_vm(vm_id).await?;
         let driver = self.driver_for(&vm)?;
+        let (env, redactor) = self
+            .agent_environment(agent.tenant_id, &agent.workspace)
+            .await?;
         let mut request = ExecRequest {
             timeout: Duration::from_secs(24 * 3600),
+            env,
             ..ExecRequest::new(command)
         };
         request
             .env
             .insert("HEARTH_AGENT_ID".into(), agent.id.to_string());
         let (tx, mut rx) = mpsc::unbounded_channel::<OutputChunk>();
+        // Masked as step output is: the stored tail never holds a secret.
         let collect = tokio::spawn(async move {
-            let mut output = String::new();
+            let mut output = TailBuffer::with_limit(redactor, OUTPUT_TAIL);
             while let Some(chunk) = rx.recv().await {
-                push_tail(&mut output, &chunk.data);
+                output.push(&chunk.data);
             }
-            output
+            output.text()
         });
         let result = driver.exec(vm_id, &request, Some(tx)).await?;
         let output = collect.await.unwrap_or_default();
         Ok((result, output))
     }
 
-    /// Runs a command on an agent's VM and returns (result, stdout, stderr).
+    /// Runs a command on an agent's VM and returns (result, stdout,
+    /// stderr), with the environment's variables set and secrets masked.
     pub async fn exec_in_agent(
         &self,
         tenant: TenantId,
@@ -1272,8 +1299,10 @@ impl Pool {
         };
         let vm = self.store.get_vm(vm_id).await?;
         let driver = self.driver_for(&vm)?;
+        let (env, redactor) = self.agent_environment(tenant, &record.workspace).await?;
         let mut request = ExecRequest {
             timeout,
+            env,
             ..ExecRequest::new(command)
         };
         request
@@ -1281,14 +1310,15 @@ impl Pool {
             .insert("HEARTH_AGENT_ID".into(), agent.to_string());
         let (tx, mut rx) = mpsc::unbounded_channel::<OutputChunk>();
         let collect = tokio::spawn(async move {
-            let (mut out, mut err) = (String::new(), String::new());
+            let mut out = TailBuffer::with_limit(redactor.clone(), OUTPUT_TAIL);
+            let mut err = TailBuffer::with_limit(redactor, OUTPUT_TAIL);
             while let Some(chunk) = rx.recv().await {
                 match chunk.stream {
-                    Stream::Stdout => push_tail(&mut out, &chunk.data),
-                    Stream::Stderr => push_tail(&mut err, &chunk.data),
+                    Stream::Stdout => out.push(&chunk.data),
+                    Stream::Stderr => err.push(&chunk.data),
                 }
             }
-            (out, err)
+            (out.text(), err.text())
         });
         let result = driver.exec(vm_id, &request, Some(tx)).await?;
         let (out, err) = collect.await.unwrap_or_default();

@@ -3325,15 +3325,23 @@ async fn identity_deletes_and_tokens_respect_ceiling_and_last_manager(ctx: Ctx) 
 both_backends!(two_admins_deleting_each_other_leave_one, multi_thread);
 async fn two_admins_deleting_each_other_leave_one(ctx: Ctx) {
     let s = ctx.store.clone();
-    for round in 0..10 {
+    for round in 0..30 {
         let (t, _) = tenant_with_admin(&s, &format!("t{round}")).await;
         s.create_identity(t, "second", IdentityKind::Developer, Role::Admin, None)
             .await
             .unwrap();
-        let (a, b) = tokio::join!(
-            s.delete_identity(t, "admin", Role::Admin),
-            s.delete_identity(t, "second", Role::Admin)
-        );
+        // Each on its own task, released together, so both transactions
+        // are open at once.
+        let gate = Arc::new(tokio::sync::Barrier::new(2));
+        let racer = |victim: &'static str| {
+            let (s, gate) = (s.clone(), gate.clone());
+            tokio::spawn(async move {
+                gate.wait().await;
+                s.delete_identity(t, victim, Role::Admin).await
+            })
+        };
+        let (a, b) = (racer("admin"), racer("second"));
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
         let deleted = [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count();
         assert_eq!(deleted, 1, "round {round}: {a:?} {b:?}");
         assert_eq!(s.list_identities(t).await.unwrap().len(), 1);

@@ -12,3 +12,4 @@ mod provisioning;
 mod qemu;
 mod resources;
 mod server;
+mod trust_api;
