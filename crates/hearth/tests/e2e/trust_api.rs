@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 both_backends!(
+    agent_output_is_stored_masked,
     parent_must_be_the_callers_own_active_agent,
     admins_cannot_act_above_their_role,
     the_last_identity_manager_cannot_be_deleted,
@@ -48,6 +49,71 @@ fn identity_names(s: &Server, token: &str) -> Vec<String> {
         .iter()
         .map(|i| i["name"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// Reads one text value straight from the server's database (SQLite file
+/// or PostgreSQL database): what the store really holds, not an answer.
+fn stored_text(s: &Server, query: &str, param: &str) -> String {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            use sqlx::Connection;
+            match s.database_url() {
+                Some(url) => {
+                    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+                    sqlx::query_scalar(query)
+                        .bind(param)
+                        .fetch_one(&mut c)
+                        .await
+                        .unwrap()
+                }
+                None => {
+                    let path = s.data_dir.path().join("hearth.db");
+                    let mut c = sqlx::SqliteConnection::connect(&format!(
+                        "sqlite://{}?mode=ro",
+                        path.display()
+                    ))
+                    .await
+                    .unwrap();
+                    sqlx::query_scalar(query)
+                        .bind(param)
+                        .fetch_one(&mut c)
+                        .await
+                        .unwrap()
+                }
+            }
+        })
+}
+
+fn agent_output_is_stored_masked(b: Backend) {
+    let s = Server::start_with(b, FAST);
+    let secret = "stored-s3cret-77";
+    s.pool(
+        4,
+        &format!("driver: fake\nenv:\n  TOKEN: {secret}\n"),
+        "web",
+        "min_idle: 0\nrepos:\n- url: https://ci:repo-pw-55@git.example/r.git\n",
+    );
+    // The fake driver echoes each command as its output.
+    let a = s.spawn(
+        &s.admin_token,
+        json!({"workspace": "web", "command": format!("echo {secret} and repo-pw-55")}),
+    );
+    assert_eq!(a.status, 201, "{}", a.text);
+    let a = id(&a.body);
+    let done = s.wait_agent(&a, "completed", 30);
+    let stored = stored_text(&s, "SELECT output FROM agents WHERE id = $1", &a);
+    assert_eq!(stored, "echo *** and ***\n", "{done}");
+    assert_eq!(done["output"], stored);
+    // The stored workspace keeps the real credential (only answers mask it).
+    let spec = stored_text(
+        &s,
+        "SELECT spec FROM resources WHERE kind = 'workspace' AND name = $1",
+        "web",
+    );
+    assert!(spec.contains("ci:repo-pw-55@git.example"), "{spec}");
 }
 
 fn parent_must_be_the_callers_own_active_agent(b: Backend) {
@@ -484,8 +550,17 @@ fn repo_credentials_are_masked_and_kept_on_round_trip(b: Backend) {
     let r = admin.put_json("/v1/workspaces/api", shown_spec);
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(admin.get("/v1/workspaces/web").body["version"], before);
-    // The stored spec still holds the real credentials: pointing the
-    // first repo at the real one by hand is an unchanged write.
+    // The stored spec still holds the real credentials: the store says so,
+    // and writing them by hand is an unchanged write.
+    let spec = stored_text(
+        &s,
+        "SELECT spec FROM resources WHERE kind = 'workspace' AND name = $1",
+        "web",
+    );
+    assert!(
+        spec.contains("user:hunter2-pass@git.example") && spec.contains("ghp_tok3n@git.example"),
+        "{spec}"
+    );
     let r = admin.put_yaml("/v1/workspaces/web", SECRET_REPOS);
     assert_eq!(r.body["outcome"], "unchanged", "{}", r.text);
 }
