@@ -103,7 +103,8 @@ pub trait Store: Send + Sync + 'static {
     /// in progress in it).
     async fn change_token(&self) -> Result<ChangeToken>;
 
-    /// On an empty store (no tenant at all), creates the first tenant, an
+    /// On an empty store (no tenant at all), creates the first tenant, its
+    /// pool config (`pool_config`, the spec of the `default` singleton), an
     /// `operator` developer identity in it and that identity's token, in one
     /// transaction, and returns them. On a store with any tenant, does
     /// nothing and returns `None`. Safe to race from several servers.
@@ -112,16 +113,24 @@ pub trait Store: Send + Sync + 'static {
         tenant_name: &str,
         identity_name: &str,
         token: &NewToken,
+        pool_config: &serde_json::Value,
     ) -> Result<Option<(Tenant, Identity)>>;
 
-    /// Creates a tenant with one `admin` developer identity and its token,
-    /// in one transaction. `AlreadyExists` when the name is taken.
+    /// Creates a tenant with its pool config (`pool_config`, the spec of
+    /// the `default` singleton), one `admin` developer identity and its
+    /// token, in one transaction. `AlreadyExists` when the name is taken.
     async fn create_tenant(
         &self,
         name: &str,
         admin_name: &str,
         token: &NewToken,
+        pool_config: &serde_json::Value,
     ) -> Result<(Tenant, Identity)>;
+
+    /// Gives every tenant that has no pool config this one (stores written
+    /// before every tenant had one), in one statement; returns how many
+    /// got one. Safe to race from several servers.
+    async fn backfill_pool_configs(&self, pool_config: &serde_json::Value) -> Result<u64>;
 
     /// All tenants, oldest first.
     async fn list_tenants(&self) -> Result<Vec<Tenant>>;

@@ -446,6 +446,7 @@ macro_rules! impl_store {
                     tenant_name: &str,
                     identity_name: &str,
                     token: &NewToken,
+                    pool_config: &serde_json::Value,
                 ) -> Result<Option<(Tenant, Identity)>> {
                     if let Some(lock) = Self::LOCK_TENANTS {
                         ::sqlx::query(lock).execute(&mut *conn).await?;
@@ -462,18 +463,21 @@ macro_rules! impl_store {
                         identity_name,
                         Role::Operator,
                         token,
+                        pool_config,
                     )
                     .await?;
                     Ok(Some(created))
                 }
 
-                /// A tenant, its first (developer) identity and its token.
+                /// A tenant, its pool config, its first (developer)
+                /// identity and its token.
                 async fn insert_tenant_tx(
                     conn: &mut Conn,
                     name: &str,
                     identity_name: &str,
                     role: Role,
                     token: &NewToken,
+                    pool_config: &serde_json::Value,
                 ) -> Result<(Tenant, Identity)> {
                     let tenant = Tenant {
                         id: TenantId::new(),
@@ -487,6 +491,16 @@ macro_rules! impl_store {
                         .execute(&mut *conn)
                         .await
                         .on_unique(|| StoreError::AlreadyExists(format!("tenant {name:?}")))?;
+                    ::sqlx::query(sql::INSERT_RESOURCE)
+                        .bind(tenant.id.to_string())
+                        .bind(Kind::PoolConfig.as_str())
+                        .bind(hearth_core::resource::POOL_CONFIG_NAME)
+                        .bind(pool_config.to_string())
+                        .bind(1_i64)
+                        .bind(tenant.created_at)
+                        .bind(tenant.created_at)
+                        .execute(&mut *conn)
+                        .await?;
                     let identity = Self::insert_identity_tx(
                         conn,
                         tenant.id,
@@ -742,10 +756,12 @@ macro_rules! impl_store {
                     tenant_name: &str,
                     identity_name: &str,
                     token: &NewToken,
+                    pool_config: &serde_json::Value,
                 ) -> Result<Option<(Tenant, Identity)>> {
                     let mut tx = self.begin_write().await?;
                     let result =
-                        Self::bootstrap_tx(&mut tx, tenant_name, identity_name, token).await;
+                        Self::bootstrap_tx(&mut tx, tenant_name, identity_name, token, pool_config)
+                            .await;
                     Self::finish(tx, result).await
                 }
 
@@ -754,11 +770,34 @@ macro_rules! impl_store {
                     name: &str,
                     admin_name: &str,
                     token: &NewToken,
+                    pool_config: &serde_json::Value,
                 ) -> Result<(Tenant, Identity)> {
                     let mut tx = self.begin_write().await?;
-                    let result =
-                        Self::insert_tenant_tx(&mut tx, name, admin_name, Role::Admin, token).await;
+                    let result = Self::insert_tenant_tx(
+                        &mut tx,
+                        name,
+                        admin_name,
+                        Role::Admin,
+                        token,
+                        pool_config,
+                    )
+                    .await;
                     Self::finish(tx, result).await
+                }
+
+                async fn backfill_pool_configs(
+                    &self,
+                    pool_config: &serde_json::Value,
+                ) -> Result<u64> {
+                    let _written = self.written();
+                    let now = now_millis();
+                    let done = ::sqlx::query(sql::BACKFILL_POOL_CONFIGS)
+                        .bind(pool_config.to_string())
+                        .bind(now)
+                        .bind(now)
+                        .execute(self.writer())
+                        .await?;
+                    Ok(done.rows_affected())
                 }
 
                 async fn list_tenants(&self) -> Result<Vec<Tenant>> {

@@ -84,6 +84,13 @@ pub const LIST_RESOURCES: &str = "SELECT tenant_id, kind, name, spec, version, c
 pub const RESOURCE_EXISTS: &str =
     "SELECT 1 FROM resources WHERE tenant_id = $1 AND kind = $2 AND name = $3";
 
+/// A `default` pool config, version 1, for every tenant without one.
+pub const BACKFILL_POOL_CONFIGS: &str = "INSERT INTO resources (tenant_id, kind, name, spec, version, created_at, updated_at) \
+     SELECT t.id, 'pool-config', 'default', $1, 1, $2, $3 FROM tenants t \
+     WHERE NOT EXISTS (SELECT 1 FROM resources r \
+         WHERE r.tenant_id = t.id AND r.kind = 'pool-config' AND r.name = 'default') \
+     ON CONFLICT (tenant_id, kind, name) DO NOTHING";
+
 pub const INSERT_RESOURCE: &str = "INSERT INTO resources (tenant_id, kind, name, spec, version, created_at, updated_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
