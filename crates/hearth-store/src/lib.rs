@@ -370,6 +370,16 @@ pub trait Store: Send + Sync + 'static {
         summary: Option<&serde_json::Value>,
     ) -> Result<()>;
 
+    /// A workspace's pool VMs (never test boots) that are warm and on
+    /// their way, and its pool boots started at `failed_since` or later
+    /// that failed.
+    async fn warm_pool_counts(
+        &self,
+        tenant: TenantId,
+        workspace: &str,
+        failed_since: Millis,
+    ) -> Result<WarmPoolCounts>;
+
     /// One run of the tenant. `NotFound` when absent.
     async fn get_instance(&self, tenant: TenantId, id: InstanceId) -> Result<InstanceRecord>;
 

@@ -58,7 +58,8 @@ macro_rules! impl_store {
                 AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Build, Identity, InsertVm,
                 InstanceFilter, InstanceRecord, InstanceStatus, NewAgent, NewToken, PoolState,
                 Precondition, PutOutcome, PutResource, Ready, ResourceRecord, Result, Store,
-                StoreError, Tenant, TokenRecord, VmRecord, VmState, WorkspaceState, now_millis,
+                StoreError, Tenant, TokenRecord, VmRecord, VmState, WarmPoolCounts, WorkspaceState,
+                now_millis,
             };
 
             type Conn = <$db as ::sqlx::Database>::Connection;
@@ -1350,6 +1351,26 @@ macro_rules! impl_store {
                         .await?
                         .ok_or_else(|| StoreError::NotFound(format!("instance {id}")))?
                         .try_into()
+                }
+
+                async fn warm_pool_counts(
+                    &self,
+                    tenant: TenantId,
+                    workspace: &str,
+                    failed_since: $crate::Millis,
+                ) -> Result<WarmPoolCounts> {
+                    let (ready, provisioning, failed): (i64, i64, i64) =
+                        ::sqlx::query_as(sql::WARM_POOL_COUNTS)
+                            .bind(tenant.to_string())
+                            .bind(workspace)
+                            .bind(failed_since)
+                            .fetch_one(self.reader())
+                            .await?;
+                    Ok(WarmPoolCounts {
+                        ready,
+                        provisioning,
+                        failed,
+                    })
                 }
 
                 async fn list_instances(

@@ -495,6 +495,15 @@ pub const LIST_INSTANCES: &str = concat!(
      ORDER BY created_at DESC, id DESC LIMIT $6"
 );
 
+/// Ready, provisioning and recently failed pool VMs of a workspace.
+pub const WARM_POOL_COUNTS: &str = "SELECT \
+     (SELECT count(*) FROM vms WHERE tenant_id = $1 AND workspace = $2 AND test = 0 \
+         AND state = 'idle'), \
+     (SELECT count(*) FROM vms WHERE tenant_id = $1 AND workspace = $2 AND test = 0 \
+         AND state IN ('booting', 'provisioning')), \
+     (SELECT count(*) FROM instances WHERE tenant_id = $1 AND workspace = $2 AND test = 0 \
+         AND status = 'failed' AND created_at >= $3)";
+
 /// How many runs [`LIST_INSTANCES`] returns when the filter names no limit.
 pub const DEFAULT_INSTANCE_LIMIT: i64 = 100;
 /// The most runs one [`LIST_INSTANCES`] returns.

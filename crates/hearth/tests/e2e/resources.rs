@@ -133,7 +133,10 @@ fn pool_config_yaml_and_json_errors_name_field_and_line(b: Backend) {
     );
     let g = api.get(PC);
     assert_eq!(
-        (g.body["version"].as_i64(), g.body["spec"]["max_vms"].as_i64()),
+        (
+            g.body["version"].as_i64(),
+            g.body["spec"]["max_vms"].as_i64()
+        ),
         (Some(1), Some(10)),
         "nothing was stored over the tenant's first pool config: {}",
         g.text
@@ -158,7 +161,12 @@ fn pool_config_is_a_singleton_named_default(b: Backend) {
     // The one there is from the tenant's creation on.
     assert_eq!(api.get(PC).status, 200);
     let list = api.get("/v1/pool-config");
-    assert_eq!(list.body["items"].as_array().unwrap().len(), 1, "{}", list.text);
+    assert_eq!(
+        list.body["items"].as_array().unwrap().len(),
+        1,
+        "{}",
+        list.text
+    );
 }
 
 fn pool_config_round_trip(b: Backend) {
