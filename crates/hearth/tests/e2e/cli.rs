@@ -83,8 +83,16 @@ fn errors_print_code_and_message_and_exit_non_zero(b: Backend) {
         ],
         "",
     );
-    assert_eq!(out.code, 1);
-    assert!(out.stderr.starts_with("NOT_FOUND: "), "{out:?}");
+    // The tenant's pool config exists from its creation: the patch is
+    // checked against it (no NOT_FOUND before a first set).
+    assert_eq!(
+        (out.code, out.stderr.as_str()),
+        (
+            1,
+            "INVALID_ARGUMENT: max_agents_per_developer must not be negative (0 = unlimited)\n"
+        ),
+        "{out:?}"
+    );
     s.cli(t, &["set", "pool-config", "default"], "max_vms: 2\n");
     let out = s.cli(
         t,
