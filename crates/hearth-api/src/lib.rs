@@ -37,6 +37,9 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// The pool runner: the API's only way to the drivers.
     pub pool: Arc<hearth_reconcilers::Pool>,
+    /// `max_vms` of the pool config a new tenant starts with
+    /// (`--default-max-vms`).
+    pub default_max_vms: i32,
 }
 
 /// Largest request body accepted.

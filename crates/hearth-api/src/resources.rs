@@ -257,6 +257,13 @@ async fn delete<T: Spec>(
 ) -> Result<Json<ResourceView>, ApiError> {
     caller.require(permissions(T::KIND).2)?;
     check_name(T::KIND, &name, false)?;
+    if T::KIND == Kind::PoolConfig {
+        // Every tenant has exactly one pool config, from its creation on.
+        return Err(Error::failed_precondition(
+            "the pool config cannot be deleted; set it instead (hearth set pool-config default)",
+        )
+        .into());
+    }
     match state
         .store
         .delete_resource(caller.tenant(), T::KIND, &name)

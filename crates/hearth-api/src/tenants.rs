@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use hearth_core::rbac::Permission;
-use hearth_core::resource::{Kind, validate_name};
+use hearth_core::resource::{Kind, PoolConfig, validate_name};
 use serde::{Deserialize, Serialize};
 
 pub(crate) fn rfc3339(millis: i64) -> String {
@@ -70,7 +70,8 @@ pub async fn list(
     }))
 }
 
-/// Creates a tenant with an admin identity and returns the admin's token.
+/// Creates a tenant with its pool config (`max_vms` from the server's
+/// `--default-max-vms`) and an admin identity; returns the admin's token.
 #[utoipa::path(post, path = "/v1/tenants", tag = "tenant", operation_id = "create_tenant", security(("bearer" = [])), request_body = CreateTenant,
     responses((status = 201, body = TenantCreated), (status = 400, body = hearth_core::Error), (status = 401, body = hearth_core::Error),
               (status = 403, body = hearth_core::Error), (status = 409, body = hearth_core::Error)))]
@@ -92,9 +93,11 @@ pub async fn create(
         })?;
     }
     let token = issue_token(None);
+    let pool_config = serde_json::to_value(PoolConfig::initial(state.default_max_vms))
+        .map_err(|e| hearth_core::Error::internal(e.to_string()))?;
     let (tenant, identity) = state
         .store
-        .create_tenant(&request.name, &request.admin, &token.stored)
+        .create_tenant(&request.name, &request.admin, &token.stored, &pool_config)
         .await?;
     tracing::info!(by = %caller.identity.name, tenant = %tenant.name, tenant_id = %tenant.id, "tenant created");
     Ok((

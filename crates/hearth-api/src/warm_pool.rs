@@ -35,7 +35,25 @@ pub struct WarmPoolView {
     pub setup_commands: Vec<SetupCommand>,
     /// The workspace's `max_idle`.
     pub max_idle: i32,
+    /// How many of the workspace's pool VMs are ready, provisioning, and
+    /// failed lately (test boots are not counted).
+    pub status: WarmPoolStatus,
 }
+
+/// The warm pool's VMs by state.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPoolStatus {
+    /// Warm (`idle`), ready to be claimed.
+    pub ready: i64,
+    /// Booting or running their provisioning steps.
+    pub provisioning: i64,
+    /// Pool boots of the last hour ([`FAILED_WINDOW`]) that failed.
+    pub failed: i64,
+}
+
+/// How far back `status.failed` counts failed boots (by their start).
+pub const FAILED_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn double_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
     Option::<String>::deserialize(d).map(Some)
@@ -68,15 +86,42 @@ pub struct InstanceView {
     pub test: bool,
     /// `provisioning`, `ready` or `failed`.
     pub status: String,
-    /// `{success, failedStep, error}` once the run ended.
-    #[schema(value_type = Option<Object>)]
-    pub summary: Option<serde_json::Value>,
-    /// `[{name, repo?, status, output, error?, startedAt?, durationMs?}]`.
+    /// `{success, failedStep, error}` once the run ended (the same keys
+    /// whether it succeeded or not).
+    pub summary: Option<InstanceSummary>,
+    /// `[{name, repo?, status, output, error?, startedAt?, durationMs?}]`;
+    /// `startedAt` is RFC 3339, like every other timestamp.
     #[schema(value_type = Vec<Object>)]
     pub steps: serde_json::Value,
     pub created_at: String,
     pub updated_at: String,
     pub finished_at: Option<String>,
+}
+
+/// How a provisioning run ended: `failedStep` and `error` are null for a
+/// run that succeeded.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceSummary {
+    pub success: bool,
+    #[serde(default)]
+    pub failed_step: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The stored steps as shown: `startedAt` (Unix milliseconds in the store)
+/// as RFC 3339.
+fn steps_view(steps: &serde_json::Value) -> serde_json::Value {
+    let mut steps = steps.clone();
+    for step in steps.as_array_mut().into_iter().flatten() {
+        if let Some(started) = step.get_mut("startedAt")
+            && let Some(ms) = started.as_i64()
+        {
+            *started = serde_json::Value::String(rfc3339(ms));
+        }
+    }
+    steps
 }
 
 impl From<&InstanceRecord> for InstanceView {
@@ -87,8 +132,11 @@ impl From<&InstanceRecord> for InstanceView {
             vm: i.vm_id.to_string(),
             test: i.test,
             status: i.status.as_str().to_owned(),
-            summary: i.summary.clone(),
-            steps: i.steps.clone(),
+            summary: i
+                .summary
+                .as_ref()
+                .and_then(|s| serde_json::from_value(s.clone()).ok()),
+            steps: steps_view(&i.steps),
             created_at: rfc3339(i.created_at),
             updated_at: rfc3339(i.updated_at),
             finished_at: i.finished_at.map(rfc3339),
@@ -111,15 +159,29 @@ pub struct InstanceQuery {
     pub limit: Option<i64>,
 }
 
-fn view(record: &ResourceRecord) -> Result<WarmPoolView, ApiError> {
+async fn view(
+    state: &AppState,
+    caller: &Caller,
+    record: &ResourceRecord,
+) -> Result<WarmPoolView, ApiError> {
     let ws: Workspace =
         serde_json::from_value(record.spec.clone()).map_err(|e| Error::internal(e.to_string()))?;
+    let since = hearth_store::now_millis() - FAILED_WINDOW.as_millis() as i64;
+    let counts = state
+        .store
+        .warm_pool_counts(caller.tenant(), &record.name, since)
+        .await?;
     Ok(WarmPoolView {
         enabled: ws.warm_pool.enabled,
         target_size: ws.min_idle,
         branch: ws.warm_pool.branch.clone(),
         setup_commands: ws.warm_pool.setup_commands.clone(),
         max_idle: ws.max_idle(),
+        status: WarmPoolStatus {
+            ready: counts.ready,
+            provisioning: counts.provisioning,
+            failed: counts.failed,
+        },
     })
 }
 
@@ -135,7 +197,7 @@ async fn workspace(
         .ok_or_else(|| Error::not_found(format!("workspace {name:?} not found")).into())
 }
 
-/// A workspace's warm-pool settings.
+/// A workspace's warm-pool settings and the status of its VMs.
 #[utoipa::path(get, path = "/v1/workspaces/{name}/warm-pool", tag = "warm-pool", operation_id = "get_warm_pool",
     security(("bearer" = [])), params(("name" = String, Path, description = "Workspace name")),
     responses((status = 200, body = WarmPoolView), (status = 403, body = hearth_core::Error), (status = 404, body = hearth_core::Error)))]
@@ -145,7 +207,8 @@ pub async fn get_settings(
     Path(ws): Path<String>,
 ) -> Result<Json<WarmPoolView>, ApiError> {
     caller.require(Permission::WorkspaceGet)?;
-    Ok(Json(view(&workspace(&state, &caller, &ws).await?)?))
+    let record = workspace(&state, &caller, &ws).await?;
+    Ok(Json(view(&state, &caller, &record).await?))
 }
 
 /// Changes a workspace's warm-pool settings (`targetSize` is its `min_idle`).
@@ -195,7 +258,7 @@ pub async fn patch_settings(
             Ok(outcome) => {
                 tracing::info!(tenant = %caller.tenant(), by = %caller.identity.name, workspace = %ws, version = outcome.record.version, "warm pool configured");
                 state.pool.wake();
-                return Ok(Json(view(&outcome.record)?));
+                return Ok(Json(view(&state, &caller, &outcome.record).await?));
             }
             Err(StoreError::Conflict(_)) => continue,
             Err(e) => return Err(e.into()),

@@ -281,7 +281,12 @@ async fn run_async(args: ProvisionArgs, guest_agent: PathBuf) -> Result<()> {
         expires_at: None,
     };
     let (tenant, _) = store
-        .bootstrap("bench", "bench", &token)
+        .bootstrap(
+            "bench",
+            "bench",
+            &token,
+            &serde_json::json!({"max_vms": 10}),
+        )
         .await?
         .context("a fresh store")?;
     let repo = make_repo(args.files)?;

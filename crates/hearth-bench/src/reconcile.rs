@@ -438,7 +438,12 @@ async fn setup(opened: &Opened, fleet: Fleet) -> Result<Rig> {
         expires_at: None,
     };
     let (tenant, _) = store
-        .bootstrap("bench", "bench", &token)
+        .bootstrap(
+            "bench",
+            "bench",
+            &token,
+            &serde_json::json!({"max_vms": 10}),
+        )
         .await?
         .context("a fresh store has no tenant yet")?;
     let tenant = tenant.id;

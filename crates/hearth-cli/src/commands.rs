@@ -122,20 +122,17 @@ pub fn duration_flag(flag: &str, text: &str) -> Result<Duration, CliError> {
     }
 }
 
-/// The workspace a flush narrows to. Only `--workspace` or
-/// `HEARTH_WORKSPACE` narrow it: without them it is the whole pool, whatever
-/// hearth.yaml says. A nuke is tenant-wide, so the ambient
-/// `HEARTH_WORKSPACE` does not apply to it; an explicit `--workspace` is
-/// sent, for the server to refuse.
-pub fn flush_workspace(
-    global: &GlobalArgs,
-    env: &dyn Fn(&str) -> Option<String>,
-    nuke: bool,
-) -> Option<String> {
+/// The workspace a flush narrows to: `resolved`, the one `--workspace`,
+/// `HEARTH_WORKSPACE` or hearth.yaml names (the flush page: `--workspace`
+/// "overrides the value from" the project file); with none it is the whole
+/// pool. A nuke is tenant-wide, so neither the ambient `HEARTH_WORKSPACE`
+/// nor hearth.yaml applies to it; an explicit `--workspace` is sent, for
+/// the server to refuse.
+pub fn flush_workspace(global: &GlobalArgs, resolved: Option<&str>, nuke: bool) -> Option<String> {
     if nuke {
         config::workspace_from_flag_or_env(global, &|_| None)
     } else {
-        config::workspace_from_flag_or_env(global, env)
+        resolved.map(str::to_owned)
     }
 }
 
@@ -154,10 +151,15 @@ pub fn spawn_body(
     json!({"workspace": workspace, "command": command, "parent": parent, "on_idle": on_idle})
 }
 
-/// The body of `POST /v1/agents/{id}/exec`: the arguments joined by spaces,
-/// as they were given (no quoting is added).
-pub fn exec_body(command: &[String], timeout: Option<&str>) -> Value {
-    json!({"command": command.join(" "), "timeout": timeout})
+/// The body of `POST /v1/agents/{id}/exec`. The API takes one command line
+/// (run by the VM's `/bin/sh -c`), so the arguments are joined with shell
+/// quoting: each reaches the command as the one argument it was here
+/// (`-- sh -c 'echo alive'` runs `sh` with `-c` and `echo alive`).
+pub fn exec_body(command: &[String], timeout: Option<&str>) -> Result<Value, CliError> {
+    let line = shlex::try_join(command.iter().map(String::as_str)).map_err(|_| {
+        CliError::invalid("the command holds a NUL character, which no shell argument can carry")
+    })?;
+    Ok(json!({"command": line, "timeout": timeout}))
 }
 
 /// The body of `POST /v1/agents/{id}/finish`.
@@ -644,7 +646,7 @@ fn pool(global: &GlobalArgs, command: PoolCommand, ctx: &Context<'_>) -> anyhow:
             Printed::out(output::render_pool_status(&answer, format)?)
         }
         PoolCommand::Flush { nuke } => {
-            let workspace = flush_workspace(global, ctx.env, nuke);
+            let workspace = flush_workspace(global, settings.workspace.as_deref(), nuke);
             let client = Client::from_settings(&settings)?;
             let body = flush_body(workspace.as_deref(), nuke);
             if format.is_none() || format == Some(OutputFormat::Table) {
@@ -788,7 +790,7 @@ fn agents(
             timeout,
             command,
         } => {
-            let body = exec_body(&command, timeout.as_deref());
+            let body = exec_body(&command, timeout.as_deref())?;
             let answer: Value =
                 client.post_json_waiting(&["agents", &id, "exec"], &body, exec_wait)?;
             Ok(exec_printed(&answer, format)?)
@@ -1275,24 +1277,27 @@ mod tests {
         let env = |k: &str| (k == config::ENV_WORKSPACE).then(|| "env-ws".to_owned());
         let none = GlobalArgs::default();
         let flag = with_workspace(Some("flag-ws"));
-        assert_eq!(flush_workspace(&none, &|_| None, false), None);
+        let dir = tempfile::tempdir().unwrap();
+        let resolved = |global: &GlobalArgs, env: &dyn Fn(&str) -> Option<String>| {
+            config::resolve(global, env, dir.path()).unwrap().workspace
+        };
+        let narrowed = |global: &GlobalArgs, env: &dyn Fn(&str) -> Option<String>, nuke| {
+            flush_workspace(global, resolved(global, env).as_deref(), nuke)
+        };
+        assert_eq!(narrowed(&none, &|_| None, false), None, "the whole pool");
+        std::fs::write(dir.path().join("hearth.yaml"), "workspace: file-ws\n").unwrap();
         assert_eq!(
-            flush_workspace(&none, &env, false).as_deref(),
-            Some("env-ws")
+            narrowed(&none, &|_| None, false).as_deref(),
+            Some("file-ws")
         );
+        assert_eq!(narrowed(&none, &env, false).as_deref(), Some("env-ws"));
+        assert_eq!(narrowed(&flag, &env, false).as_deref(), Some("flag-ws"));
         assert_eq!(
-            flush_workspace(&flag, &env, false).as_deref(),
-            Some("flag-ws")
-        );
-        assert_eq!(
-            flush_workspace(&none, &env, true),
+            narrowed(&none, &env, true),
             None,
-            "nuke: env ignored"
+            "nuke: env and file ignored"
         );
-        assert_eq!(
-            flush_workspace(&flag, &env, true).as_deref(),
-            Some("flag-ws")
-        );
+        assert_eq!(narrowed(&flag, &env, true).as_deref(), Some("flag-ws"));
     }
 
     #[test]
@@ -1315,12 +1320,24 @@ mod tests {
         );
         let args = ["ls".to_owned(), "-la".to_owned(), "/tmp dir".to_owned()];
         assert_eq!(
-            exec_body(&args, None).to_string(),
-            r#"{"command":"ls -la /tmp dir","timeout":null}"#
+            exec_body(&args, None).unwrap()["command"],
+            "ls -la '/tmp dir'"
         );
         assert_eq!(
-            exec_body(&args[..1], Some("30s")),
+            exec_body(&args[..1], Some("30s")).unwrap(),
             json!({"command": "ls", "timeout": "30s"})
+        );
+        // Each argument stays one: quotes, spaces, `$`, empty ones.
+        let words = ["sh", "-c", "echo alive", "it's", "$HOME", "", "a\"b"];
+        let args: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+        let line = exec_body(&args, None).unwrap()["command"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(shlex::split(&line).unwrap(), words, "{line}");
+        assert_eq!(
+            exec_body(&["echo\0x".to_owned()], None).unwrap_err().code,
+            "INVALID_ARGUMENT"
         );
         assert_eq!(
             finish_body(false, None, None).to_string(),
@@ -1655,7 +1672,7 @@ mod tests {
     }
 
     #[test]
-    fn flush_prints_progress_and_ignores_hearth_yaml() {
+    fn flush_prints_progress_and_narrows_to_hearth_yaml() {
         let (url, requests) = stub(vec![(200, json!({"flushed": 3}))]);
         let (printed, progress) = run_against(
             &url,
@@ -1669,7 +1686,7 @@ mod tests {
         assert_eq!(progress, ["Flushing warm VMs...\n"]);
         assert_eq!(
             requests.join().unwrap(),
-            [r#"POST /v1/pool/flush HTTP/1.1 {"workspace":null,"nuke":false}"#]
+            [r#"POST /v1/pool/flush HTTP/1.1 {"workspace":"web","nuke":false}"#]
         );
 
         let (url, requests) = stub(vec![(
@@ -1943,7 +1960,8 @@ mod tests {
     }
 
     fn step(name: &str, status: &str, ms: Value) -> Value {
-        json!({"name": name, "status": status, "output": "", "startedAt": 1000, "durationMs": ms})
+        json!({"name": name, "status": status, "output": "",
+               "startedAt": output::rfc3339_at(json!(1000)), "durationMs": ms})
     }
 
     /// Runs the watch loop (without a terminal) against a list of answers,

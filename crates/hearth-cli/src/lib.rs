@@ -285,7 +285,7 @@ pub enum AgentsCommand {
         /// the server's)
         #[arg(long, value_name = "DURATION")]
         timeout: Option<String>,
-        /// The command and its arguments (joined by spaces), after `--`
+        /// The command and its arguments, after `--` (each stays one argument)
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
     },

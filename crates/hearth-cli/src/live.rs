@@ -120,7 +120,7 @@ mod tests {
 
     fn step(name: &str, repo: Option<&str>, status: &str, started: Value, ms: Value) -> Value {
         let mut s = json!({"name": name, "status": status, "output": "",
-                           "startedAt": started, "durationMs": ms});
+                           "startedAt": crate::output::rfc3339_at(started), "durationMs": ms});
         if let Some(repo) = repo {
             s["repo"] = json!(repo);
         }

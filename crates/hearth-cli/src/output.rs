@@ -759,6 +759,19 @@ pub fn finish_message(id: &str, status: &str) -> String {
 
 /// Reads an RFC 3339 timestamp (`2026-11-23T03:00:00.123Z`, or with a
 /// `+01:00` style offset).
+/// Unix milliseconds as the API writes a timestamp (tests build answers
+/// with it).
+#[cfg(test)]
+pub(crate) fn rfc3339_at(ms: Value) -> Value {
+    match ms.as_u64() {
+        Some(ms) => Value::String(
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string(),
+        ),
+        None => ms,
+    }
+}
+
 pub fn parse_timestamp(text: &str) -> Option<SystemTime> {
     let text = text.trim();
     if let Ok(t) = humantime::parse_rfc3339(text) {
@@ -923,11 +936,15 @@ pub const WARM_POOL_HEADERS: &[&str] = &[
     "MAX_IDLE",
     "BRANCH",
     "SETUP_COMMANDS",
+    "READY",
+    "PROVISIONING",
+    "FAILED",
 ];
 
-/// `hearth warm-pool get|set`: the settings as the API sends them
-/// (camelCase keys), YAML by default, JSON with `-o json`, one row of
-/// [`WARM_POOL_HEADERS`] with `-o table` (the setup commands by name).
+/// `hearth warm-pool get|set`: the settings and the VMs' status as the API
+/// sends them (camelCase keys), YAML by default, JSON with `-o json`, one
+/// row of [`WARM_POOL_HEADERS`] with `-o table` (the setup commands by
+/// name, then the ready, provisioning and recently failed VMs).
 pub fn render_warm_pool(answer: &Value, format: Option<OutputFormat>) -> String {
     match format.unwrap_or(OutputFormat::Yaml) {
         OutputFormat::Table => {
@@ -947,6 +964,9 @@ pub fn render_warm_pool(answer: &Value, format: Option<OutputFormat>) -> String 
                 cell(answer.get("maxIdle")),
                 cell(answer.get("branch")),
                 setup,
+                cell(answer.pointer("/status/ready")),
+                cell(answer.pointer("/status/provisioning")),
+                cell(answer.pointer("/status/failed")),
             ];
             table(WARM_POOL_HEADERS, &[row])
         }
@@ -1014,9 +1034,9 @@ pub struct StepView {
     pub output: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
-    /// Unix milliseconds.
+    /// RFC 3339.
     #[serde(default)]
-    pub started_at: Option<i64>,
+    pub started_at: Option<String>,
     #[serde(default)]
     pub duration_ms: Option<u64>,
 }
@@ -1142,9 +1162,16 @@ pub fn step_line(step: &StepView, width: usize, running: &str, now_ms: i64) -> S
         _ => "?",
     };
     let duration = match step.status.as_str() {
-        "running" => step.started_at.map(|started| {
-            Duration::from_millis(u64::try_from(now_ms.saturating_sub(started)).unwrap_or(0))
-        }),
+        "running" => step
+            .started_at
+            .as_deref()
+            .and_then(parse_timestamp)
+            .map(|started| {
+                let started = started
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                Duration::from_millis(u64::try_from(now_ms.saturating_sub(started)).unwrap_or(0))
+            }),
         "pending" => None,
         _ => step.duration_ms.map(Duration::from_millis),
     };
@@ -2048,7 +2075,7 @@ Reaper: enabled (1 stranded workflow)
     }
 
     fn step_answer(name: &str, status: &str, started: Value, ms: Value) -> Value {
-        json!({"name": name, "status": status, "output": "", "startedAt": started,
+        json!({"name": name, "status": status, "output": "", "startedAt": rfc3339_at(started),
                "durationMs": ms})
     }
 
@@ -2349,10 +2376,11 @@ Reaper: enabled (1 stranded workflow)
         let answer = json!({"enabled": true, "targetSize": 2, "branch": null,
                             "setupCommands": [{"name": "deps", "command": "make deps"},
                                               {"name": "warm", "command": "make warm"}],
-                            "maxIdle": 2});
+                            "maxIdle": 2, "status": {"ready": 1, "provisioning": 1, "failed": 3}});
         assert_eq!(
             render_warm_pool(&answer, None),
-            "enabled: true\ntargetSize: 2\nbranch: null\nsetupCommands:\n- name: deps\n  command: make deps\n- name: warm\n  command: make warm\nmaxIdle: 2\n"
+            "enabled: true\ntargetSize: 2\nbranch: null\nsetupCommands:\n- name: deps\n  command: make deps\n- name: warm\n  command: make warm\nmaxIdle: 2\n\
+             status:\n  ready: 1\n  provisioning: 1\n  failed: 3\n"
         );
         assert_eq!(
             serde_json::from_str::<Value>(&render_warm_pool(&answer, Some(OutputFormat::Json)))
@@ -2361,15 +2389,16 @@ Reaper: enabled (1 stranded workflow)
         );
         assert_eq!(
             render_warm_pool(&answer, Some(OutputFormat::Table)),
-            "ENABLED   TARGET_SIZE   MAX_IDLE   BRANCH   SETUP_COMMANDS\n\
-             true      2             2          <none>   deps,warm\n"
+            "ENABLED   TARGET_SIZE   MAX_IDLE   BRANCH   SETUP_COMMANDS   READY   PROVISIONING   FAILED\n\
+             true      2             2          <none>   deps,warm        1       1              3\n"
         );
         let bare = json!({"enabled": false, "targetSize": 0, "branch": "main",
-                          "setupCommands": [], "maxIdle": 0});
+                          "setupCommands": [], "maxIdle": 0,
+                          "status": {"ready": 0, "provisioning": 0, "failed": 0}});
         assert_eq!(
             render_warm_pool(&bare, Some(OutputFormat::Table)),
-            "ENABLED   TARGET_SIZE   MAX_IDLE   BRANCH   SETUP_COMMANDS\n\
-             false     0             0          main     <none>\n"
+            "ENABLED   TARGET_SIZE   MAX_IDLE   BRANCH   SETUP_COMMANDS   READY   PROVISIONING   FAILED\n\
+             false     0             0          main     <none>           0       0              0\n"
         );
         assert_eq!(warm_pool_configured("web"), "warm-pool/web configured\n");
         assert_eq!(

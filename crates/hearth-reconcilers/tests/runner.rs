@@ -54,7 +54,12 @@ async fn rig(max_vms: i64, min_idle: i64, max_idle: i64) -> Rig {
         expires_at: None,
     };
     let (tenant, _) = store
-        .bootstrap("default", "admin", &token)
+        .bootstrap(
+            "default",
+            "admin",
+            &token,
+            &serde_json::json!({"max_vms": 10}),
+        )
         .await
         .unwrap()
         .unwrap();

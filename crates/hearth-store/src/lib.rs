@@ -103,7 +103,8 @@ pub trait Store: Send + Sync + 'static {
     /// in progress in it).
     async fn change_token(&self) -> Result<ChangeToken>;
 
-    /// On an empty store (no tenant at all), creates the first tenant, an
+    /// On an empty store (no tenant at all), creates the first tenant, its
+    /// pool config (`pool_config`, the spec of the `default` singleton), an
     /// `operator` developer identity in it and that identity's token, in one
     /// transaction, and returns them. On a store with any tenant, does
     /// nothing and returns `None`. Safe to race from several servers.
@@ -112,16 +113,24 @@ pub trait Store: Send + Sync + 'static {
         tenant_name: &str,
         identity_name: &str,
         token: &NewToken,
+        pool_config: &serde_json::Value,
     ) -> Result<Option<(Tenant, Identity)>>;
 
-    /// Creates a tenant with one `admin` developer identity and its token,
-    /// in one transaction. `AlreadyExists` when the name is taken.
+    /// Creates a tenant with its pool config (`pool_config`, the spec of
+    /// the `default` singleton), one `admin` developer identity and its
+    /// token, in one transaction. `AlreadyExists` when the name is taken.
     async fn create_tenant(
         &self,
         name: &str,
         admin_name: &str,
         token: &NewToken,
+        pool_config: &serde_json::Value,
     ) -> Result<(Tenant, Identity)>;
+
+    /// Gives every tenant that has no pool config this one (stores written
+    /// before every tenant had one), in one statement; returns how many
+    /// got one. Safe to race from several servers.
+    async fn backfill_pool_configs(&self, pool_config: &serde_json::Value) -> Result<u64>;
 
     /// All tenants, oldest first.
     async fn list_tenants(&self) -> Result<Vec<Tenant>>;
@@ -378,6 +387,16 @@ pub trait Store: Send + Sync + 'static {
         steps: &serde_json::Value,
         summary: Option<&serde_json::Value>,
     ) -> Result<()>;
+
+    /// A workspace's pool VMs (never test boots) that are warm and on
+    /// their way, and its pool boots started at `failed_since` or later
+    /// that failed.
+    async fn warm_pool_counts(
+        &self,
+        tenant: TenantId,
+        workspace: &str,
+        failed_since: Millis,
+    ) -> Result<WarmPoolCounts>;
 
     /// One run of the tenant. `NotFound` when absent.
     async fn get_instance(&self, tenant: TenantId, id: InstanceId) -> Result<InstanceRecord>;

@@ -63,7 +63,7 @@ macro_rules! impl_store {
                 IdentityRefusal, InsertVm, InstanceFilter, InstanceRecord, InstanceStatus,
                 NewAgent, NewToken, ParentProblem, PoolState, Precondition, PutOutcome,
                 PutResource, Ready, ResourceRecord, Result, Store, StoreError, Tenant, TokenRecord,
-                VmRecord, VmState, WorkspaceState, now_millis,
+                VmRecord, VmState, WarmPoolCounts, WorkspaceState, now_millis,
             };
 
             type Conn = <$db as ::sqlx::Database>::Connection;
@@ -575,6 +575,7 @@ macro_rules! impl_store {
                     tenant_name: &str,
                     identity_name: &str,
                     token: &NewToken,
+                    pool_config: &serde_json::Value,
                 ) -> Result<Option<(Tenant, Identity)>> {
                     if let Some(lock) = Self::LOCK_TENANTS {
                         ::sqlx::query(lock).execute(&mut *conn).await?;
@@ -591,18 +592,21 @@ macro_rules! impl_store {
                         identity_name,
                         Role::Operator,
                         token,
+                        pool_config,
                     )
                     .await?;
                     Ok(Some(created))
                 }
 
-                /// A tenant, its first (developer) identity and its token.
+                /// A tenant, its pool config, its first (developer)
+                /// identity and its token.
                 async fn insert_tenant_tx(
                     conn: &mut Conn,
                     name: &str,
                     identity_name: &str,
                     role: Role,
                     token: &NewToken,
+                    pool_config: &serde_json::Value,
                 ) -> Result<(Tenant, Identity)> {
                     let tenant = Tenant {
                         id: TenantId::new(),
@@ -616,6 +620,16 @@ macro_rules! impl_store {
                         .execute(&mut *conn)
                         .await
                         .on_unique(|| StoreError::AlreadyExists(format!("tenant {name:?}")))?;
+                    ::sqlx::query(sql::INSERT_RESOURCE)
+                        .bind(tenant.id.to_string())
+                        .bind(Kind::PoolConfig.as_str())
+                        .bind(hearth_core::resource::POOL_CONFIG_NAME)
+                        .bind(pool_config.to_string())
+                        .bind(1_i64)
+                        .bind(tenant.created_at)
+                        .bind(tenant.created_at)
+                        .execute(&mut *conn)
+                        .await?;
                     let identity = Self::insert_identity_tx(
                         conn,
                         tenant.id,
@@ -871,10 +885,12 @@ macro_rules! impl_store {
                     tenant_name: &str,
                     identity_name: &str,
                     token: &NewToken,
+                    pool_config: &serde_json::Value,
                 ) -> Result<Option<(Tenant, Identity)>> {
                     let mut tx = self.begin_write().await?;
                     let result =
-                        Self::bootstrap_tx(&mut tx, tenant_name, identity_name, token).await;
+                        Self::bootstrap_tx(&mut tx, tenant_name, identity_name, token, pool_config)
+                            .await;
                     Self::finish(tx, result).await
                 }
 
@@ -883,11 +899,34 @@ macro_rules! impl_store {
                     name: &str,
                     admin_name: &str,
                     token: &NewToken,
+                    pool_config: &serde_json::Value,
                 ) -> Result<(Tenant, Identity)> {
                     let mut tx = self.begin_write().await?;
-                    let result =
-                        Self::insert_tenant_tx(&mut tx, name, admin_name, Role::Admin, token).await;
+                    let result = Self::insert_tenant_tx(
+                        &mut tx,
+                        name,
+                        admin_name,
+                        Role::Admin,
+                        token,
+                        pool_config,
+                    )
+                    .await;
                     Self::finish(tx, result).await
+                }
+
+                async fn backfill_pool_configs(
+                    &self,
+                    pool_config: &serde_json::Value,
+                ) -> Result<u64> {
+                    let _written = self.written();
+                    let now = now_millis();
+                    let done = ::sqlx::query(sql::BACKFILL_POOL_CONFIGS)
+                        .bind(pool_config.to_string())
+                        .bind(now)
+                        .bind(now)
+                        .execute(self.writer())
+                        .await?;
+                    Ok(done.rows_affected())
                 }
 
                 async fn list_tenants(&self) -> Result<Vec<Tenant>> {
@@ -1429,6 +1468,26 @@ macro_rules! impl_store {
                         .await?
                         .ok_or_else(|| StoreError::NotFound(format!("instance {id}")))?
                         .try_into()
+                }
+
+                async fn warm_pool_counts(
+                    &self,
+                    tenant: TenantId,
+                    workspace: &str,
+                    failed_since: $crate::Millis,
+                ) -> Result<WarmPoolCounts> {
+                    let (ready, provisioning, failed): (i64, i64, i64) =
+                        ::sqlx::query_as(sql::WARM_POOL_COUNTS)
+                            .bind(tenant.to_string())
+                            .bind(workspace)
+                            .bind(failed_since)
+                            .fetch_one(self.reader())
+                            .await?;
+                    Ok(WarmPoolCounts {
+                        ready,
+                        provisioning,
+                        failed,
+                    })
                 }
 
                 async fn list_instances(

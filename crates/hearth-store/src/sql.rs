@@ -79,6 +79,13 @@ pub const LIST_RESOURCES: &str = "SELECT tenant_id, kind, name, spec, version, c
 pub const RESOURCE_EXISTS: &str =
     "SELECT 1 FROM resources WHERE tenant_id = $1 AND kind = $2 AND name = $3";
 
+/// A `default` pool config, version 1, for every tenant without one.
+pub const BACKFILL_POOL_CONFIGS: &str = "INSERT INTO resources (tenant_id, kind, name, spec, version, created_at, updated_at) \
+     SELECT t.id, 'pool-config', 'default', $1, 1, $2, $3 FROM tenants t \
+     WHERE NOT EXISTS (SELECT 1 FROM resources r \
+         WHERE r.tenant_id = t.id AND r.kind = 'pool-config' AND r.name = 'default') \
+     ON CONFLICT (tenant_id, kind, name) DO NOTHING";
+
 pub const INSERT_RESOURCE: &str = "INSERT INTO resources (tenant_id, kind, name, spec, version, created_at, updated_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
@@ -492,6 +499,15 @@ pub const LIST_INSTANCES: &str = concat!(
      AND ($5 IS NULL OR vm_id = $5) \
      ORDER BY created_at DESC, id DESC LIMIT $6"
 );
+
+/// Ready, provisioning and recently failed pool VMs of a workspace.
+pub const WARM_POOL_COUNTS: &str = "SELECT \
+     (SELECT count(*) FROM vms WHERE tenant_id = $1 AND workspace = $2 AND test = 0 \
+         AND state = 'idle'), \
+     (SELECT count(*) FROM vms WHERE tenant_id = $1 AND workspace = $2 AND test = 0 \
+         AND state IN ('booting', 'provisioning')), \
+     (SELECT count(*) FROM instances WHERE tenant_id = $1 AND workspace = $2 AND test = 0 \
+         AND status = 'failed' AND created_at >= $3)";
 
 /// How many runs [`LIST_INSTANCES`] returns when the filter names no limit.
 pub const DEFAULT_INSTANCE_LIMIT: i64 = 100;

@@ -408,6 +408,18 @@ pub struct AgentFilter {
     pub owner_id: Option<IdentityId>,
 }
 
+/// How many of a workspace's pool VMs (test boots aside) are warm, on
+/// their way, and failed lately ([`crate::Store::warm_pool_counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WarmPoolCounts {
+    /// `idle`: warm, ready to claim.
+    pub ready: i64,
+    /// `booting` or `provisioning`.
+    pub provisioning: i64,
+    /// Runs started since the given time that ended `failed`.
+    pub failed: i64,
+}
+
 /// The pool's own state per tenant (not the user's config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PoolState {

@@ -206,16 +206,24 @@ fn token() -> NewToken {
 
 async fn tenant(store: &Arc<dyn Store>, name: &str) -> TenantId {
     store
-        .create_tenant(name, "admin", &token())
+        .create_tenant(name, "admin", &token(), &pool_config())
         .await
         .unwrap()
         .0
         .id
 }
 
+/// The pool config tenants are created with here.
+fn pool_config() -> Value {
+    json!({"max_vms": 10, "max_agents_per_developer": 0, "reap_stranded_workflows": "dry_run"})
+}
+
 /// A tenant and its `admin` (developer) identity.
 async fn tenant_with_admin(store: &Arc<dyn Store>, name: &str) -> (TenantId, Identity) {
-    let (tenant, admin) = store.create_tenant(name, "admin", &token()).await.unwrap();
+    let (tenant, admin) = store
+        .create_tenant(name, "admin", &token(), &pool_config())
+        .await
+        .unwrap();
     (tenant.id, admin)
 }
 
@@ -348,7 +356,7 @@ async fn bootstrap_runs_once(ctx: Ctx) {
 
     let first = token();
     let (tenant, identity) = s
-        .bootstrap("default", "root", &first)
+        .bootstrap("default", "root", &first, &pool_config())
         .await
         .unwrap()
         .expect("the first bootstrap creates the tenant");
@@ -360,7 +368,7 @@ async fn bootstrap_runs_once(ctx: Ctx) {
 
     let second = token();
     assert!(
-        s.bootstrap("other", "root2", &second)
+        s.bootstrap("other", "root2", &second, &pool_config())
             .await
             .unwrap()
             .is_none()
@@ -373,12 +381,74 @@ async fn bootstrap_runs_once(ctx: Ctx) {
     assert!(s.find_token(second.id).await.unwrap().is_none());
 }
 
+both_backends!(every_tenant_starts_with_its_pool_config);
+async fn every_tenant_starts_with_its_pool_config(ctx: Ctx) {
+    let s = &ctx.store;
+    let first = json!({"max_vms": 7});
+    let (default, _) = s
+        .bootstrap("default", "root", &token(), &first)
+        .await
+        .unwrap()
+        .unwrap();
+    let (acme, _) = s
+        .create_tenant("acme", "alice", &token(), &json!({"max_vms": 3}))
+        .await
+        .unwrap();
+    for (tenant, spec) in [(default.id, first), (acme.id, json!({"max_vms": 3}))] {
+        let record = s
+            .get_resource(tenant, Kind::PoolConfig, "default")
+            .await
+            .unwrap()
+            .expect("created with the tenant");
+        assert_eq!((record.spec, record.version), (spec, 1));
+    }
+    // A failed creation leaves no pool config behind either.
+    let err = s
+        .create_tenant("acme", "bob", &token(), &json!({"max_vms": 9}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists(_)), "{err:?}");
+    assert_eq!(
+        s.list_resources(acme.id, Kind::PoolConfig).await.unwrap()[0].spec,
+        json!({"max_vms": 3})
+    );
+
+    // A store from before: a tenant without one gets it from the backfill,
+    // the others keep theirs; a second backfill changes nothing.
+    s.delete_resource(acme.id, Kind::PoolConfig, "default")
+        .await
+        .unwrap();
+    assert_eq!(
+        s.backfill_pool_configs(&json!({"max_vms": 5}))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.backfill_pool_configs(&json!({"max_vms": 6}))
+            .await
+            .unwrap(),
+        0
+    );
+    let spec = |t| async move {
+        s.get_resource(t, Kind::PoolConfig, "default")
+            .await
+            .unwrap()
+            .unwrap()
+            .spec
+    };
+    assert_eq!(spec(acme.id).await, json!({"max_vms": 5}));
+    assert_eq!(spec(default.id).await, json!({"max_vms": 7}));
+}
+
 both_backends!(bootstrap_skips_when_any_tenant_exists);
 async fn bootstrap_skips_when_any_tenant_exists(ctx: Ctx) {
     let s = &ctx.store;
-    s.create_tenant("acme", "alice", &token()).await.unwrap();
+    s.create_tenant("acme", "alice", &token(), &pool_config())
+        .await
+        .unwrap();
     assert!(
-        s.bootstrap("default", "root", &token())
+        s.bootstrap("default", "root", &token(), &pool_config())
             .await
             .unwrap()
             .is_none()
@@ -407,7 +477,7 @@ async fn bootstrap_races_create_one_tenant(ctx: Ctx) {
         };
         racers.spawn(async move {
             store
-                .bootstrap(&format!("tenant-{i}"), "root", &token())
+                .bootstrap(&format!("tenant-{i}"), "root", &token(), &pool_config())
                 .await
         });
     }
@@ -436,14 +506,17 @@ both_backends!(create_tenant_is_atomic_and_unique);
 async fn create_tenant_is_atomic_and_unique(ctx: Ctx) {
     let s = &ctx.store;
     let acme_token = token();
-    let (acme, alice) = s.create_tenant("acme", "alice", &acme_token).await.unwrap();
+    let (acme, alice) = s
+        .create_tenant("acme", "alice", &acme_token, &pool_config())
+        .await
+        .unwrap();
     assert_eq!(alice.role, Role::Admin);
     assert_eq!(alice.kind, IdentityKind::Developer);
     assert_eq!(alice.tenant_id, acme.id);
 
     let dup_token = token();
     let err = s
-        .create_tenant("acme", "bob", &dup_token)
+        .create_tenant("acme", "bob", &dup_token, &pool_config())
         .await
         .unwrap_err();
     assert!(
@@ -454,13 +527,17 @@ async fn create_tenant_is_atomic_and_unique(ctx: Ctx) {
 
     // A token id already taken fails the whole tenant creation.
     let err = s
-        .create_tenant("beta", "bob", &acme_token)
+        .create_tenant("beta", "bob", &acme_token, &pool_config())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists(_)), "{err:?}");
 
-    s.create_tenant("zeta", "z", &token()).await.unwrap();
-    s.create_tenant("alpha", "a", &token()).await.unwrap();
+    s.create_tenant("zeta", "z", &token(), &pool_config())
+        .await
+        .unwrap();
+    s.create_tenant("alpha", "a", &token(), &pool_config())
+        .await
+        .unwrap();
     let names: Vec<_> = s
         .list_tenants()
         .await
@@ -1007,7 +1084,7 @@ async fn data_survives_reopening(ctx: Ctx) {
     let t_token = token();
     let (acme, admin) = ctx
         .store
-        .create_tenant("acme", "alice", &t_token)
+        .create_tenant("acme", "alice", &t_token, &pool_config())
         .await
         .unwrap();
     let s = &ctx.store;

@@ -66,6 +66,10 @@ pub struct ServerArgs {
     /// Probability that a fake boot fails (simulation).
     #[arg(long, env = "HEARTH_FAKE_FAILURE_RATE", default_value_t = 0.0)]
     fake_failure_rate: f64,
+    /// `max_vms` of the pool config every new tenant starts with.
+    #[arg(long, env = "HEARTH_DEFAULT_MAX_VMS", default_value_t = hearth_core::resource::DEFAULT_MAX_VMS,
+        value_parser = clap::value_parser!(i32).range(1..))]
+    default_max_vms: i32,
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -120,7 +124,21 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the store: {}", hearth_api::error::chain(&e)))?;
     tracing::info!(store = store.backend(), data_dir = %args.data_dir.display(), "store open, migrations applied");
-    bootstrap(&store, &args.data_dir).await?;
+    let pool_config = serde_json::to_value(hearth_core::resource::PoolConfig::initial(
+        args.default_max_vms,
+    ))?;
+    bootstrap(&store, &args.data_dir, &pool_config).await?;
+    let backfilled = store
+        .backfill_pool_configs(&pool_config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot backfill pool configs: {e}"))?;
+    if backfilled > 0 {
+        tracing::info!(
+            tenants = backfilled,
+            max_vms = args.default_max_vms,
+            "gave the default pool config to tenants that had none"
+        );
+    }
 
     let pool = start_pool(&args, &store).await?;
 
@@ -131,7 +149,11 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runner = tokio::spawn(pool.clone().run(stop_rx));
     tracing::info!(%addr, "listening");
-    let app = hearth_api::router(hearth_api::AppState { store, pool });
+    let app = hearth_api::router(hearth_api::AppState {
+        store,
+        pool,
+        default_max_vms: args.default_max_vms,
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
@@ -227,7 +249,11 @@ async fn shutdown_signal() {
 
 /// On an empty store, creates the first tenant and its operator, prints the
 /// token once and keeps it in a 0600 file of the data dir.
-async fn bootstrap(store: &Arc<dyn Store>, data_dir: &Path) -> anyhow::Result<()> {
+async fn bootstrap(
+    store: &Arc<dyn Store>,
+    data_dir: &Path,
+    pool_config: &serde_json::Value,
+) -> anyhow::Result<()> {
     let token_path = data_dir.join(TOKEN_FILE);
     let pending_path = data_dir.join(PENDING_TOKEN_FILE);
     let token = hearth_api::auth::issue_token(None);
@@ -239,7 +265,10 @@ async fn bootstrap(store: &Arc<dyn Store>, data_dir: &Path) -> anyhow::Result<()
     {
         write_secret(&pending_path, &token.text)?;
     }
-    match store.bootstrap("default", "admin", &token.stored).await? {
+    match store
+        .bootstrap("default", "admin", &token.stored, pool_config)
+        .await?
+    {
         Some((tenant, identity)) => {
             if !pending_path.exists() {
                 write_secret(&pending_path, &token.text)?;

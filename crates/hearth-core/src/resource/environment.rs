@@ -2,7 +2,7 @@
 //! setup). Its variables are secrets: shown masked, never logged.
 
 use super::workspace::{SetupCommand, validate_commands};
-use super::{Kind, ResourceRef, Spec, parse_duration, validate_name};
+use super::{Kind, ResourceRef, Spec, null_is, null_is_default, parse_duration, validate_name};
 use crate::Error;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -43,28 +43,44 @@ pub enum Network {
 #[serde(deny_unknown_fields)]
 pub struct Environment {
     #[serde(default)]
+    #[serde(deserialize_with = "null_is_default")]
+    #[schema(nullable)]
     pub driver: DriverKind,
     /// Image name; absent means the driver's default image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     #[serde(default = "default_cpus")]
+    #[serde(deserialize_with = "cpus_or_default")]
+    #[schema(nullable)]
     pub cpus: i32,
     #[serde(default)]
+    #[serde(deserialize_with = "null_is_default")]
+    #[schema(nullable)]
     pub network: Network,
     /// Memory as `<n>Mi` or `<n>Gi`.
     #[serde(default = "default_memory")]
+    #[serde(deserialize_with = "memory_or_default")]
+    #[schema(nullable)]
     pub memory: String,
     /// Variables written to `/home/.env` in every VM. Values are secrets.
     #[serde(default)]
+    #[serde(deserialize_with = "null_is_default")]
+    #[schema(nullable)]
     pub env: BTreeMap<String, String>,
     /// How long a VM may sit idle before it is stopped or destroyed.
     #[serde(default = "default_idle_timeout")]
+    #[serde(deserialize_with = "idle_timeout_or_default")]
+    #[schema(nullable)]
     pub idle_timeout: String,
     /// Run once per VM from `/home`.
     #[serde(default)]
+    #[serde(deserialize_with = "null_is_default")]
+    #[schema(nullable)]
     pub project_setup: Vec<SetupCommand>,
     /// Run once per repo, in the repo's folder.
     #[serde(default)]
+    #[serde(deserialize_with = "null_is_default")]
+    #[schema(nullable)]
     pub repo_setup: Vec<SetupCommand>,
     /// Read-only: shown on output, ignored on input.
     #[serde(default, skip_serializing)]
@@ -81,6 +97,9 @@ fn default_memory() -> String {
 fn default_idle_timeout() -> String {
     "15m".to_owned()
 }
+null_is!(cpus_or_default: i32 = default_cpus());
+null_is!(memory_or_default: String = default_memory());
+null_is!(idle_timeout_or_default: String = default_idle_timeout());
 
 impl Environment {
     /// Memory in MiB (validated, so never fails on a stored spec).

@@ -2,7 +2,7 @@
 //! itself is the qemu driver's business; this is only the record.
 
 use super::environment::DriverKind;
-use super::{Kind, Spec};
+use super::{Kind, Spec, null_is_default};
 use crate::Error;
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 pub struct Image {
     pub driver: DriverKind,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(deserialize_with = "null_is_default")]
+    #[schema(nullable)]
     pub description: String,
     /// qemu: the kernel file.
     #[serde(default, skip_serializing_if = "Option::is_none")]

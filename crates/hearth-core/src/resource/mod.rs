@@ -9,11 +9,11 @@ mod workspace;
 
 pub use environment::{DriverKind, Environment, Network, REDACTED};
 pub use image::Image;
-pub use pool_config::{DEFAULT_NAME as POOL_CONFIG_NAME, PoolConfig, ReapMode};
+pub use pool_config::{DEFAULT_MAX_VMS, DEFAULT_NAME as POOL_CONFIG_NAME, PoolConfig, ReapMode};
 pub use workspace::{Repo, SetupCommand, WarmPool, Workspace, mask_repo_url, repo_url_secret};
 
 use crate::Error;
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
 use std::fmt;
 use std::str::FromStr;
 
@@ -111,7 +111,33 @@ pub trait Spec: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     fn restore_masked(&mut self, _previous: Option<&Self>) -> Result<(), Error> {
         Ok(())
     }
+
+    /// Fields known under an older name too, as `(older, current)`: the
+    /// input may use either (never both), the output uses the current one.
+    const RENAMED: &'static [(&'static str, &'static str)] = &[];
 }
+
+/// Reads an optional field where `null` means absent: a YAML `null`, `~` or
+/// empty value, or a JSON `null`, gives the field's default (never the
+/// text `"null"`). For `#[serde(default, deserialize_with = ...)]`.
+pub(crate) fn null_is_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Defines `fn $name` like [`null_is_default`] for a field whose default is
+/// not `T::default()` (`null` gives `$default`).
+macro_rules! null_is {
+    ($name:ident: $ty:ty = $default:expr) => {
+        fn $name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+            Ok(<Option<$ty> as serde::Deserialize>::deserialize(d)?.unwrap_or_else(|| $default))
+        }
+    };
+}
+pub(crate) use null_is;
 
 /// The format of a document sent to or received from the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +204,14 @@ pub fn apply_merge_patch<T: Spec>(current: &T, patch: &serde_json::Value) -> Res
         return Err(Error::invalid("a merge patch must be a JSON object"));
     }
     let mut doc = serde_json::to_value(current).map_err(|e| Error::internal(e.to_string()))?;
+    // A patch naming a field by its older name replaces the stored field.
+    if let (Some(doc), Some(fields)) = (doc.as_object_mut(), patch.as_object()) {
+        for (older, current) in T::RENAMED {
+            if fields.get(*older).is_some_and(|v| !v.is_null()) && !fields.contains_key(*current) {
+                doc.remove(*current);
+            }
+        }
+    }
     json_patch::merge(&mut doc, patch);
     let spec: T = serde_path_to_error::deserialize(doc).map_err(|e| {
         Error::invalid(format!(
@@ -277,6 +311,46 @@ mod tests {
                 err.message
             );
         }
+    }
+
+    /// `null`, `~` and an empty value (YAML) and `null` (JSON) are absent
+    /// for every optional field of every kind.
+    #[test]
+    fn null_means_absent_for_every_kind() {
+        fn same<T: Spec + PartialEq + std::fmt::Debug>(with_nulls: &str, bare: &str) {
+            let expected: T = parse_spec(bare, Format::Yaml).unwrap();
+            for null in ["null", "~", ""] {
+                let doc = with_nulls.replace("NULL", null);
+                let parsed: T = parse_spec(&doc, Format::Yaml)
+                    .unwrap_or_else(|e| panic!("{doc:?}: {}", e.message));
+                assert_eq!(parsed, expected, "{doc:?}");
+            }
+            let json: serde_json::Value =
+                serde_yaml_ng::from_str(&with_nulls.replace("NULL", "null")).unwrap();
+            let parsed: T = parse_spec(&json.to_string(), Format::Json)
+                .unwrap_or_else(|e| panic!("{json}: {}", e.message));
+            assert_eq!(parsed, expected, "{json}");
+        }
+        same::<Workspace>(
+            "environment: dev\nrepos: NULL\nmin_idle: NULL\nmax_idle: NULL\nwarm_pool: NULL\ndescription: NULL\n",
+            "environment: dev\n",
+        );
+        same::<Workspace>(
+            "environment: dev\nrepos:\n- url: a/x.git\n  branch: NULL\n  name: NULL\nwarm_pool:\n  enabled: NULL\n  branch: NULL\n  setup_commands: NULL\n",
+            "environment: dev\nrepos:\n- url: a/x.git\n",
+        );
+        same::<Environment>(
+            "driver: NULL\nimage: NULL\ncpus: NULL\nnetwork: NULL\nmemory: NULL\nenv: NULL\nidle_timeout: NULL\nproject_setup: NULL\nrepo_setup: NULL\n",
+            "{}",
+        );
+        same::<Image>(
+            "driver: sandbox\ndescription: NULL\nkernel: NULL\ninitrd: NULL\ndisk: NULL\nroot_dir: NULL\n",
+            "driver: sandbox\n",
+        );
+        same::<PoolConfig>(
+            "max_vms: 2\nmax_agents_per_developer: NULL\ndescription: NULL\nreap_stranded_workflows: NULL\n",
+            "max_vms: 2\n",
+        );
     }
 
     #[test]

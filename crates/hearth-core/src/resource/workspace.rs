@@ -1,6 +1,6 @@
 //! The workspace: a project's repos, its warm-pool size and setup.
 
-use super::{Kind, REDACTED, ResourceRef, Spec, validate_name};
+use super::{Kind, REDACTED, ResourceRef, Spec, null_is, null_is_default, validate_name};
 use crate::Error;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -13,9 +13,13 @@ pub struct Workspace {
     pub environment: String,
     /// Git repositories cloned into every VM at `/home/<repo-name>`.
     #[serde(default)]
+    #[serde(deserialize_with = "null_is_default")]
+    #[schema(nullable)]
     pub repos: Vec<Repo>,
     /// Warm VMs to keep ready (the warm pool's target size); 0 = no prewarming.
     #[serde(default)]
+    #[serde(deserialize_with = "null_is_default")]
+    #[schema(nullable)]
     pub min_idle: i32,
     /// Most idle VMs to keep; a returned VM beyond it is destroyed. Defaults
     /// to `min_idle`.
@@ -23,8 +27,12 @@ pub struct Workspace {
     pub max_idle: Option<i32>,
     /// Warm-pool settings.
     #[serde(default)]
+    #[serde(deserialize_with = "null_is_default")]
+    #[schema(nullable)]
     pub warm_pool: WarmPool,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(deserialize_with = "null_is_default")]
+    #[schema(nullable)]
     pub description: String,
 }
 
@@ -36,6 +44,8 @@ pub struct Repo {
     pub url: String,
     /// Branch to check out (the warm pool's `branch` overrides it when set).
     #[serde(default = "default_branch")]
+    #[serde(deserialize_with = "branch_or_default")]
+    #[schema(nullable)]
     pub branch: String,
     /// Folder under `/home`; defaults to the last part of the URL without `.git`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -45,6 +55,7 @@ pub struct Repo {
 fn default_branch() -> String {
     "main".to_owned()
 }
+null_is!(branch_or_default: String = default_branch());
 
 /// The credential in a repo URL's userinfo (`scheme://user:password@host/…`
 /// → `password`; for http(s), a token-only `https://token@host/…` → `token`),
@@ -97,12 +108,16 @@ impl Repo {
 #[serde(deny_unknown_fields)]
 pub struct WarmPool {
     #[serde(default = "default_true")]
+    #[serde(deserialize_with = "true_or_default")]
+    #[schema(nullable)]
     pub enabled: bool,
     /// Overrides every repo's branch for warm VMs when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
     /// Run in order from `/home` after the repos are set up.
     #[serde(default)]
+    #[serde(deserialize_with = "null_is_default")]
+    #[schema(nullable)]
     pub setup_commands: Vec<SetupCommand>,
 }
 
@@ -119,6 +134,7 @@ impl Default for WarmPool {
 fn default_true() -> bool {
     true
 }
+null_is!(true_or_default: bool = true);
 
 /// A named shell command run inside a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -333,7 +333,11 @@ fn tenants_never_see_each_other(b: Backend) {
     a.put_yaml("/v1/workspaces/web", "environment: dev\nmin_idle: 1\n");
 
     // B sees none of A's resources, by name or in lists.
-    assert_eq!(bt.get("/v1/pool-config/default").status, 404);
+    // B has its own pool config (from its creation), not A's.
+    assert_eq!(
+        bt.get("/v1/pool-config/default").body["spec"],
+        json!({"max_vms": 10, "max_agents_per_developer": 0, "reap_stranded_workflows": "dry_run"})
+    );
     assert_eq!(bt.get("/v1/workspaces/web").status, 404);
     assert_eq!(bt.get("/v1/environments").body["items"], json!([]));
     assert_eq!(bt.get("/v1/workspaces").body["items"], json!([]));

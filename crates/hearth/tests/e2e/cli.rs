@@ -20,7 +20,7 @@ fn readme_example_works_as_written(b: Backend) {
     let out = s.cli(t, &["set", "pool-config", "default"], "max_vms: 50\n");
     assert_eq!(
         (out.code, out.stdout.as_str()),
-        (0, "pool-config/default created\n"),
+        (0, "pool-config/default configured\n"),
         "{out:?}"
     );
     let out = s.cli(
@@ -43,8 +43,11 @@ fn readme_example_works_as_written(b: Backend) {
     assert_eq!(out.stdout, "pool-config/default unchanged\n", "{out:?}");
     let out = s.cli(t, &["delete", "pool-config", "default"], "");
     assert_eq!(
-        (out.code, out.stdout.as_str()),
-        (0, "pool-config/default deleted\n"),
+        (out.code, out.stderr.as_str()),
+        (
+            1,
+            "FAILED_PRECONDITION: the pool config cannot be deleted; set it instead (hearth set pool-config default)\n"
+        ),
         "{out:?}"
     );
 }
@@ -80,8 +83,16 @@ fn errors_print_code_and_message_and_exit_non_zero(b: Backend) {
         ],
         "",
     );
-    assert_eq!(out.code, 1);
-    assert!(out.stderr.starts_with("NOT_FOUND: "), "{out:?}");
+    // The tenant's pool config exists from its creation: the patch is
+    // checked against it (no NOT_FOUND before a first set).
+    assert_eq!(
+        (out.code, out.stderr.as_str()),
+        (
+            1,
+            "INVALID_ARGUMENT: max_agents_per_developer must not be negative (0 = unlimited)\n"
+        ),
+        "{out:?}"
+    );
     s.cli(t, &["set", "pool-config", "default"], "max_vms: 2\n");
     let out = s.cli(
         t,
@@ -271,7 +282,7 @@ fn configuration_files_are_found_upwards(b: Backend) {
     );
     assert_eq!(
         (out.code, out.stdout.as_str()),
-        (0, "pool-config/default created\n"),
+        (0, "pool-config/default configured\n"),
         "{out:?}"
     );
     // A flag beats the file.
@@ -405,8 +416,16 @@ fn identities_and_tenants_from_the_cli(b: Backend) {
     let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out.stdout).unwrap();
     assert_eq!(v["tenant"].as_str(), Some("acme"));
     let acme = v["token"].as_str().unwrap().to_owned();
+    // A new tenant starts with its pool config (the default max_vms).
     let out = s.cli(&acme, &["get", "pool-config", "default"], "");
-    assert!(out.stderr.starts_with("NOT_FOUND"), "{out:?}");
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (
+            0,
+            "max_vms: 10\nmax_agents_per_developer: 0\nreap_stranded_workflows: dry_run\n"
+        ),
+        "{out:?}"
+    );
     let out = s.cli(t, &["tenant", "list"], "");
     assert!(
         out.stdout.contains("acme") && out.stdout.contains("default"),

@@ -49,7 +49,7 @@ fn pool_config_validation_messages(b: Backend) {
         );
     // Exactly at the limit is fine.
     let r = api.put_json(PC, json!({"max_vms": 5, "description": "y".repeat(1024)}));
-    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.status, 200, "{}", r.text);
     // The patch path applies the same rules.
     api.patch(PC, json!({"max_vms": 0})).assert_error(
         400,
@@ -131,7 +131,16 @@ fn pool_config_yaml_and_json_errors_name_field_and_line(b: Backend) {
         "{}",
         r.text
     );
-    assert_eq!(api.get(PC).status, 404, "nothing was stored");
+    let g = api.get(PC);
+    assert_eq!(
+        (
+            g.body["version"].as_i64(),
+            g.body["spec"]["max_vms"].as_i64()
+        ),
+        (Some(1), Some(10)),
+        "nothing was stored over the tenant's first pool config: {}",
+        g.text
+    );
 }
 
 fn pool_config_is_a_singleton_named_default(b: Backend) {
@@ -149,20 +158,36 @@ fn pool_config_is_a_singleton_named_default(b: Backend) {
         "pool-config \"prod\" not found: the pool config is a singleton always named \"default\" (got \"prod\")",
     );
     assert_eq!(api.delete("/v1/pool-config/prod").status, 404);
-    api.get(PC).assert_error(
-        404,
-        "NOT_FOUND",
-        "pool-config \"default\" not found: set it with `hearth set pool-config default`",
+    // The one there is from the tenant's creation on.
+    assert_eq!(api.get(PC).status, 200);
+    let list = api.get("/v1/pool-config");
+    assert_eq!(
+        list.body["items"].as_array().unwrap().len(),
+        1,
+        "{}",
+        list.text
     );
 }
 
 fn pool_config_round_trip(b: Backend) {
     let s = Server::start(b);
     let api = s.admin();
+    // Every tenant starts with one (version 1, the default max_vms).
+    let g = api.get(PC);
+    assert_eq!(
+        (g.status, &g.body["spec"], &g.body["version"]),
+        (
+            200,
+            &json!({"max_vms": 10, "max_agents_per_developer": 0, "reap_stranded_workflows": "dry_run"}),
+            &json!(1)
+        ),
+        "{}",
+        g.text
+    );
     let r = api.put_yaml(PC, "max_vms: 50");
     assert_eq!(
         (r.status, r.body["outcome"].as_str()),
-        (201, Some("created")),
+        (200, Some("updated")),
         "{}",
         r.text
     );
@@ -170,7 +195,7 @@ fn pool_config_round_trip(b: Backend) {
         r.body["resource"]["spec"],
         json!({"max_vms": 50, "max_agents_per_developer": 0, "reap_stranded_workflows": "dry_run"})
     );
-    assert_eq!(r.body["resource"]["version"], 1);
+    assert_eq!(r.body["resource"]["version"], 2);
 
     let r = api.put_yaml(PC, "max_vms: 50\nreap_stranded_workflows: dry_run\n");
     assert_eq!(
@@ -190,7 +215,7 @@ fn pool_config_round_trip(b: Backend) {
         "{}",
         r.text
     );
-    assert_eq!(r.body["resource"]["version"], 2);
+    assert_eq!(r.body["resource"]["version"], 3);
 
     let g = api.get(PC);
     assert_eq!(g.status, 200);
@@ -212,11 +237,14 @@ fn pool_config_round_trip(b: Backend) {
     let list = api.get("/v1/pool-config");
     assert_eq!(list.body["items"].as_array().unwrap().len(), 1);
 
-    let d = api.delete(PC);
-    assert_eq!(d.status, 200, "{}", d.text);
-    assert_eq!(api.get(PC).status, 404);
-    assert_eq!(api.delete(PC).status, 404);
-    assert_eq!(api.patch(PC, json!({"max_vms": 3})).status, 404);
+    // It cannot be deleted: it is set instead.
+    api.delete(PC).assert_error(
+        409,
+        "FAILED_PRECONDITION",
+        "the pool config cannot be deleted; set it instead (hearth set pool-config default)",
+    );
+    assert_eq!(api.get(PC).body["spec"]["max_vms"], 100);
+    assert_eq!(api.patch(PC, json!({"max_vms": 3})).status, 200);
 }
 
 fn pool_config_keeps_unknown_reap_values(b: Backend) {
