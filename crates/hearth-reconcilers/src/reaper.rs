@@ -49,3 +49,31 @@ pub fn find(
     }
     finding
 }
+
+/// Pure: the earliest moment after `now` at which [`find`] reaps an agent
+/// it does not reap at `now` (`enabled` only; `None` when nothing is due).
+pub fn next_deadline(
+    mode: ReapMode,
+    agents: &[AgentRecord],
+    builds: &[Build],
+    now: Millis,
+    grace_ms: Millis,
+) -> Option<Millis> {
+    if mode != ReapMode::Enabled {
+        return None;
+    }
+    let retired: HashMap<&str, Millis> = builds
+        .iter()
+        .filter_map(|b| b.retired_at.map(|at| (b.id.as_str(), at)))
+        .collect();
+    if retired.is_empty() {
+        return None;
+    }
+    agents
+        .iter()
+        .filter(|a| !a.phase.is_terminal())
+        .filter_map(|a| retired.get(a.build.as_str()))
+        .map(|&at| at.saturating_add(grace_ms))
+        .filter(|&at| at > now)
+        .min()
+}

@@ -8,6 +8,7 @@ mod agents;
 mod auth;
 mod cli;
 mod pool;
+mod pool_wake;
 mod provisioning;
 mod qemu;
 mod resources;
