@@ -246,20 +246,25 @@ struct Room {
     order: Vec<usize>,
     /// Queued agents that need a boot and got none this pass.
     waiting: usize,
-    /// VMs the backfill wanted and got none of this pass.
-    unserved: usize,
+    /// Workspaces the backfill left short this pass: (workspace, fresh
+    /// VMs it has counting the boots planned, how many it wants).
+    deficits: Vec<(usize, usize, usize)>,
     /// Boots planned this pass.
     boots: i64,
 }
 
-/// The cap's two rules on top of [`plan_base`]: a tenant over `max_vms`
+/// The cap's rules on top of [`plan_base`]: a tenant over `max_vms`
 /// destroys idle VMs (surplus first, then from the warmest workspace) and
 /// returns VMs cold until it is within the cap; then, when queued agents
 /// or a backfill wait for a slot the cap refuses, idle VMs above their
-/// workspace's `min_idle` give way (the workspace with most surplus first).
-/// VMs already on their way out (draining, destroyed or returned cold this
-/// pass) count as slots coming, so a later pass never destroys twice for
-/// one need.
+/// workspace's `min_idle` give way (the workspace with most surplus first),
+/// and for a backfill, so does a workspace that would still be at least as
+/// full (in proportion to its `min_idle`) as the one it gives way to: no
+/// workspace starves another, whichever was configured first. VMs already
+/// on their way out (draining, destroyed or returned cold this pass) count
+/// as slots coming, handed out as the next pass will (queued agents first,
+/// then the workspace furthest below its `min_idle`), so a later pass never
+/// destroys twice for one need.
 fn make_room(snap: &Snapshot, actions: &mut Vec<Action>, mut room: Room) {
     let Some(max_vms) = snap.max_vms else {
         return;
@@ -339,15 +344,70 @@ fn make_room(snap: &Snapshot, actions: &mut Vec<Action>, mut room: Room) {
         destroy(&mut room, actions, w, Reason::OverCap);
         leaving += 1;
     }
-    // Slots that will be free once what leaves is gone, against what waits.
-    let free = (-over(leaving)).max(0) as usize;
-    let mut need = (room.waiting + room.unserved).saturating_sub(free);
-    while need > 0 {
+    // Slots that will be free once what leaves is gone, against what waits:
+    // queued agents first.
+    let mut free = (-over(leaving)).max(0) as usize;
+    let served = free.min(room.waiting);
+    free -= served;
+    for _ in served..room.waiting {
         let Some(w) = most_surplus(&room) else {
             break;
         };
         destroy(&mut room, actions, w, Reason::GiveWay);
-        need -= 1;
+    }
+    // Then the backfill, the furthest below its min_idle (in proportion)
+    // first, as the backfill hands slots out.
+    let mut deficits = std::mem::take(&mut room.deficits);
+    let lowest = |deficits: &[(usize, usize, usize)]| {
+        deficits
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| (a.1 * b.2).cmp(&(b.1 * a.2)))
+            .map(|(pos, _)| pos)
+    };
+    let fill = |deficits: &mut Vec<(usize, usize, usize)>, pos: usize| {
+        deficits[pos].1 += 1;
+        if deficits[pos].1 >= deficits[pos].2 {
+            deficits.remove(pos);
+        }
+    };
+    while free > 0
+        && let Some(pos) = lowest(&deficits)
+    {
+        fill(&mut deficits, pos);
+        free -= 1;
+    }
+    while let Some(pos) = lowest(&deficits) {
+        let (w, have, _) = deficits[pos];
+        let min_w = room.min_idle[w];
+        // A workspace still at least as full as `w` after giving one VM:
+        // (warm_v - 1) / min_v >= (have_w + 1) / min_w; the fullest first.
+        let fairer = room
+            .order
+            .iter()
+            .copied()
+            .filter(|&v| {
+                v != w
+                    && has_candidate(&room, v)
+                    && room.min_idle[v] > 0
+                    && (room.warm[v] - 1) * min_w >= (have + 1) * room.min_idle[v]
+            })
+            .max_by(|&a, &b| {
+                (room.warm[a] * room.min_idle[b])
+                    .cmp(&(room.warm[b] * room.min_idle[a]))
+                    .then(b.cmp(&a))
+            });
+        match most_surplus(&room).filter(|&v| v != w).or(fairer) {
+            Some(v) => {
+                destroy(&mut room, actions, v, Reason::GiveWay);
+                fill(&mut deficits, pos);
+            }
+            // Nothing gives way to it: a workspace further up may still
+            // be given one.
+            None => {
+                deficits.remove(pos);
+            }
+        }
     }
 }
 
@@ -741,7 +801,6 @@ fn plan_base(
             deficits.remove(pos);
         }
     }
-    let unserved = deficits.iter().map(|&(_, have, want)| want - have).sum();
     // A workspace whose fresh VMs do not cover its min_idle keeps all it has.
     let surplus = (0..n)
         .map(|w| {
@@ -760,7 +819,7 @@ fn plan_base(
         surplus,
         order,
         waiting,
-        unserved,
+        deficits,
         boots: boots_planned,
     };
     (actions, Some(room))
@@ -1271,6 +1330,53 @@ mod tests {
     }
 
     #[test]
+    fn a_workspace_configured_first_gives_way_to_a_later_one_at_the_cap() {
+        // web took the whole cap before api existed; both want 3 of 3.
+        let s = snap(
+            3,
+            vec![ws("api", 3, 3), ws("web", 3, 3)],
+            (0..3).map(|_| vm("web", VmState::Idle)).collect(),
+        );
+        let gone = destroys(&plan(&s, NOW, &Settings::default()));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].1, Reason::GiveWay);
+        // Passes until nothing changes: shared in proportion, then stable.
+        let mut world = s;
+        for _ in 0..6 {
+            let actions = plan(&world, NOW, &Settings::default());
+            world = apply(&world, &actions);
+        }
+        let idle = |w: &str| world.vms.iter().filter(|v| v.workspace == w).count();
+        assert_eq!((idle("web"), idle("api")), (2, 1));
+        assert!(plan(&world, NOW, &Settings::default()).is_empty());
+        // A workspace nothing gives way to does not hold up another that
+        // something does (a found by proptest).
+        let mut s = snap(
+            3,
+            vec![ws("a", 1, 3), ws("b", 2, 4), ws("c", 2, 4)],
+            (0..4).map(|_| vm("c", VmState::Idle)).collect(),
+        );
+        s.queued = vec![agent("a")];
+        let mut world = s;
+        for _ in 0..6 {
+            let actions = plan(&world, NOW, &Settings::default());
+            world = apply(&world, &actions);
+        }
+        let idle = |w: &str| {
+            world
+                .vms
+                .iter()
+                .filter(|v| v.workspace == w && v.state == VmState::Idle)
+                .count()
+        };
+        // a's agent runs; c gave up all but one of its min_idle of 2 (one
+        // to the cap, one to the agent, one to a backfill short of its own).
+        assert!(world.queued.is_empty());
+        assert_eq!(world.vms.len(), 3);
+        assert_eq!((idle("a") + idle("b"), idle("c")), (1, 1));
+    }
+
+    #[test]
     fn over_the_cap_destroys_idle_vms_never_assigned_ones() {
         // max_vms lowered to 2 with 2 assigned and 3 idle (a at min_idle 2).
         let mut s = snap(
@@ -1481,16 +1587,30 @@ mod tests {
                 }
             }
             // Backfill below min_idle likewise: a workspace short of its
-            // min_idle at the cap leaves no surplus elsewhere.
+            // min_idle at the cap leaves no surplus elsewhere, and no other
+            // workspace that would still be as full after giving it one.
             if world.vms.len() >= max {
-                let short = world.workspaces.iter().any(|w| idle.iter().filter(|v| v.workspace == w.name).count() < w.min_idle);
-                if short {
+                let idle_of = |w: &WorkspaceView| idle.iter().filter(|v| v.workspace == w.name).count();
+                for short in world.workspaces.iter().filter(|w| idle_of(w) < w.min_idle) {
                     for w in &world.workspaces {
-                        let mine = idle.iter().filter(|v| v.workspace == w.name).count();
+                        let mine = idle_of(w);
                         prop_assert!(mine <= w.min_idle);
+                        if w.name != short.name && mine > 0 && w.min_idle > 0 {
+                            prop_assert!(
+                                (mine - 1) * short.min_idle < (idle_of(short) + 1) * w.min_idle,
+                                "{} keeps {mine} of {} while {} has {} of {}",
+                                w.name, w.min_idle, short.name, idle_of(short), short.min_idle
+                            );
+                        }
                     }
                 }
             }
+            // Settled: one more pass changes nothing.
+            let again = plan(&world, NOW, &settings);
+            prop_assert!(
+                again.iter().all(|a| !matches!(a, Action::Destroy { .. } | Action::Boot { .. })),
+                "not settled after 8 passes: {:?}", again
+            );
         }
     }
 

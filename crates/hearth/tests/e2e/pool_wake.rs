@@ -14,7 +14,9 @@ both_backends!(
     raised_max_vms_serves_a_queued_agent_at_once,
     idle_timeout_acts_at_its_deadline,
     back_off_ends_at_its_deadline,
+    reaper_acts_at_its_deadline,
     surplus_idle_gives_way_to_a_queued_agent,
+    surplus_idle_gives_way_to_a_backfill_below_min_idle,
     lowered_max_vms_destroys_idle_vms_and_reports_over_cap,
 );
 
@@ -228,6 +230,35 @@ fn back_off_ends_at_its_deadline(b: Backend) {
     );
 }
 
+fn reaper_acts_at_its_deadline(b: Backend) {
+    let s = Server::start_with(
+        b,
+        &["--resync", "10m", "--build", "b1", "--reap-after", "2s"],
+    );
+    s.pool(10, FAKE, "web", "min_idle: 0\n");
+    ok(s.admin().patch(
+        "/v1/pool-config/default",
+        json!({"reap_stranded_workflows": "enabled"}),
+    ));
+    let r = s.spawn(&s.admin_token, json!({"workspace": "web"}));
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    s.wait_agent(&id, "running", PROMPT);
+    // Its build retired: stranded now, reaped once the grace period ends,
+    // with nothing written in between.
+    ok(s.admin().post("/v1/builds/b1/retire", json!({})));
+    let retired = Instant::now();
+    let done = s.wait_agent(&id, "killed", 2 + PROMPT);
+    let waited = retired.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "reaped after {waited:?}, before the 2s grace period"
+    );
+    assert!(
+        done["error"].as_str().unwrap().contains("stranded"),
+        "{done}"
+    );
+}
+
 fn surplus_idle_gives_way_to_a_queued_agent(b: Backend) {
     let s = Server::start_with(b, SLOW_RESYNC);
     let api = s.admin();
@@ -274,6 +305,27 @@ fn surplus_idle_gives_way_to_a_queued_agent(b: Backend) {
     assert_eq!(destroyed.len(), 1, "{destroyed:#?}");
     assert_eq!(destroyed[0]["workspace"], "a");
     assert!(s.logs().contains("GiveWay"), "the destroy names its reason");
+}
+
+fn surplus_idle_gives_way_to_a_backfill_below_min_idle(b: Backend) {
+    let s = Server::start_with(b, SLOW_RESYNC);
+    let api = s.admin();
+    ok(api.put_yaml("/v1/pool-config/default", "max_vms: 3\n"));
+    ok(api.put_yaml("/v1/environments/dev", FAKE));
+    ok(api.put_yaml(
+        "/v1/workspaces/a",
+        "environment: dev\nmin_idle: 3\nmax_idle: 3\n",
+    ));
+    wait_idle(&s, "a", 3, "a fills the cap");
+    // a now keeps 2 above its min_idle; b wants 2 and the cap binds.
+    ok(api.patch("/v1/workspaces/a", json!({"min_idle": 1})));
+    ok(api.put_yaml(
+        "/v1/workspaces/b",
+        "environment: dev\nmin_idle: 2\nmax_idle: 2\n",
+    ));
+    wait_idle(&s, "b", 2, "b's backfill");
+    wait_idle(&s, "a", 1, "a keeps its min_idle");
+    assert_eq!(s.vms().len(), 3, "{:#?}", s.vms());
 }
 
 fn lowered_max_vms_destroys_idle_vms_and_reports_over_cap(b: Backend) {
