@@ -299,10 +299,12 @@ fn agents_on_warm_vms_see_everything_setup_made(b: Backend) {
     let git = GitServer::start();
     let app = git.repo("app", &[("README", "hello from the repo\n")]);
     let s = Server::start_with(b, FAST);
-    setup(&s, &[(&app, "main")], 1);
+    // The warm size comes with the setup commands: the pool acts on every
+    // write at once, so a VM warmed before them would lack their work.
+    setup(&s, &[(&app, "main")], 0);
     warm_pool(
         &s,
-        json!({"setupCommands": [{"name": "deps", "command": "echo built > /home/app/built.txt"}]}),
+        json!({"targetSize": 1, "setupCommands": [{"name": "deps", "command": "echo built > /home/app/built.txt"}]}),
     );
     assert!(
         wait_until(60, || s.status()["vms"]["idle"] == 1),
