@@ -1,6 +1,7 @@
 //! The pool runner: reads a tenant's snapshot, plans, executes. Woken by
-//! changes and by a slow resync timer; also owns adoption at start, the
-//! agents' commands, flush/nuke/up, and the reaper pass.
+//! changes and at the earliest deadline its passes found (a slow resync
+//! timer is the safety net); also owns adoption at start, the agents'
+//! commands, flush/nuke/up, and the reaper pass.
 
 use crate::plan::{self, Action, Reason, Settings, Snapshot, WorkspaceView};
 use crate::reaper;
