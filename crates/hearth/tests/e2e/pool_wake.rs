@@ -108,6 +108,29 @@ fn every_write_wakes_the_pool(b: Backend) {
         after[0]["env_version"].as_i64() > before[0]["env_version"].as_i64(),
         "{after:#?}"
     );
+    // An image change likewise.
+    ok(api.put_yaml("/v1/images/base", "driver: fake\ndescription: one\n"));
+    ok(api.put_yaml("/v1/environments/dev", "driver: fake\nimage: base\n"));
+    let mut now = vec![];
+    assert!(
+        wait_until(PROMPT, || {
+            now = vms_in(&s, "web", "idle");
+            now.len() == 1 && now[0]["image_version"] == 1 && s.vms().len() == 1
+        }),
+        "the environment's change to an image did not replace the VM: {:#?}",
+        s.vms()
+    );
+    let version = 1;
+    ok(api.put_yaml("/v1/images/base", "driver: fake\ndescription: two\n"));
+    assert!(
+        wait_until(PROMPT, || {
+            now = vms_in(&s, "web", "idle");
+            now.len() == 1 && now[0]["image_version"].as_i64() > Some(version) && s.vms().len() == 1
+        }),
+        "the image change did not replace the VM: {:#?}\n{}",
+        s.vms(),
+        s.logs_tail()
+    );
     // A deleted workspace's VMs go.
     ok(api.delete("/v1/workspaces/web"));
     assert!(
