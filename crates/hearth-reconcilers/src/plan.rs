@@ -722,7 +722,7 @@ fn plan_base(
             }
         }
         let mut keep = fresh.len();
-        let mut timed_out: Vec<usize> = Vec::new();
+        let mut timed_out: HashSet<usize> = HashSet::new();
         if keep > min_idle {
             // Oldest first (a stable sort: ties keep the snapshot order).
             let mut by_age: Vec<usize> = fresh
@@ -738,7 +738,7 @@ fn plan_base(
                 }
                 if now - snap.vms[i].updated_at > ws.idle_timeout_ms {
                     destroy_idle(&mut actions, i, Reason::IdleTimeout);
-                    timed_out.push(i);
+                    timed_out.insert(i);
                     keep -= 1;
                 }
             }
