@@ -6,7 +6,7 @@
 //! arithmetic is a pure [`plan::plan`] from a snapshot to actions; the
 //! [`Pool`] runner reads the snapshot, executes the actions, and is woken by
 //! changes (spawn, finish, every API write the planner reads, VM events)
-//! and at the earliest deadline a pass reported ([`plan::next_deadline`],
+//! and at the earliest deadline a pass reported ([`plan::plan_with_deadline`],
 //! [`reaper::next_deadline`]); the slow resync is only a safety net.
 //!
 //! **Architecture Invariants:**

@@ -15,12 +15,13 @@
 //! - over the cap (a lowered `max_vms`), idle VMs are destroyed until the
 //!   tenant is within it ([`Reason::OverCap`]), and once within it stays so.
 //!
-//! [`next_deadline`] says when the clock alone changes the plan, so the
+//! [`plan_with_deadline`] says when the clock alone changes the plan, so the
 //! runner passes again then rather than at the resync.
 
 use hearth_core::ids::{AgentId, VmId};
 use hearth_store::{AgentPhase, AgentRecord, Millis, VmRecord, VmState, WorkspaceState};
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 /// Knobs of the pool that are the server's, not the tenant's.
 #[derive(Debug, Clone)]
@@ -218,11 +219,46 @@ pub fn plan_with_in_flight(
     now: Millis,
     settings: &Settings,
 ) -> Vec<Action> {
-    let (mut actions, room) = plan_base(snap, in_flight, now, settings);
+    plan_with_deadline(snap, in_flight, now, settings).0
+}
+
+/// [`plan_with_in_flight`], and the earliest moment after `now` at which
+/// the clock alone changes what it decides for this snapshot: an idle VM
+/// passing its `idle_timeout`, a boot no task runs passing the boot
+/// timeout, a back-off ending (`None`: nothing is due; only a write or the
+/// resync can change the plan then). Deadlines already past are left out:
+/// what they allowed is planned now, or is held back by something else
+/// (`min_idle`) that only a write changes, so a runner sleeping until the
+/// deadline never spins. VMs in flight have none (their task wakes the
+/// pool when it ends). Found in the planner's own walk of the VMs.
+pub fn plan_with_deadline(
+    snap: &Snapshot,
+    in_flight: &HashSet<VmId>,
+    now: Millis,
+    settings: &Settings,
+) -> (Vec<Action>, Option<Millis>) {
+    let (mut actions, room, deadline) = plan_base(snap, in_flight, now, settings);
     if let Some(room) = room {
         make_room(snap, &mut actions, room);
     }
-    actions
+    (actions, deadline)
+}
+
+/// The deadline of [`plan_with_deadline`] alone.
+pub fn next_deadline(
+    snap: &Snapshot,
+    in_flight: &HashSet<VmId>,
+    now: Millis,
+    settings: &Settings,
+) -> Option<Millis> {
+    plan_base(snap, in_flight, now, settings).2
+}
+
+/// Keeps in `next` the earliest of the moments after `now` it is given.
+fn earliest(next: &mut Option<Millis>, at: Millis, now: Millis) {
+    if at > now && next.is_none_or(|n| at < n) {
+        *next = Some(at);
+    }
 }
 
 /// What [`make_room`] needs of a pass: per workspace (indexed as
@@ -308,37 +344,31 @@ fn make_room(snap: &Snapshot, actions: &mut Vec<Action>, mut room: Room) {
             reason,
         });
     };
+    let mut position = vec![0usize; room.order.len().max(snap.workspaces.len())];
+    for (i, &w) in room.order.iter().enumerate() {
+        position[w] = i;
+    }
     let has_candidate = |room: &Room, w: usize| room.next[w] < room.candidates[w].len();
     // The workspace with most surplus (that has a VM to give).
-    let most_surplus = |room: &Room| {
-        room.order
-            .iter()
-            .copied()
-            .filter(|&w| room.surplus[w] > 0 && has_candidate(room, w))
-            .max_by(|&a, &b| room.surplus[a].cmp(&room.surplus[b]).then(b.cmp(&a)))
-    };
+    let mut most_surplus = Picker::new(&room.order, |room: &Room, w| {
+        (room.surplus[w] > 0 && has_candidate(room, w)).then(|| Ratio::new(room.surplus[w], 1))
+    });
     // The warmest workspace in proportion to its min_idle (one with a
     // min_idle of 0 first), for VMs that are not surplus.
-    let warmest = |room: &Room| {
-        room.order
-            .iter()
-            .copied()
-            .filter(|&w| has_candidate(room, w))
-            .max_by(|&a, &b| {
-                let ratio = |x: usize, y: usize| {
-                    // warm[x] / min[x] against warm[y] / min[y], min 0 as infinite.
-                    match (room.min_idle[x], room.min_idle[y]) {
-                        (0, 0) => room.warm[x].cmp(&room.warm[y]),
-                        (0, _) => std::cmp::Ordering::Greater,
-                        (_, 0) => std::cmp::Ordering::Less,
-                        (mx, my) => (room.warm[x] * my).cmp(&(room.warm[y] * mx)),
-                    }
-                };
-                ratio(a, b).then(b.cmp(&a))
-            })
-    };
+    let mut warmest = Picker::new(&room.order, |room: &Room, w| {
+        has_candidate(room, w).then(|| Ratio::new(room.warm[w], room.min_idle[w]))
+    });
+    // The workspace fullest after giving one VM, in proportion to its
+    // min_idle (one whose min_idle is 0 has only surplus to give).
+    let mut fullest_after = Picker::new(&room.order, |room: &Room, w| {
+        (room.min_idle[w] > 0 && has_candidate(room, w))
+            .then(|| Ratio::new(room.warm[w] - 1, room.min_idle[w]))
+    });
     while over(leaving) > 0 {
-        let Some(w) = most_surplus(&room).or_else(|| warmest(&room)) else {
+        let Some(w) = most_surplus
+            .pick(&room, &position)
+            .or_else(|| warmest.pick(&room, &position))
+        else {
             break;
         };
         destroy(&mut room, actions, w, Reason::OverCap);
@@ -350,64 +380,136 @@ fn make_room(snap: &Snapshot, actions: &mut Vec<Action>, mut room: Room) {
     let served = free.min(room.waiting);
     free -= served;
     for _ in served..room.waiting {
-        let Some(w) = most_surplus(&room) else {
+        let Some(w) = most_surplus.pick(&room, &position) else {
             break;
         };
         destroy(&mut room, actions, w, Reason::GiveWay);
     }
     // Then the backfill, the furthest below its min_idle (in proportion)
-    // first, as the backfill hands slots out.
-    let mut deficits = std::mem::take(&mut room.deficits);
-    let lowest = |deficits: &[(usize, usize, usize)]| {
-        deficits
-            .iter()
-            .enumerate()
-            .min_by(|(_, a), (_, b)| (a.1 * b.2).cmp(&(b.1 * a.2)))
-            .map(|(pos, _)| pos)
-    };
-    let fill = |deficits: &mut Vec<(usize, usize, usize)>, pos: usize| {
-        deficits[pos].1 += 1;
-        if deficits[pos].1 >= deficits[pos].2 {
-            deficits.remove(pos);
+    // first (ties in name order), as the backfill hands slots out.
+    let mut deficits: BinaryHeap<Reverse<(Ratio, usize, usize, usize)>> = room
+        .deficits
+        .iter()
+        .map(|&(w, have, want)| Reverse((Ratio::new(have, want), position[w], w, want)))
+        .collect();
+    let fill = |deficits: &mut BinaryHeap<_>, (w, have, want): (usize, usize, usize)| {
+        if have + 1 < want {
+            deficits.push(Reverse((Ratio::new(have + 1, want), position[w], w, want)));
         }
     };
     while free > 0
-        && let Some(pos) = lowest(&deficits)
+        && let Some(Reverse((ratio, _, w, want))) = deficits.pop()
     {
-        fill(&mut deficits, pos);
+        fill(&mut deficits, (w, ratio.num, want));
         free -= 1;
     }
-    while let Some(pos) = lowest(&deficits) {
-        let (w, have, _) = deficits[pos];
-        let min_w = room.min_idle[w];
-        // A workspace still at least as full as `w` after giving one VM:
-        // (warm_v - 1) / min_v >= (have_w + 1) / min_w; the fullest first.
-        let fairer = room
-            .order
-            .iter()
-            .copied()
-            .filter(|&v| {
-                v != w
-                    && has_candidate(&room, v)
-                    && room.min_idle[v] > 0
-                    && (room.warm[v] - 1) * min_w >= (have + 1) * room.min_idle[v]
+    while let Some(Reverse((ratio, _, w, want))) = deficits.pop() {
+        let have = ratio.num;
+        // Surplus first; else a workspace still at least as full as `w`
+        // after giving one VM: (warm_v - 1) / min_v >= (have_w + 1) / min_w.
+        let donor = most_surplus.pick_other(&room, &position, w).or_else(|| {
+            fullest_after.pick_other(&room, &position, w).filter(|&v| {
+                Ratio::new(room.warm[v] - 1, room.min_idle[v])
+                    >= Ratio::new(have + 1, room.min_idle[w])
             })
-            .max_by(|&a, &b| {
-                (room.warm[a] * room.min_idle[b])
-                    .cmp(&(room.warm[b] * room.min_idle[a]))
-                    .then(b.cmp(&a))
-            });
-        match most_surplus(&room).filter(|&v| v != w).or(fairer) {
-            Some(v) => {
-                destroy(&mut room, actions, v, Reason::GiveWay);
-                fill(&mut deficits, pos);
-            }
-            // Nothing gives way to it: a workspace further up may still
-            // be given one.
-            None => {
-                deficits.remove(pos);
+        });
+        // Nothing gives way to it: a workspace further up may still be
+        // given one.
+        if let Some(v) = donor {
+            destroy(&mut room, actions, v, Reason::GiveWay);
+            fill(&mut deficits, (w, have, want));
+        }
+    }
+}
+
+/// `num / den` compared exactly; a `den` of 0 is infinite (infinities
+/// compare by `num`).
+#[derive(Debug, Clone, Copy)]
+struct Ratio {
+    num: usize,
+    den: usize,
+}
+
+impl Ratio {
+    fn new(num: usize, den: usize) -> Ratio {
+        Ratio { num, den }
+    }
+}
+
+impl Ord for Ratio {
+    fn cmp(&self, other: &Ratio) -> std::cmp::Ordering {
+        use std::cmp::Ordering::{Greater, Less};
+        match (self.den, other.den) {
+            (0, 0) => self.num.cmp(&other.num),
+            (0, _) => Greater,
+            (_, 0) => Less,
+            (a, b) => (self.num * b).cmp(&(other.num * a)),
+        }
+    }
+}
+
+impl PartialOrd for Ratio {
+    fn partial_cmp(&self, other: &Ratio) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Ratio {
+    fn eq(&self, other: &Ratio) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Ratio {}
+
+/// Picks the workspace with the greatest key (ties: the first in name
+/// order), where a key only ever falls, and only for a workspace picked:
+/// a max-heap whose out-of-date entries are put back with their current
+/// key when they come up, so each pick costs a few heap operations rather
+/// than a walk of every workspace.
+struct Picker<F> {
+    heap: BinaryHeap<(Ratio, Reverse<usize>, usize)>,
+    key: F,
+}
+
+impl<F: Fn(&Room, usize) -> Option<Ratio>> Picker<F> {
+    fn new(order: &[usize], key: F) -> Picker<F> {
+        // Every workspace starts above any real key: its key is taken when
+        // it first comes up (most never do).
+        let top = Ratio::new(usize::MAX, 0);
+        let heap = order
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (top, Reverse(i), w))
+            .collect();
+        Picker { heap, key }
+    }
+
+    fn pick(&mut self, room: &Room, position: &[usize]) -> Option<usize> {
+        loop {
+            let &(stored, _, w) = self.heap.peek()?;
+            match (self.key)(room, w) {
+                Some(current) if current == stored => return Some(w),
+                current => {
+                    self.heap.pop();
+                    if let Some(current) = current {
+                        self.heap.push((current, Reverse(position[w]), w));
+                    }
+                }
             }
         }
+    }
+
+    /// [`Picker::pick`] but never `not`.
+    fn pick_other(&mut self, room: &Room, position: &[usize], not: usize) -> Option<usize> {
+        let first = self.pick(room, position)?;
+        if first != not {
+            return Some(first);
+        }
+        let held = self.heap.pop().expect("just picked");
+        let other = self.pick(room, position);
+        self.heap.push(held);
+        other
     }
 }
 
@@ -418,8 +520,9 @@ fn plan_base(
     in_flight: &HashSet<VmId>,
     now: Millis,
     settings: &Settings,
-) -> (Vec<Action>, Option<Room>) {
+) -> (Vec<Action>, Option<Room>, Option<Millis>) {
     let mut actions = Vec::new();
+    let mut deadline: Option<Millis> = None;
     // Workspaces by name (of two with one name, the later one counts, as
     // in a map) and, in name order, the order capacity is handed out in.
     let mut by_name: HashMap<&str, usize> = HashMap::with_capacity(snap.workspaces.len());
@@ -509,11 +612,15 @@ fn plan_base(
                         from: vm.state,
                         reason: Reason::BootTimeout,
                     });
-                } else if vm.reserved_for.is_none()
-                    && !vm.test
-                    && let Some(w) = w
-                {
-                    booting_free[w] += 1;
+                } else {
+                    let at = vm.updated_at.saturating_add(settings.boot_timeout_ms) + 1;
+                    earliest(&mut deadline, at, now);
+                    if vm.reserved_for.is_none()
+                        && !vm.test
+                        && let Some(w) = w
+                    {
+                        booting_free[w] += 1;
+                    }
                 }
             }
             // Held, or returned below once every idle VM is counted.
@@ -521,6 +628,15 @@ fn plan_base(
             VmState::Idle => {
                 if vm.test {
                     continue;
+                }
+                if let Some(w) = w {
+                    // Destroyed once `now - updated_at > idle_timeout`.
+                    let timeout = snap.workspaces[w].idle_timeout_ms;
+                    earliest(
+                        &mut deadline,
+                        vm.updated_at.saturating_add(timeout) + 1,
+                        now,
+                    );
                 }
                 match w {
                     Some(w) if is_stale(vm, &snap.workspaces[w]) => {
@@ -535,6 +651,13 @@ fn plan_base(
                 }
             }
             VmState::Destroyed | VmState::Failed => {}
+        }
+    }
+    for ws in &snap.workspaces {
+        if !ws.state.hard_limited
+            && let Some(until) = ws.state.backoff_until
+        {
+            earliest(&mut deadline, until, now);
         }
     }
     for w in stale_marks {
@@ -591,7 +714,7 @@ fn plan_base(
         for &i in &orphans {
             destroy_idle(&mut actions, i, Reason::PoolStopped);
         }
-        return (actions, None);
+        return (actions, None, deadline);
     }
 
     // Idle VMs of workspaces that no longer exist.
@@ -822,60 +945,8 @@ fn plan_base(
         deficits,
         boots: boots_planned,
     };
-    (actions, Some(room))
+    (actions, Some(room), deadline)
 }
-/// The earliest moment after `now` at which the clock alone changes what
-/// [`plan_with_in_flight`] decides for this snapshot: an idle VM passing its
-/// `idle_timeout`, a boot no task runs passing the boot timeout, a back-off
-/// ending. `None` when nothing is due (only a write or the resync can
-/// change the plan then). Deadlines already past are left out: what they
-/// allowed is planned now, or is held back by something else (`min_idle`)
-/// that only a write changes.
-pub fn next_deadline(
-    snap: &Snapshot,
-    in_flight: &HashSet<VmId>,
-    now: Millis,
-    settings: &Settings,
-) -> Option<Millis> {
-    let by_name: HashMap<&str, &WorkspaceView> = snap
-        .workspaces
-        .iter()
-        .map(|w| (w.name.as_str(), w))
-        .collect();
-    let mut next: Option<Millis> = None;
-    let mut due = |at: Millis| {
-        if at > now && next.is_none_or(|n| at < n) {
-            next = Some(at);
-        }
-    };
-    for vm in &snap.vms {
-        if in_flight.contains(&vm.id) {
-            // Its task wakes the pool when it ends.
-            continue;
-        }
-        match vm.state {
-            VmState::Idle if !vm.test => {
-                if let Some(ws) = by_name.get(vm.workspace.as_str()) {
-                    // Destroyed once `now - updated_at > idle_timeout`.
-                    due(vm.updated_at.saturating_add(ws.idle_timeout_ms) + 1);
-                }
-            }
-            VmState::Booting | VmState::Provisioning => {
-                due(vm.updated_at.saturating_add(settings.boot_timeout_ms) + 1);
-            }
-            _ => {}
-        }
-    }
-    for ws in &snap.workspaces {
-        if !ws.state.hard_limited
-            && let Some(until) = ws.state.backoff_until
-        {
-            due(until);
-        }
-    }
-    next
-}
-
 /// The back-off state after one more failed boot.
 pub fn after_failure(
     state: &WorkspaceState,
@@ -2184,6 +2255,13 @@ mod tests {
             // The reference predates the cap's rules (make_room): it is
             // compared with the plan before them.
             let base = plan_base(&s, &s.in_flight, now, &settings).0;
+            // The deadline comes with the plan, and the clock changes
+            // nothing before it (nothing ever, without one).
+            let (planned, due) = plan_with_deadline(&s, &s.in_flight, now, &settings);
+            prop_assert_eq!(&planned, &plan(&s, now, &settings));
+            let before = due.map_or(now + 1_000_000_000, |d| d - 1);
+            prop_assert!(due.is_none_or(|d| d > now));
+            prop_assert_eq!(plan(&s, before, &settings), planned);
             let old = reference::reference_plan(&s, now, &settings);
             prop_assert_eq!(sorted(&base), sorted(&old));
             prop_assert_eq!(ordered(&base), ordered(&old));

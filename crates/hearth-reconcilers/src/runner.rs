@@ -679,12 +679,12 @@ impl Pool {
         self.reap(tenant, &pass, now).await?;
         let reap = started.elapsed();
         let started = Instant::now();
-        let actions =
-            plan::plan_with_in_flight(&pass.snapshot, &in_flight, now, &self.options.settings);
+        let (actions, due) =
+            plan::plan_with_deadline(&pass.snapshot, &in_flight, now, &self.options.settings);
         // The clock is read fresh each pass (a reused read too), so a pass
         // at the deadline acts even when nothing was written.
         let deadline = [
-            plan::next_deadline(&pass.snapshot, &in_flight, now, &self.options.settings),
+            due,
             reaper::next_deadline(
                 pass.reap_mode,
                 &pass.active_agents,
