@@ -294,9 +294,9 @@ struct Room {
 /// returns VMs cold until it is within the cap; then, when queued agents
 /// or a backfill wait for a slot the cap refuses, idle VMs above their
 /// workspace's `min_idle` give way (the workspace with most surplus first),
-/// and for a backfill, so does a workspace that would still be at least as
-/// full (in proportion to its `min_idle`) as the one it gives way to: no
-/// workspace starves another, whichever was configured first. VMs already
+/// and a backfill of a workspace with nothing warm is also given way by one
+/// that would still be at least as full (in proportion to its `min_idle`):
+/// no workspace starves another, whichever was configured first. VMs already
 /// on their way out (draining, destroyed or returned cold this pass) count
 /// as slots coming, handed out as the next pass will (queued agents first,
 /// then the workspace furthest below its `min_idle`), so a later pass never
@@ -405,12 +405,15 @@ fn make_room(snap: &Snapshot, actions: &mut Vec<Action>, mut room: Room) {
     }
     while let Some(Reverse((ratio, _, w, want))) = deficits.pop() {
         let have = ratio.num;
-        // Surplus first; else a workspace still at least as full as `w`
-        // after giving one VM: (warm_v - 1) / min_v >= (have_w + 1) / min_w.
+        // Surplus first; else, for a workspace with nothing warm at all, a
+        // workspace still at least as full as `w` after giving one VM:
+        // (warm_v - 1) / min_v >= 1 / min_w. Only starvation is undone so:
+        // evening out smaller gaps would trade one boot for nothing.
         let donor = most_surplus.pick_other(&room, &position, w).or_else(|| {
             fullest_after.pick_other(&room, &position, w).filter(|&v| {
-                Ratio::new(room.warm[v] - 1, room.min_idle[v])
-                    >= Ratio::new(have + 1, room.min_idle[w])
+                have == 0
+                    && Ratio::new(room.warm[v] - 1, room.min_idle[v])
+                        >= Ratio::new(have + 1, room.min_idle[w])
             })
         });
         // Nothing gives way to it: a workspace further up may still be
@@ -1658,15 +1661,16 @@ mod tests {
                 }
             }
             // Backfill below min_idle likewise: a workspace short of its
-            // min_idle at the cap leaves no surplus elsewhere, and no other
-            // workspace that would still be as full after giving it one.
+            // min_idle at the cap leaves no surplus elsewhere, and one with
+            // nothing warm no other workspace that would still be as full
+            // after giving it one.
             if world.vms.len() >= max {
                 let idle_of = |w: &WorkspaceView| idle.iter().filter(|v| v.workspace == w.name).count();
                 for short in world.workspaces.iter().filter(|w| idle_of(w) < w.min_idle) {
                     for w in &world.workspaces {
                         let mine = idle_of(w);
                         prop_assert!(mine <= w.min_idle);
-                        if w.name != short.name && mine > 0 && w.min_idle > 0 {
+                        if w.name != short.name && mine > 0 && w.min_idle > 0 && idle_of(short) == 0 {
                             prop_assert!(
                                 (mine - 1) * short.min_idle < (idle_of(short) + 1) * w.min_idle,
                                 "{} keeps {mine} of {} while {} has {} of {}",
