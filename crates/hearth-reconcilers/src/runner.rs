@@ -1081,11 +1081,9 @@ impl Pool {
                 summary.error.as_deref().unwrap_or("unknown error")
             );
             tracing::warn!(vm = %vm.id, workspace = %vm.workspace, instance = %instance, test = vm.test, %error, "provisioning failed");
-            let _ = self
-                .store
-                .set_vm_state(vm.id, VmState::LIVE, VmState::Draining, Some(&error))
-                .await;
-            self.destroy_now(&vm, VmState::Failed, Some(&error)).await;
+            // The back-off is recorded while the VM still counts as booting:
+            // a pass woken in between (every write wakes one) would else see
+            // neither and boot again at once.
             // A test boot is an experiment: it never throttles the pool.
             if !vm.test
                 && let Err(e) = self
@@ -1094,6 +1092,11 @@ impl Pool {
             {
                 tracing::error!(error = %e, "cannot record a failed boot");
             }
+            let _ = self
+                .store
+                .set_vm_state(vm.id, VmState::LIVE, VmState::Draining, Some(&error))
+                .await;
+            self.destroy_now(&vm, VmState::Failed, Some(&error)).await;
             self.requeue_reserved(vm.tenant_id, &vm).await;
         } else if vm.test {
             tracing::info!(vm = %vm.id, workspace = %vm.workspace, instance = %instance, boot_ms, "test boot ready; destroying its VM");

@@ -224,11 +224,9 @@ fn back_off_ends_at_its_deadline(b: Backend) {
         vms.sort_by_key(|v| v["created_at"].as_str().unwrap().to_owned());
         vms
     };
-    let mut until = Value::Null;
     assert!(
         wait_until(PROMPT, || {
-            until = s.status()["workspaces"][0]["backoff_until"].clone();
-            !failed().is_empty() && until.is_string()
+            !failed().is_empty() && s.status()["workspaces"][0]["status"] == "backing_off"
         }),
         "the first boot never failed: {:#?}\n{}",
         s.status(),
@@ -242,15 +240,35 @@ fn back_off_ends_at_its_deadline(b: Backend) {
             vms = failed();
             vms.len() >= 2
         }),
-        "no boot after the back-off ended at {until}: {:#?}\n{}",
+        "no boot after the back-off ended: {:#?}\n{}",
         s.admin().get("/v1/vms?all=true").body,
         s.logs_tail()
     );
-    let probe = vms[1]["created_at"].as_str().unwrap();
+    // Not before it: the first failed (its back-off of 1s recorded just
+    // before), the probe was created a second later.
+    let failed_at = millis(vms[0]["updated_at"].as_str().unwrap());
+    let probe_at = millis(vms[1]["created_at"].as_str().unwrap());
     assert!(
-        probe >= until.as_str().unwrap(),
-        "the probe ({probe}) started before the back-off ended ({until})"
+        probe_at - failed_at >= 900,
+        "the probe started {} ms after the failure, within its 1s back-off: {vms:#?}",
+        probe_at - failed_at
     );
+}
+
+/// Milliseconds since the epoch of an answer's `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+fn millis(rfc3339: &str) -> i64 {
+    let n = |range: std::ops::Range<usize>| rfc3339[range].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19);
+    let frac = rfc3339[20..].trim_end_matches('Z');
+    secs * 1000 + format!("{frac:0<3}")[..3].parse::<i64>().unwrap()
 }
 
 fn reaper_acts_at_its_deadline(b: Backend) {
