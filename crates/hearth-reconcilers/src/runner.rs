@@ -400,6 +400,9 @@ impl Pool {
         loop {
             if let Err(e) = self.reconcile_all().await {
                 tracing::error!(error = %e, "pool pass failed");
+                // Its deadlines are of passes that did not run: the resync
+                // retries (a store that is down is not hammered).
+                self.deadlines.lock().unwrap().clear();
             }
             let pause = self.until_next_deadline(now_millis());
             tokio::select! {
