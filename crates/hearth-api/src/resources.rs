@@ -174,6 +174,10 @@ async fn write<T: Spec>(
             };
             tracing::info!(tenant = %caller.tenant(), identity = %caller.identity.name, kind = %T::KIND, name,
                 outcome = ?result.outcome, version = outcome.record.version, "resource written");
+            if outcome.changed || outcome.created {
+                // Every kind feeds the planner: the pool acts on it now.
+                state.pool.wake();
+            }
             Ok(Ok(result))
         }
         Err(e @ StoreError::Conflict(_)) => Ok(Err(e)),
@@ -271,6 +275,7 @@ async fn delete<T: Spec>(
     {
         Ok(record) => {
             tracing::info!(tenant = %caller.tenant(), identity = %caller.identity.name, kind = %T::KIND, name, "resource deleted");
+            state.pool.wake();
             Ok(Json(view::<T>(&record)?))
         }
         Err(StoreError::NotFound(_)) => Err(not_found(T::KIND, &name)),

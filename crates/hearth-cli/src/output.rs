@@ -385,7 +385,7 @@ pub fn parse_answer<T: DeserializeOwned>(what: &str, answer: &Value) -> Result<T
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct PoolStatus {
     pub pool: String,
-    /// `healthy`, `degraded`, `stopped` or `unconfigured`.
+    /// `healthy`, `degraded`, `over_cap`, `stopped` or `unconfigured`.
     pub status: String,
     pub vms: PoolVms,
     /// Agents waiting for a VM, across the pool.
@@ -515,7 +515,15 @@ fn workspace_status_text(ws: &WorkspaceStatus) -> String {
 /// `hearth pool status` as text: the pool's counts, configuration and
 /// reaper, then one block per workspace.
 pub fn pool_status_text(s: &PoolStatus) -> String {
-    let mut out = format!("Pool: {}\nStatus: {}\nVMs:\n", s.pool, s.status);
+    let status = match s.status.as_str() {
+        "over_cap" => format!(
+            "over_cap ({} live, max_vms {}: destroying idle VMs until within the cap)",
+            plural(s.vms.total, "VM", "VMs"),
+            setting(&s.configuration.max_vms)
+        ),
+        other => other.to_owned(),
+    };
+    let mut out = format!("Pool: {}\nStatus: {status}\nVMs:\n", s.pool);
     count_line(&mut out, "Total:", s.vms.total, None);
     count_line(&mut out, "Active:", s.vms.active, Some("running agents"));
     count_line(&mut out, "Idle:", s.vms.idle, Some("warm, ready to claim"));
@@ -1738,6 +1746,19 @@ Workspace: web
   Queued:   0
 "
             )
+        );
+    }
+
+    #[test]
+    fn pool_status_over_the_cap_says_so() {
+        let mut answer = status_answer(json!(10), json!([]));
+        answer["status"] = json!("over_cap");
+        let text = render_pool_status(&answer, None).unwrap();
+        assert!(
+            text.starts_with(
+                "Pool: default\nStatus: over_cap (12 VMs live, max_vms 10: destroying idle VMs until within the cap)\nVMs:\n"
+            ),
+            "{text}"
         );
     }
 

@@ -5,7 +5,9 @@
 //! The shape follows Coder's prebuilds and Oxide's background tasks: the
 //! arithmetic is a pure [`plan::plan`] from a snapshot to actions; the
 //! [`Pool`] runner reads the snapshot, executes the actions, and is woken by
-//! changes (spawn, finish, config change, VM events) plus a slow resync.
+//! changes (spawn, finish, every API write the planner reads, VM events)
+//! and at the earliest deadline a pass reported ([`plan::plan_with_deadline`],
+//! [`reaper::next_deadline`]); the slow resync is only a safety net.
 //!
 //! **Architecture Invariants:**
 //! - the runner never holds a store transaction across a driver call: every

@@ -9,11 +9,19 @@
 //! - boots in flight never exceed the concurrent-boot bound;
 //! - when the cap binds, capacity goes to the workspace furthest below its
 //!   `min_idle` (in proportion), so no workspace starves another;
-//! - queued agents are served first-in, first-out.
+//! - queued agents are served first-in, first-out across the tenant;
+//! - at the cap, idle VMs above their workspace's `min_idle` give way to
+//!   queued agents and to backfill below `min_idle` ([`Reason::GiveWay`]);
+//! - over the cap (a lowered `max_vms`), idle VMs are destroyed until the
+//!   tenant is within it ([`Reason::OverCap`]), and once within it stays so.
+//!
+//! [`plan_with_deadline`] says when the clock alone changes the plan, so the
+//! runner passes again then rather than at the resync.
 
 use hearth_core::ids::{AgentId, VmId};
 use hearth_store::{AgentPhase, AgentRecord, Millis, VmRecord, VmState, WorkspaceState};
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 /// Knobs of the pool that are the server's, not the tenant's.
 #[derive(Debug, Clone)]
@@ -93,6 +101,11 @@ pub enum Reason {
     WorkspaceGone,
     /// Already `draining` (flushed, or left so by a crash).
     Draining,
+    /// Idle above its workspace's `min_idle` while the cap binds: it gives
+    /// way to a queued agent or to another workspace's backfill.
+    GiveWay,
+    /// The tenant has more live VMs than `max_vms` (it was lowered).
+    OverCap,
 }
 
 /// One thing to do.
@@ -206,7 +219,313 @@ pub fn plan_with_in_flight(
     now: Millis,
     settings: &Settings,
 ) -> Vec<Action> {
+    plan_with_deadline(snap, in_flight, now, settings).0
+}
+
+/// [`plan_with_in_flight`], and the earliest moment after `now` at which
+/// the clock alone changes what it decides for this snapshot: an idle VM
+/// passing its `idle_timeout`, a boot no task runs passing the boot
+/// timeout, a back-off ending (`None`: nothing is due; only a write or the
+/// resync can change the plan then). Deadlines already past are left out:
+/// what they allowed is planned now, or is held back by something else
+/// (`min_idle`) that only a write changes, so a runner sleeping until the
+/// deadline never spins. VMs in flight have none (their task wakes the
+/// pool when it ends). Found in the planner's own walk of the VMs.
+pub fn plan_with_deadline(
+    snap: &Snapshot,
+    in_flight: &HashSet<VmId>,
+    now: Millis,
+    settings: &Settings,
+) -> (Vec<Action>, Option<Millis>) {
+    let (mut actions, room, deadline) = plan_base(snap, in_flight, now, settings);
+    if let Some(room) = room {
+        make_room(snap, &mut actions, room);
+    }
+    (actions, deadline)
+}
+
+/// The deadline of [`plan_with_deadline`] alone.
+pub fn next_deadline(
+    snap: &Snapshot,
+    in_flight: &HashSet<VmId>,
+    now: Millis,
+    settings: &Settings,
+) -> Option<Millis> {
+    plan_base(snap, in_flight, now, settings).2
+}
+
+/// Keeps in `next` the earliest of the moments after `now` it is given.
+fn earliest(next: &mut Option<Millis>, at: Millis, now: Millis) {
+    if at > now && next.is_none_or(|n| at < n) {
+        *next = Some(at);
+    }
+}
+
+/// What [`make_room`] needs of a pass: per workspace (indexed as
+/// `snap.workspaces`), the idle VMs it keeps and how warm it stays, and
+/// the demand the cap refused.
+struct Room {
+    /// Idle VMs (indices into `snap.vms`) that could be destroyed, in the
+    /// order they would go: stale ones first, then the newest fresh ones.
+    candidates: Vec<Vec<usize>>,
+    /// Next candidate to take, per workspace.
+    next: Vec<usize>,
+    /// Warm after this pass: idle kept (counting returns and in-flight
+    /// idle VMs) plus boots no agent waits for.
+    warm: Vec<usize>,
+    /// Effective `min_idle` (0 when the warm pool is off).
+    min_idle: Vec<usize>,
+    /// Warm VMs above `min_idle` that may give way (0 for a workspace
+    /// whose fresh VMs do not cover its `min_idle`).
+    surplus: Vec<usize>,
+    /// Workspaces in name order (ties go to the first).
+    order: Vec<usize>,
+    /// Queued agents that need a boot and got none this pass.
+    waiting: usize,
+    /// Workspaces the backfill left short this pass: (workspace, fresh
+    /// VMs it has counting the boots planned, how many it wants).
+    deficits: Vec<(usize, usize, usize)>,
+    /// Boots planned this pass.
+    boots: i64,
+}
+
+/// The cap's rules on top of [`plan_base`]: a tenant over `max_vms`
+/// destroys idle VMs (surplus first, then from the warmest workspace) and
+/// returns VMs cold until it is within the cap; then, when queued agents
+/// or a backfill wait for a slot the cap refuses, idle VMs above their
+/// workspace's `min_idle` give way (the workspace with most surplus first),
+/// and a backfill of a workspace with nothing warm is also given way by one
+/// that would still be at least as full (in proportion to its `min_idle`):
+/// no workspace starves another, whichever was configured first. VMs already
+/// on their way out (draining, destroyed or returned cold this pass) count
+/// as slots coming, handed out as the next pass will (queued agents first,
+/// then the workspace furthest below its `min_idle`), so a later pass never
+/// destroys twice for one need.
+fn make_room(snap: &Snapshot, actions: &mut Vec<Action>, mut room: Room) {
+    let Some(max_vms) = snap.max_vms else {
+        return;
+    };
+    let draining = snap
+        .vms
+        .iter()
+        .filter(|v| v.state == VmState::Draining)
+        .count() as i64;
+    let mut leaving = draining
+        + actions
+            .iter()
+            .filter(|a| {
+                matches!(a, Action::Destroy { from, .. } if *from != VmState::Draining)
+                    || matches!(a, Action::Return { to_idle: false, .. })
+            })
+            .count() as i64;
+    let live = snap.vms.len() as i64;
+    let boots = room.boots;
+    let over = |leaving: i64| live - leaving + boots - max_vms;
+    // Over the cap, a VM let go of is not kept warm.
+    for action in actions.iter_mut() {
+        if over(leaving) <= 0 {
+            break;
+        }
+        if let Action::Return { to_idle, .. } = action
+            && *to_idle
+        {
+            *to_idle = false;
+            leaving += 1;
+        }
+    }
+    let destroy = |room: &mut Room, actions: &mut Vec<Action>, w: usize, reason: Reason| {
+        let index = room.candidates[w][room.next[w]];
+        room.next[w] += 1;
+        room.warm[w] -= 1;
+        room.surplus[w] = room.surplus[w].saturating_sub(1);
+        actions.push(Action::Destroy {
+            vm: snap.vms[index].id,
+            from: VmState::Idle,
+            reason,
+        });
+    };
+    let mut position = vec![0usize; room.order.len().max(snap.workspaces.len())];
+    for (i, &w) in room.order.iter().enumerate() {
+        position[w] = i;
+    }
+    let has_candidate = |room: &Room, w: usize| room.next[w] < room.candidates[w].len();
+    // The workspace with most surplus (that has a VM to give).
+    let mut most_surplus = Picker::new(&room.order, |room: &Room, w| {
+        (room.surplus[w] > 0 && has_candidate(room, w)).then(|| Ratio::new(room.surplus[w], 1))
+    });
+    // The warmest workspace in proportion to its min_idle (one with a
+    // min_idle of 0 first), for VMs that are not surplus.
+    let mut warmest = Picker::new(&room.order, |room: &Room, w| {
+        has_candidate(room, w).then(|| Ratio::new(room.warm[w], room.min_idle[w]))
+    });
+    // The workspace fullest after giving one VM, in proportion to its
+    // min_idle (one whose min_idle is 0 has only surplus to give).
+    let mut fullest_after = Picker::new(&room.order, |room: &Room, w| {
+        (room.min_idle[w] > 0 && has_candidate(room, w))
+            .then(|| Ratio::new(room.warm[w] - 1, room.min_idle[w]))
+    });
+    while over(leaving) > 0 {
+        let Some(w) = most_surplus
+            .pick(&room, &position)
+            .or_else(|| warmest.pick(&room, &position))
+        else {
+            break;
+        };
+        destroy(&mut room, actions, w, Reason::OverCap);
+        leaving += 1;
+    }
+    // Slots that will be free once what leaves is gone, against what waits:
+    // queued agents first.
+    let mut free = (-over(leaving)).max(0) as usize;
+    let served = free.min(room.waiting);
+    free -= served;
+    for _ in served..room.waiting {
+        let Some(w) = most_surplus.pick(&room, &position) else {
+            break;
+        };
+        destroy(&mut room, actions, w, Reason::GiveWay);
+    }
+    // Then the backfill, the furthest below its min_idle (in proportion)
+    // first (ties in name order), as the backfill hands slots out.
+    let mut deficits: BinaryHeap<Reverse<(Ratio, usize, usize, usize)>> = room
+        .deficits
+        .iter()
+        .map(|&(w, have, want)| Reverse((Ratio::new(have, want), position[w], w, want)))
+        .collect();
+    let fill = |deficits: &mut BinaryHeap<_>, (w, have, want): (usize, usize, usize)| {
+        if have + 1 < want {
+            deficits.push(Reverse((Ratio::new(have + 1, want), position[w], w, want)));
+        }
+    };
+    while free > 0
+        && let Some(Reverse((ratio, _, w, want))) = deficits.pop()
+    {
+        fill(&mut deficits, (w, ratio.num, want));
+        free -= 1;
+    }
+    while let Some(Reverse((ratio, _, w, want))) = deficits.pop() {
+        let have = ratio.num;
+        // Surplus first; else, for a workspace with nothing warm at all, a
+        // workspace still at least as full as `w` after giving one VM:
+        // (warm_v - 1) / min_v >= 1 / min_w. Only starvation is undone so:
+        // evening out smaller gaps would trade one boot for nothing.
+        let donor = most_surplus.pick_other(&room, &position, w).or_else(|| {
+            fullest_after.pick_other(&room, &position, w).filter(|&v| {
+                have == 0
+                    && Ratio::new(room.warm[v] - 1, room.min_idle[v])
+                        >= Ratio::new(have + 1, room.min_idle[w])
+            })
+        });
+        // Nothing gives way to it: a workspace further up may still be
+        // given one.
+        if let Some(v) = donor {
+            destroy(&mut room, actions, v, Reason::GiveWay);
+            fill(&mut deficits, (w, have, want));
+        }
+    }
+}
+
+/// `num / den` compared exactly; a `den` of 0 is infinite (infinities
+/// compare by `num`).
+#[derive(Debug, Clone, Copy)]
+struct Ratio {
+    num: usize,
+    den: usize,
+}
+
+impl Ratio {
+    fn new(num: usize, den: usize) -> Ratio {
+        Ratio { num, den }
+    }
+}
+
+impl Ord for Ratio {
+    fn cmp(&self, other: &Ratio) -> std::cmp::Ordering {
+        use std::cmp::Ordering::{Greater, Less};
+        match (self.den, other.den) {
+            (0, 0) => self.num.cmp(&other.num),
+            (0, _) => Greater,
+            (_, 0) => Less,
+            (a, b) => (self.num * b).cmp(&(other.num * a)),
+        }
+    }
+}
+
+impl PartialOrd for Ratio {
+    fn partial_cmp(&self, other: &Ratio) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Ratio {
+    fn eq(&self, other: &Ratio) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Ratio {}
+
+/// Picks the workspace with the greatest key (ties: the first in name
+/// order), where a key only ever falls, and only for a workspace picked:
+/// a max-heap whose out-of-date entries are put back with their current
+/// key when they come up, so each pick costs a few heap operations rather
+/// than a walk of every workspace.
+struct Picker<F> {
+    heap: BinaryHeap<(Ratio, Reverse<usize>, usize)>,
+    key: F,
+}
+
+impl<F: Fn(&Room, usize) -> Option<Ratio>> Picker<F> {
+    fn new(order: &[usize], key: F) -> Picker<F> {
+        // Every workspace starts above any real key: its key is taken when
+        // it first comes up (most never do).
+        let top = Ratio::new(usize::MAX, 0);
+        let heap = order
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (top, Reverse(i), w))
+            .collect();
+        Picker { heap, key }
+    }
+
+    fn pick(&mut self, room: &Room, position: &[usize]) -> Option<usize> {
+        loop {
+            let &(stored, _, w) = self.heap.peek()?;
+            match (self.key)(room, w) {
+                Some(current) if current == stored => return Some(w),
+                current => {
+                    self.heap.pop();
+                    if let Some(current) = current {
+                        self.heap.push((current, Reverse(position[w]), w));
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Picker::pick`] but never `not`.
+    fn pick_other(&mut self, room: &Room, position: &[usize], not: usize) -> Option<usize> {
+        let first = self.pick(room, position)?;
+        if first != not {
+            return Some(first);
+        }
+        let held = self.heap.pop().expect("just picked");
+        let other = self.pick(room, position);
+        self.heap.push(held);
+        other
+    }
+}
+
+/// The planner but for the cap's rules ([`make_room`]); `None` for a
+/// stopped pool (which destroys every idle VM anyway).
+fn plan_base(
+    snap: &Snapshot,
+    in_flight: &HashSet<VmId>,
+    now: Millis,
+    settings: &Settings,
+) -> (Vec<Action>, Option<Room>, Option<Millis>) {
     let mut actions = Vec::new();
+    let mut deadline: Option<Millis> = None;
     // Workspaces by name (of two with one name, the later one counts, as
     // in a map) and, in name order, the order capacity is handed out in.
     let mut by_name: HashMap<&str, usize> = HashMap::with_capacity(snap.workspaces.len());
@@ -296,11 +615,15 @@ pub fn plan_with_in_flight(
                         from: vm.state,
                         reason: Reason::BootTimeout,
                     });
-                } else if vm.reserved_for.is_none()
-                    && !vm.test
-                    && let Some(w) = w
-                {
-                    booting_free[w] += 1;
+                } else {
+                    let at = vm.updated_at.saturating_add(settings.boot_timeout_ms) + 1;
+                    earliest(&mut deadline, at, now);
+                    if vm.reserved_for.is_none()
+                        && !vm.test
+                        && let Some(w) = w
+                    {
+                        booting_free[w] += 1;
+                    }
                 }
             }
             // Held, or returned below once every idle VM is counted.
@@ -308,6 +631,15 @@ pub fn plan_with_in_flight(
             VmState::Idle => {
                 if vm.test {
                     continue;
+                }
+                if let Some(w) = w {
+                    // Destroyed once `now - updated_at > idle_timeout`.
+                    let timeout = snap.workspaces[w].idle_timeout_ms;
+                    earliest(
+                        &mut deadline,
+                        vm.updated_at.saturating_add(timeout) + 1,
+                        now,
+                    );
                 }
                 match w {
                     Some(w) if is_stale(vm, &snap.workspaces[w]) => {
@@ -322,6 +654,13 @@ pub fn plan_with_in_flight(
                 }
             }
             VmState::Destroyed | VmState::Failed => {}
+        }
+    }
+    for ws in &snap.workspaces {
+        if !ws.state.hard_limited
+            && let Some(until) = ws.state.backoff_until
+        {
+            earliest(&mut deadline, until, now);
         }
     }
     for w in stale_marks {
@@ -378,7 +717,7 @@ pub fn plan_with_in_flight(
         for &i in &orphans {
             destroy_idle(&mut actions, i, Reason::PoolStopped);
         }
-        return actions;
+        return (actions, None, deadline);
     }
 
     // Idle VMs of workspaces that no longer exist.
@@ -392,6 +731,9 @@ pub fn plan_with_in_flight(
     let mut queued_in = vec![0usize; n];
     let mut boots_planned: i64 = 0;
     let mut boots_blocked = false;
+    // Agents that need a boot and get none this pass (the cap or the
+    // concurrent-boot bound refused it).
+    let mut waiting = 0usize;
     for agent in &snap.queued {
         let Some(w) = workspace(&agent.workspace) else {
             actions.push(Action::FailAgent {
@@ -422,7 +764,11 @@ pub fn plan_with_in_flight(
             });
             continue;
         }
-        if boots_blocked || !may_boot(ws, now) || probing(w, &booting_in) {
+        if !may_boot(ws, now) || probing(w, &booting_in) {
+            continue;
+        }
+        if boots_blocked {
+            waiting += 1;
             continue;
         }
         if capacity > 0 && booting < settings.max_concurrent_boots {
@@ -437,6 +783,7 @@ pub fn plan_with_in_flight(
         } else {
             // FIFO: no later agent jumps ahead for a boot.
             boots_blocked = true;
+            waiting += 1;
         }
     }
 
@@ -445,6 +792,9 @@ pub fn plan_with_in_flight(
     // the claim does), so those are left out (the newest: taken off the end).
     let mut ready = vec![0usize; n];
     let mut room_made: i64 = 0;
+    let mut candidates: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut warm_after = vec![0usize; n];
+    let mut min_idle_of = vec![0usize; n];
     for &w in &order {
         let ws = &snap.workspaces[w];
         let mut fresh = Fresh {
@@ -484,11 +834,13 @@ pub fn plan_with_in_flight(
         }
         let stale_left = &stale[stale_destroyed..];
         let warm = fresh.len() + stale_left.len();
+        let mut stale_kept = stale_left;
         if warm > ws.max_idle {
             let excess = warm - ws.max_idle;
             for &i in stale_left.iter().take(excess) {
                 destroy_idle(&mut actions, i, Reason::Excess);
             }
+            stale_kept = &stale_left[excess.min(stale_left.len())..];
             for _ in 0..excess.saturating_sub(stale_left.len()) {
                 if let Some(i) = fresh.pop() {
                     destroy_idle(&mut actions, i, Reason::Excess);
@@ -496,6 +848,7 @@ pub fn plan_with_in_flight(
             }
         }
         let mut keep = fresh.len();
+        let mut timed_out: HashSet<usize> = HashSet::new();
         if keep > min_idle {
             // Oldest first (a stable sort: ties keep the snapshot order).
             let mut by_age: Vec<usize> = fresh
@@ -511,11 +864,26 @@ pub fn plan_with_in_flight(
                 }
                 if now - snap.vms[i].updated_at > ws.idle_timeout_ms {
                     destroy_idle(&mut actions, i, Reason::IdleTimeout);
+                    timed_out.insert(i);
                     keep -= 1;
                 }
             }
         }
         ready[w] = keep + booting_free[w];
+        // What may still give way to the cap: stale first, then the newest
+        // fresh ones (the oldest stay, as claims take them first).
+        let mine = &mut candidates[w];
+        mine.extend_from_slice(stale_kept);
+        mine.extend(
+            fresh
+                .head
+                .iter()
+                .rev()
+                .copied()
+                .filter(|&i| i != RETURNING && !timed_out.contains(&i)),
+        );
+        warm_after[w] = ready[w] + stale_kept.len();
+        min_idle_of[w] = min_idle;
     }
 
     // Backfill: bring each workspace's fresh idle + booting up to min_idle,
@@ -554,11 +922,33 @@ pub fn plan_with_in_flight(
         entry.1 += 1;
         capacity -= 1;
         booting += 1;
+        boots_planned += 1;
         if entry.1 >= entry.2 {
             deficits.remove(pos);
         }
     }
-    actions
+    // A workspace whose fresh VMs do not cover its min_idle keeps all it has.
+    let surplus = (0..n)
+        .map(|w| {
+            if ready[w] >= min_idle_of[w] {
+                warm_after[w] - min_idle_of[w]
+            } else {
+                0
+            }
+        })
+        .collect();
+    let room = Room {
+        next: vec![0; n],
+        candidates,
+        warm: warm_after,
+        min_idle: min_idle_of,
+        surplus,
+        order,
+        waiting,
+        deficits,
+        boots: boots_planned,
+    };
+    (actions, Some(room), deadline)
 }
 /// The back-off state after one more failed boot.
 pub fn after_failure(
@@ -922,6 +1312,381 @@ mod tests {
             matches!(&a[..], [Action::FailAgent { agent, .. }] if *agent == queued.id),
             "{a:?}"
         );
+    }
+
+    /// An idle VM held by nobody, and an assigned one an agent runs on.
+    fn held_vm(s: &mut Snapshot, workspace: &str) -> VmId {
+        let mut v = vm(workspace, VmState::Assigned);
+        let a = AgentId::new();
+        v.agent_id = Some(a);
+        s.holders.insert(a, (AgentPhase::Running, Some(v.id)));
+        let id = v.id;
+        s.vms.push(v);
+        id
+    }
+
+    #[test]
+    fn surplus_idle_gives_way_to_a_queued_agent_of_another_workspace() {
+        // At the cap: a holds 3 idle (min_idle 1), b's agent waits.
+        let mut s = snap(
+            4,
+            vec![ws("a", 1, 5), ws("b", 0, 2)],
+            (0..3).map(|_| vm("a", VmState::Idle)).collect(),
+        );
+        held_vm(&mut s, "b");
+        let waiting = agent("b");
+        s.queued = vec![waiting.clone()];
+        let a = plan(&s, NOW, &Settings::default());
+        let gone = destroys(&a);
+        // One slot is needed: one of a's surplus goes, never below min_idle.
+        assert_eq!(gone.len(), 1, "{a:?}");
+        assert_eq!(gone[0].1, Reason::GiveWay);
+        assert!(s.vms[..3].iter().any(|v| v.id == gone[0].0));
+        // The next pass, while it drains, destroys nothing more.
+        let mut draining = s.clone();
+        draining
+            .vms
+            .iter_mut()
+            .find(|v| v.id == gone[0].0)
+            .unwrap()
+            .state = VmState::Draining;
+        let a = plan(&draining, NOW, &Settings::default());
+        assert!(
+            a.iter().all(|x| !matches!(
+                x,
+                Action::Destroy {
+                    reason: Reason::GiveWay,
+                    ..
+                }
+            )),
+            "{a:?}"
+        );
+        // Once it is gone, the agent gets the slot.
+        let mut freed = s.clone();
+        freed.vms.retain(|v| v.id != gone[0].0);
+        assert_eq!(
+            plan(&freed, NOW, &Settings::default()),
+            vec![Action::Boot {
+                workspace: "b".into(),
+                reserved_for: Some(waiting.id)
+            }]
+        );
+        // No surplus (a at its min_idle): nothing gives way.
+        let mut s = snap(
+            2,
+            vec![ws("a", 1, 5), ws("b", 0, 2)],
+            vec![vm("a", VmState::Idle)],
+        );
+        held_vm(&mut s, "b");
+        s.queued = vec![agent("b")];
+        assert!(plan(&s, NOW, &Settings::default()).is_empty());
+    }
+
+    #[test]
+    fn surplus_idle_gives_way_to_a_backfill_below_min_idle_at_the_cap() {
+        let s = snap(
+            4,
+            vec![ws("a", 1, 5), ws("b", 2, 2)],
+            (0..4).map(|_| vm("a", VmState::Idle)).collect(),
+        );
+        let gone = destroys(&plan(&s, NOW, &Settings::default()));
+        assert_eq!(gone.len(), 2);
+        assert!(gone.iter().all(|(_, r)| *r == Reason::GiveWay));
+        // Below the cap, the backfill boots and nothing gives way.
+        let s = snap(
+            6,
+            vec![ws("a", 1, 5), ws("b", 2, 2)],
+            (0..4).map(|_| vm("a", VmState::Idle)).collect(),
+        );
+        let a = plan(&s, NOW, &Settings::default());
+        assert!(destroys(&a).is_empty());
+        assert_eq!(boots(&a, "b"), 2);
+    }
+
+    #[test]
+    fn a_workspace_configured_first_gives_way_to_a_later_one_at_the_cap() {
+        // web took the whole cap before api existed; both want 3 of 3.
+        let s = snap(
+            3,
+            vec![ws("api", 3, 3), ws("web", 3, 3)],
+            (0..3).map(|_| vm("web", VmState::Idle)).collect(),
+        );
+        let gone = destroys(&plan(&s, NOW, &Settings::default()));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].1, Reason::GiveWay);
+        // Passes until nothing changes: shared in proportion, then stable.
+        let mut world = s;
+        for _ in 0..6 {
+            let actions = plan(&world, NOW, &Settings::default());
+            world = apply(&world, &actions);
+        }
+        let idle = |w: &str| world.vms.iter().filter(|v| v.workspace == w).count();
+        assert_eq!((idle("web"), idle("api")), (2, 1));
+        assert!(plan(&world, NOW, &Settings::default()).is_empty());
+        // A workspace nothing gives way to does not hold up another that
+        // something does (a found by proptest).
+        let mut s = snap(
+            3,
+            vec![ws("a", 1, 3), ws("b", 2, 4), ws("c", 2, 4)],
+            (0..4).map(|_| vm("c", VmState::Idle)).collect(),
+        );
+        s.queued = vec![agent("a")];
+        let mut world = s;
+        for _ in 0..6 {
+            let actions = plan(&world, NOW, &Settings::default());
+            world = apply(&world, &actions);
+        }
+        let idle = |w: &str| {
+            world
+                .vms
+                .iter()
+                .filter(|v| v.workspace == w && v.state == VmState::Idle)
+                .count()
+        };
+        // a's agent runs; c gave up all but one of its min_idle of 2 (one
+        // to the cap, one to the agent, one to a backfill short of its own).
+        assert!(world.queued.is_empty());
+        assert_eq!(world.vms.len(), 3);
+        assert_eq!((idle("a") + idle("b"), idle("c")), (1, 1));
+    }
+
+    #[test]
+    fn over_the_cap_destroys_idle_vms_never_assigned_ones() {
+        // max_vms lowered to 2 with 2 assigned and 3 idle (a at min_idle 2).
+        let mut s = snap(
+            2,
+            vec![ws("a", 2, 5)],
+            (0..3).map(|_| vm("a", VmState::Idle)).collect(),
+        );
+        let held = [held_vm(&mut s, "a"), held_vm(&mut s, "a")];
+        let a = plan(&s, NOW, &Settings::default());
+        let gone = destroys(&a);
+        assert_eq!(gone.len(), 3, "{a:?}");
+        assert!(
+            gone.iter()
+                .all(|(id, r)| *r == Reason::OverCap && !held.contains(id))
+        );
+        assert_eq!(boots(&a, "a"), 0);
+        // A VM let go of while over the cap is not kept warm.
+        let mut s = snap(1, vec![ws("a", 0, 5)], vec![vm("a", VmState::Idle)]);
+        let mut back = vm("a", VmState::Assigned);
+        back.agent_id = Some(AgentId::new());
+        s.vms.push(back.clone());
+        let a = plan(&s, NOW, &Settings::default());
+        assert!(
+            a.contains(&Action::Return {
+                vm: back.id,
+                to_idle: false
+            }),
+            "{a:?}"
+        );
+        // Draining ones count as leaving: nothing more to destroy.
+        let mut s = snap(
+            1,
+            vec![ws("a", 1, 5)],
+            vec![vm("a", VmState::Idle), vm("a", VmState::Draining)],
+        );
+        s.in_flight.insert(s.vms[1].id);
+        assert!(plan(&s, NOW, &Settings::default()).is_empty());
+    }
+
+    #[test]
+    fn deadlines_are_the_earliest_future_moment_the_clock_changes_the_plan() {
+        let settings = Settings::default();
+        let mut w = ws("a", 0, 5);
+        w.idle_timeout_ms = 2000;
+        let mut idle = vm("a", VmState::Idle);
+        idle.updated_at = NOW - 500;
+        let mut s = snap(10, vec![w.clone()], vec![idle.clone()]);
+        let at = next_deadline(&s, &HashSet::new(), NOW, &settings).unwrap();
+        assert_eq!(at, NOW + 1501);
+        // Not destroyed before it, destroyed at it.
+        assert!(destroys(&plan(&s, at - 1, &settings)).is_empty());
+        assert_eq!(
+            destroys(&plan(&s, at, &settings)),
+            vec![(idle.id, Reason::IdleTimeout)]
+        );
+        // A boot nothing runs times out.
+        let mut boot = vm("a", VmState::Booting);
+        boot.updated_at = NOW;
+        s.vms = vec![boot.clone()];
+        let at = next_deadline(&s, &HashSet::new(), NOW, &settings).unwrap();
+        assert_eq!(at, NOW + settings.boot_timeout_ms + 1);
+        assert_eq!(
+            destroys(&plan(&s, at, &settings)),
+            vec![(boot.id, Reason::BootTimeout)]
+        );
+        // In flight: its task wakes the pool, no deadline.
+        let flying: HashSet<VmId> = [boot.id].into();
+        assert_eq!(next_deadline(&s, &flying, NOW, &settings), None);
+        // A back-off ending.
+        let mut w = ws("a", 1, 1);
+        w.state.consecutive_failures = 1;
+        w.state.backoff_until = Some(NOW + 700);
+        let s = snap(10, vec![w], vec![]);
+        assert_eq!(
+            next_deadline(&s, &HashSet::new(), NOW, &settings),
+            Some(NOW + 700)
+        );
+        assert_eq!(boots(&plan(&s, NOW + 699, &settings), "a"), 0);
+        assert_eq!(boots(&plan(&s, NOW + 700, &settings), "a"), 1);
+        // Past deadlines are left out (nothing is due: no busy loop).
+        assert_eq!(
+            next_deadline(&s, &HashSet::new(), NOW + 700, &settings),
+            None
+        );
+    }
+
+    /// Carries out a plan as if every task finished at once: boots come up
+    /// (for their agent, or warm), destroys and cold returns remove the VM,
+    /// assignments take an idle VM (fresh first); held VMs stay held.
+    fn apply(s: &Snapshot, actions: &[Action]) -> Snapshot {
+        let mut next = s.clone();
+        for action in actions {
+            match action {
+                Action::Destroy { vm, .. } | Action::Return { vm, to_idle: false } => {
+                    next.vms.retain(|v| v.id != *vm);
+                }
+                Action::Return { vm, to_idle: true } => {
+                    let v = next.vms.iter_mut().find(|v| v.id == *vm).unwrap();
+                    v.state = VmState::Idle;
+                    v.agent_id = None;
+                    v.updated_at = NOW;
+                }
+                Action::Boot {
+                    workspace,
+                    reserved_for,
+                } => {
+                    let mut v = vm(workspace, VmState::Idle);
+                    if let Some(agent) = reserved_for {
+                        v.state = VmState::Assigned;
+                        v.agent_id = Some(*agent);
+                        next.holders
+                            .insert(*agent, (AgentPhase::Running, Some(v.id)));
+                        next.queued.retain(|a| a.id != *agent);
+                    }
+                    next.vms.push(v);
+                }
+                Action::Assign { agent, workspace } => {
+                    let v = next
+                        .vms
+                        .iter_mut()
+                        .find(|v| v.state == VmState::Idle && !v.test && v.workspace == *workspace)
+                        .unwrap();
+                    v.state = VmState::Assigned;
+                    v.agent_id = Some(*agent);
+                    next.holders
+                        .insert(*agent, (AgentPhase::Running, Some(v.id)));
+                    next.queued.retain(|a| a.id != *agent);
+                }
+                Action::FailAgent { agent, .. } => next.queued.retain(|a| a.id != *agent),
+                Action::MarkStale { .. } => {}
+            }
+        }
+        // Boots under way when the pass began come up warm.
+        for v in &mut next.vms {
+            if matches!(v.state, VmState::Booting | VmState::Provisioning) {
+                match v.reserved_for.take() {
+                    Some(agent) => {
+                        v.state = VmState::Assigned;
+                        v.agent_id = Some(agent);
+                        next.holders
+                            .insert(agent, (AgentPhase::Running, Some(v.id)));
+                    }
+                    None => v.state = VmState::Idle,
+                }
+            }
+        }
+        next
+    }
+
+    /// A tenant at or over its cap: idle VMs of each workspace (some
+    /// above min_idle), VMs held by running agents, queued agents of any
+    /// workspace, and a max_vms at most the live count.
+    fn arb_capped() -> impl Strategy<Value = (Snapshot, usize)> {
+        (
+            prop::collection::vec((0usize..3, 0usize..3, 0usize..5, 0usize..3), 1..4),
+            prop::collection::vec(0usize..4, 0..5),
+            0usize..4,
+        )
+            .prop_map(|(wss, queued, lower)| {
+                let names = ["a", "b", "c", "d"];
+                let mut s = snap(0, vec![], vec![]);
+                for (i, &(min, extra, idle, held)) in wss.iter().enumerate() {
+                    s.workspaces.push(ws(names[i], min, min + extra + 2));
+                    for _ in 0..idle.min(min + extra + 2) {
+                        s.vms.push(vm(names[i], VmState::Idle));
+                    }
+                    for _ in 0..held {
+                        held_vm(&mut s, names[i]);
+                    }
+                }
+                let n = s.workspaces.len();
+                s.queued = queued.into_iter().map(|w| agent(names[w % n])).collect();
+                let live = s.vms.len();
+                s.max_vms = Some((live.saturating_sub(lower)).max(1) as i64);
+                (s, lower)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn over_the_cap_converges_and_surplus_gives_way((s, _) in arb_capped()) {
+            let settings = Settings::default();
+            let max = s.max_vms.unwrap() as usize;
+            let mut world = s.clone();
+            for _ in 0..8 {
+                let actions = plan(&world, NOW, &settings);
+                for a in &actions {
+                    if let Action::Destroy { vm, .. } = a {
+                        let v = world.vms.iter().find(|v| v.id == *vm).unwrap();
+                        prop_assert_ne!(v.state, VmState::Assigned, "an assigned VM is never destroyed");
+                    }
+                }
+                let was_within = world.vms.len() <= max;
+                world = apply(&world, &actions);
+                // Once within the cap, it stays within.
+                prop_assert!(!was_within || world.vms.len() <= max);
+            }
+            let idle: Vec<&VmRecord> = world.vms.iter().filter(|v| v.state == VmState::Idle).collect();
+            // Within the cap, or nothing idle is left to destroy.
+            prop_assert!(world.vms.len() <= max || idle.is_empty(), "{} live, max {max}", world.vms.len());
+            // A queued agent still waiting means no workspace keeps an idle
+            // VM above its min_idle (and none of its own).
+            if let Some(waiting) = world.queued.first() {
+                prop_assert!(!idle.iter().any(|v| v.workspace == waiting.workspace));
+                for w in &world.workspaces {
+                    let mine = idle.iter().filter(|v| v.workspace == w.name).count();
+                    prop_assert!(mine <= w.min_idle, "{} keeps {mine} idle above min_idle {} while {} waits", w.name, w.min_idle, waiting.workspace);
+                }
+            }
+            // Backfill below min_idle likewise: a workspace short of its
+            // min_idle at the cap leaves no surplus elsewhere, and one with
+            // nothing warm no other workspace that would still be as full
+            // after giving it one.
+            if world.vms.len() >= max {
+                let idle_of = |w: &WorkspaceView| idle.iter().filter(|v| v.workspace == w.name).count();
+                for short in world.workspaces.iter().filter(|w| idle_of(w) < w.min_idle) {
+                    for w in &world.workspaces {
+                        let mine = idle_of(w);
+                        prop_assert!(mine <= w.min_idle);
+                        if w.name != short.name && mine > 0 && w.min_idle > 0 && idle_of(short) == 0 {
+                            prop_assert!(
+                                (mine - 1) * short.min_idle < (idle_of(short) + 1) * w.min_idle,
+                                "{} keeps {mine} of {} while {} has {} of {}",
+                                w.name, w.min_idle, short.name, idle_of(short), short.min_idle
+                            );
+                        }
+                    }
+                }
+            }
+            // Settled: one more pass changes nothing.
+            let again = plan(&world, NOW, &settings);
+            prop_assert!(
+                again.iter().all(|a| !matches!(a, Action::Destroy { .. } | Action::Boot { .. })),
+                "not settled after 8 passes: {:?}", again
+            );
+        }
     }
 
     fn arb_snapshot() -> impl Strategy<Value = (Snapshot, usize)> {
@@ -1491,10 +2256,30 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(2000))]
         #[test]
         fn the_linear_planner_decides_as_the_reference((s, settings, now) in arb_rich_snapshot()) {
-            let new = plan(&s, now, &settings);
+            // The reference predates the cap's rules (make_room): it is
+            // compared with the plan before them.
+            let base = plan_base(&s, &s.in_flight, now, &settings).0;
+            // The deadline comes with the plan, and the clock changes
+            // nothing before it (nothing ever, without one).
+            let (planned, due) = plan_with_deadline(&s, &s.in_flight, now, &settings);
+            prop_assert_eq!(&planned, &plan(&s, now, &settings));
+            let before = due.map_or(now + 1_000_000_000, |d| d - 1);
+            prop_assert!(due.is_none_or(|d| d > now));
+            prop_assert_eq!(plan(&s, before, &settings), planned);
             let old = reference::reference_plan(&s, now, &settings);
-            prop_assert_eq!(sorted(&new), sorted(&old));
-            prop_assert_eq!(ordered(&new), ordered(&old));
+            prop_assert_eq!(sorted(&base), sorted(&old));
+            prop_assert_eq!(ordered(&base), ordered(&old));
+            // The cap's rules only turn returns cold and add destroys of
+            // idle VMs.
+            let new = plan(&s, now, &settings);
+            prop_assert!(new.len() >= base.len());
+            for (a, b) in new.iter().zip(&base) {
+                let cold = matches!((a, b), (Action::Return { vm: x, to_idle: false }, Action::Return { vm: y, to_idle: true }) if x == y);
+                prop_assert!(a == b || cold, "{:?} became {:?}", b, a);
+            }
+            for a in &new[base.len()..] {
+                prop_assert!(matches!(a, Action::Destroy { from: VmState::Idle, reason: Reason::GiveWay | Reason::OverCap, .. }), "{:?}", a);
+            }
             // The in-flight set given apart is the one planned with.
             let mut bare = s.clone();
             bare.in_flight.clear();

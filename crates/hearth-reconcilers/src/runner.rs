@@ -1,6 +1,7 @@
 //! The pool runner: reads a tenant's snapshot, plans, executes. Woken by
-//! changes and by a slow resync timer; also owns adoption at start, the
-//! agents' commands, flush/nuke/up, and the reaper pass.
+//! changes and at the earliest deadline its passes found (a slow resync
+//! timer is the safety net); also owns adoption at start, the agents'
+//! commands, flush/nuke/up, and the reaper pass.
 
 use crate::plan::{self, Action, Reason, Settings, Snapshot, WorkspaceView};
 use crate::reaper;
@@ -293,6 +294,10 @@ pub struct Pool {
     /// The last read of each tenant with the store's change token taken
     /// before it (one per tenant; tenants gone are dropped).
     reads: Mutex<HashMap<TenantId, (ChangeToken, Arc<Pass>)>>,
+    /// Per tenant, the earliest moment its last pass found the clock alone
+    /// would change its plan (an idle timeout, a boot timeout, a back-off
+    /// ending, a reaper deadline): [`Pool::run`] passes again then.
+    deadlines: Mutex<HashMap<TenantId, Millis>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -365,6 +370,7 @@ impl Pool {
             workspace_state_lock: tokio::sync::Mutex::new(()),
             last_passes: Mutex::new(HashMap::new()),
             reads: Mutex::new(HashMap::new()),
+            deadlines: Mutex::new(HashMap::new()),
         })
     }
 
@@ -377,21 +383,43 @@ impl Pool {
         self.wake.notify_one();
     }
 
-    /// Runs passes until `shutdown` turns true.
+    /// Runs passes until `shutdown` turns true: at once when woken (every
+    /// write that changes what the planner sees wakes it), at the earliest
+    /// deadline a pass reported, and at the latest after the resync (a
+    /// safety net: nothing waits for it).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
             if let Err(e) = self.reconcile_all().await {
                 tracing::error!(error = %e, "pool pass failed");
+                // Its deadlines are of passes that did not run: the resync
+                // retries (a store that is down is not hammered).
+                self.deadlines.lock().unwrap().clear();
             }
+            let pause = self.until_next_deadline(now_millis());
             tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.options.resync) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.changed() => break,
             }
             if *shutdown.borrow() {
                 break;
             }
         }
+    }
+
+    /// How long until the earliest deadline the tenants' last passes
+    /// reported, at most the resync.
+    fn until_next_deadline(&self, now: Millis) -> Duration {
+        let earliest = self.deadlines.lock().unwrap().values().min().copied();
+        earliest.map_or(self.options.resync, |at| {
+            Duration::from_millis((at - now).max(0) as u64).min(self.options.resync)
+        })
+    }
+
+    /// The earliest moment the clock alone changes a tenant's plan, as its
+    /// last pass found (`None`: nothing due).
+    pub fn next_deadline(&self, tenant: TenantId) -> Option<Millis> {
+        self.deadlines.lock().unwrap().get(&tenant).copied()
     }
 
     /// What the last pass of a tenant did, and how long its parts took.
@@ -404,6 +432,10 @@ impl Pool {
         let tenants = self.store.list_tenants().await?;
         let ids: HashSet<TenantId> = tenants.iter().map(|t| t.id).collect();
         self.reads.lock().unwrap().retain(|t, _| ids.contains(t));
+        self.deadlines
+            .lock()
+            .unwrap()
+            .retain(|t, _| ids.contains(t));
         self.last_passes
             .lock()
             .unwrap()
@@ -628,6 +660,8 @@ impl Pool {
         tenant: TenantId,
     ) -> Result<Vec<Action>, PoolError> {
         let started = Instant::now();
+        // A pass that fails leaves no deadline: the resync retries it.
+        self.deadlines.lock().unwrap().remove(&tenant);
         let Read {
             pass,
             in_flight,
@@ -639,8 +673,26 @@ impl Pool {
         self.reap(tenant, &pass, now).await?;
         let reap = started.elapsed();
         let started = Instant::now();
-        let actions =
-            plan::plan_with_in_flight(&pass.snapshot, &in_flight, now, &self.options.settings);
+        let (actions, due) =
+            plan::plan_with_deadline(&pass.snapshot, &in_flight, now, &self.options.settings);
+        // The clock is read fresh each pass (a reused read too), so a pass
+        // at the deadline acts even when nothing was written.
+        let deadline = [
+            due,
+            reaper::next_deadline(
+                pass.reap_mode,
+                &pass.active_agents,
+                &pass.builds,
+                now,
+                self.reap_after_ms(),
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Some(at) = deadline {
+            self.deadlines.lock().unwrap().insert(tenant, at);
+        }
         let planned = started.elapsed();
         let started = Instant::now();
         for action in &actions {
@@ -1023,11 +1075,9 @@ impl Pool {
                 summary.error.as_deref().unwrap_or("unknown error")
             );
             tracing::warn!(vm = %vm.id, workspace = %vm.workspace, instance = %instance, test = vm.test, %error, "provisioning failed");
-            let _ = self
-                .store
-                .set_vm_state(vm.id, VmState::LIVE, VmState::Draining, Some(&error))
-                .await;
-            self.destroy_now(&vm, VmState::Failed, Some(&error)).await;
+            // The back-off is recorded while the VM still counts as booting:
+            // a pass woken in between (every write wakes one) would else see
+            // neither and boot again at once.
             // A test boot is an experiment: it never throttles the pool.
             if !vm.test
                 && let Err(e) = self
@@ -1036,6 +1086,11 @@ impl Pool {
             {
                 tracing::error!(error = %e, "cannot record a failed boot");
             }
+            let _ = self
+                .store
+                .set_vm_state(vm.id, VmState::LIVE, VmState::Draining, Some(&error))
+                .await;
+            self.destroy_now(&vm, VmState::Failed, Some(&error)).await;
             self.requeue_reserved(vm.tenant_id, &vm).await;
         } else if vm.test {
             tracing::info!(vm = %vm.id, workspace = %vm.workspace, instance = %instance, boot_ms, "test boot ready; destroying its VM");

@@ -11,7 +11,9 @@ use std::time::Duration;
 pub struct PoolStatus {
     pub pool: String,
     /// `healthy`, `degraded` (a workspace backs off or is hard-limited),
-    /// `stopped` (after `flush --nuke`), `unconfigured` (no pool config).
+    /// `over_cap` (more live VMs than `max_vms`, which was lowered: idle
+    /// VMs are destroyed until it is within), `stopped` (after `flush
+    /// --nuke`), `unconfigured` (no pool config).
     pub status: String,
     pub vms: VmCounts,
     /// Agents waiting for a VM.
@@ -218,6 +220,8 @@ pub fn compute(
         "unconfigured"
     } else if snap.stopped {
         "stopped"
+    } else if snap.max_vms.is_some_and(|max| vms.total as i64 > max) {
+        "over_cap"
     } else if degraded {
         "degraded"
     } else {

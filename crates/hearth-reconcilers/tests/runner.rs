@@ -413,3 +413,68 @@ async fn passes_reuse_their_read_until_the_store_changes() {
     })
     .await;
 }
+
+/// `Pool::run` with a resync far away: an idle VM past its `idle_timeout`
+/// is destroyed at that deadline, though nothing was written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_loop_acts_at_the_earliest_deadline_not_the_resync() {
+    let r = rig(10, 0, 1).await;
+    put(
+        &r.store,
+        r.tenant,
+        Kind::Environment,
+        "dev",
+        json!({"driver": "fake", "idle_timeout": "1s"}),
+        &[],
+    )
+    .await;
+    let mut options = r.pool.options().clone();
+    options.resync = Duration::from_secs(600);
+    let pool = Pool::new(
+        r.store.clone(),
+        Drivers::new().with(r.fake.clone()),
+        options,
+    );
+    // One warm VM, above min_idle 0 (a test's own insert, as a returned VM).
+    let mut vm = VmRecord::booting(VmId::new(), r.tenant, "web", "fake", 2, 0);
+    vm.state = VmState::Idle;
+    r.fake
+        .create(&VmSpec {
+            id: vm.id,
+            tenant: r.tenant,
+            workspace: "web".into(),
+            cpus: 1,
+            memory_mib: 256,
+            image: Default::default(),
+            isolated_network: false,
+        })
+        .await
+        .unwrap();
+    r.store.insert_vm(&vm).await.unwrap();
+    let since = std::time::Instant::now();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(pool.clone().run(stopped));
+    let mut gone = false;
+    for _ in 0..200 {
+        let vms = r.store.list_vms(r.tenant, false).await.unwrap();
+        if vms.is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waited = since.elapsed();
+    stop.send(true).unwrap();
+    run.await.unwrap();
+    assert!(gone, "the idle VM outlived its idle_timeout");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "destroyed after {waited:?}, before its idle_timeout"
+    );
+    assert_eq!(r.fake.count(), 0);
+    assert_eq!(
+        pool.next_deadline(r.tenant),
+        None,
+        "nothing is due any more"
+    );
+}

@@ -305,8 +305,8 @@ fn agents_on_warm_vms_see_everything_setup_made(b: Backend) {
     let git = GitServer::start();
     let app = git.repo("app", &[("README", "hello from the repo\n")]);
     let s = Server::start_with(b, FAST);
-    // The pool's size comes with the setup commands, in one write: a VM
-    // booted before them would not have run them.
+    // The warm size comes with the setup commands: the pool acts on every
+    // write at once, so a VM warmed before them would lack their work.
     setup(&s, &[(&app, "main")], 0);
     warm_pool(
         &s,
