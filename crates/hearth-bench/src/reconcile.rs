@@ -470,6 +470,14 @@ async fn setup(opened: &Opened, fleet: Fleet) -> Result<Rig> {
         .await?
         .context("the environment just written")?
         .version;
+    // Every workspace has the same spec, so the same setup digest.
+    let setup_digest = {
+        let first = store
+            .get_resource(tenant, Workspace::KIND, &names[0])
+            .await?
+            .context("the workspace just written")?;
+        hearth_core::fingerprint::setup_digest(&serde_json::from_value::<Workspace>(first.spec)?)
+    };
 
     // What `vm_ready` leaves of a VM that `insert_vm_within_cap` recorded:
     // idle, no agent, no reservation, built from the current versions.
@@ -485,6 +493,7 @@ async fn setup(opened: &Opened, fleet: Fleet) -> Result<Rig> {
                 0,
             );
             vm.state = VmState::Idle;
+            vm.setup_digest = setup_digest.clone();
             // Oldest first as they were booted; all well within idle_timeout.
             vm.created_at = now - (fleet.vms - i) as i64;
             vm.updated_at = now;
@@ -545,7 +554,8 @@ async fn put<T: Spec>(
 
 /// The columns `Store::insert_vm` writes, in its order.
 const VM_COLUMNS: &str = "INSERT INTO vms (id, tenant_id, workspace, state, agent_id, driver, \
-     env_version, image_version, stale, reserved_for, test, error, created_at, updated_at) ";
+     env_version, image_version, stale, reserved_for, test, error, created_at, updated_at, \
+     setup_digest) ";
 
 /// Inserts VMs in batches of multi-row `INSERT`s, a few transactions in
 /// all, binding each column as `Store::insert_vm` does.
@@ -570,7 +580,8 @@ async fn bulk_insert_vms(opened: &Opened, vms: &[VmRecord]) -> Result<()> {
                             .push_bind(i64::from(vm.test))
                             .push_bind(vm.error.clone())
                             .push_bind(vm.created_at)
-                            .push_bind(vm.updated_at);
+                            .push_bind(vm.updated_at)
+                            .push_bind(vm.setup_digest.clone());
                     });
                     query.build().execute(&mut *tx).await?;
                 }

@@ -7,6 +7,7 @@
 //! CLI alike.
 
 pub mod error;
+pub mod fingerprint;
 pub mod ids;
 pub mod rbac;
 pub mod resource;

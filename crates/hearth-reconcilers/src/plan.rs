@@ -62,6 +62,9 @@ pub struct WorkspaceView {
     pub warm: bool,
     pub env_version: i64,
     pub image_version: i64,
+    /// Digest of the workspace's provisioning inputs
+    /// (`hearth_core::fingerprint::setup_digest`).
+    pub setup_digest: String,
     pub idle_timeout_ms: Millis,
     pub state: WorkspaceState,
 }
@@ -91,7 +94,7 @@ pub enum Reason {
     Excess,
     /// Idle past the environment's `idle_timeout`, beyond `min_idle`.
     IdleTimeout,
-    /// Built from an older environment or image version.
+    /// Built from an older environment or image version, or another setup.
     Stale,
     /// Booting for longer than the boot timeout.
     BootTimeout,
@@ -132,8 +135,14 @@ pub enum Action {
     FailAgent { agent: AgentId, error: String },
 }
 
-fn is_stale(vm: &VmRecord, ws: &WorkspaceView) -> bool {
-    vm.env_version != ws.env_version || vm.image_version != ws.image_version
+/// Whether a VM was built from another environment or image version, or
+/// another setup (repos, branches, setup commands, environment), than its
+/// workspace's current. An empty recorded digest (a VM from before digests
+/// existed) differs from every current one, so such a VM is stale.
+pub(crate) fn is_stale(vm: &VmRecord, ws: &WorkspaceView) -> bool {
+    vm.env_version != ws.env_version
+        || vm.image_version != ws.image_version
+        || vm.setup_digest != ws.setup_digest
 }
 
 /// Whether a workspace may boot now (not hard-limited, not backing off).
@@ -982,6 +991,8 @@ mod tests {
     use proptest::prelude::*;
 
     const NOW: Millis = 1_000_000_000;
+    /// The setup digest of every workspace of [`ws`] and VM of [`vm`].
+    const SETUP: &str = "setup-1";
 
     fn ws(name: &str, min_idle: usize, max_idle: usize) -> WorkspaceView {
         WorkspaceView {
@@ -991,6 +1002,7 @@ mod tests {
             warm: true,
             env_version: 1,
             image_version: 0,
+            setup_digest: SETUP.into(),
             idle_timeout_ms: 15 * 60 * 1000,
             state: WorkspaceState {
                 workspace: name.into(),
@@ -1001,6 +1013,7 @@ mod tests {
 
     fn vm(workspace: &str, state: VmState) -> VmRecord {
         let mut v = VmRecord::booting(VmId::new(), TenantId::new(), workspace, "fake", 1, 0);
+        v.setup_digest = SETUP.into();
         v.state = state;
         v.created_at = NOW - 1000;
         v.updated_at = NOW - 1000;
@@ -1196,6 +1209,93 @@ mod tests {
         let a = plan(&s, NOW, &settings);
         assert_eq!(destroys(&a).len(), settings.stale_batch);
         assert_eq!(boots(&a, "web"), settings.stale_batch);
+    }
+
+    /// A workspace whose provisioning inputs changed: its view carries
+    /// another setup digest than the VMs built before.
+    fn changed_setup(mut w: WorkspaceView) -> WorkspaceView {
+        w.setup_digest = "setup-2".into();
+        w
+    }
+
+    #[test]
+    fn a_setup_digest_change_makes_vms_stale_like_an_environment_change() {
+        let settings = Settings::default();
+        let old: Vec<_> = (0..3).map(|_| vm("web", VmState::Idle)).collect();
+        // Fresh ones boot first; nothing is destroyed yet.
+        let s = snap(10, vec![changed_setup(ws("web", 3, 3))], old.clone());
+        let a = plan(&s, NOW, &settings);
+        assert!(a.contains(&Action::MarkStale {
+            workspace: "web".into()
+        }));
+        assert_eq!(boots(&a, "web"), 3);
+        assert!(destroys(&a).is_empty());
+        // Fresh ones ready: the old ones go, a few at a time.
+        let mut vms = old.clone();
+        vms.extend((0..3).map(|_| {
+            let mut v = vm("web", VmState::Idle);
+            v.setup_digest = "setup-2".into();
+            v
+        }));
+        let s = snap(10, vec![changed_setup(ws("web", 3, 6))], vms);
+        let d = destroys(&plan(&s, NOW, &settings));
+        assert_eq!(d.len(), settings.stale_batch);
+        assert!(
+            d.iter()
+                .all(|(id, r)| *r == Reason::Stale && old.iter().any(|v| v.id == *id))
+        );
+        // An assigned VM of the old setup is left alone while held, and
+        // when its agent lets go it is destroyed, not kept warm.
+        let mut a = agent("web");
+        let mut held = vm("web", VmState::Assigned);
+        held.agent_id = Some(a.id);
+        let mut s = snap(10, vec![changed_setup(ws("web", 0, 1))], vec![held.clone()]);
+        s.holders.insert(a.id, (AgentPhase::Running, Some(held.id)));
+        let actions = plan(&s, NOW, &settings);
+        assert!(destroys(&actions).is_empty());
+        assert!(!actions.iter().any(|x| matches!(x, Action::Return { .. })));
+        a.phase = AgentPhase::Completed;
+        s.holders.insert(a.id, (a.phase, Some(held.id)));
+        assert!(plan(&s, NOW, &settings).contains(&Action::Return {
+            vm: held.id,
+            to_idle: false
+        }));
+    }
+
+    #[test]
+    fn sizing_changes_do_not_make_vms_stale() {
+        let settings = Settings::default();
+        let vms: Vec<_> = (0..3).map(|_| vm("web", VmState::Idle)).collect();
+        // min_idle, max_idle and warm_pool.enabled changed; the setup did not.
+        for view in [ws("web", 1, 3), ws("web", 3, 5), {
+            let mut w = ws("web", 0, 3);
+            w.warm = false;
+            w
+        }] {
+            let s = snap(10, vec![view.clone()], vms.clone());
+            let a = plan(&s, NOW, &settings);
+            assert!(
+                !a.iter().any(|x| matches!(x, Action::MarkStale { .. })),
+                "{view:?}: {a:?}"
+            );
+            assert!(
+                !destroys(&a).iter().any(|(_, r)| *r == Reason::Stale),
+                "{view:?}: {a:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn vms_recorded_before_setup_digests_existed_are_stale() {
+        let mut legacy = vm("web", VmState::Idle);
+        legacy.setup_digest = String::new();
+        let s = snap(10, vec![ws("web", 1, 1)], vec![legacy]);
+        let a = plan(&s, NOW, &Settings::default());
+        assert!(a.contains(&Action::MarkStale {
+            workspace: "web".into()
+        }));
+        assert_eq!(boots(&a, "web"), 1, "a fresh one boots before it goes");
+        assert!(destroys(&a).is_empty());
     }
 
     #[test]
@@ -1715,8 +1815,11 @@ mod tests {
                     .into_iter()
                     .map(|(w, state, stale, busy)| {
                         let mut v = vm(names[w % workspaces.len()], state);
-                        if stale {
+                        // Stale by version or by setup: the planner treats both alike.
+                        if stale && w % 2 == 0 {
                             v.env_version = 0;
+                        } else if stale {
+                            v.setup_digest = "setup-0".into();
                         }
                         if state == VmState::Assigned && busy {
                             v.agent_id = Some(AgentId::new());

@@ -218,6 +218,9 @@ struct BootPlan {
     isolated_network: bool,
     env_version: i64,
     image_version: i64,
+    /// The workspace's setup digest, taken from the same spec as
+    /// `provision`, so a VM's recorded digest is that of what it ran.
+    setup_digest: String,
     provision: ProvisionPlan,
 }
 
@@ -537,6 +540,9 @@ impl Pool {
             let image = env.image.as_ref().and_then(|name| images.get(name));
             let image_version = image.map_or(0, |(_, v)| *v);
             let fingerprint = format!("{}/{}/{}", record.version, env_version, image_version);
+            // From the stored (unredacted) spec: a changed repo credential
+            // is a changed setup too; the digest never shows it.
+            let setup_digest = hearth_core::fingerprint::setup_digest(&ws);
             let known = states.get(&record.name).cloned();
             let mut state = known.clone().unwrap_or_default();
             if known.is_none() || state.config_fingerprint.is_empty() {
@@ -573,6 +579,7 @@ impl Pool {
                     isolated_network: env.network == Network::Isolated,
                     env_version: *env_version,
                     image_version,
+                    setup_digest: setup_digest.clone(),
                     provision: provision_plan(&ws, env, &self.options),
                 },
             );
@@ -583,6 +590,7 @@ impl Pool {
                 warm: ws.warm_pool.enabled,
                 env_version: *env_version,
                 image_version,
+                setup_digest,
                 idle_timeout_ms: env.idle_timeout_secs().unwrap_or(900) as i64 * 1000,
                 state,
             });
@@ -760,7 +768,13 @@ impl Pool {
             Action::MarkStale { workspace } => {
                 if let Some(ws) = pass.workspace(workspace) {
                     self.store
-                        .mark_stale(tenant, workspace, ws.env_version, ws.image_version)
+                        .mark_stale(
+                            tenant,
+                            workspace,
+                            ws.env_version,
+                            ws.image_version,
+                            &ws.setup_digest,
+                        )
                         .await?;
                 }
             }
@@ -839,6 +853,7 @@ impl Pool {
                     plan.env_version,
                     plan.image_version,
                 );
+                record.setup_digest = plan.setup_digest.clone();
                 record.reserved_for = *reserved_for;
                 match self.store.insert_vm_within_cap(&record, max_vms).await? {
                     InsertVm::Inserted => {
@@ -1150,6 +1165,7 @@ impl Pool {
             plan.env_version,
             plan.image_version,
         );
+        vm.setup_digest = plan.setup_digest.clone();
         vm.test = true;
         match self.store.insert_vm_within_cap(&vm, max_vms).await? {
             InsertVm::Inserted => {}

@@ -187,7 +187,7 @@ pub fn compute(
             last_error: ws.state.last_error.clone(),
         };
         for vm in mine {
-            let stale = vm.env_version != ws.env_version || vm.image_version != ws.image_version;
+            let stale = crate::plan::is_stale(vm, ws);
             match vm.state {
                 VmState::Idle if !vm.test => {
                     w.idle += 1;
@@ -279,11 +279,13 @@ mod tests {
             warm: true,
             env_version: 1,
             image_version: 0,
+            setup_digest: "setup".into(),
             idle_timeout_ms: 900_000,
             state: WorkspaceState::default(),
         };
         let vm = |workspace: &str, state: VmState, env_version: i64| {
             let mut v = VmRecord::booting(VmId::new(), tenant, workspace, "fake", env_version, 0);
+            v.setup_digest = "setup".into();
             v.state = state;
             v
         };

@@ -102,6 +102,22 @@ async fn rig(max_vms: i64, min_idle: i64, max_idle: i64) -> Rig {
 }
 
 impl Rig {
+    /// A `booting` record of workspace `web` built from its current setup
+    /// (what the runner records at boot), as a test's own insert.
+    async fn web_vm(&self, env_version: i64) -> VmRecord {
+        let spec = self
+            .store
+            .get_resource(self.tenant, Kind::Workspace, "web")
+            .await
+            .unwrap()
+            .unwrap()
+            .spec;
+        let ws: hearth_core::resource::Workspace = serde_json::from_value(spec).unwrap();
+        let mut vm = VmRecord::booting(VmId::new(), self.tenant, "web", "fake", env_version, 0);
+        vm.setup_digest = hearth_core::fingerprint::setup_digest(&ws);
+        vm
+    }
+
     /// Runs passes until `f` holds (or panics after 10 s).
     async fn settle(&self, what: &str, f: impl AsyncFn(&Rig) -> bool) {
         for _ in 0..500 {
@@ -298,7 +314,7 @@ async fn adoption_destroys_unknown_and_closes_lost() {
     r.fake.create(&stray).await.unwrap();
     // A record whose VM is gone, assigned to a running agent.
     let agent = r.agent().await;
-    let mut lost = VmRecord::booting(VmId::new(), r.tenant, "web", "fake", 1, 0);
+    let mut lost = r.web_vm(1).await;
     lost.state = VmState::Idle;
     r.store.insert_vm(&lost).await.unwrap();
     r.store
@@ -307,7 +323,7 @@ async fn adoption_destroys_unknown_and_closes_lost() {
         .unwrap()
         .unwrap();
     // A record half-booted, and its real VM.
-    let half = VmRecord::booting(VmId::new(), r.tenant, "web", "fake", 1, 0);
+    let half = r.web_vm(1).await;
     r.store.insert_vm(&half).await.unwrap();
     r.fake
         .create(&VmSpec {
@@ -436,7 +452,7 @@ async fn the_run_loop_acts_at_the_earliest_deadline_not_the_resync() {
         options,
     );
     // One warm VM, above min_idle 0 (a test's own insert, as a returned VM).
-    let mut vm = VmRecord::booting(VmId::new(), r.tenant, "web", "fake", 2, 0);
+    let mut vm = r.web_vm(2).await;
     vm.state = VmState::Idle;
     r.fake
         .create(&VmSpec {

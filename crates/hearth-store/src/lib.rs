@@ -279,13 +279,16 @@ pub trait Store: Send + Sync + 'static {
     async fn release_vm(&self, id: VmId, holder: Option<AgentId>, to_idle: bool) -> Result<bool>;
 
     /// Marks live VMs of a workspace stale when built from other versions
-    /// than these; returns how many were newly marked.
+    /// or another setup digest than these (an empty recorded digest, from
+    /// before digests existed, differs from every current one); returns how
+    /// many were newly marked.
     async fn mark_stale(
         &self,
         tenant: TenantId,
         workspace: &str,
         env_version: i64,
         image_version: i64,
+        setup_digest: &str,
     ) -> Result<u64>;
 
     /// Spawns an agent in one transaction: when it has a parent, the

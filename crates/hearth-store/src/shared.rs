@@ -118,7 +118,7 @@ macro_rules! impl_store {
                     }
                 }
 
-                /// Binds a VM's columns as `$1`…`$14`, in [`sql::INSERT_VM`]'s
+                /// Binds a VM's columns as `$1`…`$15`, in [`sql::INSERT_VM`]'s
                 /// order.
                 fn bind_vm<'q>(
                     query: ::sqlx::query::Query<'q, $db, <$db as ::sqlx::Database>::Arguments<'q>>,
@@ -140,6 +140,7 @@ macro_rules! impl_store {
                         .bind(vm.error.as_deref())
                         .bind(vm.created_at)
                         .bind(vm.updated_at)
+                        .bind(&vm.setup_digest)
                 }
 
                 async fn insert_vm_on<'e, E>(exec: E, vm: &VmRecord) -> Result<()>
@@ -1192,6 +1193,7 @@ macro_rules! impl_store {
                     workspace: &str,
                     env_version: i64,
                     image_version: i64,
+                    setup_digest: &str,
                 ) -> Result<u64> {
                     let _written = self.written();
                     let done = ::sqlx::query(sql::MARK_STALE.as_str())
@@ -1199,6 +1201,7 @@ macro_rules! impl_store {
                         .bind(workspace)
                         .bind(env_version)
                         .bind(image_version)
+                        .bind(setup_digest)
                         .execute(self.writer())
                         .await?;
                     Ok(done.rows_affected())

@@ -112,25 +112,25 @@ pub const FIRST_REFERRER: &str = "SELECT from_kind, from_name FROM resource_refs
 macro_rules! vm_columns {
     () => {
         "id, tenant_id, workspace, state, agent_id, driver, env_version, image_version, \
-         stale, reserved_for, test, error, created_at, updated_at"
+         stale, reserved_for, test, error, created_at, updated_at, setup_digest"
     };
 }
 pub(crate) use vm_columns;
 
-/// `$1`…`$14` in [`vm_columns!`] order.
+/// `$1`…`$15` in [`vm_columns!`] order.
 pub const INSERT_VM: &str = concat!(
     "INSERT INTO vms (",
     vm_columns!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
 );
 
-/// [`INSERT_VM`] only while the tenant (`$2`) has fewer than `$15` live
+/// [`INSERT_VM`] only while the tenant (`$2`) has fewer than `$16` live
 /// VMs: the count and the insert as one statement, for a backend whose
 /// write transactions are exclusive anyway (SQLite). 0 rows: at capacity.
 pub static INSERT_VM_WITHIN_CAP: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "INSERT INTO vms ({}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 \
-         WHERE (SELECT count(*) FROM vms WHERE tenant_id = $2 AND state IN {}) < $15",
+        "INSERT INTO vms ({}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 \
+         WHERE (SELECT count(*) FROM vms WHERE tenant_id = $2 AND state IN {}) < $16",
         vm_columns!(),
         in_list(VmState::LIVE.iter().map(|s| s.as_str()))
     )
@@ -267,12 +267,13 @@ pub static FORGET_AGENT_VM: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// `$1` tenant, `$2` workspace, `$3` env version, `$4` image version.
+/// `$1` tenant, `$2` workspace, `$3` env version, `$4` image version,
+/// `$5` setup digest.
 pub static MARK_STALE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE vms SET stale = 1 \
          WHERE tenant_id = $1 AND workspace = $2 AND state IN {} AND stale = 0 \
-           AND (env_version <> $3 OR image_version <> $4)",
+           AND (env_version <> $3 OR image_version <> $4 OR setup_digest <> $5)",
         in_list(VmState::LIVE.iter().map(|s| s.as_str()))
     )
 });
@@ -646,6 +647,7 @@ pub struct VmRow {
     error: Option<String>,
     created_at: Millis,
     updated_at: Millis,
+    setup_digest: String,
 }
 
 impl TryFrom<VmRow> for VmRecord {
@@ -660,6 +662,7 @@ impl TryFrom<VmRow> for VmRecord {
             driver: row.driver,
             env_version: row.env_version,
             image_version: row.image_version,
+            setup_digest: row.setup_digest,
             stale: flag("VM stale flag", row.stale)?,
             reserved_for: parse_opt::<AgentId>("agent id", row.reserved_for.as_deref())?,
             test: flag("VM test flag", row.test)?,

@@ -171,7 +171,13 @@ pub struct VmRecord {
     /// Versions of the environment and image it was built from.
     pub env_version: i64,
     pub image_version: i64,
-    /// Built from an older environment or image version than the current.
+    /// Digest of the workspace's provisioning inputs it was built from
+    /// (`hearth_core::fingerprint::setup_digest`); empty for a VM recorded
+    /// before digests existed, which therefore reads as built from another
+    /// setup. The store only keeps it: the reconciler computes it.
+    pub setup_digest: String,
+    /// Built from an older environment or image version, or another setup,
+    /// than the current.
     pub stale: bool,
     /// A cold boot for this queued agent: handed to it when ready.
     pub reserved_for: Option<AgentId>,
@@ -204,6 +210,7 @@ impl VmRecord {
             driver: driver.to_owned(),
             env_version,
             image_version,
+            setup_digest: String::new(),
             stale: false,
             reserved_for: None,
             test: false,

@@ -308,9 +308,14 @@ async fn put_at(
         .await
 }
 
-/// A fresh (built from versions 1/1), non-test VM record in `state`.
+/// The setup digest of [`vm`]'s records (any text: the store only keeps it).
+const SETUP: &str = "5e7a1d1e";
+
+/// A fresh (built from versions 1/1 and setup [`SETUP`]), non-test VM
+/// record in `state`.
 fn vm(tenant: TenantId, workspace: &str, state: VmState, created_at: i64) -> VmRecord {
     let mut v = VmRecord::booting(VmId::new(), tenant, workspace, "fake", 1, 1);
+    v.setup_digest = SETUP.to_owned();
     v.state = state;
     v.created_at = created_at;
     v.updated_at = created_at;
@@ -1339,6 +1344,7 @@ async fn vm_records_round_trip(ctx: Ctx) {
     full.driver = "qemu".to_owned();
     full.env_version = 7;
     full.image_version = 9;
+    full.setup_digest = "ab".repeat(32);
     full.stale = true;
     full.reserved_for = Some(AgentId::new());
     full.test = true;
@@ -2055,6 +2061,10 @@ async fn mark_stale_marks_other_versions(ctx: Ctx) {
     let dead = built(t, "web", VmState::Destroyed, 1, 1, 5);
     let other_ws = built(t, "api", VmState::Idle, 1, 1, 6);
     let other_tenant = built(other, "web", VmState::Idle, 1, 1, 7);
+    // Current versions, another setup (the workspace's repos or setup
+    // commands changed since it was built).
+    let mut old_setup = built(t, "web", VmState::Assigned, 2, 3, 8);
+    old_setup.setup_digest = "0ld5e7".to_owned();
     for v in [
         &old_idle,
         &old_env_booting,
@@ -2063,12 +2073,13 @@ async fn mark_stale_marks_other_versions(ctx: Ctx) {
         &dead,
         &other_ws,
         &other_tenant,
+        &old_setup,
     ] {
         s.insert_vm(v).await.unwrap();
     }
-    assert_eq!(s.mark_stale(t, "web", 2, 3).await.unwrap(), 3);
+    assert_eq!(s.mark_stale(t, "web", 2, 3, SETUP).await.unwrap(), 4);
     assert_eq!(
-        s.mark_stale(t, "web", 2, 3).await.unwrap(),
+        s.mark_stale(t, "web", 2, 3, SETUP).await.unwrap(),
         0,
         "only newly marked ones count"
     );
@@ -2077,6 +2088,7 @@ async fn mark_stale_marks_other_versions(ctx: Ctx) {
         (&old_env_booting, true),
         (&current, false),
         (&old_image, true),
+        (&old_setup, true),
         (&dead, false),
         (&other_ws, false),
         (&other_tenant, false),
@@ -2090,6 +2102,51 @@ async fn mark_stale_marks_other_versions(ctx: Ctx) {
     assert_eq!(got.map(|v| v.id), Some(current.id));
     let got = s.claim_idle_vm(t, "web", AgentId::new()).await.unwrap();
     assert_eq!(got.map(|v| v.id), Some(old_idle.id));
+}
+
+both_backends!(vms_keep_their_setup_digest);
+async fn vms_keep_their_setup_digest(ctx: Ctx) {
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    // Through both inserts, back through every read.
+    let digest = "0123456789abcdef".repeat(4);
+    let mut capped = vm(t, "web", VmState::Booting, 1);
+    capped.setup_digest = digest.clone();
+    assert_eq!(
+        s.insert_vm_within_cap(&capped, 10).await.unwrap(),
+        InsertVm::Inserted
+    );
+    let mut plain = vm(t, "web", VmState::Idle, 2);
+    plain.setup_digest = digest.clone();
+    s.insert_vm(&plain).await.unwrap();
+    assert_eq!(s.get_vm(capped.id).await.unwrap(), capped);
+    assert_eq!(
+        s.list_vms(t, false).await.unwrap(),
+        vec![capped.clone(), plain.clone()]
+    );
+    let claimed = s
+        .claim_idle_vm(t, "web", AgentId::new())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.setup_digest, digest);
+    // A row written before the column existed (as the migration leaves
+    // it): the digest reads empty, so it is stale against every setup.
+    let legacy = VmId::new();
+    ctx.execute_raw(&format!(
+        "INSERT INTO vms (id, tenant_id, workspace, state, created_at, updated_at, \
+         driver, env_version, image_version) \
+         VALUES ('{legacy}', '{t}', 'web', 'idle', 3, 3, 'fake', 1, 1)"
+    ))
+    .await;
+    let read = s.get_vm(legacy).await.unwrap();
+    assert_eq!(read.setup_digest, "");
+    assert!(!read.stale);
+    assert_eq!(s.mark_stale(t, "web", 1, 1, &digest).await.unwrap(), 1);
+    assert!(s.get_vm(legacy).await.unwrap().stale);
+    for id in [capped.id, plain.id] {
+        assert!(!s.get_vm(id).await.unwrap().stale, "built from this setup");
+    }
 }
 
 // ---------------------------------------------------------- pool: agents

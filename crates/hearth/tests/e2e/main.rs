@@ -14,4 +14,5 @@ mod provisioning;
 mod qemu;
 mod resources;
 mod server;
+mod stale;
 mod trust_api;
