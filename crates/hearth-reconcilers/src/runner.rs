@@ -504,6 +504,22 @@ impl Pool {
     /// seen for the first time, or changed, as it goes.
     async fn read_store(&self, tenant: TenantId) -> Result<Pass, PoolError> {
         let store = &self.store;
+        // VMs and agents are read before the resources: the reads are not
+        // one transaction, so read the other way round a pass could see an
+        // agent spawned (or a VM booted) for a workspace created after the
+        // workspaces were read, and fail it as if its workspace were gone.
+        // In this order, a workspace missing from the read really is.
+        let vms = store.list_vms(tenant, false).await?;
+        let queued = store.list_queued_agents(tenant).await?;
+        let active_agents = store
+            .list_agents(
+                tenant,
+                &AgentFilter {
+                    phases: AgentPhase::ACTIVE.to_vec(),
+                    ..Default::default()
+                },
+            )
+            .await?;
         let config = match store
             .get_resource(tenant, Kind::PoolConfig, POOL_CONFIG_NAME)
             .await?
@@ -595,17 +611,6 @@ impl Pool {
                 state,
             });
         }
-        let vms = store.list_vms(tenant, false).await?;
-        let queued = store.list_queued_agents(tenant).await?;
-        let active_agents = store
-            .list_agents(
-                tenant,
-                &AgentFilter {
-                    phases: AgentPhase::ACTIVE.to_vec(),
-                    ..Default::default()
-                },
-            )
-            .await?;
         let builds = store.list_builds().await?;
         let holders = active_agents
             .iter()

@@ -185,14 +185,23 @@ fn a_test_boot_runs_every_step_and_is_never_assigned(b: Backend) {
         "{:?}",
         s.sandboxes()
     );
-    let all = s.admin().get("/v1/vms?all=true").body;
-    let record = all["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["id"] == vm)
-        .expect("the VM record stays")
-        .clone();
+    // The record is closed once the driver is done: it may lag the
+    // sandbox's end by a moment.
+    let record = || {
+        s.admin().get("/v1/vms?all=true").body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["id"] == vm)
+            .expect("the VM record stays")
+            .clone()
+    };
+    assert!(
+        wait_until(30, || record()["state"] == "destroyed"),
+        "{}",
+        record()
+    );
+    let record = record();
     assert_eq!(
         (
             record["state"].as_str(),
