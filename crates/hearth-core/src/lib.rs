@@ -8,6 +8,8 @@
 
 pub mod error;
 pub mod ids;
+pub mod nesting;
+pub mod nul;
 pub mod rbac;
 pub mod resource;
 
