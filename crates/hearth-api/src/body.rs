@@ -33,6 +33,10 @@ pub fn json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<
     } else {
         &bytes
     };
+    // serde_json stops at 128 levels itself; the bound is hearth's 64.
+    let text = std::str::from_utf8(bytes).unwrap_or_default();
+    hearth_core::nesting::check(text)
+        .map_err(|e| Error::invalid(format!("invalid request: {}", e.message)))?;
     // A NUL can only come as the escape `\u0000`: look closer only then.
     if bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000"))
         && let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes)

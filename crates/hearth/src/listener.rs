@@ -32,6 +32,20 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
+/// Listens on `addr` with a backlog of `max_connections` (the kernel caps
+/// it at `somaxconn`): with the default 128 a burst of connections
+/// overflows the queue and clients wait a SYN retransmit (1 s) to get in.
+pub fn bind(addr: std::net::SocketAddr, max_connections: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(max_connections.max(128))
+}
+
 /// How long shutdown waits for open connections to finish their requests.
 const DRAIN: Duration = Duration::from_secs(10);
 

@@ -137,8 +137,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
 
     let pool = start_pool(&args, &store).await?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let listener = crate::listener::bind(args.listen, args.max_connections)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

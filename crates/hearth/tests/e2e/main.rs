@@ -7,6 +7,7 @@ mod common;
 mod agents;
 mod auth;
 mod cli;
+mod hardening;
 mod pool;
 mod provisioning;
 mod qemu;
