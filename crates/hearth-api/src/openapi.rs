@@ -122,6 +122,12 @@ fn refine(doc: &mut Value) {
             if has_body {
                 add("413", "The body exceeds 1 MiB");
             }
+            // Identity changes can be refused for the state they meet (the
+            // last identity that can manage identities, a role above the
+            // caller's).
+            if path.starts_with("/v1/identities/") {
+                add("409", "Refused for the state it meets");
+            }
             add("500", "Internal error (the cause is in the server log)");
             // Path and query strings: names follow the name rule; no NUL.
             if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
