@@ -420,6 +420,57 @@ fn refine(doc: &mut Value) {
             }
         }
     }
+    // The pool status (`hearth_reconcilers::status::PoolStatus`, which has
+    // no schema derive of its own): its keys, open to additions.
+    let count = json!({"type": "integer", "minimum": 0});
+    let counts = |keys: &[&str]| -> Value {
+        let properties: serde_json::Map<String, Value> = keys
+            .iter()
+            .map(|k| ((*k).to_owned(), count.clone()))
+            .collect();
+        json!({"type": "object", "required": keys, "properties": properties})
+    };
+    let mut workspace = counts(&[
+        "idle", "booting", "active", "stale", "queued", "min_idle", "max_idle",
+    ]);
+    for (key, schema) in [
+        ("name", json!({"type": "string"})),
+        ("status", json!({"type": "string"})),
+        ("idle_timeout", json!({"type": "string"})),
+        ("consecutive_failures", json!({"type": "integer"})),
+        ("backoff_until", json!({"type": ["string", "null"]})),
+        ("last_error", json!({"type": ["string", "null"]})),
+    ] {
+        workspace["properties"][key] = schema;
+    }
+    doc["components"]["schemas"]["PoolStatus"] = json!({
+        "type": "object",
+        "description": "The pool's counts, configuration and workspaces (`hearth pool status`).",
+        "required": ["pool", "status", "vms", "queued", "configuration", "workspaces", "reaper"],
+        "properties": {
+            "pool": {"type": "string"},
+            "status": {"type": "string"},
+            "vms": counts(&["total", "active", "idle", "booting", "draining", "stale"]),
+            "queued": count,
+            "configuration": {"type": "object", "properties": {
+                "max_vms": {"type": ["integer", "null"]},
+                "min_idle": {"type": "integer", "minimum": 0},
+                "max_idle": {"type": "integer", "minimum": 0},
+                "idle_timeout": {"type": "string"},
+                "boot_timeout": {"type": "string"}
+            }},
+            "workspaces": {"type": "array", "items": workspace},
+            "reaper": {"type": "object", "required": ["mode", "stranded"], "properties": {
+                "mode": {"type": "string"}, "stranded": {"type": "integer", "minimum": 0}
+            }}
+        }
+    });
+    set(
+        doc,
+        "/paths/~1v1~1pool~1status/get/responses/200/content/application~1json",
+        "schema",
+        json!({"$ref": "#/components/schemas/PoolStatus"}),
+    );
     // Every other string of a request: no NUL.
     no_nul(doc.pointer_mut(schemas).expect("schemas"));
     let paths = doc["paths"].as_object_mut().expect("paths");
