@@ -420,6 +420,38 @@ fn refine(doc: &mut Value) {
             }
         }
     }
+    // Links, so that a client (and the fuzzer's stateful phase) can follow
+    // a new agent or instance to the operations on it.
+    let mut links = serde_json::Map::new();
+    for op in [
+        "get_one_agent",
+        "exec_agent",
+        "finish_agent",
+        "idle_agent",
+        "kill_agent",
+        "resurrect_agent",
+        "sleep_agent",
+        "wake_agent",
+    ] {
+        links.insert(
+            op.into(),
+            json!({"operationId": op, "parameters": {"id": "$response.body#/id"}}),
+        );
+    }
+    set(
+        doc,
+        "/paths/~1v1~1agents/post/responses/201",
+        "links",
+        Value::Object(links),
+    );
+    set(
+        doc,
+        "/paths/~1v1~1workspaces~1{name}~1warm-pool~1test/post/responses/201",
+        "links",
+        json!({
+            "get_instance": {"operationId": "get_instance", "parameters": {"id": "$response.body#/id"}}
+        }),
+    );
     // The pool status (`hearth_reconcilers::status::PoolStatus`, which has
     // no schema derive of its own): its keys, open to additions.
     let count = json!({"type": "integer", "minimum": 0});
