@@ -94,9 +94,14 @@ impl FromRequestParts<AppState> for Caller {
             })?
             .to_str()
             .map_err(|_| Error::unauthenticated("malformed Authorization header"))?;
-        let text = header.strip_prefix("Bearer ").ok_or_else(|| {
-            Error::unauthenticated("the Authorization header must be `Bearer <token>`")
-        })?;
+        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` works.
+        let text = header
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
+            .ok_or_else(|| {
+                Error::unauthenticated("the Authorization header must be `Bearer <token>`")
+            })?;
         let (id, secret) =
             parse_token(text.trim()).ok_or_else(|| Error::unauthenticated("malformed token"))?;
         let presented = Sha256::digest(secret.as_bytes());

@@ -24,15 +24,25 @@ pub fn text(
     Ok((text, Format::from_content_type(content_type)))
 }
 
-/// A JSON body of type `T`; an empty body is `T`'s empty object.
+/// A JSON object body of type `T`; an empty body is `T`'s empty object.
 pub fn json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let bytes = body
         .map_err(|e| Error::invalid(format!("cannot read the request body: {}", e.body_text())))?;
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        &bytes
-    };
+    let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
+    // serde would read a struct from an array too; a body is an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Error::invalid("invalid request: the body must be a JSON object").into());
+    }
+    // serde_json stops at 128 levels itself; the bound is hearth's 64.
+    let text = std::str::from_utf8(bytes).unwrap_or_default();
+    hearth_core::nesting::check(text)
+        .map_err(|e| Error::invalid(format!("invalid request: {}", e.message)))?;
+    // A NUL can only come as the escape `\u0000`: look closer only then.
+    if bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000"))
+        && let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes)
+    {
+        hearth_core::nul::refuse(&value, "invalid request")?;
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

@@ -15,6 +15,7 @@ mod agents;
 pub mod auth;
 mod body;
 mod builds;
+pub mod edge;
 pub mod error;
 mod identities;
 pub mod openapi;
@@ -47,7 +48,7 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
 
 /// The whole API as one router.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(health))
         .route("/openapi.json", get(openapi::serve))
         .route("/v1/whoami", get(auth::whoami))
@@ -58,8 +59,8 @@ pub fn router(state: AppState) -> Router {
         .merge(pool::routes())
         .merge(builds::routes())
         .merge(warm_pool::routes())
-        .fallback(fallback)
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .fallback(fallback);
+    edge::harden(routes)
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(

@@ -203,7 +203,11 @@ async fn put<T: Spec>(
     caller.require(permissions(T::KIND).1)?;
     check_name(T::KIND, &name, true)?;
     let (text, format) = body::text(&headers, body)?;
-    let spec: T = parse_spec(&text, format)?;
+    // Parsing a large document is CPU work: off the runtime's workers, so
+    // other requests go on meanwhile.
+    let spec: T = tokio::task::spawn_blocking(move || parse_spec(&text, format))
+        .await
+        .map_err(|e| Error::internal(format!("parsing the document failed: {e}")))??;
     let mut last = None;
     for _ in 0..WRITE_ATTEMPTS {
         let record = state

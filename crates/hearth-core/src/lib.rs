@@ -9,6 +9,8 @@
 pub mod error;
 pub mod fingerprint;
 pub mod ids;
+pub mod nesting;
+pub mod nul;
 pub mod rbac;
 pub mod resource;
 

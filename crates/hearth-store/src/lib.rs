@@ -41,6 +41,13 @@ pub mod raw {
     pub const POSTGRES_CLAIM_IDLE_VM: &str = claim_idle_vm!("FOR UPDATE SKIP LOCKED");
 }
 
+/// Command output (and errors carrying it) as it can be stored: a NUL,
+/// which PostgreSQL's text cannot hold, becomes U+FFFD. Output is whatever
+/// bytes a command printed; it is kept, not refused.
+pub fn storable_text(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
 use async_trait::async_trait;
 use hearth_core::ids::{AgentId, InstanceId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};

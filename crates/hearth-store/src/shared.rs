@@ -137,7 +137,7 @@ macro_rules! impl_store {
                         .bind(sql::store_flag(vm.stale))
                         .bind(vm.reserved_for.map(|a| a.to_string()))
                         .bind(sql::store_flag(vm.test))
-                        .bind(vm.error.as_deref())
+                        .bind(vm.error.as_deref().map($crate::storable_text))
                         .bind(vm.created_at)
                         .bind(vm.updated_at)
                         .bind(&vm.setup_digest)
@@ -1153,7 +1153,7 @@ macro_rules! impl_store {
                         .bind(id.to_string())
                         .bind(to.as_str())
                         .bind(now_millis())
-                        .bind(error)
+                        .bind(error.map($crate::storable_text))
                         .execute(self.writer())
                         .await?;
                     Ok(done.rows_affected() == 1)
@@ -1290,8 +1290,8 @@ macro_rules! impl_store {
                             .bind(id.to_string())
                             .bind(now_millis())
                             .bind(update.exit_code)
-                            .bind(update.output.as_deref())
-                            .bind(update.error.as_deref())
+                            .bind(update.output.as_deref().map($crate::storable_text))
+                            .bind(update.error.as_deref().map($crate::storable_text))
                             .fetch_optional(self.writer())
                             .await?;
                         if let Some(row) = changed {
@@ -1368,7 +1368,7 @@ macro_rules! impl_store {
                         .bind(state.consecutive_failures)
                         .bind(state.backoff_until)
                         .bind(sql::store_flag(state.hard_limited))
-                        .bind(state.last_error.as_deref())
+                        .bind(state.last_error.as_deref().map($crate::storable_text))
                         .bind(&state.config_fingerprint)
                         .execute(self.writer())
                         .await

@@ -1,6 +1,7 @@
 //! The `hearth` binary: `hearth server` runs the control plane; every other
 //! subcommand is the CLI talking to a server over HTTP.
 
+mod listener;
 mod server;
 
 use clap::{Parser, Subcommand};

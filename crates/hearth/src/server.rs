@@ -60,6 +60,18 @@ pub struct ServerArgs {
     /// succeeds, else TCG), `kvm` or `tcg`.
     #[arg(long, env = "HEARTH_QEMU_ACCEL", default_value = "auto")]
     qemu_accel: String,
+    /// A connection must deliver a whole request head within this long of
+    /// opening (or of the first byte of a later request), else it is closed.
+    #[arg(long, env = "HEARTH_HEADER_TIMEOUT", default_value = "10s", value_parser = duration)]
+    header_timeout: Duration,
+    /// A connection with no request in flight and no traffic for this long
+    /// is closed.
+    #[arg(long, env = "HEARTH_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    idle_timeout: Duration,
+    /// Most client connections open at once (further ones wait to be accepted).
+    #[arg(long, env = "HEARTH_MAX_CONNECTIONS", default_value_t = 1024,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
     /// Boot latency of the fake driver (simulation).
     #[arg(long, env = "HEARTH_FAKE_BOOT_LATENCY", default_value = "0ms", value_parser = duration)]
     fake_boot_latency: Duration,
@@ -92,6 +104,7 @@ const PENDING_TOKEN_FILE: &str = "admin-token.pending";
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    hearth_api::edge::log_panics();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -142,8 +155,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
 
     let pool = start_pool(&args, &store).await?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let listener = crate::listener::bind(args.listen, args.max_connections)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -154,9 +166,12 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         pool,
         default_max_vms: args.default_max_vms,
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let limits = crate::listener::Limits {
+        header_timeout: args.header_timeout,
+        idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections as usize,
+    };
+    crate::listener::serve(listener, app, limits, shutdown_signal()).await;
     let _ = stop_tx.send(true);
     let _ = runner.await;
     tracing::info!("stopped");

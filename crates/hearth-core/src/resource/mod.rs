@@ -161,6 +161,8 @@ impl Format {
 /// of the first error, then validates it.
 pub fn parse_spec<T: Spec>(body: &str, format: Format) -> Result<T, Error> {
     let spec: T = parse_document(body, format, T::KIND)?;
+    let json = serde_json::to_value(&spec).map_err(|e| Error::internal(e.to_string()))?;
+    crate::nul::refuse(&json, &format!("invalid {}", T::KIND))?;
     spec.validate()?;
     Ok(spec)
 }
@@ -169,6 +171,8 @@ fn parse_document<T: DeserializeOwned>(body: &str, format: Format, kind: Kind) -
     if body.trim().is_empty() || body.trim() == "---" {
         return Err(Error::invalid(format!("empty {kind} document")));
     }
+    crate::nesting::check(body)
+        .map_err(|e| Error::invalid(format!("invalid {kind}: {}", e.message)))?;
     let result = match format {
         Format::Json => {
             let mut de = serde_json::Deserializer::from_str(body);
@@ -213,6 +217,7 @@ pub fn apply_merge_patch<T: Spec>(current: &T, patch: &serde_json::Value) -> Res
         }
     }
     json_patch::merge(&mut doc, patch);
+    crate::nul::refuse(&doc, &format!("invalid {}", T::KIND))?;
     let spec: T = serde_path_to_error::deserialize(doc).map_err(|e| {
         Error::invalid(format!(
             "invalid {}: {}",

@@ -8,6 +8,7 @@ mod agents;
 mod auth;
 mod cli;
 mod conformance;
+mod hardening;
 mod pool;
 mod pool_wake;
 mod provisioning;

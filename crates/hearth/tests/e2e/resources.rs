@@ -410,7 +410,7 @@ fn patch_errors(b: Backend) {
     api.patch(PC, json!([1, 2])).assert_error(
         400,
         "INVALID_ARGUMENT",
-        "a merge patch must be a JSON object",
+        "invalid request: the body must be a JSON object",
     );
     let r = api.patch(PC, json!({"max_vmz": 3}));
     assert!(
