@@ -353,7 +353,7 @@ fn refine(doc: &mut Value) {
             .expect("WarmPool")
             .values_mut()
         {
-            *property = json!({"oneOf": [property.clone(), {"type": "null"}]});
+            *property = json!({"anyOf": [property.clone(), {"type": "null"}]});
         }
         merge["additionalProperties"] = json!({"type": "null"});
         merge["propertyNames"] = json!({"pattern": NO_NUL});
@@ -384,7 +384,7 @@ fn refine(doc: &mut Value) {
                 *property = json!({"$ref": "#/components/schemas/WarmPoolMerge"});
             }
             if !required.contains(&json!(field)) {
-                *property = json!({"oneOf": [property.clone(), {"type": "null"}]});
+                *property = json!({"anyOf": [property.clone(), {"type": "null"}]});
             }
         }
         // An unknown field is refused, unless it is `null` (removing what
@@ -504,6 +504,14 @@ fn refine(doc: &mut Value) {
             }}
         }
     });
+    // A parent is an agent id in one of the forms `uuid` parses.
+    {
+        let h = "[0-9a-fA-F]";
+        let hyphenated = format!("{h}{{8}}-{h}{{4}}-{h}{{4}}-{h}{{4}}-{h}{{12}}");
+        doc["components"]["schemas"]["SpawnRequest"]["properties"]["parent"]["pattern"] = json!(
+            format!("^({h}{{32}}|{hyphenated}|\\{{{hyphenated}\\}}|urn:uuid:{hyphenated})$")
+        );
+    }
     // The reaper field's older name is read too (never with the new one).
     for schema in ["PoolConfig", "PoolConfigPatch"] {
         let new =

@@ -160,19 +160,37 @@ impl Format {
 /// Parses a document of kind `T`, naming the field (and for YAML the line)
 /// of the first error, then validates it.
 pub fn parse_spec<T: Spec>(body: &str, format: Format) -> Result<T, Error> {
-    let spec: T = parse_document(body, format, T::KIND)?;
+    let (spec, input): (T, _) = parse_document(body, format, T::KIND)?;
     let json = serde_json::to_value(&spec).map_err(|e| Error::internal(e.to_string()))?;
+    if let Some(input) = input {
+        refuse_sequences_for_mappings(&input, &json, &mut String::new(), T::KIND)?;
+    }
     crate::nul::refuse(&json, &format!("invalid {}", T::KIND))?;
     spec.validate()?;
     Ok(spec)
 }
 
-fn parse_document<T: DeserializeOwned>(body: &str, format: Format, kind: Kind) -> Result<T, Error> {
+/// The typed document, and the document as plain JSON where it reads as
+/// one (for the checks serde's typed parse cannot make).
+fn parse_document<T: DeserializeOwned>(
+    body: &str,
+    format: Format,
+    kind: Kind,
+) -> Result<(T, Option<serde_json::Value>), Error> {
     if body.trim().is_empty() || body.trim() == "---" {
         return Err(Error::invalid(format!("empty {kind} document")));
     }
     crate::nesting::check(body)
         .map_err(|e| Error::invalid(format!("invalid {kind}: {}", e.message)))?;
+    let input = match format {
+        Format::Json => serde_json::from_str::<serde_json::Value>(body).ok(),
+        Format::Yaml => serde_yaml_ng::from_str::<serde_json::Value>(body).ok(),
+    };
+    if input.as_ref().is_some_and(|v| !v.is_object()) {
+        return Err(Error::invalid(format!(
+            "invalid {kind}: a document must be a mapping of fields"
+        )));
+    }
     let result = match format {
         Format::Json => {
             let mut de = serde_json::Deserializer::from_str(body);
@@ -189,7 +207,9 @@ fn parse_document<T: DeserializeOwned>(body: &str, format: Format, kind: Kind) -
                 .map_err(|e| describe(e.path().to_string(), e.into_inner().to_string()))
         }
     };
-    result.map_err(|message| Error::invalid(format!("invalid {kind}: {message}")))
+    result
+        .map(|spec| (spec, input))
+        .map_err(|message| Error::invalid(format!("invalid {kind}: {message}")))
 }
 
 /// Joins the field path and serde's message into one sentence.
@@ -218,6 +238,7 @@ pub fn apply_merge_patch<T: Spec>(current: &T, patch: &serde_json::Value) -> Res
     }
     json_patch::merge(&mut doc, patch);
     crate::nul::refuse(&doc, &format!("invalid {}", T::KIND))?;
+    let merged = doc.clone();
     let spec: T = serde_path_to_error::deserialize(doc).map_err(|e| {
         Error::invalid(format!(
             "invalid {}: {}",
@@ -225,8 +246,59 @@ pub fn apply_merge_patch<T: Spec>(current: &T, patch: &serde_json::Value) -> Res
             describe(e.path().to_string(), e.into_inner().to_string())
         ))
     })?;
+    let json = serde_json::to_value(&spec).map_err(|e| Error::internal(e.to_string()))?;
+    refuse_sequences_for_mappings(&merged, &json, &mut String::new(), T::KIND)?;
     spec.validate()?;
     Ok(spec)
+}
+
+/// Refuses a sequence where the spec has a mapping. serde's derived structs
+/// also accept their fields as a sequence, in order (`[null, null]` is a
+/// whole spec of defaults), which no user means: walking the document next
+/// to the spec it became finds every such place, named by its path.
+fn refuse_sequences_for_mappings(
+    input: &serde_json::Value,
+    output: &serde_json::Value,
+    path: &mut String,
+    kind: Kind,
+) -> Result<(), Error> {
+    use serde_json::Value;
+    match (input, output) {
+        (Value::Array(_), Value::Object(_)) => {
+            let at = if path.is_empty() {
+                String::new()
+            } else {
+                format!("{path}: ")
+            };
+            Err(Error::invalid(format!(
+                "invalid {kind}: {at}expected a mapping, found a sequence"
+            )))
+        }
+        (Value::Object(fields), Value::Object(spec)) => {
+            for (key, value) in fields {
+                if let Some(out) = spec.get(key) {
+                    let len = path.len();
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(key);
+                    refuse_sequences_for_mappings(value, out, path, kind)?;
+                    path.truncate(len);
+                }
+            }
+            Ok(())
+        }
+        (Value::Array(items), Value::Array(spec)) => {
+            for (i, (value, out)) in items.iter().zip(spec).enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                refuse_sequences_for_mappings(value, out, path, kind)?;
+                path.truncate(len);
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Checks a resource name: a DNS label (1–63 of `a-z`, `0-9`, `-`, not
@@ -303,6 +375,46 @@ mod tests {
         assert_eq!(parse_duration_ms("250ms"), Some(250));
         assert_eq!(parse_duration_ms("2s"), Some(2000));
         assert_eq!(parse_duration_ms("ms"), None);
+    }
+
+    /// A sequence never stands for a mapping (serde would take it as the
+    /// fields in order), at the top or nested, in documents and patches.
+    #[test]
+    fn sequences_are_not_mappings() {
+        for (body, format, at) in [
+            (
+                r#"{"environment": "e", "warm_pool": [null, null]}"#,
+                Format::Json,
+                "warm_pool: ",
+            ),
+            (
+                r#"{"environment": "e", "repos": [["https://example.com/r.git"]]}"#,
+                Format::Json,
+                "repos[0]: ",
+            ),
+        ] {
+            let err = parse_spec::<Workspace>(body, format).unwrap_err();
+            assert_eq!(
+                err.message,
+                format!("invalid workspace: {at}expected a mapping, found a sequence"),
+                "{body}"
+            );
+        }
+        for (body, format) in [("[null, null]", Format::Json), ("- 1\n- 2\n", Format::Yaml)] {
+            let err = parse_spec::<Environment>(body, format).unwrap_err();
+            assert_eq!(
+                err.message,
+                "invalid environment: a document must be a mapping of fields"
+            );
+        }
+        assert!(parse_spec::<Workspace>("environment: e\nwarm_pool: {}\n", Format::Yaml).is_ok());
+        let current = parse_spec::<Workspace>("environment: e\n", Format::Yaml).unwrap();
+        let err =
+            apply_merge_patch(&current, &serde_json::json!({"warm_pool": [true]})).unwrap_err();
+        assert_eq!(
+            err.message,
+            "invalid workspace: warm_pool: expected a mapping, found a sequence"
+        );
     }
 
     #[test]

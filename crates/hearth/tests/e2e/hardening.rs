@@ -377,6 +377,15 @@ fn failures_are_json_with_their_status(b: Backend) {
             "INVALID_ARGUMENT",
             "invalid pool-config",
         ),
+        // serde would read a sequence as a struct's fields in order.
+        (
+            "PUT",
+            "/v1/environments/dev",
+            Some(("application/json", "[null, null]".into())),
+            400,
+            "INVALID_ARGUMENT",
+            "invalid environment: a document must be a mapping of fields",
+        ),
         (
             "PUT",
             "/v1/pool-config/default",
