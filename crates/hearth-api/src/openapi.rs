@@ -74,8 +74,10 @@ fn exact() -> Value {
 const NAME: &str = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
 /// Any string without NUL (refused everywhere, see `hearth_core::nul`).
 const NO_NUL: &str = "^[^\\u0000]*$";
-/// A positive duration such as `90s`, `15m`, `1h30m` or `2d`.
-const DURATION: &str = "^([0-9]{0,8}[1-9][smhd])([0-9]{1,9}[smhd]){0,3}$";
+/// A positive duration such as `90s`, `15m`, `1h30m` or `2d`: terms of a
+/// number and a unit, one of them not zero (a term's number has at most 9
+/// significant digits, so no sum overflows).
+const DURATION: &str = "^(0*[0-9]{1,9}[smhd])*0*[1-9][0-9]{0,8}[smhd](0*[0-9]{1,9}[smhd])*$";
 
 fn error_answer(description: &str) -> Value {
     json!({
@@ -389,8 +391,23 @@ fn refine(doc: &mut Value) {
         }
         // An unknown field is refused, unless it is `null` (removing what
         // is not there changes nothing).
-        let patch = json!({"type": "object", "properties": properties, "additionalProperties": {"type": "null"},
+        let mut patch = json!({"type": "object", "properties": properties, "additionalProperties": {"type": "null"},
             "propertyNames": {"pattern": NO_NUL}});
+        // What a driver needs of an image, as far as a patch alone shows
+        // it: the merged image mostly takes its driver from the stored one,
+        // so only a patch that names the driver is bound, and only by what
+        // no stored image can make good (a sandbox patch setting qemu's
+        // files; a qemu patch removing the kernel, or both initrd and disk).
+        if schema == "Image" {
+            patch["allOf"] = json!([
+                {"if": {"required": ["driver"], "properties": {"driver": {"const": "qemu"}}},
+                 "then": {"properties": {"kernel": {"type": "string"}},
+                          "not": {"required": ["initrd", "disk"],
+                                  "properties": {"initrd": {"type": "null"}, "disk": {"type": "null"}}}}},
+                {"if": {"required": ["driver"], "properties": {"driver": {"const": "sandbox"}}},
+                 "then": {"properties": {"kernel": {"type": "null"}, "initrd": {"type": "null"}, "disk": {"type": "null"}}}}
+            ]);
+        }
         let name = format!("{schema}Patch");
         doc["components"]["schemas"][&name] = patch;
         let path = format!(
