@@ -361,6 +361,16 @@ fn refine(doc: &mut Value) {
         merge["propertyNames"] = json!({"pattern": NO_NUL});
         doc["components"]["schemas"]["WarmPoolMerge"] = merge;
     }
+    // An environment's or image's `version` is shown on output and ignored
+    // on input (an integer, or null), so a document read back can be
+    // written back as it is.
+    for schema in ["Environment", "Image"] {
+        doc["components"]["schemas"][schema]["properties"]["version"] = json!({
+            "type": ["integer", "null"],
+            "format": "int64",
+            "description": "Shown on output, ignored on input."
+        });
+    }
     // Merge patches: the kind's fields, each optional; `null` removes an
     // optional field (back to its default), never a required one.
     for (tag, schema) in [
