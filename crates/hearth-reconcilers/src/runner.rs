@@ -511,15 +511,7 @@ impl Pool {
         // In this order, a workspace missing from the read really is.
         let vms = store.list_vms(tenant, false).await?;
         let queued = store.list_queued_agents(tenant).await?;
-        let active_agents = store
-            .list_agents(
-                tenant,
-                &AgentFilter {
-                    phases: AgentPhase::ACTIVE.to_vec(),
-                    ..Default::default()
-                },
-            )
-            .await?;
+        let active_agents = active_agents(store.as_ref(), tenant).await?;
         let config = match store
             .get_resource(tenant, Kind::PoolConfig, POOL_CONFIG_NAME)
             .await?
@@ -1431,16 +1423,7 @@ impl Pool {
     pub async fn nuke(&self, tenant: TenantId) -> Result<(usize, usize), PoolError> {
         self.store.set_pool_stopped(tenant, true).await?;
         let mut terminated = 0;
-        let active = self
-            .store
-            .list_agents(
-                tenant,
-                &AgentFilter {
-                    phases: AgentPhase::ACTIVE.to_vec(),
-                    ..Default::default()
-                },
-            )
-            .await?;
+        let active = active_agents(self.store.as_ref(), tenant).await?;
         for agent in active {
             let update = AgentUpdate {
                 error: Some("terminated by pool flush --nuke".into()),
@@ -1660,4 +1643,17 @@ impl Pool {
         self.wake();
         Ok(report)
     }
+}
+
+/// The tenant's non-terminal agents.
+async fn active_agents(store: &dyn Store, tenant: TenantId) -> Result<Vec<AgentRecord>, PoolError> {
+    Ok(store
+        .list_agents(
+            tenant,
+            &AgentFilter {
+                phases: AgentPhase::ACTIVE.to_vec(),
+                ..Default::default()
+            },
+        )
+        .await?)
 }

@@ -2,8 +2,8 @@
 //! resurrect, commands, the reaper, 500 concurrent spawns, and crashes.
 
 use crate::both_backends;
-use crate::common::{Backend, Server, wait_until};
-use serde_json::{Value, json};
+use crate::common::{Backend, Server, id, wait_until};
+use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,13 +18,6 @@ both_backends!(
 
 const SANDBOX: &str = "driver: sandbox\nmemory: 256Mi\n";
 const FAST: &[&str] = &["--resync", "200ms"];
-
-fn id(v: &Value) -> String {
-    v["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no id in {v}"))
-        .to_owned()
-}
 
 fn developer_cap_counts_active_top_level_agents(b: Backend) {
     let s = Server::start_with(b, FAST);

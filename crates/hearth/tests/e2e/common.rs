@@ -36,12 +36,21 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
+/// Runs a future to completion on a runtime of its own.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
         .block_on(f)
+}
+
+/// The `id` of an answer (an agent, a VM, an instance).
+pub fn id(v: &Value) -> String {
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {v}"))
+        .to_owned()
 }
 
 /// A PostgreSQL database of its own, dropped at the end of the test.

@@ -5,7 +5,7 @@
 //! instance summaries and step times shaped like every other answer.
 
 use crate::both_backends;
-use crate::common::{Backend, Server, run_cli, wait_until};
+use crate::common::{Backend, Server, block_on, run_cli, wait_until};
 use serde_json::{Value, json};
 
 both_backends!(
@@ -24,14 +24,6 @@ const PC: &str = "/v1/pool-config/default";
 const FAST: &[&str] = &["--resync", "200ms"];
 const NO_DELETE: &str =
     "the pool config cannot be deleted; set it instead (hearth set pool-config default)";
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
 
 /// A pool config as a tenant starts with it under `--default-max-vms N`.
 fn initial(max_vms: i64) -> Value {

@@ -7,7 +7,7 @@
 //! driver and `--resync 10m`, so each reaction is the write's own.
 
 use crate::both_backends;
-use crate::common::{Backend, Server, wait_until};
+use crate::common::{Backend, Server, id, wait_until};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 
@@ -41,10 +41,6 @@ fn of<'a>(vms: &'a [Value], state: &str) -> Vec<&'a Value> {
     vms.iter()
         .filter(|v| v["workspace"] == "web" && v["state"] == state)
         .collect()
-}
-
-fn id(v: &Value) -> String {
-    v["id"].as_str().unwrap().to_owned()
 }
 
 /// Waits until `web` has exactly `n` idle VMs, none of `old`, none stale,

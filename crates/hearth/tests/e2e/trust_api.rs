@@ -6,8 +6,8 @@
 //! in an agent's output.
 
 use crate::both_backends;
-use crate::common::{Answer, Api, Backend, Server};
-use serde_json::{Value, json};
+use crate::common::{Answer, Api, Backend, Server, id};
+use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -26,13 +26,6 @@ both_backends!(
 );
 
 const FAST: &[&str] = &["--resync", "200ms"];
-
-fn id(v: &Value) -> String {
-    v["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no id in {v}"))
-        .to_owned()
-}
 
 fn agent_count(s: &Server) -> usize {
     let r = s.admin().get("/v1/agents");
