@@ -26,11 +26,42 @@ pub fn harden<S: Clone + Send + Sync + 'static>(routes: Router<S>) -> Router<S> 
         // A declared length beyond the limit is refused before the body is
         // read (axum's limit only bites when a handler reads it).
         .layer(tower_http::limit::RequestBodyLimitLayer::new(BODY_LIMIT))
+        .layer(middleware::from_fn(drain_oversized))
         .layer(middleware::from_fn(refuse_nul))
         .layer(middleware::from_fn(json_errors))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_answer,
         ))
+}
+
+/// The most of an oversized body read (and dropped) before it is refused.
+const DRAIN_LIMIT: u64 = 8 * BODY_LIMIT as u64;
+
+/// How long an oversized body may take to be read out.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads out a body whose declared length is over the limit (up to
+/// [`DRAIN_LIMIT`] bytes and [`DRAIN_TIME`], frame by frame, nothing kept)
+/// before the limit refuses it. Answering while the client still sends
+/// closes the connection on unread data: the kernel resets it and the
+/// client loses the `413` it was about to read (a lingering close, as web
+/// servers do). Larger bodies are refused at once.
+async fn drain_oversized(request: Request, next: Next) -> Response {
+    use http_body_util::BodyExt;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if !declared.is_some_and(|n| n > BODY_LIMIT as u64 && n <= DRAIN_LIMIT) {
+        return next.run(request).await;
+    }
+    let (parts, mut body) = request.into_parts();
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(_frame)) = body.frame().await {}
+    })
+    .await;
+    next.run(Request::from_parts(parts, Body::empty())).await
 }
 
 /// The answer to a request whose handler panicked. The panic itself is
