@@ -7,7 +7,7 @@
 //! [`Pool`] runner reads the snapshot, executes the actions, and is woken by
 //! changes (spawn, finish, every API write the planner reads, VM events)
 //! and at the earliest deadline a pass reported ([`plan::plan_with_deadline`],
-//! [`reaper::next_deadline`]); the slow resync is only a safety net.
+//! [`reaper::Finding::next_reap_at`]); the slow resync is only a safety net.
 //!
 //! **Architecture Invariants:**
 //! - the runner never holds a store transaction across a driver call: every

@@ -17,6 +17,10 @@ pub struct Finding {
     pub stranded: Vec<AgentId>,
     /// Those of them to terminate now.
     pub reap: Vec<AgentId>,
+    /// The earliest moment after `now` at which one more of them is due
+    /// (`enabled` only; `None` when nothing is): the runner passes again
+    /// then.
+    pub next_reap_at: Option<Millis>,
 }
 
 /// Pure: which active agents are stranded, and which to reap now.
@@ -42,40 +46,18 @@ pub fn find(
     for agent in agents.iter().filter(|a| !a.phase.is_terminal()) {
         if let Some(&at) = retired.get(agent.build.as_str()) {
             finding.stranded.push(agent.id);
-            if mode == ReapMode::Enabled && now - at >= grace_ms {
+            if mode != ReapMode::Enabled {
+                continue;
+            }
+            let due = at.saturating_add(grace_ms);
+            if due <= now {
                 finding.reap.push(agent.id);
+            } else if finding.next_reap_at.is_none_or(|next| due < next) {
+                finding.next_reap_at = Some(due);
             }
         }
     }
     finding
-}
-
-/// Pure: the earliest moment after `now` at which [`find`] reaps an agent
-/// it does not reap at `now` (`enabled` only; `None` when nothing is due).
-pub fn next_deadline(
-    mode: ReapMode,
-    agents: &[AgentRecord],
-    builds: &[Build],
-    now: Millis,
-    grace_ms: Millis,
-) -> Option<Millis> {
-    if mode != ReapMode::Enabled {
-        return None;
-    }
-    let retired: HashMap<&str, Millis> = builds
-        .iter()
-        .filter_map(|b| b.retired_at.map(|at| (b.id.as_str(), at)))
-        .collect();
-    if retired.is_empty() {
-        return None;
-    }
-    agents
-        .iter()
-        .filter(|a| !a.phase.is_terminal())
-        .filter_map(|a| retired.get(a.build.as_str()))
-        .map(|&at| at.saturating_add(grace_ms))
-        .filter(|&at| at > now)
-        .min()
 }
 
 #[cfg(test)]
@@ -112,7 +94,7 @@ mod tests {
     }
 
     #[test]
-    fn the_next_deadline_is_when_find_first_reaps() {
+    fn next_reap_at_is_when_find_first_reaps() {
         let builds = [
             Build {
                 id: "old".into(),
@@ -136,7 +118,7 @@ mod tests {
             agent("older", AgentPhase::Completed),
         ];
         let grace = 2_000;
-        let at = next_deadline(ReapMode::Enabled, &agents, &builds, 1_500, grace);
+        let at = find(ReapMode::Enabled, &agents, &builds, 1_500, grace).next_reap_at;
         assert_eq!(at, Some(3_000));
         assert!(
             find(ReapMode::Enabled, &agents, &builds, 2_999, grace)
@@ -149,11 +131,11 @@ mod tests {
         );
         // Past it, or in a mode that never reaps: nothing is due.
         assert_eq!(
-            next_deadline(ReapMode::Enabled, &agents, &builds, 3_000, grace),
+            find(ReapMode::Enabled, &agents, &builds, 3_000, grace).next_reap_at,
             None
         );
         assert_eq!(
-            next_deadline(ReapMode::DryRun, &agents, &builds, 0, grace),
+            find(ReapMode::DryRun, &agents, &builds, 0, grace).next_reap_at,
             None
         );
     }

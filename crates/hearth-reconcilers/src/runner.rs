@@ -675,26 +675,14 @@ impl Pool {
         let read = started.elapsed();
         let now = now_millis();
         let started = Instant::now();
-        self.reap(tenant, &pass, now).await?;
+        let next_reap_at = self.reap(tenant, &pass, now).await?;
         let reap = started.elapsed();
         let started = Instant::now();
         let (actions, due) =
             plan::plan_with_deadline(&pass.snapshot, &in_flight, now, &self.options.settings);
         // The clock is read fresh each pass (a reused read too), so a pass
         // at the deadline acts even when nothing was written.
-        let deadline = [
-            due,
-            reaper::next_deadline(
-                pass.reap_mode,
-                &pass.active_agents,
-                &pass.builds,
-                now,
-                self.reap_after_ms(),
-            ),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        let deadline = [due, next_reap_at].into_iter().flatten().min();
         if let Some(at) = deadline {
             self.deadlines.lock().unwrap().insert(tenant, at);
         }
@@ -719,7 +707,13 @@ impl Pool {
         Ok(actions)
     }
 
-    async fn reap(&self, tenant: TenantId, pass: &Pass, now: Millis) -> Result<(), PoolError> {
+    /// Reaps what is due now; returns when the next one will be.
+    async fn reap(
+        &self,
+        tenant: TenantId,
+        pass: &Pass,
+        now: Millis,
+    ) -> Result<Option<Millis>, PoolError> {
         let finding = reaper::find(
             pass.reap_mode,
             &pass.active_agents,
@@ -751,7 +745,7 @@ impl Pool {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+        Ok(finding.next_reap_at)
     }
 
     async fn execute(
