@@ -60,7 +60,7 @@ impl<'a> SetupInputs<'a> {
                 .iter()
                 .map(|r| RepoInput {
                     url: &r.url,
-                    branch: ws.warm_pool.branch.as_deref().unwrap_or(&r.branch),
+                    branch: ws.branch_for(r),
                     dir: r.dir_name(),
                 })
                 .collect(),

@@ -344,11 +344,7 @@ fn provision_plan(ws: &Workspace, env: &Environment, options: &PoolOptions) -> P
             .iter()
             .map(|r| RepoPlan {
                 url: r.url.clone(),
-                branch: ws
-                    .warm_pool
-                    .branch
-                    .clone()
-                    .unwrap_or_else(|| r.branch.clone()),
+                branch: ws.branch_for(r).to_owned(),
                 dir: r.dir_name(),
             })
             .collect(),

@@ -149,6 +149,12 @@ impl Workspace {
     pub fn max_idle(&self) -> i32 {
         self.max_idle.unwrap_or(self.min_idle)
     }
+
+    /// The branch a warm VM checks `repo` out at: the warm pool's `branch`
+    /// when set, else the repo's own.
+    pub fn branch_for<'a>(&'a self, repo: &'a Repo) -> &'a str {
+        self.warm_pool.branch.as_deref().unwrap_or(&repo.branch)
+    }
 }
 
 /// Checks a list of setup commands: names present and unique, commands present.
