@@ -1310,30 +1310,10 @@ impl Pool {
         vm_id: VmId,
         command: &str,
     ) -> Result<(ExecResult, String), PoolError> {
-        let vm = self.store.get_vm(vm_id).await?;
-        let driver = self.driver_for(&vm)?;
-        let (env, redactor) = self
-            .agent_environment(agent.tenant_id, &agent.workspace)
+        let timeout = Duration::from_secs(24 * 3600);
+        let (result, output, _) = self
+            .exec_as_agent(agent, vm_id, command, timeout, true)
             .await?;
-        let mut request = ExecRequest {
-            timeout: Duration::from_secs(24 * 3600),
-            env,
-            ..ExecRequest::new(command)
-        };
-        request
-            .env
-            .insert("HEARTH_AGENT_ID".into(), agent.id.to_string());
-        let (tx, mut rx) = mpsc::unbounded_channel::<OutputChunk>();
-        // Masked as step output is: the stored tail never holds a secret.
-        let collect = tokio::spawn(async move {
-            let mut output = TailBuffer::with_limit(redactor, OUTPUT_TAIL);
-            while let Some(chunk) = rx.recv().await {
-                output.push(&chunk.data);
-            }
-            output.text()
-        });
-        let result = driver.exec(vm_id, &request, Some(tx)).await?;
-        let output = collect.await.unwrap_or_default();
         Ok((result, output))
     }
 
@@ -1355,9 +1335,28 @@ impl Pool {
                 )));
             }
         };
+        self.exec_as_agent(&record, vm_id, command, timeout, false)
+            .await
+    }
+
+    /// Runs `command` on `vm_id` as `agent`'s: with the variables of
+    /// its workspace's environment and `HEARTH_AGENT_ID` set, its output
+    /// kept as tails masked as step output is (the stored tail never holds
+    /// a secret). Returns (result, stdout, stderr), or with `merged` both
+    /// streams in one tail, in the order they came, and stderr empty.
+    async fn exec_as_agent(
+        &self,
+        agent: &AgentRecord,
+        vm_id: VmId,
+        command: &str,
+        timeout: Duration,
+        merged: bool,
+    ) -> Result<(ExecResult, String, String), PoolError> {
         let vm = self.store.get_vm(vm_id).await?;
         let driver = self.driver_for(&vm)?;
-        let (env, redactor) = self.agent_environment(tenant, &record.workspace).await?;
+        let (env, redactor) = self
+            .agent_environment(agent.tenant_id, &agent.workspace)
+            .await?;
         let mut request = ExecRequest {
             timeout,
             env,
@@ -1365,15 +1364,15 @@ impl Pool {
         };
         request
             .env
-            .insert("HEARTH_AGENT_ID".into(), agent.to_string());
+            .insert("HEARTH_AGENT_ID".into(), agent.id.to_string());
         let (tx, mut rx) = mpsc::unbounded_channel::<OutputChunk>();
         let collect = tokio::spawn(async move {
             let mut out = TailBuffer::with_limit(redactor.clone(), OUTPUT_TAIL);
             let mut err = TailBuffer::with_limit(redactor, OUTPUT_TAIL);
             while let Some(chunk) = rx.recv().await {
                 match chunk.stream {
-                    Stream::Stdout => out.push(&chunk.data),
-                    Stream::Stderr => err.push(&chunk.data),
+                    Stream::Stderr if !merged => err.push(&chunk.data),
+                    _ => out.push(&chunk.data),
                 }
             }
             (out.text(), err.text())
