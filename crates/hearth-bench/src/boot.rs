@@ -119,7 +119,12 @@ async fn boot_once(driver: &SandboxDriver, isolated_network: bool) -> Result<Boo
         cpus: 1,
         memory_mib: 512,
         image: ImageSpec::default(),
-        isolated_network,
+        network: if isolated_network {
+            hearth_drivers::NetworkSpec::none()
+        } else {
+            hearth_drivers::NetworkSpec::host()
+        },
+        disk_mib: 0,
     };
     let start = Instant::now();
     driver.create(&spec).await.context("create failed")?;

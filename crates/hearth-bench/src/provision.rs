@@ -248,7 +248,8 @@ fn spec(tenant: TenantId) -> VmSpec {
         cpus: 2,
         memory_mib: 1024,
         image: Default::default(),
-        isolated_network: false,
+        network: hearth_drivers::NetworkSpec::host(),
+        disk_mib: 0,
     }
 }
 

@@ -510,7 +510,8 @@ async fn setup(opened: &Opened, fleet: Fleet) -> Result<Rig> {
             cpus: 1,
             memory_mib: 512,
             image: Default::default(),
-            isolated_network: false,
+            network: hearth_drivers::NetworkSpec::host(),
+            disk_mib: 0,
         })
         .await?;
     }

@@ -237,7 +237,8 @@ mod tests {
             cpus: 1,
             memory_mib: 256,
             image: Default::default(),
-            isolated_network: false,
+            network: crate::NetworkSpec::host(),
+            disk_mib: 0,
         }
     }
 

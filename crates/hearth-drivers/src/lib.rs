@@ -18,7 +18,7 @@ pub mod sandbox;
 
 use async_trait::async_trait;
 use hearth_core::ids::{TenantId, VmId};
-use hearth_core::resource::DriverKind;
+use hearth_core::resource::{DriverKind, Network};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,9 +34,47 @@ pub struct VmSpec {
     pub cpus: u32,
     pub memory_mib: u64,
     pub image: ImageSpec,
-    /// Give the VM a network namespace of its own (no network) instead of
-    /// the host's.
-    pub isolated_network: bool,
+    /// What the VM's network reaches.
+    pub network: NetworkSpec,
+    /// The most the VM may write to its own disk, in MiB (0 = the driver's
+    /// default).
+    pub disk_mib: u64,
+}
+
+/// What a VM's network reaches (the environment's `network` and
+/// `allow_host_ports`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkSpec {
+    pub mode: Network,
+    /// Host TCP ports the VM may reach (only with [`Network::Egress`]).
+    pub allow_host_ports: Vec<u16>,
+}
+
+impl NetworkSpec {
+    /// Loopback only.
+    pub fn none() -> Self {
+        NetworkSpec {
+            mode: Network::None,
+            allow_host_ports: Vec::new(),
+        }
+    }
+
+    /// The host's network, unfiltered (a weaker setting, for tests and
+    /// operators who ask for it).
+    pub fn host() -> Self {
+        NetworkSpec {
+            mode: Network::Host,
+            allow_host_ports: Vec::new(),
+        }
+    }
+
+    /// Egress to the internet plus the given host ports.
+    pub fn egress(allow_host_ports: Vec<u16>) -> Self {
+        NetworkSpec {
+            mode: Network::Egress,
+            allow_host_ports,
+        }
+    }
 }
 
 /// The image a VM boots from (the driver picks the fields it needs).
@@ -153,6 +191,30 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Asks the guest agent whether it is up.
     async fn health(&self, id: VmId) -> Result<GuestHealth>;
+
+    /// Records the VM's present state as its provisioned one: what
+    /// [`Driver::reset`] brings it back to. Called once provisioning
+    /// succeeded, before the VM is handed to any agent. Drivers that
+    /// cannot reset keep the default (nothing to record).
+    async fn seal(&self, id: VmId) -> Result<()> {
+        let _ = id;
+        Ok(())
+    }
+
+    /// Brings a returned VM back to its sealed state: nothing an agent
+    /// wrote or started survives (files anywhere, processes, `/tmp`).
+    /// `Unsupported` when the driver cannot (the caller destroys the VM
+    /// instead, and the pool refills).
+    async fn reset(&self, id: VmId) -> Result<()> {
+        let _ = id;
+        Err(DriverError::Unsupported(
+            format!(
+                "the {:?} driver cannot reset a VM to its provisioned state",
+                self.kind()
+            )
+            .to_lowercase(),
+        ))
+    }
 }
 
 /// The drivers a server runs, by kind.

@@ -806,7 +806,7 @@ impl Inner {
             "user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{}",
             self.config.guest_port
         );
-        if spec.isolated_network {
+        if spec.network.mode == hearth_core::resource::Network::None {
             netdev.push_str(",restrict=on");
         }
         let mut command = Command::new(&self.config.qemu_binary);
@@ -1131,7 +1131,8 @@ mod tests {
             cpus: 2,
             memory_mib: 256,
             image: ImageSpec::default(),
-            isolated_network: false,
+            network: crate::NetworkSpec::host(),
+            disk_mib: 0,
         }
     }
 

@@ -506,7 +506,7 @@ impl Inner {
         command.args([
             "--", "unshare", "--fork", "--pid", "--mount", "--uts", "--ipc",
         ]);
-        if spec.isolated_network {
+        if spec.network.mode != hearth_core::resource::Network::Host {
             command.arg("--net");
         }
         command

@@ -193,7 +193,8 @@ impl Env {
             cpus: 1,
             memory_mib: 256,
             image: image_spec(),
-            isolated_network: false,
+            network: hearth_drivers::NetworkSpec::host(),
+            disk_mib: 0,
         }
     }
 
@@ -503,7 +504,7 @@ async fn the_guest_reaches_a_tcp_server_on_host_loopback() {
 async fn an_isolated_vm_reaches_nothing_but_its_agent_answers() {
     let env = Env::new();
     let mut spec = env.spec();
-    spec.isolated_network = true;
+    spec.network = hearth_drivers::NetworkSpec::none();
     env.driver.create(&spec).await.unwrap();
     wait_healthy(&env.driver, spec.id).await;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -670,7 +671,8 @@ async fn helper_create_a_vm_then_wait() {
         cpus: 1,
         memory_mib: 256,
         image: image_spec(),
-        isolated_network: false,
+        network: hearth_drivers::NetworkSpec::host(),
+        disk_mib: 0,
     };
     driver.create(&spec).await.unwrap();
     println!("CREATED {}", spec.id);

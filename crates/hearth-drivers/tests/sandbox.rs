@@ -127,7 +127,8 @@ impl Env {
             cpus: 1,
             memory_mib,
             image: ImageSpec::default(),
-            isolated_network: true,
+            network: hearth_drivers::NetworkSpec::none(),
+            disk_mib: 0,
         }
     }
 
@@ -883,7 +884,7 @@ async fn the_network_namespace_follows_the_spec() {
     let isolated = env.boot(256).await;
     assert_eq!(sh(&env.driver, isolated, "ls /sys/class/net").await, "lo\n");
     let mut spec = env.spec(256);
-    spec.isolated_network = false;
+    spec.network = hearth_drivers::NetworkSpec::host();
     env.driver.create(&spec).await.unwrap();
     wait_healthy(&env.driver, spec.id).await;
     let mut host: Vec<String> = fs::read_dir("/sys/class/net")

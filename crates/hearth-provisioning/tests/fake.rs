@@ -48,7 +48,8 @@ fn spec() -> VmSpec {
         cpus: 1,
         memory_mib: 256,
         image: Default::default(),
-        isolated_network: false,
+        network: hearth_drivers::NetworkSpec::host(),
+        disk_mib: 0,
     }
 }
 

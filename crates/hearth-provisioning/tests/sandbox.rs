@@ -230,7 +230,8 @@ impl Fixture {
             memory_mib: 512,
             image: ImageSpec::default(),
             // The host's network: the git daemon listens on its 127.0.0.1.
-            isolated_network: false,
+            network: hearth_drivers::NetworkSpec::host(),
+            disk_mib: 0,
         }
     }
 

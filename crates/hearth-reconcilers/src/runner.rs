@@ -9,10 +9,11 @@ use crate::status::{self, PassStats, PoolStatus};
 use hearth_core::ids::InstanceId;
 use hearth_core::ids::{AgentId, TenantId, VmId};
 use hearth_core::resource::{
-    DriverKind, Environment, Image, Kind, Network, POOL_CONFIG_NAME, PoolConfig, Spec, Workspace,
+    DriverKind, Environment, Image, Kind, POOL_CONFIG_NAME, PoolConfig, Spec, Workspace,
 };
 use hearth_drivers::{
-    Driver, DriverError, Drivers, ExecRequest, ExecResult, ImageSpec, OutputChunk, Stream, VmSpec,
+    Driver, DriverError, Drivers, ExecRequest, ExecResult, ImageSpec, NetworkSpec, OutputChunk,
+    Stream, VmSpec,
 };
 use hearth_provisioning::redact::{Redactor, TailBuffer};
 use hearth_provisioning::{
@@ -215,7 +216,8 @@ struct BootPlan {
     cpus: u32,
     memory_mib: u64,
     image: ImageSpec,
-    isolated_network: bool,
+    network: NetworkSpec,
+    disk_mib: u64,
     env_version: i64,
     image_version: i64,
     /// The workspace's setup digest, taken from the same spec as
@@ -580,7 +582,11 @@ impl Pool {
                             disk: i.disk.as_ref().map(PathBuf::from),
                         })
                         .unwrap_or_default(),
-                    isolated_network: env.network == Network::Isolated,
+                    network: NetworkSpec {
+                        mode: env.network,
+                        allow_host_ports: env.allow_host_ports.clone(),
+                    },
+                    disk_mib: env.disk_mib().unwrap_or(0),
                     env_version: *env_version,
                     image_version,
                     setup_digest: setup_digest.clone(),
@@ -1027,7 +1033,8 @@ impl Pool {
                     cpus: plan.cpus,
                     memory_mib: plan.memory_mib,
                     image: plan.image.clone(),
-                    isolated_network: plan.isolated_network,
+                    network: plan.network.clone(),
+                    disk_mib: plan.disk_mib,
                 };
                 let recorder = InstanceRecorder {
                     store: self.store.clone(),

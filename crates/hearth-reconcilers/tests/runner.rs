@@ -309,7 +309,8 @@ async fn adoption_destroys_unknown_and_closes_lost() {
         cpus: 1,
         memory_mib: 64,
         image: Default::default(),
-        isolated_network: false,
+        network: hearth_drivers::NetworkSpec::host(),
+        disk_mib: 0,
     };
     r.fake.create(&stray).await.unwrap();
     // A record whose VM is gone, assigned to a running agent.
@@ -462,7 +463,8 @@ async fn the_run_loop_acts_at_the_earliest_deadline_not_the_resync() {
             cpus: 1,
             memory_mib: 256,
             image: Default::default(),
-            isolated_network: false,
+            network: hearth_drivers::NetworkSpec::host(),
+            disk_mib: 0,
         })
         .await
         .unwrap();

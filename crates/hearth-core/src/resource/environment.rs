@@ -31,11 +31,19 @@ pub enum DriverKind {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Network {
-    /// The host's network (sandbox) or user-mode networking (qemu).
+    /// No network but loopback (and the control plane's own channel to the
+    /// guest agent). Read from the older name `isolated` too.
+    #[serde(alias = "isolated")]
+    None,
+    /// Egress to the internet only: never the host itself, other VMs or
+    /// private ranges, except the host ports `allow_host_ports` names.
+    Egress,
+    /// The host's own network, unfiltered (sandbox only). A weaker setting
+    /// only an operator may choose.
+    // TODO(trust boundaries): the default becomes `Egress` once the host
+    // network (bridge + nftables) is in.
     #[default]
     Host,
-    /// A network namespace of its own, with only loopback.
-    Isolated,
 }
 
 /// The shape of a workspace's VMs.
@@ -57,11 +65,23 @@ pub struct Environment {
     #[serde(deserialize_with = "null_is_default")]
     #[schema(nullable)]
     pub network: Network,
+    /// Host TCP ports the VM may reach (e.g. a git server), on the host's
+    /// address inside the VM's network. Only an operator may set them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(deserialize_with = "null_is_default")]
+    #[schema(nullable)]
+    pub allow_host_ports: Vec<u16>,
     /// Memory as `<n>Mi` or `<n>Gi`.
     #[serde(default = "default_memory")]
     #[serde(deserialize_with = "memory_or_default")]
     #[schema(nullable)]
     pub memory: String,
+    /// The most a VM may write to its own disk, as `<n>Mi` or `<n>Gi`
+    /// (sandbox: its writable layer; qemu: its disk overlay).
+    #[serde(default = "default_disk")]
+    #[serde(deserialize_with = "disk_or_default")]
+    #[schema(nullable)]
+    pub disk: String,
     /// Variables written to `/home/.env` in every VM. Values are secrets.
     #[serde(default)]
     #[serde(deserialize_with = "null_is_default")]
@@ -94,24 +114,55 @@ fn default_cpus() -> i32 {
 fn default_memory() -> String {
     "512Mi".to_owned()
 }
+fn default_disk() -> String {
+    "4Gi".to_owned()
+}
 fn default_idle_timeout() -> String {
     "15m".to_owned()
 }
 null_is!(cpus_or_default: i32 = default_cpus());
 null_is!(memory_or_default: String = default_memory());
+null_is!(disk_or_default: String = default_disk());
 null_is!(idle_timeout_or_default: String = default_idle_timeout());
+
+/// `<n>Mi` or `<n>Gi` in MiB.
+fn size_mib(size: &str) -> Option<u64> {
+    let (number, factor) = if let Some(n) = size.strip_suffix("Gi") {
+        (n, 1024)
+    } else if let Some(n) = size.strip_suffix("Mi") {
+        (n, 1)
+    } else {
+        return None;
+    };
+    number.parse::<u64>().ok()?.checked_mul(factor)
+}
+
+/// The most host ports one environment may allow.
+pub const MAX_ALLOWED_HOST_PORTS: usize = 64;
 
 impl Environment {
     /// Memory in MiB (validated, so never fails on a stored spec).
     pub fn memory_mib(&self) -> Option<u64> {
-        let (number, factor) = if let Some(n) = self.memory.strip_suffix("Gi") {
-            (n, 1024)
-        } else if let Some(n) = self.memory.strip_suffix("Mi") {
-            (n, 1)
-        } else {
-            return None;
-        };
-        number.parse::<u64>().ok()?.checked_mul(factor)
+        size_mib(&self.memory)
+    }
+
+    /// The disk limit in MiB (validated, so never fails on a stored spec).
+    pub fn disk_mib(&self) -> Option<u64> {
+        size_mib(&self.disk)
+    }
+
+    /// The settings only an operator may write: `network: host` and
+    /// `allow_host_ports` (each opens a path from the VM to the host), as
+    /// the field names an error would cite.
+    pub fn operator_only_settings(&self) -> Vec<&'static str> {
+        let mut fields = Vec::new();
+        if self.network == Network::Host {
+            fields.push("network: host");
+        }
+        if !self.allow_host_ports.is_empty() {
+            fields.push("allow_host_ports");
+        }
+        fields
     }
 
     /// The idle timeout in seconds.
@@ -143,6 +194,38 @@ impl Spec for Environment {
                     self.memory
                 )));
             }
+        }
+        match self.disk_mib() {
+            Some(mib) if (64..=16 * 1024 * 1024).contains(&mib) => {}
+            _ => {
+                return Err(Error::invalid(format!(
+                    "disk {:?} is not valid: use <n>Mi or <n>Gi, between 64Mi and 16384Gi",
+                    self.disk
+                )));
+            }
+        }
+        if self.allow_host_ports.len() > MAX_ALLOWED_HOST_PORTS {
+            return Err(Error::invalid(format!(
+                "allow_host_ports has {} ports; at most {MAX_ALLOWED_HOST_PORTS} are allowed",
+                self.allow_host_ports.len()
+            )));
+        }
+        for (i, port) in self.allow_host_ports.iter().enumerate() {
+            if *port == 0 {
+                return Err(Error::invalid(format!(
+                    "allow_host_ports[{i}]: port 0 is not a port (1-65535)"
+                )));
+            }
+            if self.allow_host_ports[..i].contains(port) {
+                return Err(Error::invalid(format!(
+                    "allow_host_ports[{i}]: port {port} is listed twice"
+                )));
+            }
+        }
+        if !self.allow_host_ports.is_empty() && self.network != Network::Egress {
+            return Err(Error::invalid(
+                "allow_host_ports needs network: egress (with none the VM reaches nothing; with host it reaches everything)",
+            ));
         }
         for key in self.env.keys() {
             let ok = !key.is_empty()
@@ -256,6 +339,44 @@ mod tests {
         let err = fresh.restore_masked(None).unwrap_err();
         assert!(err.message.starts_with("env.TOKEN"), "{}", err.message);
         assert!(!err.message.contains("s3cret"));
+    }
+
+    #[test]
+    fn networks() {
+        assert_eq!(yaml("network: egress").unwrap().network, Network::Egress);
+        assert_eq!(yaml("network: isolated").unwrap().network, Network::None);
+        assert_eq!(yaml("network: none").unwrap().network, Network::None);
+        let e = yaml("network: host\nallow_host_ports: [9418]").unwrap_err();
+        assert!(
+            e.message
+                .starts_with("allow_host_ports needs network: egress")
+        );
+        let e = yaml("allow_host_ports: [22, 22]").unwrap_err();
+        assert_eq!(e.message, "allow_host_ports[1]: port 22 is listed twice");
+        let e = yaml("allow_host_ports: [0]").unwrap_err();
+        assert!(e.message.starts_with("allow_host_ports[0]: port 0"));
+        let env = yaml("allow_host_ports: [9418]").unwrap();
+        assert_eq!(env.operator_only_settings(), vec!["allow_host_ports"]);
+        let env = yaml("network: host").unwrap();
+        assert_eq!(env.operator_only_settings(), vec!["network: host"]);
+        assert!(
+            yaml("network: egress")
+                .unwrap()
+                .operator_only_settings()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn disks() {
+        assert_eq!(yaml("driver: sandbox").unwrap().disk_mib(), Some(4096));
+        assert_eq!(yaml("disk: 100Mi").unwrap().disk_mib(), Some(100));
+        assert!(
+            yaml("disk: 1Mi")
+                .unwrap_err()
+                .message
+                .starts_with("disk \"1Mi\" is not valid")
+        );
     }
 
     #[test]
