@@ -351,11 +351,11 @@ mod tests {
             e.message
                 .starts_with("allow_host_ports needs network: egress")
         );
-        let e = yaml("allow_host_ports: [22, 22]").unwrap_err();
+        let e = yaml("network: egress\nallow_host_ports: [22, 22]").unwrap_err();
         assert_eq!(e.message, "allow_host_ports[1]: port 22 is listed twice");
-        let e = yaml("allow_host_ports: [0]").unwrap_err();
+        let e = yaml("network: egress\nallow_host_ports: [0]").unwrap_err();
         assert!(e.message.starts_with("allow_host_ports[0]: port 0"));
-        let env = yaml("allow_host_ports: [9418]").unwrap();
+        let env = yaml("network: egress\nallow_host_ports: [9418]").unwrap();
         assert_eq!(env.operator_only_settings(), vec!["allow_host_ports"]);
         let env = yaml("network: host").unwrap();
         assert_eq!(env.operator_only_settings(), vec!["network: host"]);
