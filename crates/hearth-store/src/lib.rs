@@ -417,6 +417,26 @@ pub trait Store: Send + Sync + 'static {
         tenant: TenantId,
         filter: &InstanceFilter,
     ) -> Result<Vec<InstanceRecord>>;
+
+    /// Records a new bake job (state `queued`). `Conflict` when a bake of
+    /// the same image is queued or running already (a unique index holds
+    /// it: two bakes of one image never run at once, whichever server asks).
+    async fn create_bake(&self, bake: &BakeRecord) -> Result<()>;
+
+    /// Moves a job on and appends to its log (one statement). A job that
+    /// has ended changes no more: `NotFound` when absent or ended.
+    async fn update_bake(&self, id: &str, update: BakeUpdate<'_>) -> Result<()>;
+
+    /// One bake job of the tenant. `NotFound` when absent.
+    async fn get_bake(&self, tenant: TenantId, id: &str) -> Result<BakeRecord>;
+
+    /// An image's bake jobs, newest first (at most 100).
+    async fn list_bakes(&self, tenant: TenantId, image: &str) -> Result<Vec<BakeRecord>>;
+
+    /// Marks every queued or running bake failed with `reason` (at server
+    /// start: a bake that was running when the server died never ends by
+    /// itself). Returns how many.
+    async fn fail_active_bakes(&self, reason: &str) -> Result<u64>;
 }
 
 /// Opens the store a URL names, applying migrations: `postgres://…` or

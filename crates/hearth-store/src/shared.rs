@@ -59,7 +59,7 @@ macro_rules! impl_store {
             use ::hearth_core::resource::Kind;
             use $crate::sql::{self, ViolationExt};
             use $crate::{
-                AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Build, Identity,
+                AgentFilter, BakeRecord, BakeUpdate, AgentPhase, AgentRecord, AgentUpdate, Build, Identity,
                 IdentityRefusal, InsertVm, InstanceFilter, InstanceRecord, InstanceStatus,
                 NewAgent, NewToken, ParentProblem, PoolState, Precondition, PutOutcome,
                 PutResource, Ready, ResourceRecord, Result, Store, StoreError, Tenant, TokenRecord,
@@ -1508,6 +1508,84 @@ macro_rules! impl_store {
                         .fetch_all(self.reader())
                         .await?;
                     sql::decode_all(rows)
+                }
+
+                async fn create_bake(&self, bake: &BakeRecord) -> Result<()> {
+                    let _written = self.written();
+                    ::sqlx::query(sql::INSERT_BAKE)
+                        .bind(&bake.id)
+                        .bind(bake.tenant_id.to_string())
+                        .bind(&bake.image)
+                        .bind(bake.state.as_str())
+                        .bind(&bake.requested_by)
+                        .bind(bake.recipe.to_string())
+                        .bind($crate::storable_text(&bake.step))
+                        .bind($crate::storable_text(&bake.log))
+                        .bind(bake.error.as_deref().map($crate::storable_text))
+                        .bind(bake.bake)
+                        .bind(bake.created_at)
+                        .bind(bake.updated_at)
+                        .bind(bake.finished_at)
+                        .execute(self.writer())
+                        .await
+                        .on_unique(|| {
+                            StoreError::Conflict(format!(
+                                "a bake of image {:?} is queued or running already",
+                                bake.image
+                            ))
+                        })
+                        .on_foreign_key(|| {
+                            StoreError::NotFound(format!("tenant {}", bake.tenant_id))
+                        })?;
+                    Ok(())
+                }
+
+                async fn update_bake(&self, id: &str, update: BakeUpdate<'_>) -> Result<()> {
+                    let _written = self.written();
+                    let done = ::sqlx::query(sql::UPDATE_BAKE)
+                        .bind(id)
+                        .bind(update.state.as_str())
+                        .bind($crate::storable_text(update.step))
+                        .bind($crate::storable_text(update.append_log))
+                        .bind(update.error.map($crate::storable_text))
+                        .bind(update.bake)
+                        .bind(now_millis())
+                        .execute(self.writer())
+                        .await?;
+                    if done.rows_affected() == 0 {
+                        return Err(StoreError::NotFound(format!("running bake {id}")));
+                    }
+                    Ok(())
+                }
+
+                async fn get_bake(&self, tenant: TenantId, id: &str) -> Result<BakeRecord> {
+                    ::sqlx::query_as::<_, sql::BakeRow>(sql::GET_BAKE)
+                        .bind(tenant.to_string())
+                        .bind(id)
+                        .fetch_optional(self.reader())
+                        .await?
+                        .ok_or_else(|| StoreError::NotFound(format!("bake {id:?}")))?
+                        .try_into()
+                }
+
+                async fn list_bakes(&self, tenant: TenantId, image: &str) -> Result<Vec<BakeRecord>> {
+                    let rows = ::sqlx::query_as::<_, sql::BakeRow>(sql::LIST_BAKES)
+                        .bind(tenant.to_string())
+                        .bind(image)
+                        .fetch_all(self.reader())
+                        .await?;
+                    sql::decode_all(rows)
+                }
+
+                async fn fail_active_bakes(&self, reason: &str) -> Result<u64> {
+                    let _written = self.written();
+                    let done = ::sqlx::query(sql::FAIL_ACTIVE_BAKES)
+                        .bind(reason)
+                        .bind(now_millis())
+                        .bind(format!("{reason}\n"))
+                        .execute(self.writer())
+                        .await?;
+                    Ok(done.rows_affected())
                 }
             }
         };

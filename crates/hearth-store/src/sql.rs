@@ -16,6 +16,7 @@
 //! Flags are BIGINT 0/1 on both backends ([`flag`], [`store_flag`]).
 
 use crate::{
+    BakeRecord, BakeState,
     AgentPhase, AgentRecord, Build, Identity, InstanceFilter, InstanceRecord, InstanceStatus,
     Millis, OnIdle, ResourceRecord, Result, StoreError, Tenant, TokenRecord, VmRecord, VmState,
     WorkspaceState,
@@ -887,6 +888,87 @@ impl<T, E: Into<StoreError>> ViolationExt<T> for Result<T, E> {
                 foreign_key()
             }
             other => other,
+        })
+    }
+}
+
+/// The columns of a [`BakeRow`], in order, as a literal for `concat!`.
+macro_rules! bake_columns {
+    () => {
+        "id, tenant_id, image, state, requested_by, recipe, step, log, error, bake, \
+         created_at, updated_at, finished_at"
+    };
+}
+
+pub const INSERT_BAKE: &str = concat!(
+    "INSERT INTO image_bakes (",
+    bake_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+);
+
+/// Only a job that has not ended changes: a late write after the job was
+/// marked failed (by a restart) changes nothing.
+pub const UPDATE_BAKE: &str = "UPDATE image_bakes \
+     SET state = $2, step = $3, log = log || $4, error = COALESCE($5, error), \
+         bake = COALESCE($6, bake), updated_at = $7, \
+         finished_at = CASE WHEN $2 IN ('succeeded', 'failed') THEN $7 ELSE finished_at END \
+     WHERE id = $1 AND state IN ('queued', 'running')";
+
+pub const GET_BAKE: &str = concat!(
+    "SELECT ",
+    bake_columns!(),
+    " FROM image_bakes WHERE tenant_id = $1 AND id = $2"
+);
+
+pub const LIST_BAKES: &str = concat!(
+    "SELECT ",
+    bake_columns!(),
+    " FROM image_bakes WHERE tenant_id = $1 AND image = $2 \
+      ORDER BY created_at DESC, id DESC LIMIT 100"
+);
+
+pub const FAIL_ACTIVE_BAKES: &str = "UPDATE image_bakes \
+     SET state = 'failed', error = $1, updated_at = $2, finished_at = $2, \
+         log = log || $3 \
+     WHERE state IN ('queued', 'running')";
+
+/// An `image_bakes` row as stored (recipe still JSON text).
+#[derive(sqlx::FromRow)]
+pub struct BakeRow {
+    id: String,
+    tenant_id: String,
+    image: String,
+    state: String,
+    requested_by: String,
+    recipe: String,
+    step: String,
+    log: String,
+    error: Option<String>,
+    bake: Option<i64>,
+    created_at: Millis,
+    updated_at: Millis,
+    finished_at: Option<Millis>,
+}
+
+impl TryFrom<BakeRow> for BakeRecord {
+    type Error = StoreError;
+    fn try_from(row: BakeRow) -> Result<BakeRecord> {
+        let recipe = serde_json::from_str(&row.recipe)
+            .map_err(|e| StoreError::Corrupt(format!("recipe of bake {}: {e}", row.id)))?;
+        Ok(BakeRecord {
+            tenant_id: parse::<TenantId>("tenant id", &row.tenant_id)?,
+            state: parse::<BakeState>("bake state", &row.state)?,
+            id: row.id,
+            image: row.image,
+            requested_by: row.requested_by,
+            recipe,
+            step: row.step,
+            log: row.log,
+            error: row.error,
+            bake: row.bake,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            finished_at: row.finished_at,
         })
     }
 }

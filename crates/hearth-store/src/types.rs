@@ -517,3 +517,77 @@ pub struct InstanceFilter {
     /// Newest first, at most this many (default 100).
     pub limit: Option<i64>,
 }
+
+/// Where an image bake job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BakeState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl BakeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BakeState::Queued => "queued",
+            BakeState::Running => "running",
+            BakeState::Succeeded => "succeeded",
+            BakeState::Failed => "failed",
+        }
+    }
+
+    /// Whether the job has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, BakeState::Succeeded | BakeState::Failed)
+    }
+}
+
+impl FromStr for BakeState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "queued" => Ok(BakeState::Queued),
+            "running" => Ok(BakeState::Running),
+            "succeeded" => Ok(BakeState::Succeeded),
+            "failed" => Ok(BakeState::Failed),
+            _ => Err(format!(
+                "unknown bake state {s:?}: expected queued, running, succeeded or failed"
+            )),
+        }
+    }
+}
+
+/// One bake job of an image: the server runs it, appending to its log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BakeRecord {
+    /// A UUID, hex with dashes.
+    pub id: String,
+    pub tenant_id: TenantId,
+    pub image: String,
+    pub state: BakeState,
+    /// The identity that asked for it.
+    pub requested_by: String,
+    /// What is baked (the image's recipe when the job was made), as JSON.
+    pub recipe: serde_json::Value,
+    /// The last progress line.
+    pub step: String,
+    pub log: String,
+    pub error: Option<String>,
+    /// The version folder a successful bake wrote.
+    pub bake: Option<i64>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    pub finished_at: Option<Millis>,
+}
+
+/// A change to a running bake job: its state, progress line, log lines
+/// to append, and at the end its error or version folder.
+#[derive(Debug, Clone)]
+pub struct BakeUpdate<'a> {
+    pub state: BakeState,
+    pub step: &'a str,
+    pub append_log: &'a str,
+    pub error: Option<&'a str>,
+    pub bake: Option<i64>,
+}

@@ -12,7 +12,7 @@ use hearth_core::ids::{AgentId, IdentityId, InstanceId, TenantId, TokenId, VmId}
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, ResourceRef};
 use hearth_store::{
-    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Identity, IdentityRefusal, InsertVm,
+    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, BakeRecord, BakeState, BakeUpdate, Identity, IdentityRefusal, InsertVm,
     InstanceFilter, InstanceRecord, InstanceStatus, NewAgent, NewToken, OnIdle, ParentProblem,
     PgStore, PoolState, Precondition, PutOutcome, PutResource, Ready, SqliteStore, Store,
     StoreError, VmRecord, VmState, WorkspaceState, now_millis,
@@ -3615,4 +3615,106 @@ async fn change_token_moves_with_every_write(ctx: Ctx) {
     ctx.execute_raw("UPDATE pool_states SET stopped = 0").await;
     assert_moved(s, &mut last, "a raw write").await;
     assert!(!s.get_pool_state(t).await.unwrap().stopped);
+}
+
+fn bake(tenant: TenantId, image: &str) -> BakeRecord {
+    let now = now_millis();
+    BakeRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        tenant_id: tenant,
+        image: image.into(),
+        state: BakeState::Queued,
+        requested_by: "admin".into(),
+        recipe: json!({"driver": "qemu", "rootfs": "minimal"}),
+        step: "queued".into(),
+        log: String::new(),
+        error: None,
+        bake: None,
+        created_at: now,
+        updated_at: now,
+        finished_at: None,
+    }
+}
+
+both_backends!(bakes_run_one_at_a_time_append_logs_and_fail_on_restart);
+async fn bakes_run_one_at_a_time_append_logs_and_fail_on_restart(ctx: Ctx) {
+    let store = &ctx.store;
+    let (a, _) = tenant_with_admin(store, "a").await;
+    let (b, _) = tenant_with_admin(store, "b").await;
+    let first = bake(a, "vm");
+    store.create_bake(&first).await.unwrap();
+    // A second bake of the same image while the first is active: refused.
+    let err = store.create_bake(&bake(a, "vm")).await.unwrap_err();
+    assert_conflict(err, "a bake of image \"vm\" is queued or running already");
+    // Another image, or the same name in another tenant: fine.
+    store.create_bake(&bake(a, "other")).await.unwrap();
+    let theirs = bake(b, "vm");
+    store.create_bake(&theirs).await.unwrap();
+    assert!(matches!(
+        store.get_bake(b, &first.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    let step = |state, step: &'static str, log: &'static str| BakeUpdate {
+        state,
+        step,
+        append_log: log,
+        error: None,
+        bake: None,
+    };
+    store
+        .update_bake(&first.id, step(BakeState::Running, "kernel", "kernel\n"))
+        .await
+        .unwrap();
+    store
+        .update_bake(&first.id, step(BakeState::Running, "modules", "modules\0x\n"))
+        .await
+        .unwrap();
+    store
+        .update_bake(
+            &first.id,
+            BakeUpdate {
+                bake: Some(3),
+                ..step(BakeState::Succeeded, "baked", "baked vm/3\n")
+            },
+        )
+        .await
+        .unwrap();
+    let done = store.get_bake(a, &first.id).await.unwrap();
+    assert_eq!(done.state, BakeState::Succeeded);
+    assert_eq!(done.log, "kernel\nmodules\u{FFFD}x\nbaked vm/3\n");
+    assert_eq!((done.bake, done.step.as_str()), (Some(3), "baked"));
+    assert!(done.finished_at.is_some());
+    // An ended job changes no more.
+    assert!(matches!(
+        store
+            .update_bake(&first.id, step(BakeState::Running, "late", "late\n"))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    // With the first ended, the image may be baked again.
+    let second = bake(a, "vm");
+    store.create_bake(&second).await.unwrap();
+    let listed: Vec<String> = store
+        .list_bakes(a, "vm")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&first.id) && listed.contains(&second.id));
+
+    // A restart fails what was queued or running, in every tenant.
+    assert_eq!(store.fail_active_bakes("interrupted").await.unwrap(), 3);
+    let failed = store.get_bake(b, &theirs.id).await.unwrap();
+    assert_eq!(
+        (failed.state, failed.error.as_deref(), failed.log.as_str()),
+        (BakeState::Failed, Some("interrupted"), "interrupted\n")
+    );
+    assert_eq!(
+        store.get_bake(a, &first.id).await.unwrap().state,
+        BakeState::Succeeded
+    );
+    store.create_bake(&bake(b, "vm")).await.unwrap();
 }
