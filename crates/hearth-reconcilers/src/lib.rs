@@ -20,6 +20,7 @@
 //!   nothing the first did not;
 //! - the API talks to drivers only through this crate.
 
+pub mod images;
 pub mod plan;
 pub mod reaper;
 mod runner;

@@ -25,7 +25,6 @@ use hearth_store::{
 };
 use hearth_store::{InstanceRecord, InstanceStatus};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -54,6 +53,9 @@ pub struct PoolOptions {
     pub resync: Duration,
     /// Longest any one provisioning command may run.
     pub command_timeout: Duration,
+    /// The image store; `None`: images with artifacts cannot boot and
+    /// nothing can be baked.
+    pub images: Option<Arc<crate::images::ImageStoreConfig>>,
 }
 
 impl Default for PoolOptions {
@@ -64,6 +66,7 @@ impl Default for PoolOptions {
             reap_after: Duration::from_secs(48 * 3600),
             resync: Duration::from_secs(30),
             command_timeout: Duration::from_secs(30 * 60),
+            images: None,
         }
     }
 }
@@ -215,7 +218,8 @@ struct BootPlan {
     driver: DriverKind,
     cpus: u32,
     memory_mib: u64,
-    image: ImageSpec,
+    /// What to boot, or why the image cannot boot (the boot fails with it).
+    image: Result<ImageSpec, String>,
     network: NetworkSpec,
     disk_mib: u64,
     env_version: i64,
@@ -377,6 +381,11 @@ impl Pool {
 
     pub fn options(&self) -> &PoolOptions {
         &self.options
+    }
+
+    /// The store the pool reads and writes.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
     }
 
     /// Asks for a pass as soon as possible (coalesced).
@@ -574,14 +583,16 @@ impl Pool {
                     driver: env.driver,
                     cpus: env.cpus.max(1) as u32,
                     memory_mib: env.memory_mib().unwrap_or(512),
-                    image: image
-                        .map(|(i, _)| ImageSpec {
-                            root_dir: i.root_dir.as_ref().map(PathBuf::from),
-                            kernel: i.kernel.as_ref().map(PathBuf::from),
-                            initrd: i.initrd.as_ref().map(PathBuf::from),
-                            disk: i.disk.as_ref().map(PathBuf::from),
-                        })
-                        .unwrap_or_default(),
+                    image: match (&env.image, image) {
+                        (None, _) => Ok(ImageSpec::default()),
+                        (Some(name), Some((image, _))) => match &self.options.images {
+                            Some(images) => images.resolve(tenant, name, image),
+                            None => Err(format!(
+                                "image {name:?}: this server has no image store"
+                            )),
+                        },
+                        (Some(name), None) => Err(format!("image {name:?} does not exist")),
+                    },
                     network: NetworkSpec {
                         mode: env.network,
                         allow_host_ports: env.allow_host_ports.clone(),
@@ -1023,8 +1034,9 @@ impl Pool {
     async fn boot(self: Arc<Self>, vm: VmRecord, plan: BootPlan, instance: InstanceId) {
         let started = std::time::Instant::now();
         let progress = Arc::new(Progress::default());
-        let outcome = match self.drivers.get(plan.driver) {
-            Ok(driver) => {
+        let driver = self.drivers.get(plan.driver).map_err(|e| e.to_string());
+        let outcome = match driver.and_then(|d| Ok((d, plan.image.clone()?))) {
+            Ok((driver, image)) => {
                 let driver = driver.clone();
                 let spec = VmSpec {
                     id: vm.id,
@@ -1032,7 +1044,7 @@ impl Pool {
                     workspace: vm.workspace.clone(),
                     cpus: plan.cpus,
                     memory_mib: plan.memory_mib,
-                    image: plan.image.clone(),
+                    image,
                     network: plan.network.clone(),
                     disk_mib: plan.disk_mib,
                 };
@@ -1049,13 +1061,13 @@ impl Pool {
             Err(e) => {
                 let mut steps = hearth_provisioning::planned_steps(&plan.provision);
                 steps[0].status = StepStatus::Failed;
-                steps[0].error = Some(e.to_string());
+                steps[0].error = Some(e.clone());
                 (
                     steps,
                     Summary {
                         success: false,
                         failed_step: Some("create_vm".into()),
-                        error: Some(e.to_string()),
+                        error: Some(e),
                     },
                 )
             }
