@@ -18,6 +18,7 @@ mod builds;
 pub mod edge;
 pub mod error;
 mod identities;
+mod images;
 pub mod openapi;
 mod pool;
 mod resources;
@@ -58,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .merge(agents::routes())
         .merge(pool::routes())
         .merge(builds::routes())
+        .merge(images::routes())
         .merge(warm_pool::routes())
         .fallback(fallback);
     edge::harden(routes)

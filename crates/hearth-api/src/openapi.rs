@@ -8,7 +8,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::resources::{environment, image, pool_config, workspace};
-use crate::{agents, auth, builds, identities, pool, tenants, warm_pool};
+use crate::{agents, auth, builds, identities, images, pool, tenants, warm_pool};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,6 +20,7 @@ use crate::{agents, auth, builds, identities, pool, tenants, warm_pool};
         workspace::list, workspace::get_one, workspace::put, workspace::patch, workspace::delete,
         environment::list, environment::get_one, environment::put, environment::patch, environment::delete,
         image::list, image::get_one, image::put, image::patch, image::delete,
+        images::bake, images::list, images::get_one, images::register,
         identities::list, identities::create, identities::remove, identities::create_token,
         tenants::list, tenants::create,
         agents::spawn, agents::list, agents::get_one, agents::kill, agents::sleep, agents::wake,

@@ -117,6 +117,11 @@ fn view<T: Spec>(record: &ResourceRecord) -> Result<ResourceView, ApiError> {
     })
 }
 
+/// An image record as the API shows it.
+pub(crate) fn view_image(record: &ResourceRecord) -> Result<ResourceView, ApiError> {
+    view::<Image>(record)
+}
+
 async fn list<T: Spec>(state: AppState, caller: Caller) -> Result<Json<ResourceList>, ApiError> {
     caller.require(permissions(T::KIND).0)?;
     let records = state.store.list_resources(caller.tenant(), T::KIND).await?;

@@ -479,23 +479,14 @@ pub fn execute(
         Command::Image(ImageCommand::Bake {
             name,
             rootfs,
-            kernel,
-            modules_dir,
-            images_dir,
-            cache_dir,
-            guest_agent,
-        }) => bake_image(
-            &connect()?,
-            BakeArgs {
-                name,
-                rootfs,
-                kernel,
-                modules_dir,
-                images_dir,
-                cache_dir,
-                guest_agent,
-            },
-        )?,
+            kernel_package,
+        }) => bake_image(&connect()?, &name, rootfs, kernel_package)?,
+        Command::Image(ImageCommand::Register {
+            name,
+            path,
+            driver,
+            tenant,
+        }) => register_image(&connect()?, &name, path, driver, tenant)?,
         Command::Get(args) => {
             let kind = parse_kind(&args.kind)?;
             let client = connect()?;
@@ -971,81 +962,99 @@ fn login(global: &GlobalArgs, ctx: &Context<'_>) -> anyhow::Result<Printed> {
     )))
 }
 
-/// What `hearth image bake` was asked.
-pub struct BakeArgs {
-    pub name: String,
-    pub rootfs: String,
-    pub kernel: Option<std::path::PathBuf>,
-    pub modules_dir: Option<std::path::PathBuf>,
-    pub images_dir: std::path::PathBuf,
-    pub cache_dir: std::path::PathBuf,
-    pub guest_agent: Option<std::path::PathBuf>,
+/// How often `hearth image bake` reads the job's log.
+const BAKE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Bakes the image on the server: creates or updates its recipe when asked,
+/// starts a job, prints its log on stderr as it grows, and ends with the
+/// job's outcome.
+fn bake_image(
+    client: &Client,
+    name: &str,
+    rootfs: Option<String>,
+    kernel_package: Option<String>,
+) -> anyhow::Result<Printed> {
+    if let Some(r) = &rootfs
+        && !matches!(r.as_str(), "minimal" | "debian")
+    {
+        return Err(CliError::invalid(format!("--rootfs {r:?}: use minimal or debian")).into());
+    }
+    let mut recipe = Map::new();
+    if let Some(r) = rootfs {
+        recipe.insert("rootfs".into(), json!(r));
+    }
+    if let Some(k) = kernel_package {
+        recipe.insert("kernel_package".into(), json!(k));
+    }
+    match client.get::<Value>(&["images", name]) {
+        Ok(_) if recipe.is_empty() => {}
+        Ok(_) => {
+            let _: Value = client.patch_merge(&["images", name], &Value::Object(recipe))?;
+        }
+        Err(e) if e.code == "NOT_FOUND" => {
+            recipe.insert("driver".into(), json!("qemu"));
+            let yaml = serde_yaml_ng::to_string(&Value::Object(recipe))?;
+            let _: Value = client.put_yaml(&["images", name], yaml)?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let job: Value = client.post_json(&["images", name, "bakes"], &json!({}))?;
+    let id = job["id"].as_str().unwrap_or_default().to_owned();
+    eprintln!("bake {id} of image/{name} queued");
+    let mut offset = 0u64;
+    loop {
+        let offset_text = offset.to_string();
+        let job: Value = client.get_query(
+            &["images", name, "bakes", &id],
+            &[("log_offset", &offset_text)],
+        )?;
+        if let Some(log) = job["log"].as_str() {
+            eprint!("{log}");
+        }
+        offset = job["next_log_offset"].as_u64().unwrap_or(offset);
+        match job["state"].as_str() {
+            Some("succeeded") => {
+                return Ok(Printed::out(format!(
+                    "image/{name} baked: bake {} (job {id})\n",
+                    output::cell(job.get("bake"))
+                )));
+            }
+            Some("failed") => {
+                return Ok(Printed {
+                    stderr: format!(
+                        "image/{name}: bake {id} failed: {}\n",
+                        output::cell(job.get("error"))
+                    ),
+                    exit_code: 1,
+                    ..Printed::default()
+                });
+            }
+            _ => std::thread::sleep(BAKE_POLL),
+        }
+    }
 }
 
-/// Bakes an image locally (progress on stderr), then records it as the
-/// image resource `name` (driver qemu), whose version bump makes older VMs
-/// stale.
-fn bake_image(client: &Client, args: BakeArgs) -> anyhow::Result<Printed> {
-    use hearth_image::{BakeOptions, RootfsKind, bake};
-    let rootfs = match args.rootfs.as_str() {
-        "minimal" => RootfsKind::Minimal,
-        "debian" => RootfsKind::Debian,
-        other => {
-            return Err(
-                CliError::invalid(format!("--rootfs {other:?}: use minimal or debian")).into(),
-            );
-        }
-    };
-    let agent = match args.guest_agent {
-        Some(path) => path,
-        None => std::env::current_exe()?
-            .parent()
-            .map(|dir| dir.join("hearth-guest-agent"))
-            .filter(|p| p.is_file())
-            .ok_or_else(|| {
-                CliError::invalid("no hearth-guest-agent next to hearth: pass --guest-agent")
-            })?,
-    };
-    let absolute = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p);
-    let mut options = BakeOptions::new(
-        absolute(args.images_dir),
-        args.name.clone(),
-        agent,
-        absolute(args.cache_dir),
-    );
-    options.rootfs = rootfs;
-    options.kernel = args.kernel.map(absolute);
-    options.modules_dir = args.modules_dir.map(absolute);
-    let baked = bake(&options, |line| eprintln!("{line}"))
-        .map_err(|e| CliError::invalid(format!("bake failed: {e}")))?;
-    let mut spec = Map::new();
-    spec.insert("driver".into(), json!("qemu"));
-    spec.insert(
-        "description".into(),
-        json!(format!(
-            "baked version {} ({} rootfs) in {}",
-            baked.version,
-            args.rootfs,
-            baked.dir.display()
-        )),
-    );
-    spec.insert("kernel".into(), json!(baked.kernel.display().to_string()));
-    spec.insert("initrd".into(), json!(baked.initrd.display().to_string()));
-    if let Some(disk) = &baked.disk {
-        spec.insert("disk".into(), json!(disk.display().to_string()));
+/// Registers a prebuilt image folder of the server's image store.
+fn register_image(
+    client: &Client,
+    name: &str,
+    path: String,
+    driver: Option<String>,
+    tenant: Option<String>,
+) -> anyhow::Result<Printed> {
+    let mut body = Map::new();
+    body.insert("path".into(), json!(path));
+    if let Some(d) = driver {
+        body.insert("driver".into(), json!(d));
     }
-    let yaml = serde_yaml_ng::to_string(&Value::Object(spec))?;
-    let answer: Value = client.put_yaml(&["images", &args.name], yaml)?;
-    let version = answer["resource"]["version"].as_i64().unwrap_or_default();
-    Ok(Printed {
-        stdout: format!(
-            "image/{} baked: bake {} in {}, resource version {version}\n",
-            args.name,
-            baked.version,
-            baked.dir.display()
-        ),
-        ..Printed::default()
-    })
+    if let Some(t) = tenant {
+        body.insert("tenant".into(), json!(t));
+    }
+    let r: Value = client.post_json(&["images", name, "prebuilt"], &Value::Object(body))?;
+    Ok(Printed::out(format!(
+        "image/{name} registered: prebuilt {path}, version {}\n",
+        output::cell(r.get("version"))
+    )))
 }
 
 #[cfg(test)]

@@ -90,7 +90,7 @@ pub enum Command {
     /// List and inspect provisioning runs (instances) and their steps
     #[command(subcommand)]
     Instances(InstancesCommand),
-    /// Bake VM images for the qemu driver
+    /// Bake images on the server and register prebuilt ones
     #[command(subcommand)]
     Image(ImageCommand),
 }
@@ -98,29 +98,33 @@ pub enum Command {
 /// `hearth image ...`.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum ImageCommand {
-    /// Bake a new version of an image here (kernel + root filesystem with
-    /// the guest agent as init) and record it as the image resource NAME;
-    /// a re-bake makes the VMs built from the old version stale.
+    /// Bake a new version of the qemu image NAME on the server (kernel +
+    /// root filesystem with the guest agent as init), following its log;
+    /// exits 0 when the bake succeeded, 1 when it failed. Creates the image
+    /// if it does not exist; a re-bake makes the VMs of the old one stale.
     Bake {
         name: String,
-        /// `minimal` (busybox initramfs) or `debian` (debootstrap ext4 disk).
-        #[arg(long, default_value = "minimal")]
-        rootfs: String,
-        /// A kernel image (bzImage) instead of Debian's cloud kernel.
+        /// `minimal` (busybox initramfs) or `debian` (debootstrap ext4
+        /// disk); default: the image's, or minimal for a new image.
         #[arg(long)]
-        kernel: Option<std::path::PathBuf>,
-        /// With --kernel: its lib/modules/<release> folder.
+        rootfs: Option<String>,
+        /// The Debian package the kernel comes from (default: the image's,
+        /// or linux-image-cloud-amd64).
         #[arg(long)]
-        modules_dir: Option<std::path::PathBuf>,
-        /// Where images are written (the server must read them there).
-        #[arg(long, default_value = ".hearth/images")]
-        images_dir: std::path::PathBuf,
-        /// Where downloaded inputs are cached between bakes.
-        #[arg(long, default_value = ".hearth/cache")]
-        cache_dir: std::path::PathBuf,
-        /// The guest agent to put in (default: next to this binary).
+        kernel_package: Option<String>,
+    },
+    /// Register a folder under the server's image store (`prebuilt/PATH`)
+    /// as what image NAME boots (operators only)
+    Register {
+        name: String,
+        /// The folder, relative to the image store's prebuilt/.
+        path: String,
+        /// The image's driver if it does not exist yet: qemu or sandbox.
         #[arg(long)]
-        guest_agent: Option<std::path::PathBuf>,
+        driver: Option<String>,
+        /// The tenant the image is for (default: yours).
+        #[arg(long)]
+        tenant: Option<String>,
     },
 }
 

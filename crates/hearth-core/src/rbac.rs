@@ -23,6 +23,7 @@ pub enum Permission {
     ImageGet,
     ImageUpdate,
     ImageDelete,
+    ImageRegister,
     AgentGet,
     AgentSpawn,
     AgentKill,
@@ -49,6 +50,7 @@ impl Permission {
         Permission::ImageGet,
         Permission::ImageUpdate,
         Permission::ImageDelete,
+        Permission::ImageRegister,
         Permission::AgentGet,
         Permission::AgentSpawn,
         Permission::AgentKill,
@@ -75,6 +77,7 @@ impl Permission {
             Permission::ImageGet => "image.get",
             Permission::ImageUpdate => "image.update",
             Permission::ImageDelete => "image.delete",
+            Permission::ImageRegister => "image.register",
             Permission::AgentGet => "agent.get",
             Permission::AgentSpawn => "agent.spawn",
             Permission::AgentKill => "agent.kill",
@@ -118,8 +121,8 @@ pub enum Role {
     Developer,
     /// Everything inside its own tenant.
     Admin,
-    /// An admin that may also create tenants and retire builds (the
-    /// identity made at first start).
+    /// An admin that may also create tenants, retire builds and register
+    /// prebuilt images (the identity made at first start).
     Operator,
 }
 
@@ -143,7 +146,7 @@ impl Role {
             PoolConfigGet | WorkspaceGet | EnvironmentGet | ImageGet | AgentGet
         );
         let developer = viewer || matches!(permission, AgentSpawn | AgentKill | WorkspaceUpdate);
-        let admin = !matches!(permission, TenantCreate | BuildRetire);
+        let admin = !matches!(permission, TenantCreate | BuildRetire | ImageRegister);
         match self {
             Role::Viewer => viewer,
             Role::Developer => developer,

@@ -257,7 +257,8 @@ fn walk(root: &Path, rel: &Path, hasher: &mut Sha256) -> io::Result<()> {
     Ok(())
 }
 
-pub(crate) fn now_rfc3339() -> String {
+/// Now, as RFC 3339 (seconds, UTC).
+pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 

@@ -56,6 +56,10 @@ pub struct ServerArgs {
     /// The guest agent binary put into sandboxes (default: next to hearth).
     #[arg(long, env = "HEARTH_GUEST_AGENT")]
     guest_agent: Option<PathBuf>,
+    /// Bake inputs (kernel and busybox packages, Debian trees) kept between
+    /// bakes (default: `<data-dir>/images/cache`).
+    #[arg(long, env = "HEARTH_IMAGE_CACHE_DIR")]
+    image_cache_dir: Option<PathBuf>,
     /// Accelerator of the qemu driver: `auto` (KVM only after a probe boot
     /// succeeds, else TCG), `kvm` or `tcg`.
     #[arg(long, env = "HEARTH_QEMU_ACCEL", default_value = "auto")]
@@ -178,6 +182,42 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The image store under `<data-dir>/images`; bakes a crash interrupted
+/// are marked failed (nothing else would end them).
+async fn image_store(
+    args: &ServerArgs,
+    store: &Arc<dyn Store>,
+) -> anyhow::Result<Arc<hearth_reconcilers::images::ImageStoreConfig>> {
+    let dir = fs::canonicalize(&args.data_dir)?.join("images");
+    for sub in [dir.clone(), dir.join(hearth_reconcilers::images::PREBUILT)] {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&sub)
+            .with_context(|| format!("cannot create the image store {}", sub.display()))?;
+    }
+    let cache = args
+        .image_cache_dir
+        .clone()
+        .unwrap_or_else(|| dir.join("cache"));
+    let interrupted = store
+        .fail_active_bakes("interrupted: the server stopped during the bake")
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot close interrupted bakes: {e}"))?;
+    if interrupted > 0 {
+        tracing::warn!(bakes = interrupted, "marked bakes interrupted by the last stop failed");
+    }
+    let agent = args
+        .guest_agent
+        .clone()
+        .or_else(hearth_drivers::sandbox::find_agent_binary);
+    Ok(Arc::new(hearth_reconcilers::images::ImageStoreConfig::new(
+        dir,
+        std::path::absolute(&cache)?,
+        agent,
+    )))
+}
+
 /// The drivers, the build record, adoption of what survived the last run,
 /// and the pool runner.
 async fn start_pool(
@@ -220,6 +260,7 @@ async fn start_pool(
         tracing::info!("no qemu-system-x86_64 on PATH: the qemu driver is off");
     }
     let mut options = hearth_reconcilers::PoolOptions::default();
+    options.images = Some(image_store(args, store).await?);
     if let Some(build) = &args.build {
         options.build = build.clone();
     }
