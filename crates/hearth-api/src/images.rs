@@ -128,9 +128,12 @@ fn no_image(name: &str) -> ApiError {
 }
 
 fn image_store(state: &AppState) -> Result<std::sync::Arc<images::ImageStoreConfig>, ApiError> {
-    state.pool.options().images.clone().ok_or_else(|| {
-        Error::failed_precondition("this server has no image store").into()
-    })
+    state
+        .pool
+        .options()
+        .images
+        .clone()
+        .ok_or_else(|| Error::failed_precondition("this server has no image store").into())
 }
 
 /// Starts a bake of the image from its recipe, on the server; follow it
@@ -139,8 +142,7 @@ fn image_store(state: &AppState) -> Result<std::sync::Arc<images::ImageStoreConf
     params(("name" = String, Path, description = "Image name")),
     responses((status = 202, description = "The job, queued", body = BakeView), (status = 401, body = hearth_core::Error),
               (status = 403, body = hearth_core::Error), (status = 404, body = hearth_core::Error),
-              (status = 409, description = "A bake of this image is queued or running already", body = hearth_core::Error),
-              (status = 412, body = hearth_core::Error)))]
+              (status = 409, description = "A bake of this image is queued or running already, or the image is not baked (sandbox)", body = hearth_core::Error)))]
 pub async fn bake(
     State(state): State<AppState>,
     caller: Caller,
@@ -174,7 +176,13 @@ pub async fn bake(
         updated_at: now,
         finished_at: None,
     };
-    state.store.create_bake(&job).await?;
+    match state.store.create_bake(&job).await {
+        Ok(()) => {}
+        Err(hearth_store::StoreError::Conflict(what)) => {
+            return Err(Error::failed_precondition(what).into());
+        }
+        Err(e) => return Err(e.into()),
+    }
     tracing::info!(tenant = %caller.tenant(), identity = %caller.identity.name, image = %name, bake = %job.id, "bake queued");
     state.pool.spawn_bake(job.clone(), image);
     Ok((StatusCode::ACCEPTED, Json(view(&job, None))))
@@ -208,7 +216,11 @@ pub async fn get_one(
     Query(query): Query<LogQuery>,
 ) -> Result<Json<BakeView>, ApiError> {
     caller.require(Permission::ImageGet)?;
-    let missing = || ApiError::from(Error::not_found(format!("bake {id:?} of image {name:?} not found")));
+    let missing = || {
+        ApiError::from(Error::not_found(format!(
+            "bake {id:?} of image {name:?} not found"
+        )))
+    };
     let job = match state.store.get_bake(caller.tenant(), &id).await {
         Ok(job) if job.image == name => job,
         Ok(_) | Err(hearth_store::StoreError::NotFound(_)) => return Err(missing()),
@@ -224,8 +236,7 @@ pub async fn get_one(
     request_body = RegisterPrebuilt,
     responses((status = 200, body = crate::resources::ResourceView), (status = 400, body = hearth_core::Error),
               (status = 401, body = hearth_core::Error), (status = 403, body = hearth_core::Error),
-              (status = 404, body = hearth_core::Error), (status = 409, body = hearth_core::Error),
-              (status = 412, body = hearth_core::Error)))]
+              (status = 404, body = hearth_core::Error), (status = 409, body = hearth_core::Error)))]
 pub async fn register(
     State(state): State<AppState>,
     caller: Caller,
@@ -244,7 +255,9 @@ pub async fn register(
             .into_iter()
             .find(|t| &t.name == wanted)
             .map(|t| t.id)
-            .ok_or_else(|| ApiError::from(Error::not_found(format!("tenant {wanted:?} not found"))))?,
+            .ok_or_else(|| {
+                ApiError::from(Error::not_found(format!("tenant {wanted:?} not found")))
+            })?,
     };
     let store_config = image_store(&state)?;
     let existing = image_of(&state, tenant, &name).await?;
@@ -252,7 +265,11 @@ pub async fn register(
         (Some((image, _)), Some(driver)) if image.driver != driver => {
             return Err(Error::invalid(format!(
                 "driver: image {name:?} is a {} image",
-                if image.driver == DriverKind::Qemu { "qemu" } else { "sandbox" }
+                if image.driver == DriverKind::Qemu {
+                    "qemu"
+                } else {
+                    "sandbox"
+                }
             ))
             .into());
         }

@@ -27,9 +27,7 @@
 
 use crate::runner::Pool;
 use hearth_core::ids::TenantId;
-use hearth_core::resource::{
-    Artifact, ArtifactSource, DriverKind, Image, Kind, Rootfs, Spec,
-};
+use hearth_core::resource::{Artifact, ArtifactSource, DriverKind, Image, Kind, Rootfs, Spec};
 use hearth_drivers::ImageSpec;
 use hearth_store::{BakeRecord, BakeState, BakeUpdate, Precondition, PutResource, Store};
 use sha2::{Digest, Sha256};
@@ -89,17 +87,21 @@ impl ImageStoreConfig {
 
     /// What a VM of `image` (the tenant's image `name`) boots, checked
     /// against the store; the error says why it cannot boot.
-    pub fn resolve(&self, tenant: TenantId, name: &str, image: &Image) -> Result<ImageSpec, String> {
+    pub fn resolve(
+        &self,
+        tenant: TenantId,
+        name: &str,
+        image: &Image,
+    ) -> Result<ImageSpec, String> {
         let Some(artifact) = &image.artifact else {
             return Err(format!(
                 "image {name:?} has nothing to boot yet: bake it (hearth image bake {name}) or have an operator register a prebuilt one"
             ));
         };
         let (root, relative) = match (artifact.source, artifact.bake, &artifact.prebuilt) {
-            (ArtifactSource::Bake, Some(bake), _) => (
-                self.tenant_dir(tenant),
-                format!("{name}/{bake}"),
-            ),
+            (ArtifactSource::Bake, Some(bake), _) => {
+                (self.tenant_dir(tenant), format!("{name}/{bake}"))
+            }
             (ArtifactSource::Prebuilt, _, Some(path)) => (self.prebuilt_dir(), path.clone()),
             _ => return Err(format!("image {name:?} has an unreadable artifact record")),
         };
@@ -113,7 +115,11 @@ impl ImageStoreConfig {
 /// symbolic link, holding the artifacts of a `driver` image (regular files,
 /// no symbolic or hard links, all inside `root`); returns the folder and
 /// the image spec.
-pub fn confine(root: &Path, relative: &str, driver: DriverKind) -> Result<(PathBuf, ImageSpec), String> {
+pub fn confine(
+    root: &Path,
+    relative: &str,
+    driver: DriverKind,
+) -> Result<(PathBuf, ImageSpec), String> {
     let rel = Path::new(relative);
     if relative.is_empty() {
         return Err("the path is empty".into());
@@ -146,7 +152,8 @@ pub fn confine(root: &Path, relative: &str, driver: DriverKind) -> Result<(PathB
             _ => return Err(format!("{relative:?} is not a plain relative path")),
         }
     }
-    let root = fs::canonicalize(root).map_err(|e| format!("the image store {}: {e}", root.display()))?;
+    let root =
+        fs::canonicalize(root).map_err(|e| format!("the image store {}: {e}", root.display()))?;
     let mut dir = root.clone();
     for part in &normal {
         dir.push(part);
@@ -162,8 +169,9 @@ pub fn confine(root: &Path, relative: &str, driver: DriverKind) -> Result<(PathB
     }
     let spec = match driver {
         DriverKind::Sandbox => {
-            let rootfs = inside(&root, &dir, "rootfs", true)?
-                .ok_or_else(|| format!("{relative:?} has no rootfs/ folder (a sandbox image's root)"))?;
+            let rootfs = inside(&root, &dir, "rootfs", true)?.ok_or_else(|| {
+                format!("{relative:?} has no rootfs/ folder (a sandbox image's root)")
+            })?;
             ImageSpec {
                 root_dir: Some(rootfs),
                 ..ImageSpec::default()
@@ -229,7 +237,11 @@ fn inside(root: &Path, dir: &Path, name: &str, folder: bool) -> Result<Option<Pa
 /// sandbox root, every entry's path, type and size).
 pub fn digest(spec: &ImageSpec) -> io::Result<String> {
     let mut hasher = Sha256::new();
-    for (name, path) in [("vmlinuz", &spec.kernel), ("initrd.img", &spec.initrd), ("disk.img", &spec.disk)] {
+    for (name, path) in [
+        ("vmlinuz", &spec.kernel),
+        ("initrd.img", &spec.initrd),
+        ("disk.img", &spec.disk),
+    ] {
         if let Some(path) = path {
             let mut file = fs::File::open(path)?;
             let mut inner = Sha256::new();
@@ -249,7 +261,12 @@ fn walk(root: &Path, rel: &Path, hasher: &mut Sha256) -> io::Result<()> {
     for entry in entries {
         let path = rel.join(entry.file_name());
         let meta = entry.metadata()?;
-        hasher.update(format!("{} {:o} {}\n", path.display(), meta.mode(), meta.len()));
+        hasher.update(format!(
+            "{} {:o} {}\n",
+            path.display(),
+            meta.mode(),
+            meta.len()
+        ));
         if meta.is_dir() {
             walk(root, &path, hasher)?;
         }
@@ -321,7 +338,12 @@ impl Pool {
                 }
                 Err(e) => {
                     tracing::warn!(tenant = %job.tenant_id, image = %job.image, error = %e, "image bake failed");
-                    (BakeState::Failed, format!("bake failed: {e}\n"), Some(e), None)
+                    (
+                        BakeState::Failed,
+                        format!("bake failed: {e}\n"),
+                        Some(e),
+                        None,
+                    )
                 }
             };
             let update = BakeUpdate {
@@ -412,7 +434,11 @@ struct LogWriter {
 
 impl LogWriter {
     fn new(store: Arc<dyn Store>, id: String) -> Self {
-        LogWriter { store, id, written: 0 }
+        LogWriter {
+            store,
+            id,
+            written: 0,
+        }
     }
 
     async fn line(&mut self, line: &str) -> Result<(), String> {
@@ -493,7 +519,11 @@ mod tests {
         let sb = root.join("sb");
         fs::create_dir_all(&sb).unwrap();
         symlink("/", sb.join("rootfs")).unwrap();
-        assert!(confine(&root, "sb", DriverKind::Sandbox).unwrap_err().contains("rootfs is a symbolic link"));
+        assert!(
+            confine(&root, "sb", DriverKind::Sandbox)
+                .unwrap_err()
+                .contains("rootfs is a symbolic link")
+        );
         fs::remove_file(sb.join("rootfs")).unwrap();
         fs::create_dir(sb.join("rootfs")).unwrap();
         let (_, spec) = confine(&root, "sb", DriverKind::Sandbox).unwrap();

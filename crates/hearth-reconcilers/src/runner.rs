@@ -587,9 +587,7 @@ impl Pool {
                         (None, _) => Ok(ImageSpec::default()),
                         (Some(name), Some((image, _))) => match &self.options.images {
                             Some(images) => images.resolve(tenant, name, image),
-                            None => Err(format!(
-                                "image {name:?}: this server has no image store"
-                            )),
+                            None => Err(format!("image {name:?}: this server has no image store")),
                         },
                         (Some(name), None) => Err(format!("image {name:?} does not exist")),
                     },

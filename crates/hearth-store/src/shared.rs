@@ -59,11 +59,11 @@ macro_rules! impl_store {
             use ::hearth_core::resource::Kind;
             use $crate::sql::{self, ViolationExt};
             use $crate::{
-                AgentFilter, BakeRecord, BakeUpdate, AgentPhase, AgentRecord, AgentUpdate, Build, Identity,
-                IdentityRefusal, InsertVm, InstanceFilter, InstanceRecord, InstanceStatus,
-                NewAgent, NewToken, ParentProblem, PoolState, Precondition, PutOutcome,
-                PutResource, Ready, ResourceRecord, Result, Store, StoreError, Tenant, TokenRecord,
-                VmRecord, VmState, WarmPoolCounts, WorkspaceState, now_millis,
+                AgentFilter, AgentPhase, AgentRecord, AgentUpdate, BakeRecord, BakeUpdate, Build,
+                Identity, IdentityRefusal, InsertVm, InstanceFilter, InstanceRecord,
+                InstanceStatus, NewAgent, NewToken, ParentProblem, PoolState, Precondition,
+                PutOutcome, PutResource, Ready, ResourceRecord, Result, Store, StoreError, Tenant,
+                TokenRecord, VmRecord, VmState, WarmPoolCounts, WorkspaceState, now_millis,
             };
 
             type Conn = <$db as ::sqlx::Database>::Connection;
@@ -1568,7 +1568,11 @@ macro_rules! impl_store {
                         .try_into()
                 }
 
-                async fn list_bakes(&self, tenant: TenantId, image: &str) -> Result<Vec<BakeRecord>> {
+                async fn list_bakes(
+                    &self,
+                    tenant: TenantId,
+                    image: &str,
+                ) -> Result<Vec<BakeRecord>> {
                     let rows = ::sqlx::query_as::<_, sql::BakeRow>(sql::LIST_BAKES)
                         .bind(tenant.to_string())
                         .bind(image)

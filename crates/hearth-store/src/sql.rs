@@ -16,10 +16,9 @@
 //! Flags are BIGINT 0/1 on both backends ([`flag`], [`store_flag`]).
 
 use crate::{
-    BakeRecord, BakeState,
-    AgentPhase, AgentRecord, Build, Identity, InstanceFilter, InstanceRecord, InstanceStatus,
-    Millis, OnIdle, ResourceRecord, Result, StoreError, Tenant, TokenRecord, VmRecord, VmState,
-    WorkspaceState,
+    AgentPhase, AgentRecord, BakeRecord, BakeState, Build, Identity, InstanceFilter,
+    InstanceRecord, InstanceStatus, Millis, OnIdle, ResourceRecord, Result, StoreError, Tenant,
+    TokenRecord, VmRecord, VmState, WorkspaceState,
 };
 use hearth_core::ids::{AgentId, IdentityId, InstanceId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};

@@ -12,10 +12,10 @@ use hearth_core::ids::{AgentId, IdentityId, InstanceId, TenantId, TokenId, VmId}
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, ResourceRef};
 use hearth_store::{
-    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, BakeRecord, BakeState, BakeUpdate, Identity, IdentityRefusal, InsertVm,
-    InstanceFilter, InstanceRecord, InstanceStatus, NewAgent, NewToken, OnIdle, ParentProblem,
-    PgStore, PoolState, Precondition, PutOutcome, PutResource, Ready, SqliteStore, Store,
-    StoreError, VmRecord, VmState, WorkspaceState, now_millis,
+    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, BakeRecord, BakeState, BakeUpdate, Identity,
+    IdentityRefusal, InsertVm, InstanceFilter, InstanceRecord, InstanceStatus, NewAgent, NewToken,
+    OnIdle, ParentProblem, PgStore, PoolState, Precondition, PutOutcome, PutResource, Ready,
+    SqliteStore, Store, StoreError, VmRecord, VmState, WorkspaceState, now_millis,
 };
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
@@ -3667,7 +3667,10 @@ async fn bakes_run_one_at_a_time_append_logs_and_fail_on_restart(ctx: Ctx) {
         .await
         .unwrap();
     store
-        .update_bake(&first.id, step(BakeState::Running, "modules", "modules\0x\n"))
+        .update_bake(
+            &first.id,
+            step(BakeState::Running, "modules", "modules\0x\n"),
+        )
         .await
         .unwrap();
     store

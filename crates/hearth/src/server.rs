@@ -205,7 +205,10 @@ async fn image_store(
         .await
         .map_err(|e| anyhow::anyhow!("cannot close interrupted bakes: {e}"))?;
     if interrupted > 0 {
-        tracing::warn!(bakes = interrupted, "marked bakes interrupted by the last stop failed");
+        tracing::warn!(
+            bakes = interrupted,
+            "marked bakes interrupted by the last stop failed"
+        );
     }
     let agent = args
         .guest_agent

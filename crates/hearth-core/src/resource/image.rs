@@ -66,9 +66,7 @@ fn kernel_package_default() -> String {
 }
 
 /// The root filesystem a bake makes.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Rootfs {
     #[default]
@@ -124,9 +122,9 @@ pub fn valid_package_name(name: &str) -> bool {
             .bytes()
             .next()
             .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.'))
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.')
+        })
 }
 
 impl Spec for Image {
@@ -165,14 +163,24 @@ mod tests {
     fn recipes_parse_and_paths_are_unknown_fields() {
         let p = |s: &str| parse_spec::<Image>(s, Format::Yaml);
         let i = p("driver: qemu\nrootfs: debian\nversion: 7").unwrap();
-        assert_eq!((i.rootfs, i.kernel_package.as_str()), (Rootfs::Debian, DEFAULT_KERNEL_PACKAGE));
+        assert_eq!(
+            (i.rootfs, i.kernel_package.as_str()),
+            (Rootfs::Debian, DEFAULT_KERNEL_PACKAGE)
+        );
         assert!(p("driver: sandbox").is_ok());
         for field in ["kernel", "initrd", "disk", "root_dir", "Kernel"] {
             let e = p(&format!("driver: qemu\n{field}: /etc/shadow")).unwrap_err();
-            assert!(e.message.contains(&format!("unknown field `{field}`")), "{e:?}");
+            assert!(
+                e.message.contains(&format!("unknown field `{field}`")),
+                "{e:?}"
+            );
         }
         let e = p("driver: qemu\nkernel_package: /etc/shadow").unwrap_err();
-        assert!(e.message.starts_with("kernel_package \"/etc/shadow\" is not a Debian package"), "{e:?}");
+        assert!(
+            e.message
+                .starts_with("kernel_package \"/etc/shadow\" is not a Debian package"),
+            "{e:?}"
+        );
         assert!(p("driver: sandbox\nrootfs: debian").is_err());
     }
 

@@ -8,7 +8,9 @@ mod pool_config;
 mod workspace;
 
 pub use environment::{DriverKind, Environment, Network, REDACTED};
-pub use image::{Artifact, ArtifactSource, DEFAULT_KERNEL_PACKAGE, Image, Rootfs, valid_package_name};
+pub use image::{
+    Artifact, ArtifactSource, DEFAULT_KERNEL_PACKAGE, Image, Rootfs, valid_package_name,
+};
 pub use pool_config::{DEFAULT_MAX_VMS, DEFAULT_NAME as POOL_CONFIG_NAME, PoolConfig, ReapMode};
 pub use workspace::{Repo, SetupCommand, WarmPool, Workspace, mask_repo_url, repo_url_secret};
 

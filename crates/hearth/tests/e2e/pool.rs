@@ -451,11 +451,9 @@ fn failing_boots_back_off_then_hard_limit(b: Backend) {
             "3",
         ],
     );
-    // An image whose root does not exist: every boot really fails.
-    s.admin().put_yaml(
-        "/v1/images/broken",
-        "driver: sandbox\nroot_dir: /nonexistent-hearth-root\n",
-    );
+    // An image with nothing to boot (never baked nor registered): every
+    // boot really fails, with the reason.
+    s.admin().put_yaml("/v1/images/broken", "driver: sandbox\n");
     s.pool(
         10,
         "driver: sandbox\nimage: broken\n",
@@ -470,7 +468,13 @@ fn failing_boots_back_off_then_hard_limit(b: Backend) {
     assert!(ok, "never hard-limited: {last:#}\n{}", s.logs_tail());
     assert_eq!(last["status"], "degraded");
     assert_eq!(last["workspaces"][0]["consecutive_failures"], 3);
-    assert!(last["workspaces"][0]["last_error"].as_str().unwrap().len() > 3);
+    assert!(
+        last["workspaces"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("image \"broken\" has nothing to boot yet: bake it"),
+        "{last:#}"
+    );
     let failed_boots = || {
         s.admin().get("/v1/vms?all=true").body["items"]
             .as_array()
@@ -495,7 +499,7 @@ fn failing_boots_back_off_then_hard_limit(b: Backend) {
     );
     // A configuration change lifts it.
     s.admin()
-        .patch("/v1/images/broken", json!({"root_dir": "/"}));
+        .patch("/v1/environments/dev", json!({"image": null}));
     wait_idle(&s, 2, 60);
     assert_eq!(s.status()["workspaces"][0]["status"], "healthy");
 }

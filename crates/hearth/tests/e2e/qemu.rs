@@ -1,11 +1,11 @@
-//! Real microVMs through the pool: `hearth image bake --rootfs debian` (git
-//! and build tools inside; the minimal busybox image has no git), the qemu
-//! driver,
+//! Real microVMs through the pool: a `debian` image baked by the server
+//! through the API (git and build tools inside; the minimal busybox image
+//! has no git), the qemu driver,
 //! the whole provisioning pipeline inside a VM (a git repository cloned from
 //! the host over git://10.0.2.2), an agent on a warm VM, a `kill -9` of the
 //! server with adoption, and no qemu process left behind.
 
-use crate::common::{Backend, GitServer, Server, guest_agent, run_cli, wait_until};
+use crate::common::{Backend, GitServer, Server, wait_until};
 use serde_json::json;
 use std::path::Path;
 
@@ -14,6 +14,115 @@ use std::path::Path;
 #[test]
 fn sqlite_qemu_vms_run_the_pipeline_serve_agents_and_survive_kill_9() {
     qemu_vms_run_the_pipeline_serve_agents_and_survive_kill_9(Backend::Sqlite)
+}
+
+#[test]
+fn sqlite_a_cli_bake_registered_prebuilt_by_an_operator_boots() {
+    a_cli_bake_registered_prebuilt_by_an_operator_boots(Backend::Sqlite)
+}
+
+/// The bake inputs, shared by the tests of this target (downloaded once).
+fn image_cache() -> String {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("hearth-image-cache")
+        .display()
+        .to_string()
+}
+
+/// `hearth image bake` follows the server's job to its end; an operator
+/// copies the result under `prebuilt/`, registers it as another image, and
+/// a microVM boots from it.
+fn a_cli_bake_registered_prebuilt_by_an_operator_boots(b: Backend) {
+    let cache = image_cache();
+    let s = Server::start_with(b, &["--resync", "200ms", "--image-cache-dir", &cache]);
+    let out = s.cli(
+        &s.admin_token,
+        &["image", "bake", "mini", "--rootfs", "minimal"],
+        "",
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.starts_with("image/mini baked: bake 1 (job "),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains("writing the initramfs"),
+        "the log was followed: {out:?}"
+    );
+    // A bake that fails ends the CLI with 1 and the reason.
+    let out = s.cli(
+        &s.admin_token,
+        &[
+            "image",
+            "bake",
+            "nokernel",
+            "--kernel-package",
+            "hearth-no-such-package",
+        ],
+        "",
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("image/nokernel: bake "), "{out:?}");
+
+    let images = s.data_dir.path().join("images");
+    let tenant = std::fs::read_dir(images.join("tenants"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let copy = images.join("prebuilt/mini-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for file in ["vmlinuz", "initrd.img", "manifest.json"] {
+        std::fs::copy(tenant.join("mini/1").join(file), copy.join(file)).unwrap();
+    }
+    let out = s.cli(
+        &s.admin_token,
+        &["image", "register", "pre", "mini-copy"],
+        "",
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "image/pre registered: prebuilt mini-copy, version 2\n"
+    );
+    let dev = s.identity("dev", "developer");
+    let out = s.cli(&dev, &["image", "register", "pre", "mini-copy"], "");
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("image.register"), "{out:?}");
+
+    s.pool(
+        2,
+        "driver: qemu\nimage: pre\nmemory: 256Mi\n",
+        "web",
+        "min_idle: 1\n",
+    );
+    assert!(
+        wait_until(240, || s.status()["vms"]["idle"] == 1),
+        "no warm microVM from the prebuilt image: {}\n{}",
+        s.status(),
+        s.logs_tail()
+    );
+    let a = s.spawn(&s.admin_token, json!({"workspace": "web"}));
+    assert_eq!(a.body["phase"], "running", "{}", a.text);
+    let id = a.body["id"].as_str().unwrap().to_owned();
+    let e = s.admin().post(
+        &format!("/v1/agents/{id}/exec"),
+        json!({"command": "echo booted; ls /etc/hearth"}),
+    );
+    assert_eq!(e.body["exit_code"], 0, "{}", e.text);
+    assert!(
+        e.body["stdout"].as_str().unwrap().starts_with("booted\n"),
+        "{}",
+        e.text
+    );
+    let out = s.cli(&s.admin_token, &["pool", "flush", "--nuke"], "");
+    assert_eq!(out.code, 0, "{out:?}");
+    let qemu_dir = s.data_dir.path().join("qemu");
+    assert!(
+        wait_until(60, || qemu_processes(&qemu_dir) == 0),
+        "qemu processes left behind"
+    );
 }
 
 /// Live qemu processes whose arguments mention `dir`.
@@ -40,40 +149,48 @@ fn qemu_vms_run_the_pipeline_serve_agents_and_survive_kill_9(b: Backend) {
     let app = git.repo("app", &[("README", "hello from the host\n")]);
     // VMs reach the host's loopback at 10.0.2.2 (qemu user networking).
     let app_in_vm = app.replace("127.0.0.1", "10.0.2.2");
-    let mut s = Server::start_with(b, &["--resync", "200ms", "--boot-timeout", "3m"]);
-    let images = tempfile::tempdir().unwrap();
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hearth-image-cache");
-    let cwd = tempfile::tempdir().unwrap();
-    let out = run_cli(
-        cwd.path(),
+    let cache = image_cache();
+    let mut s = Server::start_with(
+        b,
         &[
-            "image",
-            "bake",
-            "qvm",
-            "--rootfs",
-            "debian",
-            "--images-dir",
-            images.path().to_str().unwrap(),
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "--guest-agent",
-            guest_agent(),
+            "--resync",
+            "200ms",
+            "--boot-timeout",
+            "3m",
+            "--image-cache-dir",
+            &cache,
         ],
-        "",
-        &[("HEARTH_SERVER", &s.url), ("HEARTH_TOKEN", &s.admin_token)],
     );
-    assert_eq!(out.code, 0, "{out:?}");
+    // The bake runs on the server, as an API job; a second bake of the
+    // same image while it runs is refused.
+    let api = s.admin();
+    let r = api.put_yaml("/v1/images/qvm", "driver: qemu\nrootfs: debian\n");
+    assert_eq!(r.status, 201, "{}", r.text);
+    let job = api.post("/v1/images/qvm/bakes", json!({}));
+    assert_eq!(job.status, 202, "{}", job.text);
+    let id = job.body["id"].as_str().unwrap().to_owned();
+    api.post("/v1/images/qvm/bakes", json!({})).assert_error(
+        409,
+        "FAILED_PRECONDITION",
+        "a bake of image \"qvm\" is queued or running already",
+    );
+    let mut last = serde_json::Value::Null;
+    let ended = wait_until(1800, || {
+        last = api.get(&format!("/v1/images/qvm/bakes/{id}")).body;
+        matches!(last["state"].as_str(), Some("succeeded" | "failed"))
+    });
+    assert!(ended && last["state"] == "succeeded", "{last:#}");
     assert!(
-        out.stdout.starts_with("image/qvm baked: bake 1 in "),
-        "{out:?}"
+        last["log"].as_str().unwrap().contains("baked qvm/1"),
+        "{last:#}"
     );
     let image = s.admin().get("/v1/images/qvm");
     assert_eq!(
         (
-            image.body["spec"]["driver"].as_str(),
+            image.body["spec"]["artifact"]["bake"].as_i64(),
             image.body["version"].as_i64()
         ),
-        (Some("qemu"), Some(1)),
+        (Some(1), Some(2)),
         "{}",
         image.text
     );

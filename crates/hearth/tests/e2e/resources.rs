@@ -273,8 +273,7 @@ fn references_must_exist_and_block_deletes(b: Backend) {
             "image \"base\" does not exist; create it first",
         );
     assert_eq!(
-        api.put_yaml("/v1/images/base", "driver: sandbox\nroot_dir: /\n")
-            .status,
+        api.put_yaml("/v1/images/base", "driver: sandbox\n").status,
         201
     );
     assert_eq!(
@@ -372,14 +371,16 @@ fn environment_versions_and_masked_secrets(b: Backend) {
 fn image_versions_bump_on_change(b: Backend) {
     let s = Server::start(b);
     let api = s.admin();
-    let r = api.put_yaml(
-        "/v1/images/vm",
-        "driver: qemu\nkernel: /k/vmlinuz\ninitrd: /k/initrd.img\n",
-    );
+    let r = api.put_yaml("/v1/images/vm", "driver: qemu\n");
     assert_eq!(r.body["resource"]["version"], 1, "{}", r.text);
+    assert_eq!(
+        r.body["resource"]["spec"]["rootfs"], "minimal",
+        "{}",
+        r.text
+    );
     let r = api.put_yaml(
         "/v1/images/vm",
-        "driver: qemu\nkernel: /k/vmlinuz\ninitrd: /k/initrd-2.img\nversion: 99\n",
+        "driver: qemu\nrootfs: debian\nversion: 99\n",
     );
     assert_eq!(
         (
@@ -390,11 +391,11 @@ fn image_versions_bump_on_change(b: Backend) {
         "{}",
         r.text
     );
-    api.put_yaml("/v1/images/vm", "driver: qemu\ninitrd: /k/i\n")
+    api.put_yaml("/v1/images/vm", "driver: qemu\nrootfs: alpine\n")
         .assert_error(
             400,
             "INVALID_ARGUMENT",
-            "kernel is required for a qemu image",
+            "invalid image: rootfs: unknown variant `alpine`, expected `minimal` or `debian` at line 2 column 9",
         );
     api.put_yaml("/v1/images/Bad_Name", "driver: sandbox\n").assert_error(
         400,

@@ -88,7 +88,7 @@ fn seed(api: &Api) {
         "/v1/pool-config/default",
         "max_vms: 30\nmax_agents_per_developer: 5\n",
     );
-    api.put_yaml("/v1/images/base", "driver: sandbox\nroot_dir: /\n");
+    api.put_yaml("/v1/images/base", "driver: sandbox\n");
     api.put_yaml(
         "/v1/environments/dev",
         "driver: sandbox\nimage: base\nenv:\n  KEY: value\n",
