@@ -271,14 +271,26 @@ fn refine(doc: &mut Value) {
         "minimum",
         json!(0),
     );
-    for field in ["kernel", "initrd", "disk", "root_dir"] {
-        set(
-            doc,
-            &format!("{schemas}/Image/properties/{field}"),
-            "pattern",
-            json!("^/[^\\u0000]*$"),
-        );
-    }
+    // A Debian package name (`hearth_core::resource::valid_package_name`).
+    set(
+        doc,
+        &format!("{schemas}/Image/properties/kernel_package"),
+        "pattern",
+        json!("^[a-z0-9][a-z0-9+.-]{1,99}$"),
+    );
+    // A folder under the image store's prebuilt/ (`images::confine`).
+    set(
+        doc,
+        &format!("{schemas}/RegisterPrebuilt/properties/path"),
+        "pattern",
+        json!("^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$"),
+    );
+    set(
+        doc,
+        &format!("{schemas}/RegisterPrebuilt/properties/tenant"),
+        "pattern",
+        json!(NAME),
+    );
     for schema in ["CreateIdentity", "CreateToken"] {
         set(
             doc,
@@ -329,18 +341,14 @@ fn refine(doc: &mut Value) {
             "properties": {"nuke": {"const": true}, "workspace": {"type": "string"}}});
         flush
     });
-    // What each driver needs of an image.
+    // Only qemu images are baked: a sandbox image has no rootfs recipe.
     set(
         doc,
         &format!("{schemas}/Image"),
         "allOf",
         json!([
-            {"if": {"properties": {"driver": {"const": "qemu"}}},
-             "then": {"required": ["kernel"], "properties": {"kernel": {"type": "string"}},
-                      "anyOf": [{"required": ["initrd"], "properties": {"initrd": {"type": "string"}}},
-                                {"required": ["disk"], "properties": {"disk": {"type": "string"}}}]}},
             {"if": {"properties": {"driver": {"const": "sandbox"}}},
-             "then": {"properties": {"kernel": {"type": "null"}, "initrd": {"type": "null"}, "disk": {"type": "null"}}}}
+             "then": {"properties": {"rootfs": {"enum": ["minimal", null]}}}}
         ]),
     );
     set(
@@ -404,19 +412,13 @@ fn refine(doc: &mut Value) {
         // is not there changes nothing).
         let mut patch = json!({"type": "object", "properties": properties, "additionalProperties": {"type": "null"},
             "propertyNames": {"pattern": NO_NUL}});
-        // What a driver needs of an image, as far as a patch alone shows
-        // it: the merged image mostly takes its driver from the stored one,
-        // so only a patch that names the driver is bound, and only by what
-        // no stored image can make good (a sandbox patch setting qemu's
-        // files; a qemu patch removing the kernel, or both initrd and disk).
+        // A sandbox image has no rootfs recipe, as far as a patch alone
+        // shows it (the merged image mostly takes its driver from the
+        // stored one, so only a patch that names the driver is bound).
         if schema == "Image" {
             patch["allOf"] = json!([
-                {"if": {"required": ["driver"], "properties": {"driver": {"const": "qemu"}}},
-                 "then": {"properties": {"kernel": {"type": "string"}},
-                          "not": {"required": ["initrd", "disk"],
-                                  "properties": {"initrd": {"type": "null"}, "disk": {"type": "null"}}}}},
                 {"if": {"required": ["driver"], "properties": {"driver": {"const": "sandbox"}}},
-                 "then": {"properties": {"kernel": {"type": "null"}, "initrd": {"type": "null"}, "disk": {"type": "null"}}}}
+                 "then": {"properties": {"rootfs": {"enum": ["minimal", null]}}}}
             ]);
         }
         let name = format!("{schema}Patch");
