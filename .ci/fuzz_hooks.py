@@ -41,12 +41,8 @@ case is sent (one worker, so nothing else writes in between):
   may not exceed the stored `max_idle` (lowered to it otherwise).
 - PATCH of an image: what a driver allows depends on the driver the merged
   image ends with, usually the stored one. The document states what is
-  true of every patch (a patch naming `sandbox` sets no kernel, initrd or
-  disk; one naming `qemu` removes neither the kernel nor both of initrd
-  and disk); the rest is fixed here: for a sandbox image, kernel, initrd
-  and disk left by the stored image are removed (`null`); a qemu image
-  missing a kernel gets `/vmlinuz`, one missing both initrd and disk gets
-  `/initrd.img`.
+  true of every patch (a patch naming `sandbox` sets no `debian` rootfs);
+  the rest is fixed here: a sandbox image's rootfs becomes `minimal`.
 
 A resource that is not stored needs no fix: its PATCH is a 404.
 """
@@ -195,16 +191,8 @@ def _fix_workspace(body, stored):
 
 def _fix_image(body, stored):
     merged = _merge(stored, body)
-    driver = merged.get("driver")
-    if driver == "sandbox":
-        for field in ("kernel", "initrd", "disk"):
-            if merged.get(field) is not None:
-                body[field] = None
-    elif driver == "qemu":
-        if merged.get("kernel") is None:
-            body["kernel"] = "/vmlinuz"
-        if merged.get("initrd") is None and merged.get("disk") is None:
-            body["initrd"] = "/initrd.img"
+    if merged.get("driver") == "sandbox" and merged.get("rootfs") not in (None, "minimal"):
+        body["rootfs"] = "minimal"
 
 
 @schemathesis.hook
