@@ -262,8 +262,10 @@ async fn start_pool(
     } else {
         tracing::info!("no qemu-system-x86_64 on PATH: the qemu driver is off");
     }
-    let mut options = hearth_reconcilers::PoolOptions::default();
-    options.images = Some(image_store(args, store).await?);
+    let mut options = hearth_reconcilers::PoolOptions {
+        images: Some(image_store(args, store).await?),
+        ..Default::default()
+    };
     if let Some(build) = &args.build {
         options.build = build.clone();
     }
