@@ -159,6 +159,9 @@ pub struct QemuConfig {
     pub kernel_args: Vec<String>,
     /// The cgroup folder under each hierarchy ([`limits::DEFAULT_CGROUP_ROOT`]).
     pub cgroup_root_name: String,
+    /// The most a VM's `console.log` and `qemu.log` may hold (a guest can
+    /// write its serial port for ever); see [`limits::file_limit`].
+    pub log_file_limit_bytes: u64,
 }
 
 impl QemuConfig {
@@ -174,6 +177,7 @@ impl QemuConfig {
             tsc_khz: None,
             kernel_args: Vec::new(),
             cgroup_root_name: limits::DEFAULT_CGROUP_ROOT.into(),
+            log_file_limit_bytes: limits::LOG_FILE_LIMIT_BYTES,
         }
     }
 }
@@ -747,6 +751,7 @@ impl Inner {
             meta.memory_mib,
             meta.cpus,
             overlay.as_ref().map(|(_, size)| *size),
+            self.config.log_file_limit_bytes,
         );
         let cgroup_procs = self.create_cgroups(spec, vm_dir, bounds)?;
         let overlay = overlay.map(|(path, _)| path);

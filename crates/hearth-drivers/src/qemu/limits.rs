@@ -10,7 +10,8 @@
 //! - a file-size limit (`RLIMIT_FSIZE`) on everything qemu writes: its
 //!   overlay (which cannot outgrow its virtual size anyway),
 //!   `console.log` (a guest writing to its serial port for ever) and
-//!   `qemu.log`: [`file_limit`].
+//!   `qemu.log`: [`file_limit`], at least the driver's log limit
+//!   ([`LOG_FILE_LIMIT_BYTES`] by default).
 //!
 //! qemu starts inside them without `unsafe` and without a window: it is
 //! exec'd by `/bin/sh -c` [`PREAMBLE`], which ignores `SIGXFSZ` (a write
@@ -40,7 +41,7 @@ pub const TCG_TB_SIZE_MIB: u64 = 128;
 /// pool (at most 64) and a margin.
 pub const PIDS_BASE: u64 = 96;
 /// The largest file qemu may write when the VM has no disk (`console.log`,
-/// `qemu.log`).
+/// `qemu.log`), by default.
 pub const LOG_FILE_LIMIT_BYTES: u64 = 64 << 20;
 /// The cgroup folder under each hierarchy.
 pub const DEFAULT_CGROUP_ROOT: &str = "hearth-qemu";
@@ -66,26 +67,26 @@ pub struct Limits {
 
 impl Limits {
     /// The bounds of a VM of `memory_mib` RAM and `cpus` vCPUs whose
-    /// overlay has `disk_bytes` of virtual size (`None`: no disk).
-    pub fn for_vm(memory_mib: u64, cpus: u32, disk_bytes: Option<u64>) -> Limits {
+    /// overlay has `disk_bytes` of virtual size (`None`: no disk), on a
+    /// driver whose log files may reach `log_bytes`.
+    pub fn for_vm(memory_mib: u64, cpus: u32, disk_bytes: Option<u64>, log_bytes: u64) -> Limits {
         Limits {
             memory_bytes: (memory_mib + MEMORY_OVERHEAD_MIB) << 20,
             cpu_quota_us: u64::from(cpus.max(1)) * cgroup::CPU_PERIOD_US
                 + cgroup::CPU_PERIOD_US / 2,
             pids: PIDS_BASE + u64::from(cpus.max(1)),
-            file_bytes: file_limit(disk_bytes),
+            file_bytes: file_limit(disk_bytes, log_bytes),
         }
     }
 }
 
 /// The largest file qemu may write: the overlay's bound when there is a
 /// disk (its virtual size, plus qcow2's tables: at most 1/64 of it, plus
-/// 16 MiB), else [`LOG_FILE_LIMIT_BYTES`].
-pub fn file_limit(disk_bytes: Option<u64>) -> u64 {
-    match disk_bytes {
-        Some(size) => (size + size / 64 + (16 << 20)).max(LOG_FILE_LIMIT_BYTES),
-        None => LOG_FILE_LIMIT_BYTES,
-    }
+/// 16 MiB), and at least `log_bytes`.
+pub fn file_limit(disk_bytes: Option<u64>, log_bytes: u64) -> u64 {
+    disk_bytes
+        .map_or(0, |size| size + size / 64 + (16 << 20))
+        .max(log_bytes)
 }
 
 /// `ulimit -f`'s argument for `bytes` (512-byte blocks, rounded up).
@@ -218,18 +219,19 @@ mod tests {
 
     #[test]
     fn limits_follow_the_spec() {
-        let limits = Limits::for_vm(256, 2, None);
+        let limits = Limits::for_vm(256, 2, None, LOG_FILE_LIMIT_BYTES);
         assert_eq!(limits.memory_bytes, (256 + MEMORY_OVERHEAD_MIB) << 20);
         assert_eq!(limits.cpu_quota_us, 250_000);
         assert_eq!(limits.pids, PIDS_BASE + 2);
         assert_eq!(limits.file_bytes, LOG_FILE_LIMIT_BYTES);
         let disk = 4u64 << 30;
-        let bound = Limits::for_vm(256, 0, Some(disk)).file_bytes;
+        let bound = Limits::for_vm(256, 0, Some(disk), LOG_FILE_LIMIT_BYTES).file_bytes;
         assert!(bound > disk && bound < disk + disk / 32, "{bound}");
         assert_eq!(
-            Limits::for_vm(256, 0, Some(1 << 20)).file_bytes,
+            Limits::for_vm(256, 0, Some(1 << 20), LOG_FILE_LIMIT_BYTES).file_bytes,
             LOG_FILE_LIMIT_BYTES
         );
+        assert_eq!(Limits::for_vm(256, 1, None, 1 << 20).file_bytes, 1 << 20);
         assert_eq!(ulimit_blocks(1), 1);
         assert_eq!(ulimit_blocks(1024), 2);
     }
