@@ -41,10 +41,10 @@ pub const EXEC_MARGIN: Duration = Duration::from_secs(30);
 /// agent's lines are far shorter: it sends at most 16 KiB of output per
 /// line, which JSON escaping can make at most six times longer.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
-/// The most one `exec`'s answer may hold, counted as read off the wire
-/// (every line, framing included): generous for any build or install log,
-/// and what the host buffers at worst for one command when its reader
-/// falls behind.
+/// The most one `exec`'s answer may hold by default, counted as read off
+/// the wire (every line, framing included): generous for any build or
+/// install log, and what the host buffers at worst for one command when
+/// its reader falls behind.
 pub const MAX_EXEC_OUTPUT_BYTES: u64 = 128 << 20;
 
 /// An answer being read: its lines, and how much of its bound is used.
@@ -106,6 +106,7 @@ impl<S: AsyncRead + Unpin> Answer<S> {
 pub struct GuestClient<F> {
     connect: F,
     secret: String,
+    max_exec_output: u64,
 }
 
 impl<F> fmt::Debug for GuestClient<F> {
@@ -141,13 +142,21 @@ where
         GuestClient {
             connect,
             secret: secret.into(),
+            max_exec_output: MAX_EXEC_OUTPUT_BYTES,
         }
+    }
+
+    /// Bounds each `exec`'s answer to `bytes` rather than
+    /// [`MAX_EXEC_OUTPUT_BYTES`].
+    pub fn with_max_exec_output(mut self, bytes: u64) -> Self {
+        self.max_exec_output = bytes;
+        self
     }
 
     /// Connects and sends the request; the answer's lines follow.
     async fn send(&self, op: Op) -> Result<Answer<S>> {
         let (limit, what) = match op {
-            Op::Exec(_) => (MAX_EXEC_OUTPUT_BYTES, "exec"),
+            Op::Exec(_) => (self.max_exec_output, "exec"),
             Op::Health => (MAX_LINE_BYTES as u64, "a health check"),
             Op::WriteFile(_) => (MAX_LINE_BYTES as u64, "write_file"),
         };

@@ -8,8 +8,9 @@
 //! | file            | what                                                   |
 //! |-----------------|--------------------------------------------------------|
 //! | `meta.json`     | id, tenant, workspace, created_at, accelerator, image (what `list` reports) |
-//! | `secret`        | the agent's shared secret (0600)                       |
-//! | `qemu.cfg`      | the kernel command line, which carries the secret, as a `-readconfig` file (0600): the secret never appears in a process's arguments |
+//! | `secret`        | the agent's shared secret (0600), given to qemu as `-fw_cfg name=opt/hearth/secret,file=<dir>/secret` |
+//! | `qemu.cfg`      | the kernel command line as a `-readconfig` file (0600); it holds no secret |
+//! | `cgroups`       | the VM's cgroup folders, one per line (see `limits`)   |
 //! | `port`          | the host port forwarded to the agent (written once qemu runs) |
 //! | `pid`           | qemu's pid (`-pidfile`)                                |
 //! | `qmp.sock`      | qemu's QMP socket                                      |
@@ -17,9 +18,12 @@
 //! | `qemu.log`      | qemu's own stdout and stderr                           |
 //! | `overlay.qcow2` | copy-on-write overlay over the image's disk, if it has one |
 //!
-//! Boot: `qemu-system-x86_64 -name hearth-<id> -M microvm -accel <kvm|tcg>
-//! -cpu <host|max> -smp … -m … -kernel … -initrd … -readconfig qemu.cfg
-//! -nodefaults -no-user-config -display none -no-reboot -serial
+//! Boot: `/bin/sh -c <limits::PREAMBLE> hearth-qemu <file limit> <cgroup.procs…>
+//! -- qemu-system-x86_64 -name hearth-<id> -M microvm -accel <kvm|tcg,tb-size=128>
+//! -cpu <host|max> -smp … -m … -kernel … -initrd … -fw_cfg
+//! name=opt/hearth/secret,file=<dir>/secret -readconfig qemu.cfg
+//! -nodefaults -no-user-config -display none -no-reboot -sandbox
+//! <QEMU_SANDBOX> -serial
 //! file:console.log -netdev user,id=n0,hostfwd=tcp:127.0.0.1:<port>-:<guest
 //! port> -device virtio-net-device,netdev=n0 -device
 //! virtio-balloon-device,free-page-reporting=on [-drive … -device
@@ -42,7 +46,17 @@
 //! probe runs under coreutils' `timeout -s KILL`, so that one orphaned by a
 //! crash of the server ends anyway.
 //!
-//! Host tools: `qemu-system-x86_64`, `qemu-img` (disks only), `timeout`.
+//! Host tools: `qemu-system-x86_64`, `qemu-img` (disks only), `timeout`,
+//! `/bin/sh`.
+//!
+//! Bounds (see `limits`): the shell preamble joins the VM's cgroups
+//! (memory, cpu, pids) and sets its file-size limit, then execs qemu; the
+//! overlay's virtual size is `VmSpec::disk_mib` (an image disk larger than
+//! it is refused), so what the guest writes never outgrows it. Nothing of
+//! the host is shared: one disk (the overlay), no shared folders, the only
+//! `opt/` firmware item is the secret, QMP is a host socket in the 0700 VM
+//! folder. A VM cannot be reset (`Driver::reset` stays `Unsupported`): a
+//! returned one is destroyed.
 //!
 //! Network: qemu user networking (guest 10.0.2.15, host loopback reachable
 //! as 10.0.2.2, DNS 10.0.2.3); `isolated_network` adds `restrict=on` (the
@@ -50,7 +64,8 @@
 //!
 //! Destroy: QMP `quit`, then SIGKILL if qemu lingers after
 //! [`QUIT_GRACE`] — only a process whose arguments hold `-pidfile
-//! <dir>/pid` (see `procs`) — until none is alive; then the folder.
+//! <dir>/pid` (see `procs`) or is in its cgroups — until none is alive; then
+//! the cgroups and the folder.
 //!
 //! **Invariants:**
 //! - a process is only ever killed when it provably is the VM's qemu: a
@@ -60,7 +75,8 @@
 //! - `destroy` returns `Ok` only when no qemu of the VM is alive and its
 //!   folder is gone; it is idempotent;
 //! - a failed `create` leaves nothing behind (it runs `destroy`'s cleanup);
-//! - the secret is only in `secret`, `qemu.cfg` (both 0600) and the guest.
+//! - the secret is only in `secret` (0600) and the guest: on no command
+//!   line, the host's or the guest kernel's.
 
 pub mod limits;
 mod procs;
@@ -114,6 +130,10 @@ const HEALTH_ATTEMPT: Duration = Duration::from_millis(250);
 const PORT_ATTEMPTS: usize = 5;
 /// How much of `console.log` and `qemu.log` a boot error quotes.
 const LOG_TAIL_BYTES: u64 = 2048;
+/// qemu's seccomp filter (`-sandbox`): obsolete system calls, set*id,
+/// fork/exec and scheduling changes denied.
+pub const QEMU_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// What qemu says when a `hostfwd` port is taken.
 const HOSTFWD_FAILED: &str = "Could not set up host forwarding rule";
 
@@ -162,6 +182,9 @@ pub struct QemuConfig {
     /// The most a VM's `console.log` and `qemu.log` may hold (a guest can
     /// write its serial port for ever); see [`limits::file_limit`].
     pub log_file_limit_bytes: u64,
+    /// The most one command's answer may hold
+    /// ([`crate::guest::MAX_EXEC_OUTPUT_BYTES`] by default).
+    pub max_exec_output_bytes: u64,
 }
 
 impl QemuConfig {
@@ -178,6 +201,7 @@ impl QemuConfig {
             kernel_args: Vec::new(),
             cgroup_root_name: limits::DEFAULT_CGROUP_ROOT.into(),
             log_file_limit_bytes: limits::LOG_FILE_LIMIT_BYTES,
+            max_exec_output_bytes: crate::guest::MAX_EXEC_OUTPUT_BYTES,
         }
     }
 }
@@ -334,7 +358,7 @@ impl QemuDriver {
             }
             Err(_) => return Err(DriverError::NotFound(id)),
         };
-        Ok(GuestClient::new(
+        let client: QemuGuestClient = GuestClient::new(
             Box::new(move || -> ConnectFuture {
                 Box::pin(async move {
                     let stream =
@@ -344,7 +368,8 @@ impl QemuDriver {
                 })
             }),
             secret,
-        ))
+        );
+        Ok(client.with_max_exec_output(self.inner.config.max_exec_output_bytes))
     }
 }
 
@@ -957,6 +982,10 @@ impl Inner {
                 "-display",
                 "none",
                 "-no-reboot",
+                // qemu's own seccomp filter: should a guest take over qemu,
+                // it cannot start programs, change ids or priorities.
+                "-sandbox",
+                QEMU_SANDBOX,
             ])
             .arg("-serial")
             .arg(format!("file:{}", vm_dir.join("console.log").display()))

@@ -220,7 +220,7 @@ async fn garbage_and_non_utf8_answers_are_errors_that_quote_nothing() {
             err.contains(expected) && !err.contains("SECRETJUNK"),
             "{err}"
         );
-        drop(server.join().unwrap());
+        assert!(!server.join().unwrap().dropped);
     }
 }
 
@@ -256,7 +256,7 @@ async fn health_and_write_file_answers_are_one_bounded_line() {
         .write_file("/home/a", b"a", 0o644)
         .await
         .unwrap();
-    drop(server.join().unwrap());
+    assert!(!server.join().unwrap().dropped);
     let (path, server, _dir) = serve(
         b"{\"type\":\"health\",\"uptime_ms\":5,\"pid\":9}\n".to_vec(),
         1,
@@ -264,6 +264,6 @@ async fn health_and_write_file_answers_are_one_bounded_line() {
         true,
     );
     assert_eq!(client(path).health().await.unwrap().uptime_ms, 5);
-    drop(server.join().unwrap());
+    assert!(!server.join().unwrap().dropped);
     assert_eq!(MAX_LINE_BYTES, 1 << 20);
 }
