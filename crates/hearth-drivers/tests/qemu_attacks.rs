@@ -382,7 +382,7 @@ async fn root_in_a_vm_reaches_nothing_of_the_host_or_the_other_vm() {
     // other VM's disk are nowhere; its own disk is there.
     let scan = run_with(&env.driver, a, {
         let mut request = ExecRequest::new(format!(
-            "for d in /dev/vd* /dev/ram* /dev/loop*; do [ -b $d ] && cat $d; done | grep -ac -e {canary} -e disk-of-b; \
+            "for d in /dev/vd* /dev/ram* /dev/loop*; do [ -b $d ] && cat $d; done | tr -d '\\0' | grep -ac -e {canary} -e disk-of-b; \
              find / \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f -exec grep -las -e {canary} -e disk-of-b {{}} +; \
              head -c 9 /dev/vda; echo"
         ));
@@ -538,7 +538,7 @@ async fn root_in_a_vm_reaches_nothing_of_the_host_or_the_other_vm() {
     step("endless output");
     // Fork bomb (last: the guest's problem). The host's side stays within
     // the cgroup; the other VM answers; the VM is destroyed cleanly.
-    let mut bomb = ExecRequest::new("b() { b | b & }; b");
+    let mut bomb = ExecRequest::new("b() { b | b & }; b; sleep 10");
     bomb.timeout = Duration::from_secs(15);
     let _ = env.driver.exec(a, &bomb, None).await;
     let threads = fs::read_dir(format!("/proc/{pid_a}/task")).unwrap().count() as u64;
