@@ -9,6 +9,13 @@
 //! - every call is bounded in time: connecting, a health check and a file
 //!   write have fixed limits, an `exec` its own timeout plus a margin (then
 //!   the connection is dropped, which makes the agent kill the command);
+//! - every call is bounded in memory, whatever the other end sends (root in
+//!   a VM can replace the agent): an answer line is at most
+//!   [`MAX_LINE_BYTES`], an `exec`'s whole answer at most
+//!   [`MAX_EXEC_OUTPUT_BYTES`], any other answer one line. Past a bound the
+//!   call ends with an error saying which, and the connection is dropped
+//!   (so a real agent kills the command); lines that are not UTF-8 or not
+//!   an answer end it the same way, without quoting them;
 //! - every failure is a [`DriverError::Guest`] naming what went wrong; an
 //!   agent's `error` line becomes its message.
 
@@ -18,7 +25,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 /// How long connecting to the agent may take.
@@ -30,11 +37,76 @@ pub const WRITE_FILE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How much longer than its own timeout an `exec` may take before the
 /// client gives up on the agent.
 pub const EXEC_MARGIN: Duration = Duration::from_secs(30);
+/// The longest answer line read from an agent, newline included. A real
+/// agent's lines are far shorter: it sends at most 16 KiB of output per
+/// line, which JSON escaping can make at most six times longer.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// The most one `exec`'s answer may hold by default, counted as read off
+/// the wire (every line, framing included): generous for any build or
+/// install log, and what the host buffers at worst for one command when
+/// its reader falls behind.
+pub const MAX_EXEC_OUTPUT_BYTES: u64 = 128 << 20;
+
+/// An answer being read: its lines, and how much of its bound is used.
+struct Answer<S> {
+    reader: BufReader<S>,
+    read: u64,
+    limit: u64,
+    what: &'static str,
+}
+
+impl<S: AsyncRead + Unpin> Answer<S> {
+    /// The next answer line; an `error` line, the end of the stream, or a
+    /// line past a bound is an error.
+    async fn next(&mut self) -> Result<Response> {
+        let mut line = Vec::new();
+        let n = (&mut self.reader)
+            .take(MAX_LINE_BYTES as u64)
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|e| guest(format!("cannot read the answer: {e}")))?;
+        if n == 0 {
+            return Err(guest(
+                "the agent closed the connection before answering in full",
+            ));
+        }
+        if line.last() != Some(&b'\n') {
+            return Err(guest(if n >= MAX_LINE_BYTES {
+                format!(
+                    "the agent sent an answer line longer than {} KiB: connection dropped",
+                    MAX_LINE_BYTES >> 10
+                )
+            } else {
+                "the agent closed the connection in the middle of a line".to_owned()
+            }));
+        }
+        self.read += n as u64;
+        if self.read > self.limit {
+            return Err(guest(format!(
+                "the answer to {} passed its limit of {} MiB: connection dropped{}",
+                self.what,
+                self.limit >> 20,
+                if self.what == "exec" {
+                    " (the command is killed)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let line = std::str::from_utf8(&line)
+            .map_err(|_| guest("bad answer from the guest agent: not UTF-8"))?;
+        match Response::from_line(line).map_err(guest)? {
+            Response::Error { message } => Err(guest(message)),
+            response => Ok(response),
+        }
+    }
+}
 
 /// A client of one VM's guest agent: how to connect, and the VM's secret.
 pub struct GuestClient<F> {
     connect: F,
     secret: String,
+    max_exec_output: u64,
 }
 
 impl<F> fmt::Debug for GuestClient<F> {
@@ -70,11 +142,24 @@ where
         GuestClient {
             connect,
             secret: secret.into(),
+            max_exec_output: MAX_EXEC_OUTPUT_BYTES,
         }
     }
 
+    /// Bounds each `exec`'s answer to `bytes` rather than
+    /// [`MAX_EXEC_OUTPUT_BYTES`].
+    pub fn with_max_exec_output(mut self, bytes: u64) -> Self {
+        self.max_exec_output = bytes;
+        self
+    }
+
     /// Connects and sends the request; the answer's lines follow.
-    async fn send(&self, op: Op) -> Result<Lines<BufReader<S>>> {
+    async fn send(&self, op: Op) -> Result<Answer<S>> {
+        let (limit, what) = match op {
+            Op::Exec(_) => (self.max_exec_output, "exec"),
+            Op::Health => (MAX_LINE_BYTES as u64, "a health check"),
+            Op::WriteFile(_) => (MAX_LINE_BYTES as u64, "write_file"),
+        };
         let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, (self.connect)())
             .await
             .map_err(|_| guest(format!("cannot connect within {CONNECT_TIMEOUT:?}")))?
@@ -88,28 +173,19 @@ where
             .flush()
             .await
             .map_err(|e| guest(format!("cannot send the request: {e}")))?;
-        Ok(BufReader::new(stream).lines())
-    }
-
-    /// The next answer line; an `error` line or the end of the stream is an
-    /// error.
-    async fn next(lines: &mut Lines<BufReader<S>>) -> Result<Response> {
-        let line = lines
-            .next_line()
-            .await
-            .map_err(|e| guest(format!("cannot read the answer: {e}")))?
-            .ok_or_else(|| guest("the agent closed the connection before answering in full"))?;
-        match Response::from_line(&line).map_err(guest)? {
-            Response::Error { message } => Err(guest(message)),
-            response => Ok(response),
-        }
+        Ok(Answer {
+            reader: BufReader::new(stream),
+            read: 0,
+            limit,
+            what,
+        })
     }
 
     /// Asks the agent whether it is up.
     pub async fn health(&self) -> Result<GuestHealth> {
         bounded(HEALTH_TIMEOUT, "health check", async {
             let mut lines = self.send(Op::Health).await?;
-            match Self::next(&mut lines).await? {
+            match lines.next().await? {
                 Response::Health { uptime_ms, .. } => Ok(GuestHealth { uptime_ms }),
                 other => Err(guest(format!(
                     "unexpected answer to a health check: {other:?}"
@@ -136,7 +212,7 @@ where
         bounded(limit, "exec", async {
             let mut lines = self.send(op).await?;
             loop {
-                let (stream, data) = match Self::next(&mut lines).await? {
+                let (stream, data) = match lines.next().await? {
                     Response::Stdout { data } => (Stream::Stdout, data),
                     Response::Stderr { data } => (Stream::Stderr, data),
                     Response::Exit { code, timed_out } => {
@@ -160,7 +236,7 @@ where
         let op = Op::WriteFile(WriteFileOp::new(path, contents, mode));
         bounded(WRITE_FILE_TIMEOUT, "write_file", async {
             let mut lines = self.send(op).await?;
-            match Self::next(&mut lines).await? {
+            match lines.next().await? {
                 Response::Ok => Ok(()),
                 other => Err(guest(format!("unexpected answer to write_file: {other:?}"))),
             }

@@ -8,8 +8,9 @@
 //! | file            | what                                                   |
 //! |-----------------|--------------------------------------------------------|
 //! | `meta.json`     | id, tenant, workspace, created_at, accelerator, image (what `list` reports) |
-//! | `secret`        | the agent's shared secret (0600)                       |
-//! | `qemu.cfg`      | the kernel command line, which carries the secret, as a `-readconfig` file (0600): the secret never appears in a process's arguments |
+//! | `secret`        | the agent's shared secret (0600), given to qemu as `-fw_cfg name=opt/hearth/secret,file=<dir>/secret` |
+//! | `qemu.cfg`      | the kernel command line as a `-readconfig` file (0600); it holds no secret |
+//! | `cgroups`       | the VM's cgroup folders, one per line (see `limits`)   |
 //! | `port`          | the host port forwarded to the agent (written once qemu runs) |
 //! | `pid`           | qemu's pid (`-pidfile`)                                |
 //! | `qmp.sock`      | qemu's QMP socket                                      |
@@ -17,9 +18,12 @@
 //! | `qemu.log`      | qemu's own stdout and stderr                           |
 //! | `overlay.qcow2` | copy-on-write overlay over the image's disk, if it has one |
 //!
-//! Boot: `qemu-system-x86_64 -name hearth-<id> -M microvm -accel <kvm|tcg>
-//! -cpu <host|max> -smp … -m … -kernel … -initrd … -readconfig qemu.cfg
-//! -nodefaults -no-user-config -display none -no-reboot -serial
+//! Boot: `/bin/sh -c <limits::PREAMBLE> hearth-qemu <file limit> <cgroup.procs…>
+//! -- qemu-system-x86_64 -name hearth-<id> -M microvm -accel <kvm|tcg,tb-size=128>
+//! -cpu <host|max> -smp … -m … -kernel … -initrd … -fw_cfg
+//! name=opt/hearth/secret,file=<dir>/secret -readconfig qemu.cfg
+//! -nodefaults -no-user-config -display none -no-reboot -sandbox
+//! <QEMU_SANDBOX> -serial
 //! file:console.log -netdev user,id=n0,hostfwd=tcp:127.0.0.1:<port>-:<guest
 //! port> -device virtio-net-device,netdev=n0 -device
 //! virtio-balloon-device,free-page-reporting=on [-drive … -device
@@ -42,7 +46,17 @@
 //! probe runs under coreutils' `timeout -s KILL`, so that one orphaned by a
 //! crash of the server ends anyway.
 //!
-//! Host tools: `qemu-system-x86_64`, `qemu-img` (disks only), `timeout`.
+//! Host tools: `qemu-system-x86_64`, `qemu-img` (disks only), `timeout`,
+//! `/bin/sh`.
+//!
+//! Bounds (see `limits`): the shell preamble joins the VM's cgroups
+//! (memory, cpu, pids) and sets its file-size limit, then execs qemu; the
+//! overlay's virtual size is `VmSpec::disk_mib` (an image disk larger than
+//! it is refused), so what the guest writes never outgrows it. Nothing of
+//! the host is shared: one disk (the overlay), no shared folders, the only
+//! `opt/` firmware item is the secret, QMP is a host socket in the 0700 VM
+//! folder. A VM cannot be reset (`Driver::reset` stays `Unsupported`): a
+//! returned one is destroyed.
 //!
 //! Network: qemu user networking (guest 10.0.2.15, host loopback reachable
 //! as 10.0.2.2, DNS 10.0.2.3); `isolated_network` adds `restrict=on` (the
@@ -50,7 +64,8 @@
 //!
 //! Destroy: QMP `quit`, then SIGKILL if qemu lingers after
 //! [`QUIT_GRACE`] — only a process whose arguments hold `-pidfile
-//! <dir>/pid` (see `procs`) — until none is alive; then the folder.
+//! <dir>/pid` (see `procs`) or is in its cgroups — until none is alive; then
+//! the cgroups and the folder.
 //!
 //! **Invariants:**
 //! - a process is only ever killed when it provably is the VM's qemu: a
@@ -60,8 +75,10 @@
 //! - `destroy` returns `Ok` only when no qemu of the VM is alive and its
 //!   folder is gone; it is idempotent;
 //! - a failed `create` leaves nothing behind (it runs `destroy`'s cleanup);
-//! - the secret is only in `secret`, `qemu.cfg` (both 0600) and the guest.
+//! - the secret is only in `secret` (0600) and the guest: on no command
+//!   line, the host's or the guest kernel's.
 
+pub mod limits;
 mod procs;
 pub mod qmp;
 
@@ -113,6 +130,10 @@ const HEALTH_ATTEMPT: Duration = Duration::from_millis(250);
 const PORT_ATTEMPTS: usize = 5;
 /// How much of `console.log` and `qemu.log` a boot error quotes.
 const LOG_TAIL_BYTES: u64 = 2048;
+/// qemu's seccomp filter (`-sandbox`): obsolete system calls, set*id,
+/// fork/exec and scheduling changes denied.
+pub const QEMU_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// What qemu says when a `hostfwd` port is taken.
 const HOSTFWD_FAILED: &str = "Could not set up host forwarding rule";
 
@@ -156,6 +177,14 @@ pub struct QemuConfig {
     pub tsc_khz: Option<u64>,
     /// Appended to every kernel command line (no `"`).
     pub kernel_args: Vec<String>,
+    /// The cgroup folder under each hierarchy ([`limits::DEFAULT_CGROUP_ROOT`]).
+    pub cgroup_root_name: String,
+    /// The most a VM's `console.log` and `qemu.log` may hold (a guest can
+    /// write its serial port for ever); see [`limits::file_limit`].
+    pub log_file_limit_bytes: u64,
+    /// The most one command's answer may hold
+    /// ([`crate::guest::MAX_EXEC_OUTPUT_BYTES`] by default).
+    pub max_exec_output_bytes: u64,
 }
 
 impl QemuConfig {
@@ -170,6 +199,9 @@ impl QemuConfig {
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
             tsc_khz: None,
             kernel_args: Vec::new(),
+            cgroup_root_name: limits::DEFAULT_CGROUP_ROOT.into(),
+            log_file_limit_bytes: limits::LOG_FILE_LIMIT_BYTES,
+            max_exec_output_bytes: crate::guest::MAX_EXEC_OUTPUT_BYTES,
         }
     }
 }
@@ -228,6 +260,9 @@ struct Inner {
     /// Host ports handed to a launch in flight (not yet bound by qemu).
     reserved_ports: Mutex<BTreeSet<u16>>,
     launched: Mutex<HashMap<VmId, Arc<Launched>>>,
+    /// The host's cgroups for VMs, prepared at the first `create` (`None`:
+    /// unavailable on this host).
+    cgroups: std::sync::OnceLock<Option<limits::Cgroups>>,
 }
 
 /// A client of a VM's guest agent (over TCP).
@@ -249,6 +284,7 @@ impl QemuDriver {
                 accel: Mutex::new(None),
                 reserved_ports: Mutex::new(BTreeSet::new()),
                 launched: Mutex::new(HashMap::new()),
+                cgroups: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -277,6 +313,12 @@ impl QemuDriver {
             .as_deref()
             .ok_or_else(|| DriverError::Boot("the image has no kernel".into()))?;
         Ok(self.inner.accel(kernel, image.initrd.as_deref()))
+    }
+
+    /// The VM's cgroup folders, as recorded when it was created (empty
+    /// when cgroups are unavailable).
+    pub fn cgroup_dirs(&self, id: VmId) -> Vec<PathBuf> {
+        read_cgroup_record(&self.inner.vm_dir(id))
     }
 
     /// The VM's qemu pid, when it is alive.
@@ -316,7 +358,7 @@ impl QemuDriver {
             }
             Err(_) => return Err(DriverError::NotFound(id)),
         };
-        Ok(GuestClient::new(
+        let client: QemuGuestClient = GuestClient::new(
             Box::new(move || -> ConnectFuture {
                 Box::pin(async move {
                     let stream =
@@ -326,8 +368,18 @@ impl QemuDriver {
                 })
             }),
             secret,
-        ))
+        );
+        Ok(client.with_max_exec_output(self.inner.config.max_exec_output_bytes))
     }
+}
+
+fn read_cgroup_record(vm_dir: &Path) -> Vec<PathBuf> {
+    fs::read_to_string(vm_dir.join("cgroups"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .collect()
 }
 
 fn read_number<T: std::str::FromStr>(path: &Path) -> Option<T> {
@@ -385,14 +437,9 @@ pub fn host_tsc_khz() -> Option<u64> {
     (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
 }
 
-/// The kernel command line of a VM (it holds the secret: never logged).
-fn kernel_cmdline(
-    config: &QemuConfig,
-    accel: Accel,
-    spec: &VmSpec,
-    secret: &str,
-    root_disk: bool,
-) -> String {
+/// The kernel command line of a VM. It never holds the secret (every guest
+/// process can read `/proc/cmdline`): that comes as `-fw_cfg`.
+fn kernel_cmdline(config: &QemuConfig, accel: Accel, spec: &VmSpec, root_disk: bool) -> String {
     let mut args = vec![
         "console=ttyS0".to_owned(),
         "quiet".to_owned(),
@@ -411,7 +458,6 @@ fn kernel_cmdline(
     args.extend(config.kernel_args.iter().cloned());
     args.push(format!("hearth.vm={}", spec.id));
     args.push(format!("hearth.port={}", config.guest_port));
-    args.push(format!("hearth.secret={secret}"));
     args.join(" ")
 }
 
@@ -432,17 +478,29 @@ fn pick_port(reserved: &Mutex<BTreeSet<u16>>) -> io::Result<u16> {
     Err(io::Error::other("no free port on 127.0.0.1"))
 }
 
-/// Whether a disk image file is qcow2 (else it is used as raw).
-fn disk_format(disk: &Path) -> io::Result<&'static str> {
+/// A disk image's format (qcow2, else it is used as raw) and virtual size
+/// in bytes: a qcow2 header's
+/// `size` (big-endian at offset 24), or a raw file's length.
+fn disk_info(disk: &Path) -> io::Result<(&'static str, u64)> {
     use std::io::Read;
-    let mut magic = [0u8; 4];
+    let mut header = [0u8; 32];
     let mut file = fs::File::open(disk)?;
-    let n = file.read(&mut magic)?;
-    Ok(if n == 4 && magic == *b"QFI\xfb" {
-        "qcow2"
+    let mut n = 0;
+    while n < header.len() {
+        match file.read(&mut header[n..])? {
+            0 => break,
+            read => n += read,
+        }
+    }
+    if n >= 4 && header[..4] == *b"QFI\xfb" {
+        if n < 32 {
+            return Err(io::Error::other("a truncated qcow2 header"));
+        }
+        let size = u64::from_be_bytes(header[24..32].try_into().unwrap_or_default());
+        Ok(("qcow2", size))
     } else {
-        "raw"
-    })
+        Ok(("raw", file.metadata()?.len()))
+    }
 }
 
 impl Inner {
@@ -711,11 +769,19 @@ impl Inner {
             .map_err(|e| io_err("write the secret", e))?;
 
         let overlay = match &spec.image.disk {
-            Some(disk) => Some(self.overlay(disk, vm_dir)?),
+            Some(disk) => Some(self.overlay(disk, vm_dir, spec.disk_mib)?),
             None => None,
         };
+        let bounds = limits::Limits::for_vm(
+            meta.memory_mib,
+            meta.cpus,
+            overlay.as_ref().map(|(_, size)| *size),
+            self.config.log_file_limit_bytes,
+        );
+        let cgroup_procs = self.create_cgroups(spec, vm_dir, bounds)?;
+        let overlay = overlay.map(|(path, _)| path);
         let root_disk = overlay.is_some() && spec.image.initrd.is_none();
-        let cmdline = kernel_cmdline(&self.config, accel, spec, &secret, root_disk);
+        let cmdline = kernel_cmdline(&self.config, accel, spec, root_disk);
         let cfg = format!("[machine]\n  append = \"{cmdline}\"\n");
         write_private(&vm_dir.join("qemu.cfg"), cfg.as_bytes())
             .map_err(|e| io_err("write qemu.cfg", e))?;
@@ -726,7 +792,15 @@ impl Inner {
         let mut last_error = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = pick_port(&self.reserved_ports).map_err(|e| io_err("pick a port", e))?;
-            let launched = self.launch(spec, &meta, vm_dir, accel, overlay.as_deref(), port);
+            let launched = self.launch(
+                spec,
+                &meta,
+                vm_dir,
+                accel,
+                overlay.as_deref(),
+                port,
+                (&bounds, &cgroup_procs),
+            );
             self.reserved_ports
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -750,16 +824,64 @@ impl Inner {
         ))
     }
 
-    /// `qemu-img create` of the VM's copy-on-write overlay over `disk`.
-    fn overlay(&self, disk: &Path, vm_dir: &Path) -> Result<PathBuf, String> {
+    /// Creates the VM's cgroups (recorded in `cgroups` first) with
+    /// `bounds`; returns the `cgroup.procs` files qemu joins (none when the
+    /// host has no usable cgroups).
+    fn create_cgroups(
+        &self,
+        spec: &VmSpec,
+        vm_dir: &Path,
+        bounds: limits::Limits,
+    ) -> Result<Vec<PathBuf>, String> {
+        let cgroups = self.cgroups.get_or_init(|| {
+            match limits::Cgroups::prepare(&self.config.cgroup_root_name) {
+                Ok(cgroups) => Some(cgroups),
+                Err(reason) => {
+                    tracing::warn!(%reason, "cgroups are unavailable: qemu VMs run without memory, CPU and pids limits");
+                    None
+                }
+            }
+        });
+        let Some(cgroups) = cgroups else {
+            return Ok(Vec::new());
+        };
+        let vm = spec.id.to_string();
+        let record: String = cgroups
+            .vm_dirs(&vm)
+            .iter()
+            .map(|d| format!("{}\n", d.display()))
+            .collect();
+        fs::write(vm_dir.join("cgroups"), record).map_err(|e| format!("write cgroups: {e}"))?;
+        cgroups.create(&vm, bounds)
+    }
+
+    /// `qemu-img create` of the VM's copy-on-write overlay over `disk`;
+    /// returns it and its virtual size: `disk_mib` when given (the most the
+    /// guest can ever write; a larger image disk is refused), else the
+    /// image disk's own size.
+    fn overlay(&self, disk: &Path, vm_dir: &Path, disk_mib: u64) -> Result<(PathBuf, u64), String> {
         let disk = fs::canonicalize(disk).map_err(|e| format!("{}: {e}", disk.display()))?;
-        let format = disk_format(&disk).map_err(|e| format!("{}: {e}", disk.display()))?;
+        let (format, image_size) =
+            disk_info(&disk).map_err(|e| format!("{}: {e}", disk.display()))?;
+        let size = if disk_mib == 0 {
+            image_size
+        } else {
+            let limit = disk_mib.saturating_mul(1 << 20);
+            if image_size > limit {
+                return Err(format!(
+                    "the image's disk is {} MiB, more than the environment's disk limit of {disk_mib} MiB",
+                    image_size.div_ceil(1 << 20)
+                ));
+            }
+            limit
+        };
         let overlay = vm_dir.join("overlay.qcow2");
         let out = Command::new(&self.config.qemu_img)
             .args(["create", "-q", "-f", "qcow2", "-b"])
             .arg(&disk)
             .args(["-F", format])
             .arg(&overlay)
+            .arg(size.to_string())
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("run {}: {e}", self.config.qemu_img.display()))?;
@@ -770,10 +892,13 @@ impl Inner {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        Ok(overlay)
+        Ok((overlay, size))
     }
 
-    /// Starts qemu on host port `port` and waits until QMP answers.
+    /// Starts qemu on host port `port`, inside `bounds` (its file-size
+    /// limit, and the cgroups whose `cgroup.procs` files are given), and
+    /// waits until QMP answers.
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         self: &Arc<Self>,
         spec: &VmSpec,
@@ -782,6 +907,7 @@ impl Inner {
         accel: Accel,
         overlay: Option<&Path>,
         port: u16,
+        (bounds, cgroup_procs): (&limits::Limits, &[PathBuf]),
     ) -> Result<(), Launch> {
         let failed = |what: &str, e: io::Error| Launch::Failed(format!("{what}: {e}"));
         for stale in ["pid", "qmp.sock"] {
@@ -809,11 +935,25 @@ impl Inner {
         if spec.network.mode == hearth_core::resource::Network::None {
             netdev.push_str(",restrict=on");
         }
-        let mut command = Command::new(&self.config.qemu_binary);
+        // Through the preamble that puts qemu in its bounds and then
+        // becomes it (see `limits`).
+        let mut command = Command::new("/bin/sh");
+        command
+            .args(["-c", limits::PREAMBLE, "hearth-qemu"])
+            .arg(limits::ulimit_blocks(bounds.file_bytes).to_string())
+            .args(cgroup_procs)
+            .arg("--")
+            .arg(&self.config.qemu_binary);
+        let accel_arg = match accel {
+            Accel::Tcg => format!("tcg,tb-size={}", limits::TCG_TB_SIZE_MIB),
+            other => other.as_str().to_owned(),
+        };
         command
             .arg("-name")
             .arg(format!("hearth-{}", spec.id))
-            .args(["-M", "microvm", "-accel", accel.as_str(), "-cpu"])
+            .args(["-M", "microvm", "-accel"])
+            .arg(accel_arg)
+            .arg("-cpu")
             .arg(if accel == Accel::Kvm { "host" } else { "max" })
             .arg("-smp")
             .arg(meta.cpus.to_string())
@@ -824,7 +964,16 @@ impl Inner {
         if let Some(initrd) = &meta.initrd {
             command.arg("-initrd").arg(initrd);
         }
+        // The secret reaches the guest as a firmware configuration item
+        // (read by vm-init from sysfs): only its file's path is on the
+        // command line.
         command
+            .arg("-fw_cfg")
+            .arg(format!(
+                "name={},file={}",
+                hearth_guest_agent::vminit::FW_CFG_SECRET_NAME,
+                vm_dir.join("secret").display()
+            ))
             .arg("-readconfig")
             .arg(vm_dir.join("qemu.cfg"))
             .args([
@@ -833,6 +982,10 @@ impl Inner {
                 "-display",
                 "none",
                 "-no-reboot",
+                // qemu's own seccomp filter: should a guest take over qemu,
+                // it cannot start programs, change ids or priorities.
+                "-sandbox",
+                QEMU_SANDBOX,
             ])
             .arg("-serial")
             .arg(format!("file:{}", vm_dir.join("console.log").display()))
@@ -954,10 +1107,20 @@ impl Inner {
             }
         }
         // Whatever still names the VM (qemu that ignored `quit`, one whose
-        // pid file was never written): SIGKILL until none is alive.
+        // pid file was never written) or is in its cgroups: SIGKILL until
+        // none is alive.
+        let cgroups = read_cgroup_record(&vm_dir);
+        for dir in &cgroups {
+            limits::kill_all(dir);
+        }
         let deadline = Instant::now() + DESTROY_TIMEOUT;
         loop {
-            let alive = procs::vm_processes(&vm_dir);
+            let mut alive = procs::vm_processes(&vm_dir);
+            for dir in &cgroups {
+                alive.extend(limits::procs(dir).into_iter().filter(|&p| procs::alive(p)));
+            }
+            alive.sort_unstable();
+            alive.dedup();
             if alive.is_empty() {
                 break;
             }
@@ -974,6 +1137,14 @@ impl Inner {
         if let Some(launched) = &launched {
             // Leave no zombie: the reaper collects qemu promptly.
             launched.wait(Duration::from_secs(2));
+        }
+        for dir in &cgroups {
+            limits::remove(
+                dir,
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_secs(1)),
+            )?;
         }
         match fs::remove_dir_all(&vm_dir) {
             Ok(()) => {}
@@ -1142,7 +1313,7 @@ mod tests {
         config.tsc_khz = Some(2_300_000);
         config.kernel_args = vec!["loglevel=4".into()];
         let spec = spec();
-        let tcg = kernel_cmdline(&config, Accel::Tcg, &spec, "s3cr3t", false);
+        let tcg = kernel_cmdline(&config, Accel::Tcg, &spec, false);
         assert!(
             tcg.starts_with(
                 "console=ttyS0 quiet panic=-1 tsc_early_khz=2300000 tsc=reliable loglevel=4 "
@@ -1151,12 +1322,12 @@ mod tests {
         );
         assert!(
             tcg.ends_with(&format!(
-                "hearth.vm={} hearth.port={DEFAULT_GUEST_PORT} hearth.secret=s3cr3t",
+                "hearth.vm={} hearth.port={DEFAULT_GUEST_PORT}",
                 spec.id
             )),
             "{tcg}"
         );
-        let kvm = kernel_cmdline(&config, Accel::Kvm, &spec, "s", true);
+        let kvm = kernel_cmdline(&config, Accel::Kvm, &spec, true);
         assert!(
             !kvm.contains("tsc") && kvm.contains("root=/dev/vda rw"),
             "{kvm}"
@@ -1173,13 +1344,18 @@ mod tests {
     }
 
     #[test]
-    fn disk_formats_are_told_by_their_magic() {
+    fn disk_formats_and_sizes_are_read_from_their_headers() {
         let dir = tempfile::tempdir().unwrap();
         let (qcow, raw) = (dir.path().join("a.qcow2"), dir.path().join("b.img"));
-        fs::write(&qcow, b"QFI\xfb\0\0\0\x03").unwrap();
+        let mut header = b"QFI\xfb\0\0\0\x03".to_vec();
+        header.resize(24, 0);
+        header.extend_from_slice(&(5u64 << 30).to_be_bytes());
+        fs::write(&qcow, &header).unwrap();
         fs::write(&raw, [0u8; 512]).unwrap();
-        assert_eq!(disk_format(&qcow).unwrap(), "qcow2");
-        assert_eq!(disk_format(&raw).unwrap(), "raw");
+        assert_eq!(disk_info(&qcow).unwrap(), ("qcow2", 5 << 30));
+        assert_eq!(disk_info(&raw).unwrap(), ("raw", 512));
+        fs::write(&qcow, b"QFI\xfb\0\0\0\x03").unwrap();
+        assert!(disk_info(&qcow).is_err());
     }
 
     #[test]

@@ -52,7 +52,7 @@
 //! can undo the masks; the sandbox keeps honest workloads apart and limits
 //! their resources. Untrusted code belongs in qemu VMs.
 
-mod cgroup;
+pub(crate) mod cgroup;
 mod procs;
 
 use crate::guest::GuestClient;

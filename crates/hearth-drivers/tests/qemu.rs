@@ -875,9 +875,7 @@ fn bare_boot() -> Duration {
         let khz = hearth_drivers::qemu::host_tsc_khz().unwrap();
         append.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
     }
-    append.push_str(
-        " hearth.vm=0190b2c4-1d2e-7f00-8a9b-0123456789ab hearth.port=7070 hearth.secret=bare",
-    );
+    append.push_str(" hearth.vm=0190b2c4-1d2e-7f00-8a9b-0123456789ab hearth.port=7070");
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-M", "microvm", "-accel"])
@@ -889,6 +887,7 @@ fn bare_boot() -> Duration {
         .arg(&image.initrd)
         .arg("-append")
         .arg(&append)
+        .args(["-fw_cfg", "name=opt/hearth/secret,string=bare"])
         .args([
             "-nodefaults",
             "-no-user-config",

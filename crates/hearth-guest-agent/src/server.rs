@@ -46,6 +46,11 @@ const DRAIN_GRACE: Duration = Duration::from_millis(250);
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Stack size of the helper threads (readers, waiter, connection monitor).
 const SMALL_STACK: usize = 64 << 10;
+/// How many events (output pieces of at most 16 KiB, exits) an `exec` holds
+/// while the client reads slower than the command writes: then the
+/// command's pipe fills and it waits, rather than the agent's memory
+/// growing until the guest's OOM killer ends the agent.
+const EXEC_EVENTS: usize = 64;
 /// Stack size of a connection's thread.
 const CONNECTION_STACK: usize = 256 << 10;
 
@@ -322,7 +327,7 @@ fn exec<C: Connection>(conn: &mut C, op: &ExecOp, vm_id: &str) {
     let kill_group = || {
         let _ = killpg(group, Signal::SIGKILL);
     };
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(EXEC_EVENTS);
 
     let mut helpers_ok = true;
     if let Some(stdout) = child.stdout.take() {
@@ -451,8 +456,8 @@ fn exec<C: Connection>(conn: &mut C, op: &ExecOp, vm_id: &str) {
 
 /// Starts a helper thread; false when the thread could not start.
 fn spawn_helper(
-    tx: mpsc::Sender<Event>,
-    f: impl FnOnce(mpsc::Sender<Event>) + Send + 'static,
+    tx: mpsc::SyncSender<Event>,
+    f: impl FnOnce(mpsc::SyncSender<Event>) + Send + 'static,
 ) -> bool {
     thread::Builder::new()
         .stack_size(SMALL_STACK)
@@ -463,7 +468,7 @@ fn spawn_helper(
 /// Forwards a pipe's output as UTF-8 text until it closes. Once nobody
 /// listens any more, keeps draining it, so that a background process the
 /// command left behind is not killed by SIGPIPE.
-fn pump(mut pipe: impl Read, stderr: bool, tx: &mpsc::Sender<Event>) {
+fn pump(mut pipe: impl Read, stderr: bool, tx: &mpsc::SyncSender<Event>) {
     let mut buf = vec![0u8; 16 << 10];
     let mut pending = Vec::new();
     let mut listening = true;

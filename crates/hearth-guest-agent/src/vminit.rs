@@ -9,8 +9,11 @@
 //! disk root in [`ROOT_FILE`], mount it, switch to it and exec the disk's
 //! own agent, which boots again from the start there; bring up `lo` and `eth0`
 //! with qemu user networking's addresses (`ip` from the image: busybox's in
-//! the minimal image); write `/etc/resolv.conf`, the hostname and the secret
-//! (`/run/hearth/secret`, 0600); then start `hearth-guest-agent serve --tcp
+//! the minimal image); write `/etc/resolv.conf` and the hostname; read the
+//! secret from qemu's firmware configuration device ([`FW_CFG_SECRET`],
+//! root-only in sysfs), keep it in `/run/hearth/secret` (0600, in a 0700
+//! folder on tmpfs) and unload `qemu_fw_cfg` so that sysfs no longer shows
+//! it; then start `hearth-guest-agent serve --tcp
 //! 0.0.0.0:<port>` as a child and supervise it: every orphan is reaped, a
 //! server that dies is restarted, and SIGTERM, SIGINT, SIGUSR1, SIGUSR2 or
 //! SIGPWR (what `poweroff`/`halt` send to PID 1) end every process, sync and
@@ -20,8 +23,12 @@
 //! powers off: the qemu driver's accelerator probe.
 //!
 //! **Invariants:**
-//! - the secret is never printed, nor passed on a command line inside the
-//!   guest (the server reads it from a 0600 file);
+//! - the secret is never printed, nor on any command line: not the
+//!   kernel's (`/proc/cmdline` is readable by every guest process), not the
+//!   server's (it reads it from a 0600 file). What holds inside the guest:
+//!   processes other than root cannot read it; root can (the agent's file,
+//!   or the device's I/O ports), which gives it nothing it lacks: the
+//!   secret only opens this VM's own agent, whose commands run as root;
 //! - PID 1 never exits: a fatal boot error is logged to the console and the
 //!   machine is powered off, so the host sees the VM end rather than a
 //!   kernel panic hanging it;
@@ -64,6 +71,15 @@ const DISK_AGENT: &str = "/sbin/hearth-guest-agent";
 const ROOT_DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where the secret is kept for the server (tmpfs).
 pub const RUN_DIR: &str = "/run/hearth";
+/// The `-fw_cfg` item the qemu driver gives the secret in (`opt/` is the
+/// prefix qemu leaves to users).
+pub const FW_CFG_SECRET_NAME: &str = "opt/hearth/secret";
+/// Where that item's bytes appear once `qemu_fw_cfg` is loaded.
+pub const FW_CFG_SECRET: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/hearth/secret/raw";
+/// The kernel module that shows firmware configuration items in sysfs.
+const FW_CFG_MODULE: &std::ffi::CStr = c"qemu_fw_cfg";
+/// How long to wait for the secret to appear after the module is loaded.
+const FW_CFG_TIMEOUT: Duration = Duration::from_secs(10);
 /// What vm-init prints on the console in probe mode.
 pub const PROBE_MARKER: &str = "hearth-probe-ok";
 /// The agent's TCP port inside the guest when `hearth.port` is absent.
@@ -82,8 +98,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub struct BootParams {
     /// `hearth.vm=`: the VM's id (exported to commands, hostname).
     pub vm_id: Option<String>,
-    /// `hearth.secret=`: the agent's shared secret.
-    pub secret: Option<String>,
     /// `hearth.port=`: the agent's TCP port inside the guest.
     pub port: Option<u16>,
     /// `hearth.probe=1`: print [`PROBE_MARKER`] and power off.
@@ -101,7 +115,6 @@ impl fmt::Debug for BootParams {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BootParams")
             .field("vm_id", &self.vm_id)
-            .field("secret", &self.secret.as_ref().map(|_| "***"))
             .field("port", &self.port)
             .field("probe", &self.probe)
             .field("no_network", &self.no_network)
@@ -113,7 +126,8 @@ impl fmt::Debug for BootParams {
 }
 
 /// Parses the `hearth.*` parameters of a kernel command line; others are
-/// ignored. Errors never quote the secret.
+/// ignored. A `hearth.secret=` is refused: a secret there would be readable
+/// by every process of the guest (and the error never quotes it).
 pub fn parse_cmdline(cmdline: &str) -> Result<BootParams, String> {
     let mut params = BootParams::default();
     for word in cmdline.split_whitespace() {
@@ -125,10 +139,11 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootParams, String> {
         match key {
             "vm" => params.vm_id = Some(value.to_owned()),
             "secret" => {
-                if value.is_empty() {
-                    return Err("hearth.secret is empty".into());
-                }
-                params.secret = Some(value.to_owned());
+                return Err(format!(
+                    "hearth.secret on the kernel command line is refused: every guest process \
+                     can read it there; the secret comes in the firmware configuration item \
+                     {FW_CFG_SECRET_NAME}"
+                ));
             }
             "port" => {
                 params.port = Some(
@@ -223,10 +238,7 @@ fn boot() -> Result<Supervisor, String> {
         .vm_id
         .clone()
         .ok_or("hearth.vm is missing from the kernel command line")?;
-    let secret = params
-        .secret
-        .clone()
-        .ok_or("hearth.secret is missing from the kernel command line")?;
+    let secret = read_fw_cfg_secret(Path::new(FW_CFG_SECRET))?;
     let port = params.port.unwrap_or(DEFAULT_PORT);
     let hostname = hostname_for(&vm_id);
     if let Err(e) = sethostname(&hostname) {
@@ -259,6 +271,39 @@ fn boot() -> Result<Supervisor, String> {
         ],
         port,
     })
+}
+
+/// Reads the secret qemu gives in [`FW_CFG_SECRET_NAME`] (waiting for the
+/// module's device to appear), then unloads `qemu_fw_cfg` so that sysfs
+/// shows it no more (best effort: a kernel with the module built in keeps
+/// it, root-only).
+fn read_fw_cfg_secret(path: &Path) -> Result<String, String> {
+    let deadline = Instant::now() + FW_CFG_TIMEOUT;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no secret at {} after {FW_CFG_TIMEOUT:?} (qemu gives it as -fw_cfg \
+                 name={FW_CFG_SECRET_NAME}; the image needs the qemu_fw_cfg module)",
+                path.display()
+            ));
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let bytes = fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    let secret = String::from_utf8(bytes)
+        .map_err(|_| format!("the secret in {} is not text", path.display()))?
+        .trim()
+        .to_owned();
+    if secret.is_empty() {
+        return Err(format!("the secret in {} is empty", path.display()));
+    }
+    match nix::kmod::delete_module(FW_CFG_MODULE, nix::kmod::DeleteModuleFlags::O_NONBLOCK) {
+        Ok(()) => log("secret read; qemu_fw_cfg unloaded"),
+        Err(e) => log(format_args!(
+            "secret read; qemu_fw_cfg stays loaded (root-only): {e}"
+        )),
+    }
+    Ok(secret)
 }
 
 fn mount_fs(
@@ -619,23 +664,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cmdline_parameters_are_parsed_and_the_secret_is_never_shown() {
-        let params = parse_cmdline(
-            "console=ttyS0 quiet hearth.vm=0190-abcd hearth.port=7070 hearth.secret=s3cr3t panic=-1",
-        )
-        .unwrap();
+    fn cmdline_parameters_are_parsed_and_a_secret_there_is_refused() {
+        let params =
+            parse_cmdline("console=ttyS0 quiet hearth.vm=0190-abcd hearth.port=7070 panic=-1")
+                .unwrap();
         assert_eq!(params.vm_id.as_deref(), Some("0190-abcd"));
         assert_eq!(params.port, Some(7070));
-        assert_eq!(params.secret.as_deref(), Some("s3cr3t"));
         assert!(!params.probe && !params.no_network);
-        assert!(!format!("{params:?}").contains("s3cr3t"));
 
         let probe = parse_cmdline("hearth.probe=1 hearth.net=none hearth.ip=10.1.0.2/16").unwrap();
         assert!(probe.probe && probe.no_network);
         assert_eq!(probe.address.as_deref(), Some("10.1.0.2/16"));
         assert!(parse_cmdline("hearth.port=x").is_err());
-        let err = parse_cmdline("hearth.secret=").unwrap_err();
-        assert!(err.contains("empty"));
+        // A secret on the command line is refused, and never quoted.
+        let err = parse_cmdline("hearth.vm=a hearth.secret=s3cr3t").unwrap_err();
+        assert!(
+            err.contains("refused") && err.contains(FW_CFG_SECRET_NAME),
+            "{err}"
+        );
+        assert!(!err.contains("s3cr3t"), "{err}");
         assert_eq!(
             parse_cmdline("root=/dev/vda").unwrap(),
             BootParams::default()

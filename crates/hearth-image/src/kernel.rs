@@ -21,9 +21,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// What a qemu microVM guest needs: the virtio-mmio transport, the network
-/// card, the disk, and the balloon (free page reporting: memory the guest
-/// frees goes back to the host); their dependencies follow.
-pub const GUEST_MODULES: [&str; 4] = ["virtio_mmio", "virtio_net", "virtio_blk", "virtio_balloon"];
+/// card, the disk, the balloon (free page reporting: memory the guest
+/// frees goes back to the host), and qemu's firmware configuration device
+/// in sysfs (how the guest agent's secret arrives, never on a command
+/// line); their dependencies follow.
+pub const GUEST_MODULES: [&str; 5] = [
+    "virtio_mmio",
+    "virtio_net",
+    "virtio_blk",
+    "virtio_balloon",
+    "qemu_fw_cfg",
+];
 
 /// The kernel release a bzImage announces (`6.1.0-56-cloud-amd64`), read
 /// from its setup header (`HdrS`, `kernel_version` pointer at 0x20e).
@@ -288,6 +296,7 @@ mod tests {
             ),
             ("virtio_blk", Some(vec!["virtio", "virtio_ring"])),
             ("virtio_balloon", Some(vec!["virtio", "virtio_ring"])),
+            ("qemu_fw_cfg", Some(vec![])),
             ("builtin_thing", None),
         ]
         .into_iter()
@@ -311,7 +320,8 @@ mod tests {
                 "net_failover",
                 "virtio_net",
                 "virtio_blk",
-                "virtio_balloon"
+                "virtio_balloon",
+                "qemu_fw_cfg"
             ]
         );
         assert!(load_order(&["builtin_thing"], lookup).unwrap().is_empty());

@@ -55,7 +55,7 @@ fn mkdir(path: &Path) -> Result<(), String> {
 }
 
 /// The mount points of the v1 hierarchies that carry `controller`.
-fn v1_mount(mountinfo: &str, controller: &str) -> Option<PathBuf> {
+pub(crate) fn v1_mount(mountinfo: &str, controller: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let mut right = right.split(' ');
