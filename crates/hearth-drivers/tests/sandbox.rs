@@ -78,6 +78,17 @@ fn agent_binary() -> PathBuf {
         .clone()
 }
 
+/// The sandbox base image every test boots from, built once (under a
+/// lock) in Cargo's target tmp folder and shared by every test process.
+fn base_image() -> PathBuf {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    BASE.get_or_init(|| {
+        hearth_image::base::ensure(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("images"))
+            .expect("build the sandbox base image")
+    })
+    .clone()
+}
+
 fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -107,6 +118,7 @@ impl Env {
         fs::create_dir_all(&base).unwrap();
         let mut config = SandboxConfig::new(base.join("state"), agent_binary());
         config.cgroup_root_name = format!("hearth-test-{tag}");
+        config.default_root = Some(base_image());
         adjust(&base, &mut config);
         Env {
             driver: SandboxDriver::new(config),
