@@ -507,9 +507,9 @@ async fn write_file_creates_folders_and_sets_the_mode() {
         sh(&env.driver, id, "cat /home/.env; ls -A /home").await,
         "API_KEY=def\n.env\ndeep\n"
     );
-    // /home is the VM's home folder on the host.
+    // /home is in the VM's writable layer on the host.
     assert_eq!(
-        fs::read(env.driver.vm_dir(id).join("home/.env")).unwrap(),
+        fs::read(env.driver.vm_dir(id).join("disk/upper/home/.env")).unwrap(),
         b"API_KEY=def\n"
     );
     let err = env
@@ -584,11 +584,11 @@ async fn the_filesystem_is_isolated_from_the_host() {
     .await;
     fs::remove_file(&host_tmp).unwrap();
     assert_eq!(seen, "invisible\n");
-    // The host's root is read-only underneath: the write went to the upper layer.
+    // The image is read-only underneath: the write went to the upper layer.
     assert!(
         env.driver
             .vm_dir(id)
-            .join("upper")
+            .join("disk/upper")
             .join(probe.trim_start_matches('/'))
             .exists()
     );
@@ -632,7 +632,13 @@ async fn hidden_paths_and_the_state_folder_are_empty_inside() {
     fs::create_dir_all(env.base.join("data")).unwrap();
     fs::write(env.base.join("data/store.db"), "secret rows").unwrap();
     fs::write(env.base.join("admin-token"), "hth_secret").unwrap();
-    let id = env.boot(256).await;
+    // The weaker setting an operator may choose: the host's root as the
+    // image (the default image holds none of these paths at all).
+    let mut spec = env.spec(256);
+    spec.image.root_dir = Some(PathBuf::from("/"));
+    env.driver.create(&spec).await.expect("create");
+    wait_healthy(&env.driver, spec.id).await;
+    let id = spec.id;
     let data = env.base.join("data");
     assert_eq!(
         sh(&env.driver, id, &format!("ls -A {}", data.display())).await,
@@ -740,7 +746,7 @@ async fn two_sandboxes_do_not_see_each_others_files() {
         );
     }
     // Nor through the host's view of A's folder.
-    let a_home = env.driver.vm_dir(a).join("home/mine");
+    let a_home = env.driver.vm_dir(a).join("disk/upper/home/mine");
     assert!(a_home.exists());
     assert_eq!(
         sh(
@@ -852,7 +858,7 @@ async fn a_failed_boot_reports_the_console_and_leaves_nothing() {
     let DriverError::Boot(message) = &err else {
         panic!("{err:?}")
     };
-    assert!(message.contains("start the agent's server"), "{message}");
+    assert!(message.contains("exec /run/hearth/hearth-guest-agent"), "{message}");
     assert_gone(&env.driver, spec.id, &[]);
     assert!(env.driver.list().await.unwrap().is_empty());
     let leftovers: Vec<_> = env

@@ -109,6 +109,13 @@ pub fn run(args: &InitArgs) -> Result<i32, String> {
     }
     let vm_id = fs::read_to_string(args.vm_dir.join("run/vm-id"))
         .map_err(|e| format!("read run/vm-id: {e}"))?;
+    // Private mounts, and a /proc of this pid namespace (the inherited one
+    // is the host's, where the server's pid names another process).
+    let none = None::<&str>;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(|e| format!("make / private: {e}"))?;
+    mount(Some("proc"), "/proc", Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, none)
+        .map_err(|e| format!("mount this namespace's /proc: {e}"))?;
     let mut server = start_confined(vm_id.trim())?;
     let userns = map_ids(&mut server, args.uid_base)?;
     setup_filesystem(args, &userns)?;
@@ -230,8 +237,6 @@ fn ensure_dir(path: &Path, mode: u32, owner: (Uid, Gid)) -> Result<(), String> {
 /// Builds the sandbox's tree under `<vm-dir>/root` and pivots into it.
 fn setup_filesystem(args: &InitArgs, userns: &OwnedFd) -> Result<(), String> {
     let none = None::<&str>;
-    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
-        .map_err(|e| format!("make / private: {e}"))?;
     let owner = (Uid::from_raw(args.uid_base), Gid::from_raw(args.uid_base));
 
     let vm = &args.vm_dir;
