@@ -539,7 +539,10 @@ impl Inner {
             argv.extend(cgroup_procs.iter().map(|p| p.clone().into_os_string()));
         }
         argv.extend(
-            ["--", "unshare", "--fork", "--pid", "--mount", "--uts", "--ipc"].map(OsString::from),
+            [
+                "--", "unshare", "--fork", "--pid", "--mount", "--uts", "--ipc",
+            ]
+            .map(OsString::from),
         );
         if spec.network.mode != hearth_core::resource::Network::Host {
             argv.push("--net".into());
@@ -597,7 +600,8 @@ impl Inner {
         };
         let disk = vm_dir.join("disk");
         for sub in ["upper", "work"] {
-            fs::create_dir(disk.join(sub)).map_err(|e| io_err(&format!("create disk/{sub}/"), e))?;
+            fs::create_dir(disk.join(sub))
+                .map_err(|e| io_err(&format!("create disk/{sub}/"), e))?;
         }
         chown(&disk.join("upper"))?;
 
@@ -716,12 +720,16 @@ impl Inner {
         }
         let started = Instant::now();
         self.stop(id, &vm_dir)?;
-        let io = |what: String, e: io::Error| DriverError::Io(io::Error::new(e.kind(), format!("{what}: {e}")));
+        let io = |what: String, e: io::Error| {
+            DriverError::Io(io::Error::new(e.kind(), format!("{what}: {e}")))
+        };
         let disk = vm_dir.join("disk");
         let sealed = disk.join("sealed");
         if seal {
             if sealed.exists() {
-                return Err(DriverError::Unsupported(format!("VM {id} is sealed already")));
+                return Err(DriverError::Unsupported(format!(
+                    "VM {id} is sealed already"
+                )));
             }
             fs::rename(disk.join("upper"), &sealed)
                 .map_err(|e| io(format!("seal {}", disk.display()), e))?;

@@ -858,7 +858,10 @@ async fn a_failed_boot_reports_the_console_and_leaves_nothing() {
     let DriverError::Boot(message) = &err else {
         panic!("{err:?}")
     };
-    assert!(message.contains("exec /run/hearth/hearth-guest-agent"), "{message}");
+    assert!(
+        message.contains("exec /run/hearth/hearth-guest-agent"),
+        "{message}"
+    );
     assert_gone(&env.driver, spec.id, &[]);
     assert!(env.driver.list().await.unwrap().is_empty());
     let leftovers: Vec<_> = env

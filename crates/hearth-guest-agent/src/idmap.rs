@@ -59,7 +59,11 @@ pub fn mount_idmapped(source: &Path, target: &Path, userns: &OwnedFd) -> io::Res
             OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
         );
         if fd < 0 {
-            return Err(with_context(io::Error::last_os_error(), "open_tree", source));
+            return Err(with_context(
+                io::Error::last_os_error(),
+                "open_tree",
+                source,
+            ));
         }
         OwnedFd::from_raw_fd(fd as libc::c_int)
     };
@@ -104,7 +108,11 @@ pub fn mount_idmapped(source: &Path, target: &Path, userns: &OwnedFd) -> io::Res
         )
     };
     if moved < 0 {
-        return Err(with_context(io::Error::last_os_error(), "move_mount", target));
+        return Err(with_context(
+            io::Error::last_os_error(),
+            "move_mount",
+            target,
+        ));
     }
     Ok(())
 }

@@ -114,8 +114,14 @@ pub fn run(args: &InitArgs) -> Result<i32, String> {
     let none = None::<&str>;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(|e| format!("make / private: {e}"))?;
-    mount(Some("proc"), "/proc", Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, none)
-        .map_err(|e| format!("mount this namespace's /proc: {e}"))?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        none,
+    )
+    .map_err(|e| format!("mount this namespace's /proc: {e}"))?;
     let mut server = start_confined(vm_id.trim())?;
     let userns = map_ids(&mut server, args.uid_base)?;
     setup_filesystem(args, &userns)?;
@@ -163,7 +169,9 @@ fn map_ids(server: &mut Child, uid_base: u32) -> Result<OwnedFd, String> {
         Ok(1) if ready[0] == b'u' => {}
         Ok(_) => {
             let status = server.wait().map_err(|e| format!("wait: {e}"))?;
-            return Err(format!("the server exited before entering its user namespace ({status})"));
+            return Err(format!(
+                "the server exited before entering its user namespace ({status})"
+            ));
         }
         Err(e) => return Err(format!("wait for the server's user namespace: {e}")),
     }

@@ -75,7 +75,12 @@ const SKIPPED: [&str; 6] = [
 ];
 
 /// Files never taken from a package, whatever it lists.
-const NEVER: [&str; 4] = ["/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-"];
+const NEVER: [&str; 4] = [
+    "/etc/shadow",
+    "/etc/gshadow",
+    "/etc/shadow-",
+    "/etc/gshadow-",
+];
 
 /// Host files copied into the image's `/etc` when they exist: none holds a
 /// secret.
@@ -170,7 +175,10 @@ fn closure() -> Result<BTreeMap<String, String>, BaseError> {
         let Some(package) = all.get(name) else {
             continue;
         };
-        if found.insert(name.to_owned(), package.version.clone()).is_some() {
+        if found
+            .insert(name.to_owned(), package.version.clone())
+            .is_some()
+        {
             continue;
         }
         for alternatives in &package.depends {
@@ -206,7 +214,8 @@ pub fn ensure(images_dir: &Path) -> Result<PathBuf, BaseError> {
     if target.is_dir() {
         return Ok(target);
     }
-    fs::create_dir_all(images_dir).map_err(|e| err(format!("create {}", images_dir.display()), e))?;
+    fs::create_dir_all(images_dir)
+        .map_err(|e| err(format!("create {}", images_dir.display()), e))?;
     let lock = fs::File::create(images_dir.join(".sandbox-base.lock"))
         .map_err(|e| err("create the lock file", e))?;
     lock.lock().map_err(|e| err("lock the image store", e))?;
@@ -218,7 +227,8 @@ pub fn ensure(images_dir: &Path) -> Result<PathBuf, BaseError> {
         fs::remove_dir_all(&building).map_err(|e| err("remove a stale build", e))?;
     }
     let result = build(&building, &packages).and_then(|()| {
-        fs::rename(&building, &target).map_err(|e| err(format!("rename into {}", target.display()), e))
+        fs::rename(&building, &target)
+            .map_err(|e| err(format!("rename into {}", target.display()), e))
     });
     if result.is_err() {
         let _ = fs::remove_dir_all(&building);
@@ -234,7 +244,8 @@ fn build(root: &Path, packages: &BTreeMap<String, String>) -> Result<(), BaseErr
         let host = Path::new("/").join(link);
         if let Ok(to) = fs::read_link(&host) {
             symlink(&to, root.join(link)).map_err(|e| err(format!("link /{link}"), e))?;
-            fs::create_dir_all(root.join(&to)).map_err(|e| err(format!("create {}", to.display()), e))?;
+            fs::create_dir_all(root.join(&to))
+                .map_err(|e| err(format!("create {}", to.display()), e))?;
         }
     }
     let same_device = fs::metadata(root)
@@ -352,7 +363,8 @@ fn write_etc(root: &Path) -> Result<(), BaseError> {
         };
         let inside = root.join(file.trim_start_matches('/'));
         if let Some(parent) = inside.parent() {
-            fs::create_dir_all(parent).map_err(|e| err(format!("create {}", parent.display()), e))?;
+            fs::create_dir_all(parent)
+                .map_err(|e| err(format!("create {}", parent.display()), e))?;
         }
         let _ = fs::remove_file(&inside);
         fs::write(&inside, contents).map_err(|e| err(format!("write {file}"), e))?;
