@@ -296,6 +296,27 @@ impl SandboxDriver {
     }
 }
 
+/// Whether `base` can be a sandbox's root: above every real user (the
+/// first 65536 ids) and with room for the 65536 ids a sandbox maps.
+pub fn check_uid_base(base: u32) -> Result<(), String> {
+    if base < hearth_guest_agent::init::ID_RANGE {
+        return Err(format!(
+            "the sandbox uid base {base} is below {}: the sandboxes' ids would be real users'",
+            hearth_guest_agent::init::ID_RANGE
+        ));
+    }
+    if base
+        .checked_add(hearth_guest_agent::init::ID_RANGE)
+        .is_none()
+    {
+        return Err(format!(
+            "the sandbox uid base {base} leaves no room for {} ids",
+            hearth_guest_agent::init::ID_RANGE
+        ));
+    }
+    Ok(())
+}
+
 /// A client of a sandbox's guest agent (over its Unix socket).
 pub type SandboxGuestClient = GuestClient<Box<dyn Fn() -> ConnectFuture + Send + Sync>>;
 
@@ -466,6 +487,7 @@ impl Inner {
                 agent.display()
             ));
         }
+        check_uid_base(self.config.uid_base)?;
 
         let meta = Meta {
             id: spec.id,
