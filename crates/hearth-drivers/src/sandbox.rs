@@ -1,39 +1,49 @@
 //! The sandbox driver: VMs as Linux namespaces on the server's own host.
 //!
-//! A sandbox is a pid + mount + UTS + IPC (+ network, when isolated)
-//! namespace set whose PID 1 is `hearth-guest-agent init` (see
-//! `hearth_guest_agent::init`), with an overlay root over the image's folder
-//! (the host's `/` by default), its own `/home`, `/tmp`, `/proc` and
-//! hostname, and its limits in a cgroup. Everything of VM `<id>` lives in
-//! `<state_dir>/<id>/`:
+//! A sandbox is a pid + mount + UTS + IPC (+ network, unless `network:
+//! host`) namespace set whose PID 1 is `hearth-guest-agent init` (see
+//! `hearth_guest_agent::init`), running its agent's server and every
+//! command in a user namespace of their own (root inside = the host's
+//! unprivileged `uid_base`), with reduced capabilities, `no_new_privs` and
+//! a seccomp filter (see `hearth_guest_agent::confine`); its root is an
+//! overlay over the image's folder (the server's base image by default,
+//! never the host's `/`), mounted idmapped and read-only, with its writable
+//! layer on a tmpfs of the VM's disk size; its limits are in a cgroup
+//! (memory, cpu, pids). Everything of VM `<id>` lives in `<state_dir>/<id>/`:
 //!
 //! | file/folder                    | what                                      |
 //! |--------------------------------|-------------------------------------------|
 //! | `meta.json`                    | id, tenant, workspace, created_at (what `list` reports) |
+//! | `launch.json`                  | the launcher's arguments (seal and reset start it again) |
 //! | `secret`                       | the agent's shared secret (0600)          |
 //! | `pid`                          | the launcher's pid (`unshare`, after exec) |
 //! | `cgroups`                      | the VM's cgroup folders, one per line     |
-//! | `console.log`                  | stdout/stderr of the launcher, init and agent server |
-//! | `upper/`, `work/`, `root/`     | the overlay's upper, work and mount folders |
-//! | `home/`, `tmp/`                | the sandbox's `/home` and `/tmp`          |
-//! | `run/`                         | its `/run/hearth`: agent binary copy, `secret`, `vm-id`, `agent.sock` |
+//! | `agent/`                       | the agent binary the launcher runs, bound read-only into the sandbox |
+//! | `disk/`                        | the VM's disk, a tmpfs: `upper/` and `work/` (the writable layer), `sealed/` (the provisioned layer, once sealed), `console.log` |
+//! | `lower/`, `root/`              | mount points of the idmapped image and the overlay (inside the sandbox only) |
+//! | `run/`                         | its `/run/hearth`: `secret`, `vm-id`, `agent.sock` |
 //!
 //! Boot: `hearth-guest-agent launch --cgroup-procs … -- unshare --fork --pid
 //! --mount --uts --ipc [--net] --kill-child --propagation private --
-//! <vm-dir>/run/hearth-guest-agent init …`. The launcher joins the cgroups
-//! before it execs, so every process of the VM is in them from its first
-//! instruction; `--kill-child` ties init to the launcher, and the kernel
-//! kills the whole pid namespace when init dies. `create` returns once the
-//! agent's socket exists (a few milliseconds), or fails with the tail of
-//! `console.log` when the sandbox died on the way. An image folder must
-//! hold what the agent binary needs to run (`/bin/sh`, and the C library
-//! the binary links against).
+//! <vm-dir>/agent/hearth-guest-agent init …`. The launcher joins the
+//! cgroups before it execs, so every process of the VM is in them from its
+//! first instruction; `--kill-child` ties init to the launcher, and the
+//! kernel kills the whole pid namespace when init dies. `create` returns
+//! once the agent's socket exists (a few milliseconds), or fails with the
+//! tail of the console log when the sandbox died on the way. An image folder
+//! must hold what the agent binary needs to run (the C library it links
+//! against).
+//!
+//! Seal and reset: every process of the VM is killed (as by destroy), then
+//! the upper layer becomes `disk/sealed/` (seal) or is replaced by an empty
+//! one (reset), `run/` is made anew, and the same launcher command starts
+//! the same VM again (id, secret, socket path, cgroups).
 //!
 //! Destroy: SIGKILL init (its namespace dies with it; the launcher reaps it
 //! and exits, so no zombie is left to the host's PID 1), then the launcher
 //! if it lingers, then every process still in the VM's cgroups or pid
-//! namespace, until none is alive; then the cgroups, any mount of the VM
-//! folder still visible here, and the folder.
+//! namespace, until none is alive; then the cgroups, every mount of the VM
+//! folder still visible here (its disk), and the folder.
 //!
 //! **Invariants:**
 //! - the launcher runs in a process group of its own and outlives the
@@ -44,13 +54,11 @@
 //! - `destroy` returns `Ok` only when no process, mount, cgroup or file of
 //!   the VM remains; it is idempotent;
 //! - a failed `create` leaves nothing behind (it runs `destroy`'s cleanup);
-//! - the state folder is always hidden inside every sandbox, so a sandbox
-//!   never sees another's files.
-//!
-//! **Not a security boundary against root:** commands run as root with
-//! every capability (no user namespace, no seccomp), so a hostile command
-//! can undo the masks; the sandbox keeps honest workloads apart and limits
-//! their resources. Untrusted code belongs in qemu VMs.
+//! - the host never runs or follows a file the sandbox can write: the
+//!   launcher's binary is outside its reach, its socket is checked to be a
+//!   socket, and its folders are removed without following links;
+//! - the state folder is hidden inside every sandbox whose image is the
+//!   host's root, so a sandbox never sees another's files.
 
 mod cgroup;
 mod procs;
@@ -73,7 +81,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -94,6 +102,9 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest Unix socket path `connect(2)` takes (`sun_path`).
 const MAX_SOCKET_PATH: usize = 107;
+/// The console log, on the VM's own disk: what the sandbox's processes
+/// write there counts against the VM's disk, never fills the host's.
+const CONSOLE_LOG: &str = "disk/console.log";
 /// How much of `console.log` a boot error quotes.
 const CONSOLE_TAIL_BYTES: u64 = 2048;
 /// The host uid (and gid) a sandbox's root is by default: far above any
@@ -329,6 +340,14 @@ pub type ConnectFuture =
 fn connect_agent(run_dir: PathBuf) -> ConnectFuture {
     Box::pin(async move {
         let socket = run_dir.join("agent.sock");
+        // The sandbox's root can replace its socket: never follow it
+        // anywhere else on the host (e.g. a link to another socket).
+        if !fs::symlink_metadata(&socket)?.file_type().is_socket() {
+            return Err(io::Error::other(format!(
+                "{} is not a socket",
+                socket.display()
+            )));
+        }
         if socket.as_os_str().len() <= MAX_SOCKET_PATH {
             return tokio::net::UnixStream::connect(socket).await;
         }
@@ -370,7 +389,7 @@ fn write_private(path: &Path, contents: &str) -> io::Result<()> {
 /// The last bytes of the console log, for boot errors.
 fn console_tail(vm_dir: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = fs::File::open(vm_dir.join("console.log")) else {
+    let Ok(mut file) = fs::File::open(vm_dir.join(CONSOLE_LOG)) else {
         return String::new();
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -659,7 +678,7 @@ impl Inner {
         let console = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(vm_dir.join("console.log"))
+            .open(vm_dir.join(CONSOLE_LOG))
             .map_err(|e| io_err("open console.log", e))?;
         let console_err = console
             .try_clone()

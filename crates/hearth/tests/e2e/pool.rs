@@ -502,7 +502,18 @@ fn failing_boots_back_off_then_hard_limit(b: Backend) {
 
 fn pool_commands_refuse_inside_a_vm(b: Backend) {
     let s = Server::start_with(b, FAST);
-    s.pool(10, SANDBOX, "web", "min_idle: 1\n");
+    // The host's root as the image (a weaker setting chosen explicitly),
+    // so that the VM can run the host's CLI binary.
+    let r = s
+        .admin()
+        .put_yaml("/v1/images/host-root", "driver: sandbox\nroot_dir: /\n");
+    assert!(r.status < 300, "{}", r.text);
+    s.pool(
+        10,
+        &format!("{SANDBOX}image: host-root\n"),
+        "web",
+        "min_idle: 1\n",
+    );
     wait_idle(&s, 1, 30);
     let r = s.spawn(&s.admin_token, json!({"workspace": "web"}));
     let id = r.body["id"].as_str().unwrap();
