@@ -953,26 +953,31 @@ async fn a_relative_state_folder_is_made_absolute() {
     assert_eq!(env.driver.list().await.unwrap().len(), 1);
 }
 
-/// Boot latency (create → health answering) and destroy time over 20
-/// sandboxes:
+/// Boot latency (create → health answering), reset (of a sealed VM, until
+/// its agent answers again) and destroy time over 20 sandboxes:
 /// `cargo test -p hearth-drivers --test sandbox -- --ignored --nocapture boot_time`.
 #[tokio::test]
 #[ignore = "a measurement, not a test"]
 async fn boot_time() {
     let env = Env::new();
-    let (mut boots, mut destroys) = (Vec::new(), Vec::new());
+    let (mut boots, mut resets, mut destroys) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..20 {
         let spec = env.spec(256);
         let started = Instant::now();
         env.driver.create(&spec).await.unwrap();
         wait_healthy(&env.driver, spec.id).await;
         boots.push(started.elapsed());
+        env.driver.seal(spec.id).await.unwrap();
+        let started = Instant::now();
+        env.driver.reset(spec.id).await.unwrap();
+        resets.push(started.elapsed());
         let started = Instant::now();
         env.driver.destroy(spec.id).await.unwrap();
         destroys.push(started.elapsed());
     }
     for (what, times) in [
         ("boot (create → health)", &mut boots),
+        ("reset (kill → fresh layer → health)", &mut resets),
         ("destroy", &mut destroys),
     ] {
         times.sort();

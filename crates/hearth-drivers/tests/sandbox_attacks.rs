@@ -531,6 +531,14 @@ async fn a_disk_filler_gets_enospc_at_its_limit() {
     )
     .await;
     assert!(stderr.contains("No space left on device"), "{stderr}");
+    // Nor through the console the host keeps: it is on the VM's disk too.
+    let stderr = denied(
+        &env.driver,
+        id,
+        "p=$(pgrep -f 'hearth-guest-agent serve' | head -n 1); dd if=/dev/zero of=/proc/$p/fd/2 bs=1M count=64",
+    )
+    .await;
+    assert!(stderr.contains("No space left on device"), "{stderr}");
     // Legit: after freeing it, writing within the limit works.
     ok(
         &env.driver,
@@ -679,4 +687,27 @@ async fn a_crash_mid_reset_leaves_a_vm_that_destroy_removes_whole() {
     assert!(cgroups.iter().all(|c| !c.exists()));
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&vm_dir.display().to_string()), "{mounts}");
+}
+
+#[tokio::test]
+async fn a_replaced_socket_is_never_followed_by_the_host() {
+    let env = Env::new();
+    let (a, b) = (env.boot().await, env.boot().await);
+    let b_socket = env.driver.vm_dir(b).join("run/agent.sock");
+    // A's root points its socket at B's (or any host socket).
+    ok(
+        &env.driver,
+        a,
+        &format!(
+            "rm /run/hearth/agent.sock && ln -s {} /run/hearth/agent.sock",
+            b_socket.display()
+        ),
+    )
+    .await;
+    let err = env.driver.health(a).await.unwrap_err();
+    assert!(err.to_string().contains("is not a socket"), "{err}");
+    // Legit: B is untouched, and a reset gives A a working socket again.
+    assert!(env.driver.health(b).await.is_ok());
+    env.driver.reset(a).await.expect("reset");
+    assert_eq!(ok(&env.driver, a, "echo back").await, "back\n");
 }
