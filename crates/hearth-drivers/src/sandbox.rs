@@ -903,7 +903,10 @@ impl Inner {
                     .max(Duration::from_secs(1)),
             )?;
         }
-        let mut mounts = procs::mounts_under(&vm_dir);
+        // Mount points are listed resolved: so must the folder be (a state
+        // folder given as a relative path may hold `..`).
+        let resolved = fs::canonicalize(&vm_dir).unwrap_or_else(|_| vm_dir.clone());
+        let mut mounts = procs::mounts_under(&resolved);
         mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
         for mount in mounts {
             if let Err(e) = umount2(&mount, MntFlags::MNT_DETACH) {
