@@ -83,7 +83,18 @@ pub fn run(args: BootArgs) -> Result<()> {
         .prefix("hearth-bench-sandboxes-")
         .tempdir()
         .context("cannot create the state folder")?;
-    let driver = driver(state.path(), &guest_agent, CGROUP_ROOT);
+    let mut driver = driver(state.path(), &guest_agent, CGROUP_ROOT);
+    // The server's default image, built here as the server builds it.
+    let images = tempfile::Builder::new()
+        .prefix("hearth-bench-images-")
+        .tempdir_in("/var/tmp")
+        .context("cannot create the image folder")?;
+    let started = Instant::now();
+    let base = hearth_image::base::ensure(images.path()).context("cannot build the base image")?;
+    eprintln!("[boot] base image built in {:?}", started.elapsed());
+    let mut config = driver.config().clone();
+    config.default_root = Some(base);
+    driver = SandboxDriver::new(config);
     let runtime = runtime()?;
     let mut samples = Vec::with_capacity(args.runs);
     for i in 1..=args.runs {
@@ -228,12 +239,9 @@ fn render(report: &BootReport) -> String {
 /// A sandbox driver over `state_dir` (created if missing).
 pub fn driver(state_dir: &Path, guest_agent: &Path, cgroup_root: &str) -> SandboxDriver {
     let _ = std::fs::create_dir_all(state_dir);
-    SandboxDriver::new(SandboxConfig {
-        state_dir: state_dir.to_owned(),
-        agent_binary: guest_agent.to_owned(),
-        hide: Vec::new(),
-        cgroup_root_name: cgroup_root.into(),
-    })
+    let mut config = SandboxConfig::new(state_dir, guest_agent);
+    config.cgroup_root_name = cgroup_root.into();
+    SandboxDriver::new(config)
 }
 
 /// The ids of the sandboxes with a folder in `state_dir`.

@@ -269,12 +269,10 @@ async fn run_async(args: ProvisionArgs, guest_agent: PathBuf) -> Result<()> {
     let state = tempfile::Builder::new()
         .prefix("hearth-bench-prov-")
         .tempdir_in("/var/tmp")?;
-    let driver = SandboxDriver::new(SandboxConfig {
-        state_dir: state.path().join("sandboxes"),
-        agent_binary: guest_agent,
-        hide: vec![],
-        cgroup_root_name: "hearth-bench".into(),
-    });
+    let mut config = SandboxConfig::new(state.path().join("sandboxes"), guest_agent);
+    config.cgroup_root_name = "hearth-bench".into();
+    config.default_root = Some(hearth_image::base::ensure(&state.path().join("images"))?);
+    let driver = SandboxDriver::new(config);
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&state.path().join("hearth.db")).await?);
     let token = NewToken {
         id: hearth_core::ids::TokenId::new(),

@@ -35,6 +35,8 @@ struct FakeVm {
     spec: VmSpec,
     ready_at: Instant,
     files: HashMap<String, (Vec<u8>, u32)>,
+    /// The files when it was sealed: what `reset` brings back.
+    sealed: HashMap<String, (Vec<u8>, u32)>,
     execs: Vec<String>,
     /// Its processes died ([`FakeDriver::crash`]).
     crashed: bool,
@@ -146,6 +148,7 @@ impl Driver for FakeDriver {
             spec: spec.clone(),
             ready_at: Instant::now() + config.boot_latency,
             files: HashMap::new(),
+            sealed: HashMap::new(),
             execs: Vec::new(),
             crashed: false,
         };
@@ -203,6 +206,23 @@ impl Driver for FakeDriver {
         let mut vms = self.vms.lock().unwrap();
         let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
         vm.files.insert(path.to_owned(), (contents.to_vec(), mode));
+        Ok(())
+    }
+
+    async fn seal(&self, id: VmId) -> Result<()> {
+        let mut vms = self.vms.lock().unwrap();
+        let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
+        vm.sealed = vm.files.clone();
+        Ok(())
+    }
+
+    /// Like the sandbox driver: the files back to the sealed ones, and a
+    /// crashed VM comes back up (its processes are started again).
+    async fn reset(&self, id: VmId) -> Result<()> {
+        let mut vms = self.vms.lock().unwrap();
+        let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
+        vm.files = vm.sealed.clone();
+        vm.crashed = false;
         Ok(())
     }
 

@@ -1,39 +1,49 @@
 //! The sandbox driver: VMs as Linux namespaces on the server's own host.
 //!
-//! A sandbox is a pid + mount + UTS + IPC (+ network, when isolated)
-//! namespace set whose PID 1 is `hearth-guest-agent init` (see
-//! `hearth_guest_agent::init`), with an overlay root over the image's folder
-//! (the host's `/` by default), its own `/home`, `/tmp`, `/proc` and
-//! hostname, and its limits in a cgroup. Everything of VM `<id>` lives in
-//! `<state_dir>/<id>/`:
+//! A sandbox is a pid + mount + UTS + IPC (+ network, unless `network:
+//! host`) namespace set whose PID 1 is `hearth-guest-agent init` (see
+//! `hearth_guest_agent::init`), running its agent's server and every
+//! command in a user namespace of their own (root inside = the host's
+//! unprivileged `uid_base`), with reduced capabilities, `no_new_privs` and
+//! a seccomp filter (see `hearth_guest_agent::confine`); its root is an
+//! overlay over the image's folder (the server's base image by default,
+//! never the host's `/`), mounted idmapped and read-only, with its writable
+//! layer on a tmpfs of the VM's disk size; its limits are in a cgroup
+//! (memory, cpu, pids). Everything of VM `<id>` lives in `<state_dir>/<id>/`:
 //!
 //! | file/folder                    | what                                      |
 //! |--------------------------------|-------------------------------------------|
 //! | `meta.json`                    | id, tenant, workspace, created_at (what `list` reports) |
+//! | `launch.json`                  | the launcher's arguments (seal and reset start it again) |
 //! | `secret`                       | the agent's shared secret (0600)          |
 //! | `pid`                          | the launcher's pid (`unshare`, after exec) |
 //! | `cgroups`                      | the VM's cgroup folders, one per line     |
-//! | `console.log`                  | stdout/stderr of the launcher, init and agent server |
-//! | `upper/`, `work/`, `root/`     | the overlay's upper, work and mount folders |
-//! | `home/`, `tmp/`                | the sandbox's `/home` and `/tmp`          |
-//! | `run/`                         | its `/run/hearth`: agent binary copy, `secret`, `vm-id`, `agent.sock` |
+//! | `agent/`                       | the agent binary the launcher runs, bound read-only into the sandbox |
+//! | `disk/`                        | the VM's disk, a tmpfs: `upper/` and `work/` (the writable layer), `sealed/` (the provisioned layer, once sealed), `console.log` |
+//! | `lower/`, `root/`              | mount points of the idmapped image and the overlay (inside the sandbox only) |
+//! | `run/`                         | its `/run/hearth`: `secret`, `vm-id`, `agent.sock` |
 //!
 //! Boot: `hearth-guest-agent launch --cgroup-procs … -- unshare --fork --pid
 //! --mount --uts --ipc [--net] --kill-child --propagation private --
-//! <vm-dir>/run/hearth-guest-agent init …`. The launcher joins the cgroups
-//! before it execs, so every process of the VM is in them from its first
-//! instruction; `--kill-child` ties init to the launcher, and the kernel
-//! kills the whole pid namespace when init dies. `create` returns once the
-//! agent's socket exists (a few milliseconds), or fails with the tail of
-//! `console.log` when the sandbox died on the way. An image folder must
-//! hold what the agent binary needs to run (`/bin/sh`, and the C library
-//! the binary links against).
+//! <vm-dir>/agent/hearth-guest-agent init …`. The launcher joins the
+//! cgroups before it execs, so every process of the VM is in them from its
+//! first instruction; `--kill-child` ties init to the launcher, and the
+//! kernel kills the whole pid namespace when init dies. `create` returns
+//! once the agent's socket exists (a few milliseconds), or fails with the
+//! tail of the console log when the sandbox died on the way. An image folder
+//! must hold what the agent binary needs to run (the C library it links
+//! against).
+//!
+//! Seal and reset: every process of the VM is killed (as by destroy), then
+//! the upper layer becomes `disk/sealed/` (seal) or is replaced by an empty
+//! one (reset), `run/` is made anew, and the same launcher command starts
+//! the same VM again (id, secret, socket path, cgroups).
 //!
 //! Destroy: SIGKILL init (its namespace dies with it; the launcher reaps it
 //! and exits, so no zombie is left to the host's PID 1), then the launcher
 //! if it lingers, then every process still in the VM's cgroups or pid
-//! namespace, until none is alive; then the cgroups, any mount of the VM
-//! folder still visible here, and the folder.
+//! namespace, until none is alive; then the cgroups, every mount of the VM
+//! folder still visible here (its disk), and the folder.
 //!
 //! **Invariants:**
 //! - the launcher runs in a process group of its own and outlives the
@@ -44,13 +54,11 @@
 //! - `destroy` returns `Ok` only when no process, mount, cgroup or file of
 //!   the VM remains; it is idempotent;
 //! - a failed `create` leaves nothing behind (it runs `destroy`'s cleanup);
-//! - the state folder is always hidden inside every sandbox, so a sandbox
-//!   never sees another's files.
-//!
-//! **Not a security boundary against root:** commands run as root with
-//! every capability (no user namespace, no seccomp), so a hostile command
-//! can undo the masks; the sandbox keeps honest workloads apart and limits
-//! their resources. Untrusted code belongs in qemu VMs.
+//! - the host never runs or follows a file the sandbox can write: the
+//!   launcher's binary is outside its reach, its socket is checked to be a
+//!   socket, and its folders are removed without following links;
+//! - the state folder is hidden inside every sandbox whose image is the
+//!   host's root, so a sandbox never sees another's files.
 
 pub(crate) mod cgroup;
 mod procs;
@@ -63,7 +71,7 @@ use crate::{
 use async_trait::async_trait;
 use hearth_core::ids::{TenantId, VmId};
 use hearth_core::resource::DriverKind;
-use nix::mount::{MntFlags, umount2};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rand::RngCore;
@@ -73,7 +81,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -94,8 +102,18 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest Unix socket path `connect(2)` takes (`sun_path`).
 const MAX_SOCKET_PATH: usize = 107;
+/// The console log, on the VM's own disk: what the sandbox's processes
+/// write there counts against the VM's disk, never fills the host's.
+const CONSOLE_LOG: &str = "disk/console.log";
 /// How much of `console.log` a boot error quotes.
 const CONSOLE_TAIL_BYTES: u64 = 2048;
+/// The host uid (and gid) a sandbox's root is by default: far above any
+/// real user's, with room for the 65536 ids a sandbox maps.
+pub const DEFAULT_UID_BASE: u32 = 1_000_000_000;
+/// A sandbox's process limit by default (`pids.max`).
+pub const DEFAULT_PIDS_MAX: u64 = 2048;
+/// A sandbox's writable layer when the spec gives none, in MiB.
+pub const DEFAULT_DISK_MIB: u64 = 4096;
 
 /// How the sandbox driver is set up.
 #[derive(Debug, Clone)]
@@ -110,6 +128,15 @@ pub struct SandboxConfig {
     pub hide: Vec<PathBuf>,
     /// The cgroup folder under each hierarchy ([`DEFAULT_CGROUP_ROOT`]).
     pub cgroup_root_name: String,
+    /// The image folder a VM whose image names no `root_dir` boots from
+    /// (the server's base image, see `hearth_image::base`). `None`: such a
+    /// VM fails to boot — the host's `/` is never a default.
+    pub default_root: Option<PathBuf>,
+    /// The host uid and gid of every sandbox's root ([`DEFAULT_UID_BASE`]);
+    /// ids `uid_base..uid_base + 65536` are the sandboxes'.
+    pub uid_base: u32,
+    /// The most processes a sandbox may have ([`DEFAULT_PIDS_MAX`]).
+    pub pids_max: u64,
 }
 
 impl SandboxConfig {
@@ -121,6 +148,9 @@ impl SandboxConfig {
             agent_binary: agent_binary.into(),
             hide: Vec::new(),
             cgroup_root_name: DEFAULT_CGROUP_ROOT.into(),
+            default_root: None,
+            uid_base: DEFAULT_UID_BASE,
+            pids_max: DEFAULT_PIDS_MAX,
         }
     }
 }
@@ -240,9 +270,12 @@ impl SandboxDriver {
     pub fn cgroup_roots(&self) -> Vec<PathBuf> {
         match self.inner.cgroups() {
             Some(cgroup::Layout::V2 { parent }) => vec![parent.clone()],
-            Some(cgroup::Layout::V1 { memory, cpu }) => {
-                memory.iter().chain(cpu.iter()).cloned().collect()
-            }
+            Some(cgroup::Layout::V1 { memory, cpu, pids }) => memory
+                .iter()
+                .chain(cpu.iter())
+                .chain(pids.iter())
+                .cloned()
+                .collect(),
             None => Vec::new(),
         }
     }
@@ -274,6 +307,27 @@ impl SandboxDriver {
     }
 }
 
+/// Whether `base` can be a sandbox's root: above every real user (the
+/// first 65536 ids) and with room for the 65536 ids a sandbox maps.
+pub fn check_uid_base(base: u32) -> Result<(), String> {
+    if base < hearth_guest_agent::init::ID_RANGE {
+        return Err(format!(
+            "the sandbox uid base {base} is below {}: the sandboxes' ids would be real users'",
+            hearth_guest_agent::init::ID_RANGE
+        ));
+    }
+    if base
+        .checked_add(hearth_guest_agent::init::ID_RANGE)
+        .is_none()
+    {
+        return Err(format!(
+            "the sandbox uid base {base} leaves no room for {} ids",
+            hearth_guest_agent::init::ID_RANGE
+        ));
+    }
+    Ok(())
+}
+
 /// A client of a sandbox's guest agent (over its Unix socket).
 pub type SandboxGuestClient = GuestClient<Box<dyn Fn() -> ConnectFuture + Send + Sync>>;
 
@@ -286,6 +340,14 @@ pub type ConnectFuture =
 fn connect_agent(run_dir: PathBuf) -> ConnectFuture {
     Box::pin(async move {
         let socket = run_dir.join("agent.sock");
+        // The sandbox's root can replace its socket: never follow it
+        // anywhere else on the host (e.g. a link to another socket).
+        if !fs::symlink_metadata(&socket)?.file_type().is_socket() {
+            return Err(io::Error::other(format!(
+                "{} is not a socket",
+                socket.display()
+            )));
+        }
         if socket.as_os_str().len() <= MAX_SOCKET_PATH {
             return tokio::net::UnixStream::connect(socket).await;
         }
@@ -327,7 +389,7 @@ fn write_private(path: &Path, contents: &str) -> io::Result<()> {
 /// The last bytes of the console log, for boot errors.
 fn console_tail(vm_dir: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = fs::File::open(vm_dir.join("console.log")) else {
+    let Ok(mut file) = fs::File::open(vm_dir.join(CONSOLE_LOG)) else {
         return String::new();
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -422,11 +484,15 @@ impl Inner {
     /// up on error.
     fn boot(self: &Arc<Self>, spec: &VmSpec, vm_dir: &Path) -> Result<(), String> {
         let io_err = |what: &str, e: io::Error| format!("{what}: {e}");
-        let lower = spec
-            .image
-            .root_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/"));
+        let lower = match (&spec.image.root_dir, &self.config.default_root) {
+            (Some(dir), _) | (None, Some(dir)) => dir.clone(),
+            (None, None) => {
+                return Err(
+                    "the image names no root_dir and this server has no default sandbox image"
+                        .into(),
+                );
+            }
+        };
         if !lower.is_dir() {
             return Err(format!(
                 "the image folder {} does not exist",
@@ -440,6 +506,7 @@ impl Inner {
                 agent.display()
             ));
         }
+        check_uid_base(self.config.uid_base)?;
 
         let meta = Meta {
             id: spec.id,
@@ -449,33 +516,49 @@ impl Inner {
         };
         let meta = serde_json::to_string_pretty(&meta).map_err(|e| format!("meta.json: {e}"))?;
         fs::write(vm_dir.join("meta.json"), meta).map_err(|e| io_err("write meta.json", e))?;
-        for sub in ["upper", "work", "root", "home", "tmp", "run"] {
+        for sub in ["agent", "disk", "lower", "root"] {
             fs::create_dir(vm_dir.join(sub)).map_err(|e| io_err(&format!("create {sub}/"), e))?;
         }
-        fs::set_permissions(vm_dir.join("tmp"), fs::Permissions::from_mode(0o1777))
-            .map_err(|e| io_err("chmod tmp/", e))?;
 
         let mut secret = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut secret);
         let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         write_private(&vm_dir.join("secret"), &secret)
             .map_err(|e| io_err("write the secret", e))?;
-        let run = vm_dir.join("run");
-        write_private(&run.join("secret"), &secret).map_err(|e| io_err("write run/secret", e))?;
-        fs::write(run.join("vm-id"), spec.id.to_string())
-            .map_err(|e| io_err("write run/vm-id", e))?;
-        // A copy, not a hard link: root inside the sandbox can write to
-        // /run/hearth, and must not be able to rewrite the binary the host
-        // runs as the next sandbox's launcher.
-        let agent_copy = run.join(AGENT_BINARY_NAME);
+        // A copy outside anything the sandbox can write (bound read-only
+        // into it): the host runs this file as the next launcher of the VM,
+        // on every reset.
+        let agent_copy = vm_dir.join("agent").join(AGENT_BINARY_NAME);
         fs::copy(agent, &agent_copy)
             .map_err(|e| io_err(&format!("copy {}", agent.display()), e))?;
         fs::set_permissions(&agent_copy, fs::Permissions::from_mode(0o755))
             .map_err(|e| io_err("chmod the agent binary", e))?;
 
+        // The writable layer: a tmpfs of the VM's disk size, mounted here on
+        // the host so that it outlives the sandbox's processes (seal and
+        // reset relaunch them over it). Its pages count towards the VM's
+        // memory cgroup.
+        let disk_mib = if spec.disk_mib > 0 {
+            spec.disk_mib
+        } else {
+            DEFAULT_DISK_MIB
+        };
+        let disk = vm_dir.join("disk");
+        let options = format!("size={disk_mib}m,mode=0755");
+        mount(
+            Some("hearth-disk"),
+            &disk,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(options.as_str()),
+        )
+        .map_err(|e| format!("mount the VM's disk (tmpfs {options}): {e}"))?;
+        self.fresh_layer(vm_dir)?;
+
         let limits = cgroup::Limits {
             memory_bytes: (spec.memory_mib > 0).then(|| spec.memory_mib.saturating_mul(1 << 20)),
             cpu_quota_us: (spec.cpus > 0).then(|| u64::from(spec.cpus) * cgroup::CPU_PERIOD_US),
+            pids_max: (self.config.pids_max > 0).then_some(self.config.pids_max),
         };
         let mut cgroup_procs = Vec::new();
         if let Some(layout) = self.cgroups() {
@@ -489,52 +572,125 @@ impl Inner {
             cgroup_procs = layout.create(&vm, limits)?;
         }
 
+        // The launcher's command line, kept in `launch.json` so that seal and
+        // reset start the very same sandbox again.
+        let mut argv: Vec<OsString> = vec!["launch".into()];
+        if !cgroup_procs.is_empty() {
+            argv.push("--cgroup-procs".into());
+            argv.extend(cgroup_procs.iter().map(|p| p.clone().into_os_string()));
+        }
+        argv.extend(
+            [
+                "--", "unshare", "--fork", "--pid", "--mount", "--uts", "--ipc",
+            ]
+            .map(OsString::from),
+        );
+        if spec.network.mode != hearth_core::resource::Network::Host {
+            argv.push("--net".into());
+        }
+        argv.extend(["--kill-child", "--propagation", "private", "--"].map(OsString::from));
+        argv.push(agent_copy.into_os_string());
+        argv.push("init".into());
+        argv.extend([
+            "--vm-dir".into(),
+            vm_dir.as_os_str().to_owned(),
+            "--lower".into(),
+            lower.into_os_string(),
+            "--uid-base".into(),
+            self.config.uid_base.to_string().into(),
+        ]);
+        let hidden = self.hidden_paths();
+        if !hidden.is_empty() {
+            argv.push("--hide".into());
+            argv.extend(hidden.into_iter().map(PathBuf::into_os_string));
+        }
+        argv.extend(["--hostname".into(), short_id(spec.id).into()]);
+        if !cgroup_procs.is_empty() {
+            if let Some(bytes) = limits.memory_bytes {
+                argv.extend(["--memory-bytes".into(), bytes.to_string().into()]);
+            }
+            if let Some(quota) = limits.cpu_quota_us {
+                argv.extend(["--cpu-quota-us".into(), quota.to_string().into()]);
+            }
+        }
+        let argv: Vec<String> = argv
+            .into_iter()
+            .map(|a| {
+                a.into_string()
+                    .map_err(|a| format!("a launcher argument is not UTF-8: {a:?}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let launch = serde_json::to_string(&argv).map_err(|e| format!("launch.json: {e}"))?;
+        fs::write(vm_dir.join("launch.json"), launch)
+            .map_err(|e| io_err("write launch.json", e))?;
+        self.start(spec.id, vm_dir)
+    }
+
+    /// Makes the sandbox's run folder and an empty writable layer (`upper/`,
+    /// `work/`) on its disk, both owned by the sandbox's root.
+    fn fresh_layer(&self, vm_dir: &Path) -> Result<(), String> {
+        let io_err = |what: &str, e: io::Error| format!("{what}: {e}");
+        let base = self.config.uid_base;
+        let owner = (
+            Some(nix::unistd::Uid::from_raw(base)),
+            Some(nix::unistd::Gid::from_raw(base)),
+        );
+        let chown = |path: &Path| {
+            nix::unistd::chown(path, owner.0, owner.1)
+                .map_err(|e| format!("chown {}: {e}", path.display()))
+        };
+        let disk = vm_dir.join("disk");
+        for sub in ["upper", "work"] {
+            fs::create_dir(disk.join(sub))
+                .map_err(|e| io_err(&format!("create disk/{sub}/"), e))?;
+        }
+        chown(&disk.join("upper"))?;
+
+        // run/: the sandbox's /run/hearth, written by its server (the
+        // socket); the secret is the host's copy, the binary a mount point.
+        let run = vm_dir.join("run");
+        fs::create_dir(&run).map_err(|e| io_err("create run/", e))?;
+        chown(&run)?;
+        let secret =
+            fs::read_to_string(vm_dir.join("secret")).map_err(|e| io_err("read the secret", e))?;
+        write_private(&run.join("secret"), secret.trim())
+            .map_err(|e| io_err("write run/secret", e))?;
+        chown(&run.join("secret"))?;
+        let vm_id = vm_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        fs::write(run.join("vm-id"), vm_id).map_err(|e| io_err("write run/vm-id", e))?;
+        fs::write(run.join(AGENT_BINARY_NAME), b"")
+            .map_err(|e| io_err("create run/hearth-guest-agent", e))?;
+        Ok(())
+    }
+
+    /// Starts the VM's launcher from `launch.json` and waits until its
+    /// agent's socket exists (or it died).
+    fn start(self: &Arc<Self>, id: VmId, vm_dir: &Path) -> Result<(), String> {
+        let io_err = |what: &str, e: io::Error| format!("{what}: {e}");
+        let argv: Vec<String> = fs::read(vm_dir.join("launch.json"))
+            .map_err(|e| io_err("read launch.json", e))
+            .and_then(|raw| {
+                serde_json::from_slice(&raw).map_err(|e| format!("launch.json: {e}"))
+            })?;
         let console = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(vm_dir.join("console.log"))
+            .open(vm_dir.join(CONSOLE_LOG))
             .map_err(|e| io_err("open console.log", e))?;
         let console_err = console
             .try_clone()
             .map_err(|e| io_err("open console.log", e))?;
 
+        let agent = &self.config.agent_binary;
         let mut command = Command::new(agent);
-        command.arg("launch");
-        if !cgroup_procs.is_empty() {
-            command.arg("--cgroup-procs").args(&cgroup_procs);
-        }
-        command.args([
-            "--", "unshare", "--fork", "--pid", "--mount", "--uts", "--ipc",
-        ]);
-        if spec.network.mode != hearth_core::resource::Network::Host {
-            command.arg("--net");
-        }
-        command
-            .args(["--kill-child", "--propagation", "private", "--"])
-            .arg(&agent_copy)
-            .arg("init");
-        command
-            .arg("--vm-dir")
-            .arg(vm_dir)
-            .arg("--lower")
-            .arg(&lower);
-        let hidden = self.hidden_paths();
-        if !hidden.is_empty() {
-            command.arg("--hide").args(&hidden);
-        }
-        command.arg("--hostname").arg(short_id(spec.id));
-        if !cgroup_procs.is_empty() {
-            if let Some(bytes) = limits.memory_bytes {
-                command.arg("--memory-bytes").arg(bytes.to_string());
-            }
-            if let Some(quota) = limits.cpu_quota_us {
-                command.arg("--cpu-quota-us").arg(quota.to_string());
-            }
-        }
         // Its own process group (a Ctrl-C of the server must not reach it),
         // no parent-death signal (it must outlive the server), and none of
         // the server's environment.
         command
+            .args(&argv)
             .env_clear()
             .env("PATH", hearth_guest_agent::protocol::BASE_PATH)
             .current_dir("/")
@@ -553,7 +709,7 @@ impl Inner {
         self.launched
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(spec.id, launched.clone());
+            .insert(id, launched.clone());
         let reaper = launched.clone();
         let spawned = thread::Builder::new()
             .name(format!("reap-{pid}"))
@@ -572,7 +728,7 @@ impl Inner {
 
         // Launched = the agent's socket exists (the server binds it last,
         // after the whole filesystem is set up), or the launcher died.
-        let socket = run.join("agent.sock");
+        let socket = vm_dir.join("run").join("agent.sock");
         let deadline = Instant::now() + BOOT_TIMEOUT;
         loop {
             if socket.exists() {
@@ -592,6 +748,45 @@ impl Inner {
             }
             thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Seal (`seal = true`: the present writable layer becomes the
+    /// provisioned one) or reset (a fresh writable layer over the
+    /// provisioned one): either way every process of the VM is killed and
+    /// the same sandbox (id, secret, socket path, cgroups) starts again.
+    fn relaunch(self: &Arc<Self>, id: VmId, seal: bool) -> Result<()> {
+        let vm_dir = self.vm_dir(id);
+        if !vm_dir.join("launch.json").is_file() {
+            return Err(DriverError::NotFound(id));
+        }
+        let started = Instant::now();
+        self.stop(id, &vm_dir)?;
+        let io = |what: String, e: io::Error| {
+            DriverError::Io(io::Error::new(e.kind(), format!("{what}: {e}")))
+        };
+        let disk = vm_dir.join("disk");
+        let sealed = disk.join("sealed");
+        if seal {
+            if sealed.exists() {
+                return Err(DriverError::Unsupported(format!(
+                    "VM {id} is sealed already"
+                )));
+            }
+            fs::rename(disk.join("upper"), &sealed)
+                .map_err(|e| io(format!("seal {}", disk.display()), e))?;
+        }
+        for stale in [disk.join("upper"), disk.join("work"), vm_dir.join("run")] {
+            match fs::remove_dir_all(&stale) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(format!("remove {}", stale.display()), e)),
+            }
+        }
+        self.fresh_layer(&vm_dir)
+            .and_then(|()| self.start(id, &vm_dir))
+            .map_err(DriverError::Boot)?;
+        tracing::debug!(vm = %id, seal, elapsed_ms = started.elapsed().as_millis() as u64, "sandbox relaunched");
+        Ok(())
     }
 
     /// The VM's processes now: its launcher, init and server (by their
@@ -632,8 +827,10 @@ impl Inner {
         found
     }
 
-    fn destroy(&self, id: VmId) -> Result<()> {
-        let vm_dir = self.vm_dir(id);
+    /// Kills every process of the VM and waits until none is alive (and
+    /// the launcher is reaped); leaves its files, mounts and cgroups.
+    fn stop(&self, id: VmId, vm_dir: &Path) -> Result<()> {
+        let vm_dir = vm_dir.to_path_buf();
         let vm_id = id.to_string();
         let launched = self
             .launched
@@ -689,6 +886,14 @@ impl Inner {
             // Leave no zombie: the reaper collects the launcher promptly.
             launched.wait(Duration::from_secs(2));
         }
+        Ok(())
+    }
+
+    fn destroy(&self, id: VmId) -> Result<()> {
+        let vm_dir = self.vm_dir(id);
+        self.stop(id, &vm_dir)?;
+        let cgroups = read_cgroup_record(&vm_dir);
+        let deadline = Instant::now() + DESTROY_TIMEOUT;
 
         for dir in &cgroups {
             cgroup::remove(
@@ -698,7 +903,12 @@ impl Inner {
                     .max(Duration::from_secs(1)),
             )?;
         }
-        for mount in procs::mounts_under(&vm_dir) {
+        // Mount points are listed resolved: so must the folder be (a state
+        // folder given as a relative path may hold `..`).
+        let resolved = fs::canonicalize(&vm_dir).unwrap_or_else(|_| vm_dir.clone());
+        let mut mounts = procs::mounts_under(&resolved);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for mount in mounts {
             if let Err(e) = umount2(&mount, MntFlags::MNT_DETACH) {
                 return Err(DriverError::Io(io::Error::other(format!(
                     "cannot unmount {}: {e}",
@@ -791,7 +1001,38 @@ impl Driver for SandboxDriver {
         request: &ExecRequest,
         output: Option<mpsc::UnboundedSender<OutputChunk>>,
     ) -> Result<ExecResult> {
-        self.guest(id).await?.exec(request, output).await
+        let cgroups = self.cgroup_dirs(id);
+        let oom_before: u64 = cgroups.iter().map(|d| cgroup::oom_kills(d)).sum();
+        let result = self.guest(id).await?.exec(request, output.clone()).await;
+        let oom_after: u64 = cgroups.iter().map(|d| cgroup::oom_kills(d)).sum();
+        if oom_after > oom_before {
+            // The VM's own failure, said where its user looks: the command's
+            // output.
+            let message = format!(
+                "hearth: the VM hit its memory limit: the kernel killed {} of its processes (out of memory)\n",
+                oom_after - oom_before
+            );
+            tracing::warn!(vm = %id, kills = oom_after - oom_before, "the VM hit its memory limit");
+            if let Some(output) = &output {
+                let _ = output.send(OutputChunk {
+                    stream: crate::Stream::Stderr,
+                    data: message,
+                });
+            }
+        }
+        result
+    }
+
+    async fn seal(&self, id: VmId) -> Result<()> {
+        let inner = self.inner.clone();
+        blocking(move || inner.relaunch(id, true)).await?;
+        wait_answering(self, id).await
+    }
+
+    async fn reset(&self, id: VmId) -> Result<()> {
+        let inner = self.inner.clone();
+        blocking(move || inner.relaunch(id, false)).await?;
+        wait_answering(self, id).await
     }
 
     async fn write_file(&self, id: VmId, path: &str, contents: &[u8], mode: u32) -> Result<()> {
@@ -800,5 +1041,22 @@ impl Driver for SandboxDriver {
 
     async fn health(&self, id: VmId) -> Result<GuestHealth> {
         self.guest(id).await?.health().await
+    }
+}
+
+/// Waits (bounded by [`BOOT_TIMEOUT`]) until a relaunched VM's agent
+/// answers a health check: its socket exists before it accepts.
+async fn wait_answering(driver: &SandboxDriver, id: VmId) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + BOOT_TIMEOUT;
+    loop {
+        match driver.health(id).await {
+            Ok(_) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(DriverError::Boot(format!(
+                    "the relaunched VM's agent does not answer: {e}"
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! The command line of the `hearth-guest-agent` binary: `serve`, `init`,
-//! `vm-init` and `launch`, parsed by hand to keep the binary small and fast
+//! `confine`, `vm-init` and `launch`, parsed by hand to keep the binary small and fast
 //! to start.
 //!
 //! Flags are `--name value`; `--hide` and `--cgroup-procs` take every value
-//! up to the next flag and may repeat; `launch` takes its command after `--`.
+//! up to the next flag and may repeat; `launch` and `confine` take their
+//! command after `--`.
 //! Run with no arguments as PID 1 (a kernel starting `/init`), the binary is
 //! `vm-init`.
 
@@ -21,7 +22,8 @@ use std::process::{Command, ExitCode};
 const USAGE: &str = "usage:
   hearth-guest-agent serve (--socket PATH | --tcp ADDR:PORT) --secret-file PATH --vm-id ID
   hearth-guest-agent vm-init   (PID 1 of a qemu VM; also when run as PID 1 with no arguments)
-  hearth-guest-agent init --vm-dir DIR --lower DIR [--hide PATH...] --hostname NAME [--memory-bytes N] [--cpu-quota-us N]
+  hearth-guest-agent init --vm-dir DIR --lower DIR --uid-base N [--hide PATH...] --hostname NAME [--memory-bytes N] [--cpu-quota-us N]
+  hearth-guest-agent confine -- SERVER-COMMAND [ARGS...]   (started by init)
   hearth-guest-agent launch [--cgroup-procs PATH...] -- COMMAND [ARGS...]";
 
 /// Runs the subcommand `args` names (program name excluded).
@@ -36,6 +38,7 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
     let result = match command.to_str() {
         Some("serve") => serve(rest),
         Some("init") => init(rest),
+        Some("confine") => confine(rest),
         Some("launch") => launch(rest),
         Some("vm-init") if rest.is_empty() => vminit::run(),
         Some("vm-init") => Err(format!("vm-init takes no arguments\n{USAGE}")),
@@ -163,6 +166,7 @@ fn init(args: &[OsString]) -> Result<i32, String> {
         &[
             "vm-dir",
             "lower",
+            "uid-base",
             "hide",
             "hostname",
             "memory-bytes",
@@ -172,12 +176,22 @@ fn init(args: &[OsString]) -> Result<i32, String> {
     let args = InitArgs {
         vm_dir: flags.one("vm-dir")?.into(),
         lower: flags.one("lower")?.into(),
+        uid_base: flags
+            .number("uid-base")?
+            .ok_or("--uid-base is required")?
+            .try_into()
+            .map_err(|_| "--uid-base must fit in 32 bits".to_owned())?,
         hide: flags.many("hide").into_iter().map(PathBuf::from).collect(),
         hostname: text(flags.one("hostname")?, "hostname")?,
         memory_bytes: flags.number("memory-bytes")?,
         cpu_quota_us: flags.number("cpu-quota-us")?,
     };
     init::run(&args)
+}
+
+fn confine(args: &[OsString]) -> Result<i32, String> {
+    let flags = Flags::parse(args, &[])?;
+    crate::confine::run(&flags.rest)
 }
 
 fn launch(args: &[OsString]) -> Result<i32, String> {

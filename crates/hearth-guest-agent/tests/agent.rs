@@ -322,6 +322,8 @@ fn init_refuses_to_run_as_anything_but_pid_1() {
             "/nonexistent",
             "--lower",
             "/",
+            "--uid-base",
+            "1000000000",
             "--hostname",
             "x",
         ])
@@ -331,6 +333,25 @@ fn init_refuses_to_run_as_anything_but_pid_1() {
     assert!(!output.status.success());
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("PID 1"),
+        "{output:?}"
+    );
+    // The sandbox's uid base is required: there is no default to fall to.
+    let output = Command::new(AGENT)
+        .args([
+            "init",
+            "--vm-dir",
+            "/nonexistent",
+            "--lower",
+            "/",
+            "--hostname",
+            "x",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--uid-base is required"),
         "{output:?}"
     );
     let usage = Command::new(AGENT).arg("frobnicate").output().unwrap();

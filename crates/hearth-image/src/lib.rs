@@ -30,6 +30,7 @@
 //!   manifest records the sha256 and size of every input and output.
 
 pub mod apt;
+pub mod base;
 pub mod cpio;
 pub mod debian;
 pub mod initramfs;

@@ -94,6 +94,17 @@ fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
+/// The sandbox base image, built once (under a lock) in Cargo's target
+/// tmp folder and shared by every test process.
+fn base_image() -> PathBuf {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    BASE.get_or_init(|| {
+        hearth_image::base::ensure(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("images"))
+            .expect("build the sandbox base image")
+    })
+    .clone()
+}
+
 /// A `git daemon` serving a folder, killed (with its process group) on drop.
 struct GitDaemon {
     child: Child,
@@ -183,6 +194,7 @@ impl Fixture {
         fs::create_dir_all(&git_dir).unwrap();
         let mut config = SandboxConfig::new(base.join("state"), agent_binary());
         config.cgroup_root_name = format!("hearth-test-{tag}");
+        config.default_root = Some(base_image());
         let mut fixture = Fixture {
             driver: SandboxDriver::new(config),
             base,

@@ -86,11 +86,6 @@ pub struct AdoptReport {
 /// Output kept of a command, at most.
 const OUTPUT_TAIL: usize = 64 * 1024;
 
-/// Run in a VM before it goes back to the pool: every process but the
-/// guest agent's own is killed and /tmp emptied.
-const CLEANUP: &str = "for d in /proc/[0-9]*; do p=${d#/proc/}; case $p in 1|$$|$PPID) ;; *) kill -9 $p 2>/dev/null;; esac; done; \
-     find /tmp -mindepth 1 -delete 2>/dev/null; true";
-
 /// How often, at most, a run's progress is written while it provisions:
 /// a fast boot's steps (milliseconds apart) cost one write, not one each.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -945,27 +940,23 @@ impl Pool {
         tokio::spawn(async move {
             let mut keep = to_idle;
             if keep {
-                let cleanup = ExecRequest {
-                    timeout: Duration::from_secs(30),
-                    ..ExecRequest::new(CLEANUP)
-                };
-                let cleaned = match pool.driver_for(&vm) {
-                    Ok(d) => {
-                        d.exec(
-                            vm.id,
-                            &ExecRequest {
-                                cwd: "/".into(),
-                                ..cleanup
-                            },
-                            None,
-                        )
-                        .await
-                    }
+                // Back to its provisioned state, or gone: a VM that cannot
+                // be reset (qemu, until snapshots) is destroyed and the pool
+                // refills.
+                let reset = match pool.driver_for(&vm) {
+                    Ok(d) => d.reset(vm.id).await,
                     Err(e) => Err(DriverError::Unsupported(e.to_string())),
                 };
-                if let Err(e) = cleaned {
-                    tracing::warn!(vm = %vm.id, error = %e, "cleaning a returned VM failed; destroying it");
-                    keep = false;
+                match reset {
+                    Ok(()) => {}
+                    Err(DriverError::Unsupported(reason)) => {
+                        tracing::info!(vm = %vm.id, %reason, "a returned VM cannot be reset; destroying it");
+                        keep = false;
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.id, error = %e, "resetting a returned VM failed; destroying it");
+                        keep = false;
+                    }
                 }
             }
             match pool.store.release_vm(vm.id, vm.agent_id, keep).await {
@@ -1070,8 +1061,23 @@ impl Pool {
                 )
             }
         };
-        let (steps, summary) = outcome;
+        let (steps, mut summary) = outcome;
         progress.close();
+        // What provisioning left is what every return goes back to: sealed
+        // before the VM can be claimed; a VM that cannot be sealed fails.
+        if summary.success && !vm.test {
+            let sealed = match self.drivers.get(plan.driver) {
+                Ok(driver) => driver.seal(vm.id).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sealed {
+                summary = Summary {
+                    success: false,
+                    failed_step: Some("seal".into()),
+                    error: Some(format!("cannot seal the provisioned VM: {e}")),
+                };
+            }
+        }
         let status = if summary.success {
             InstanceStatus::Ready
         } else {

@@ -60,6 +60,10 @@ pub struct ServerArgs {
     /// bakes (default: `<data-dir>/images/cache`).
     #[arg(long, env = "HEARTH_IMAGE_CACHE_DIR")]
     image_cache_dir: Option<PathBuf>,
+    /// The host uid and gid of every sandbox's root; the sandboxes use the
+    /// 65536 ids from there (no real user should own any of them).
+    #[arg(long, env = "HEARTH_SANDBOX_UID_BASE", default_value_t = hearth_drivers::sandbox::DEFAULT_UID_BASE)]
+    sandbox_uid_base: u32,
     /// Accelerator of the qemu driver: `auto` (KVM only after a probe boot
     /// succeeds, else TCG), `kvm` or `tcg`.
     #[arg(long, env = "HEARTH_QEMU_ACCEL", default_value = "auto")]
@@ -235,13 +239,25 @@ async fn start_pool(
     })));
     match args.guest_agent.clone().or_else(find_agent_binary) {
         Some(agent_binary) => {
+            hearth_drivers::sandbox::check_uid_base(args.sandbox_uid_base)
+                .map_err(|e| anyhow::anyhow!("--sandbox-uid-base: {e}"))?;
             let data_dir = fs::canonicalize(&args.data_dir)?;
-            let sandbox = SandboxDriver::new(SandboxConfig {
-                state_dir: data_dir.join("sandboxes"),
-                agent_binary,
-                hide: vec![data_dir],
-                cgroup_root_name: "hearth".into(),
-            });
+            // The sandboxes' default image, built from this host's packages
+            // (a second start finds it in a few milliseconds).
+            let images = data_dir.join("images");
+            let default_root =
+                tokio::task::spawn_blocking(move || hearth_image::base::ensure(&images))
+                    .await?
+                    .map_err(|e| tracing::warn!(error = %e, "no default sandbox image: sandboxes need an image with a root_dir"))
+                    .ok();
+            if let Some(root) = &default_root {
+                tracing::info!(image = %root.display(), "default sandbox image ready");
+            }
+            let mut config = SandboxConfig::new(data_dir.join("sandboxes"), agent_binary);
+            config.hide = vec![data_dir];
+            config.default_root = default_root;
+            config.uid_base = args.sandbox_uid_base;
+            let sandbox = SandboxDriver::new(config);
             drivers = drivers.with(Arc::new(sandbox));
         }
         None => tracing::warn!(

@@ -167,6 +167,8 @@ impl Cgroups {
             cgroup::Limits {
                 memory_bytes: Some(limits.memory_bytes),
                 cpu_quota_us: Some(limits.cpu_quota_us),
+                // qemu's own pids limit is set below, per hierarchy.
+                pids_max: None,
             },
         )?;
         let pids_dir = match (&self.pids_v1, self.pids_v2, &self.layout) {

@@ -7,6 +7,8 @@
 //!   are created, so `destroy` removes exactly them, whatever the
 //!   configuration of the driver instance that destroys;
 //! - the `<root name>` folders are shared by every VM and never removed here;
+//! - every VM has a `pids.max` (v2 `pids` controller, or a v1 `pids`
+//!   hierarchy when mounted): a fork bomb fails inside its VM;
 //! - memory limits include swap (v2 `memory.swap.max` = 0, v1
 //!   `memory.memsw.limit_in_bytes` when swap accounting exists), so a VM
 //!   over its limit is OOM-killed rather than swapped.
@@ -32,6 +34,7 @@ pub enum Layout {
     V1 {
         memory: Option<PathBuf>,
         cpu: Option<PathBuf>,
+        pids: Option<PathBuf>,
     },
 }
 
@@ -40,6 +43,7 @@ pub enum Layout {
 pub struct Limits {
     pub memory_bytes: Option<u64>,
     pub cpu_quota_us: Option<u64>,
+    pub pids_max: Option<u64>,
 }
 
 fn write(path: &Path, value: &str) -> Result<(), String> {
@@ -80,7 +84,7 @@ impl Layout {
         if unified.join("cgroup.controllers").exists() {
             let available = fs::read_to_string(unified.join("cgroup.controllers"))
                 .map_err(|e| format!("read cgroup.controllers: {e}"))?;
-            let wanted: Vec<&str> = ["memory", "cpu"]
+            let wanted: Vec<&str> = ["memory", "cpu", "pids"]
                 .into_iter()
                 .filter(|c| available.split_whitespace().any(|a| a == *c))
                 .collect();
@@ -109,22 +113,24 @@ impl Layout {
             .map_err(|e| format!("read /proc/self/mountinfo: {e}"))?;
         let memory = v1_mount(&mountinfo, "memory").map(|m| m.join(root_name));
         let cpu = v1_mount(&mountinfo, "cpu").map(|m| m.join(root_name));
+        let pids = v1_mount(&mountinfo, "pids").map(|m| m.join(root_name));
         if memory.is_none() && cpu.is_none() {
             return Err("no cgroup v2 and no v1 memory or cpu hierarchy is mounted".into());
         }
-        for dir in memory.iter().chain(cpu.iter()) {
+        for dir in memory.iter().chain(cpu.iter()).chain(pids.iter()) {
             mkdir(dir)?;
         }
-        Ok(Layout::V1 { memory, cpu })
+        Ok(Layout::V1 { memory, cpu, pids })
     }
 
     /// The folders a VM's cgroup will have.
     pub fn vm_dirs(&self, vm: &str) -> Vec<PathBuf> {
         match self {
             Layout::V2 { parent } => vec![parent.join(vm)],
-            Layout::V1 { memory, cpu } => memory
+            Layout::V1 { memory, cpu, pids } => memory
                 .iter()
                 .chain(cpu.iter())
+                .chain(pids.iter())
                 .map(|p| p.join(vm))
                 .collect(),
         }
@@ -159,8 +165,13 @@ impl Layout {
                 if let Some(quota) = limits.cpu_quota_us {
                     write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
                 }
+                if let Some(max) = limits.pids_max
+                    && dir.join("pids.max").exists()
+                {
+                    write(&dir.join("pids.max"), &max.to_string())?;
+                }
             }
-            Layout::V1 { memory, cpu } => {
+            Layout::V1 { memory, cpu, pids } => {
                 let vm = dirs[0].file_name().unwrap_or_default();
                 if let (Some(memory), Some(bytes)) = (memory, limits.memory_bytes) {
                     let dir = memory.join(vm);
@@ -177,6 +188,9 @@ impl Layout {
                     write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
                     write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
                 }
+                if let (Some(pids), Some(max)) = (pids, limits.pids_max) {
+                    write(&pids.join(vm).join("pids.max"), &max.to_string())?;
+                }
             }
         }
         Ok(())
@@ -190,6 +204,21 @@ pub fn procs(dir: &Path) -> Vec<i32> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
+}
+
+/// How many times the kernel OOM-killed a process of the VM (v2
+/// `memory.events`, v1 `memory.oom_control`); 0 when unknown.
+pub fn oom_kills(dir: &Path) -> u64 {
+    ["memory.events", "memory.oom_control"]
+        .iter()
+        .filter_map(|f| fs::read_to_string(dir.join(f)).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("oom_kill ")?.trim().parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Kills everything in the cgroup at once where the kernel can (v2

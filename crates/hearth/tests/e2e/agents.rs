@@ -254,7 +254,10 @@ fn reaper_follows_reap_stranded_workflows(b: Backend) {
     // Agents on the current build are never stranded.
     let fresh = s.spawn(&s.admin_token, json!({"workspace": "web"}));
     assert_eq!(fresh.body["build"], "b2");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // It starts (on a cold boot, or on the old agent's VM once reset), and
+    // past the grace period the reaper still leaves it alone.
+    s.wait_agent(&id(&fresh.body), "running", 30);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     assert_eq!(
         s.admin()
             .get(&format!("/v1/agents/{}", id(&fresh.body)))

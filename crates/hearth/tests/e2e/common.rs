@@ -574,12 +574,7 @@ pub fn repo_path(rel: &str) -> PathBuf {
 pub fn destroy_sandboxes(state_dir: &Path, ids: &[String]) {
     use hearth_drivers::Driver;
     use hearth_drivers::sandbox::{SandboxConfig, SandboxDriver};
-    let driver = SandboxDriver::new(SandboxConfig {
-        state_dir: state_dir.to_owned(),
-        agent_binary: guest_agent().into(),
-        hide: vec![],
-        cgroup_root_name: "hearth".into(),
-    });
+    let driver = SandboxDriver::new(SandboxConfig::new(state_dir, guest_agent()));
     block_on(async {
         for id in ids {
             if let Ok(id) = id.parse() {

@@ -506,19 +506,31 @@ fn failing_boots_back_off_then_hard_limit(b: Backend) {
 
 fn pool_commands_refuse_inside_a_vm(b: Backend) {
     let s = Server::start_with(b, FAST);
-    s.pool(10, SANDBOX, "web", "min_idle: 1\n");
+    // An operator-registered image holding the host's CLI binary, so that
+    // the VM can run it: /bin/sh, the binary and their libraries.
+    let rootfs = s.data_dir.path().join("images/prebuilt/with-cli/rootfs");
+    let cli_inside = "/usr/local/bin/hearth";
+    copy_with_libraries(&rootfs, std::path::Path::new("/bin/sh"), "/bin/sh");
+    copy_with_libraries(
+        &rootfs,
+        std::path::Path::new(crate::common::binary()),
+        cli_inside,
+    );
+    let r = s.admin().post(
+        "/v1/images/with-cli/prebuilt",
+        json!({"path": "with-cli", "driver": "sandbox"}),
+    );
+    assert!(r.status < 300, "{}", r.text);
+    s.pool(
+        10,
+        &format!("{SANDBOX}image: with-cli\n"),
+        "web",
+        "min_idle: 1\n",
+    );
     wait_idle(&s, 1, 30);
     let r = s.spawn(&s.admin_token, json!({"workspace": "web"}));
     let id = r.body["id"].as_str().unwrap();
-    // The CLI binary where a VM sees the host's files (its /tmp and /home
-    // are its own, so a build under /tmp would be invisible inside).
-    let shared = std::path::PathBuf::from(format!(
-        "/var/tmp/hearth-e2e-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&shared).unwrap();
-    let cli = shared.join("hearth");
-    std::fs::copy(crate::common::binary(), &cli).unwrap();
+    let cli = std::path::PathBuf::from(cli_inside);
     let command = format!(
         "{} --server {} pool status; echo exit=$?",
         cli.display(),
@@ -534,4 +546,30 @@ fn pool_commands_refuse_inside_a_vm(b: Backend) {
         e.text
     );
     assert_eq!(e.body["stdout"], "exit=1\n", "{}", e.text);
+}
+
+/// Copies `binary` to `inside` under `rootfs`, with every shared library
+/// `ldd` names at its own path (what a minimal root needs to run it).
+fn copy_with_libraries(rootfs: &std::path::Path, binary: &std::path::Path, inside: &str) {
+    let place = |from: &std::path::Path, to: &str| {
+        let target = rootfs.join(to.trim_start_matches('/'));
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        // A copy, not a link: the image store refuses links.
+        std::fs::copy(from, &target).unwrap();
+    };
+    place(binary, inside);
+    let out = std::process::Command::new("ldd")
+        .arg(binary)
+        .output()
+        .unwrap();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(std::path::PathBuf::from);
+        if let Some(lib) = path {
+            let real = std::fs::canonicalize(&lib).unwrap();
+            place(&real, lib.to_str().unwrap());
+        }
+    }
 }
