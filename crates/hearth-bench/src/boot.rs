@@ -233,6 +233,7 @@ pub fn driver(state_dir: &Path, guest_agent: &Path, cgroup_root: &str) -> Sandbo
         agent_binary: guest_agent.to_owned(),
         hide: Vec::new(),
         cgroup_root_name: cgroup_root.into(),
+        net: None,
     })
 }
 

@@ -274,6 +274,7 @@ async fn run_async(args: ProvisionArgs, guest_agent: PathBuf) -> Result<()> {
         agent_binary: guest_agent,
         hide: vec![],
         cgroup_root_name: "hearth-bench".into(),
+        net: None,
     });
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&state.path().join("hearth.db")).await?);
     let token = NewToken {

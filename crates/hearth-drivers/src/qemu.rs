@@ -156,6 +156,9 @@ pub struct QemuConfig {
     pub tsc_khz: Option<u64>,
     /// Appended to every kernel command line (no `"`).
     pub kernel_args: Vec<String>,
+    /// The VM network `network: egress` VMs get a tap on (`None`: such VMs
+    /// cannot boot).
+    pub net: Option<Arc<crate::net::Net>>,
 }
 
 impl QemuConfig {
@@ -170,6 +173,7 @@ impl QemuConfig {
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
             tsc_khz: None,
             kernel_args: Vec::new(),
+            net: None,
         }
     }
 }
@@ -715,7 +719,16 @@ impl Inner {
             None => None,
         };
         let root_disk = overlay.is_some() && spec.image.initrd.is_none();
-        let cmdline = kernel_cmdline(&self.config, accel, spec, &secret, root_disk);
+        let tap = self.attach_network(spec)?;
+        let mut cmdline = kernel_cmdline(&self.config, accel, spec, &secret, root_disk);
+        if let Some(tap) = &tap {
+            // The tap is the guest's eth1 (eth0 is the agent's channel).
+            cmdline.push_str(&format!(
+                " hearth.eth1={} hearth.gw={gw} hearth.dns={gw}",
+                tap.cidr(),
+                gw = tap.gateway
+            ));
+        }
         let cfg = format!("[machine]\n  append = \"{cmdline}\"\n");
         write_private(&vm_dir.join("qemu.cfg"), cfg.as_bytes())
             .map_err(|e| io_err("write qemu.cfg", e))?;
@@ -726,7 +739,15 @@ impl Inner {
         let mut last_error = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = pick_port(&self.reserved_ports).map_err(|e| io_err("pick a port", e))?;
-            let launched = self.launch(spec, &meta, vm_dir, accel, overlay.as_deref(), port);
+            let launched = self.launch(
+                spec,
+                &meta,
+                vm_dir,
+                accel,
+                overlay.as_deref(),
+                port,
+                tap.as_ref(),
+            );
             self.reserved_ports
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -748,6 +769,27 @@ impl Inner {
             vm_dir,
             format!("no free host port after {PORT_ATTEMPTS} attempts: {last_error}"),
         ))
+    }
+
+    /// An `egress` VM's tap on the VM network (see `crate::net`); `host` is
+    /// refused: a qemu guest never gets the host's network.
+    fn attach_network(&self, spec: &VmSpec) -> Result<Option<crate::net::Attachment>, String> {
+        use hearth_core::resource::Network;
+        match spec.network.mode {
+            Network::None => Ok(None),
+            Network::Host => Err("network: host is not available for qemu VMs (the guest would \
+                 reach the host's loopback); use network: egress with allow_host_ports"
+                .into()),
+            Network::Egress => {
+                let net = self.config.net.as_ref().ok_or_else(|| {
+                    "network: egress needs the VM network, which this server has not set up"
+                        .to_owned()
+                })?;
+                net.attach_tap(spec.id, &spec.network.allow_host_ports)
+                    .map(Some)
+                    .map_err(|e| format!("cannot attach the VM to the VM network: {e}"))
+            }
+        }
     }
 
     /// `qemu-img create` of the VM's copy-on-write overlay over `disk`.
@@ -782,6 +824,7 @@ impl Inner {
         accel: Accel,
         overlay: Option<&Path>,
         port: u16,
+        tap: Option<&crate::net::Attachment>,
     ) -> Result<(), Launch> {
         let failed = |what: &str, e: io::Error| Launch::Failed(format!("{what}: {e}"));
         for stale in ["pid", "qmp.sock"] {
@@ -802,13 +845,13 @@ impl Inner {
             // Relative to qemu's working folder (the VM folder).
             "qmp.sock".to_owned()
         };
-        let mut netdev = format!(
-            "user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{}",
+        // eth0: the agent's channel only. `restrict=on` keeps the guest from
+        // reaching anything through it (the host's loopback at 10.0.2.2
+        // above all); the host's forward to the agent still works.
+        let netdev = format!(
+            "user,id=n0,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{port}-:{}",
             self.config.guest_port
         );
-        if spec.network.mode == hearth_core::resource::Network::None {
-            netdev.push_str(",restrict=on");
-        }
         let mut command = Command::new(&self.config.qemu_binary);
         command
             .arg("-name")
@@ -838,7 +881,19 @@ impl Inner {
             .arg(format!("file:{}", vm_dir.join("console.log").display()))
             .arg("-netdev")
             .arg(netdev)
-            .args(["-device", "virtio-net-device,netdev=n0"])
+            .args(["-device", "virtio-net-device,netdev=n0"]);
+        if let Some(tap) = tap {
+            // eth1: the VM's port on the VM network (egress).
+            command
+                .arg("-netdev")
+                .arg(format!(
+                    "tap,id=n1,ifname={},script=no,downscript=no",
+                    tap.port
+                ))
+                .arg("-device")
+                .arg(format!("virtio-net-device,netdev=n1,mac={}", tap.mac));
+        }
+        command
             // Memory the guest frees goes back to the host.
             .args(["-device", "virtio-balloon-device,free-page-reporting=on"]);
         if let Some(overlay) = overlay {
@@ -937,6 +992,7 @@ impl Inner {
             .get(&id)
             .cloned();
         if !vm_dir.exists() {
+            self.detach_network(id)?;
             self.forget(id);
             return Ok(());
         }
@@ -975,6 +1031,7 @@ impl Inner {
             // Leave no zombie: the reaper collects qemu promptly.
             launched.wait(Duration::from_secs(2));
         }
+        self.detach_network(id)?;
         match fs::remove_dir_all(&vm_dir) {
             Ok(()) => {}
             Err(_) if !vm_dir.exists() => {}
@@ -987,6 +1044,18 @@ impl Inner {
         }
         self.forget(id);
         Ok(())
+    }
+
+    /// Removes the VM's tap, table elements and lease, if it has them.
+    fn detach_network(&self, id: VmId) -> Result<()> {
+        match &self.config.net {
+            Some(net) => net.detach(id).map_err(|e| {
+                DriverError::Io(io::Error::other(format!(
+                    "cannot detach VM {id} from the VM network: {e}"
+                )))
+            }),
+            None => Ok(()),
+        }
     }
 
     fn forget(&self, id: VmId) {

@@ -110,6 +110,9 @@ pub struct SandboxConfig {
     pub hide: Vec<PathBuf>,
     /// The cgroup folder under each hierarchy ([`DEFAULT_CGROUP_ROOT`]).
     pub cgroup_root_name: String,
+    /// The VM network `network: egress` sandboxes are attached to (`None`:
+    /// such sandboxes cannot boot).
+    pub net: Option<Arc<crate::net::Net>>,
 }
 
 impl SandboxConfig {
@@ -121,6 +124,7 @@ impl SandboxConfig {
             agent_binary: agent_binary.into(),
             hide: Vec::new(),
             cgroup_root_name: DEFAULT_CGROUP_ROOT.into(),
+            net: None,
         }
     }
 }
@@ -569,6 +573,7 @@ impl Inner {
             tracing::warn!(error = %e, "cannot start a reaper thread");
         }
         fs::write(vm_dir.join("pid"), pid.to_string()).map_err(|e| io_err("write pid", e))?;
+        self.attach_network(spec, pid as i32, &launched)?;
 
         // Launched = the agent's socket exists (the server binds it last,
         // after the whole filesystem is set up), or the launcher died.
@@ -592,6 +597,23 @@ impl Inner {
             }
             thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// An `egress` sandbox's port on the VM network, once the launcher is
+    /// in its own network namespace (see `crate::net`).
+    fn attach_network(&self, spec: &VmSpec, pid: i32, launched: &Launched) -> Result<(), String> {
+        if spec.network.mode != hearth_core::resource::Network::Egress {
+            return Ok(());
+        }
+        let net = self.config.net.as_ref().ok_or_else(|| {
+            "network: egress needs the VM network, which this server has not set up".to_owned()
+        })?;
+        let started = Instant::now();
+        crate::net::wait_for_netns(pid, BOOT_TIMEOUT, || launched.exited().is_none())
+            .and_then(|()| net.attach_sandbox(spec.id, pid, &spec.network.allow_host_ports))
+            .map_err(|e| format!("cannot attach the sandbox to the VM network: {e}"))?;
+        tracing::debug!(vm = %spec.id, took = ?started.elapsed(), "sandbox attached to the VM network");
+        Ok(())
     }
 
     /// The VM's processes now: its launcher, init and server (by their
@@ -697,6 +719,13 @@ impl Inner {
                     .saturating_duration_since(Instant::now())
                     .max(Duration::from_secs(1)),
             )?;
+        }
+        if let Some(net) = &self.config.net {
+            net.detach(id).map_err(|e| {
+                DriverError::Io(io::Error::other(format!(
+                    "cannot detach VM {id} from the VM network: {e}"
+                )))
+            })?;
         }
         for mount in procs::mounts_under(&vm_dir) {
             if let Err(e) = umount2(&mount, MntFlags::MNT_DETACH) {

@@ -93,6 +93,10 @@ pub struct BootParams {
     /// `hearth.ip=`, `hearth.gw=`, `hearth.dns=`: overrides of the user
     /// networking defaults.
     pub address: Option<String>,
+    /// `hearth.eth1=<address/prefix>`: a second interface (the host's VM
+    /// network, egress); the default route (`hearth.gw`) then goes through
+    /// it and `eth0` keeps only its own subnet.
+    pub eth1: Option<String>,
     pub gateway: Option<String>,
     pub nameserver: Option<String>,
 }
@@ -106,6 +110,7 @@ impl fmt::Debug for BootParams {
             .field("probe", &self.probe)
             .field("no_network", &self.no_network)
             .field("address", &self.address)
+            .field("eth1", &self.eth1)
             .field("gateway", &self.gateway)
             .field("nameserver", &self.nameserver)
             .finish()
@@ -140,6 +145,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootParams, String> {
             "probe" => params.probe = matches!(value, "" | "1" | "yes" | "true"),
             "net" => params.no_network = value == "none",
             "ip" => params.address = Some(value.to_owned()),
+            "eth1" => params.eth1 = Some(value.to_owned()),
             "gw" => params.gateway = Some(value.to_owned()),
             "dns" => params.nameserver = Some(value.to_owned()),
             _ => {}
@@ -458,20 +464,38 @@ fn run_tool(program: &str, args: &[&str]) -> Result<(), String> {
     }
 }
 
-fn configure_network(params: &BootParams) -> Result<(), String> {
-    run_tool("ip", &["link", "set", "lo", "up"])?;
+/// Waits for network interface `name` to appear.
+fn wait_for_interface(name: &str) -> Result<(), String> {
     let deadline = Instant::now() + NETDEV_TIMEOUT;
-    while !Path::new("/sys/class/net/eth0").exists() {
+    while !Path::new("/sys/class/net").join(name).exists() {
         if Instant::now() >= deadline {
-            return Err(format!("no eth0 after {NETDEV_TIMEOUT:?}"));
+            return Err(format!("no {name} after {NETDEV_TIMEOUT:?}"));
         }
         thread::sleep(Duration::from_millis(5));
     }
+    Ok(())
+}
+
+fn configure_network(params: &BootParams) -> Result<(), String> {
+    // No IPv6 in the guest (the host drops it from VM ports anyway).
+    let _ = fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1");
+    let _ = fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+    run_tool("ip", &["link", "set", "lo", "up"])?;
+    wait_for_interface("eth0")?;
     let address = params.address.as_deref().unwrap_or(DEFAULT_ADDRESS);
     let gateway = params.gateway.as_deref().unwrap_or(DEFAULT_GATEWAY);
     run_tool("ip", &["addr", "add", address, "dev", "eth0"])?;
     run_tool("ip", &["link", "set", "eth0", "up"])?;
-    run_tool("ip", &["route", "add", "default", "via", gateway])?;
+    let out = match &params.eth1 {
+        Some(eth1) => {
+            wait_for_interface("eth1")?;
+            run_tool("ip", &["addr", "add", eth1, "dev", "eth1"])?;
+            run_tool("ip", &["link", "set", "eth1", "up"])?;
+            "eth1"
+        }
+        None => "eth0",
+    };
+    run_tool("ip", &["route", "add", "default", "via", gateway, "dev", out])?;
     Ok(())
 }
 

@@ -56,6 +56,14 @@ pub struct ServerArgs {
     /// The guest agent binary put into sandboxes (default: next to hearth).
     #[arg(long, env = "HEARTH_GUEST_AGENT")]
     guest_agent: Option<PathBuf>,
+    /// The host bridge `network: egress` VMs are attached to (also the name
+    /// of hearth's nftables tables).
+    #[arg(long, env = "HEARTH_VM_BRIDGE", default_value = hearth_drivers::net::DEFAULT_BRIDGE)]
+    vm_bridge: String,
+    /// The subnet of the VM bridge; its first address is every VM's
+    /// gateway, DNS server and way to `allow_host_ports`.
+    #[arg(long, env = "HEARTH_VM_SUBNET", default_value = hearth_drivers::net::DEFAULT_SUBNET)]
+    vm_subnet: String,
     /// Accelerator of the qemu driver: `auto` (KVM only after a probe boot
     /// succeeds, else TCG), `kvm` or `tcg`.
     #[arg(long, env = "HEARTH_QEMU_ACCEL", default_value = "auto")]
@@ -190,6 +198,13 @@ async fn start_pool(
         boot_latency: args.fake_boot_latency,
         failure_rate: args.fake_failure_rate,
     })));
+    let net = Arc::new(hearth_drivers::net::Net::new(
+        hearth_drivers::net::NetConfig::for_bridge(
+            &args.vm_bridge,
+            hearth_drivers::net::parse_subnet(&args.vm_subnet)
+                .map_err(|e| anyhow::anyhow!("--vm-subnet: {e}"))?,
+        ),
+    ).map_err(|e| anyhow::anyhow!("--vm-bridge: {e}"))?);
     match args.guest_agent.clone().or_else(find_agent_binary) {
         Some(agent_binary) => {
             let data_dir = fs::canonicalize(&args.data_dir)?;
@@ -198,6 +213,7 @@ async fn start_pool(
                 agent_binary,
                 hide: vec![data_dir],
                 cgroup_root_name: "hearth".into(),
+                net: Some(net.clone()),
             });
             drivers = drivers.with(Arc::new(sandbox));
         }

@@ -579,6 +579,10 @@ pub fn destroy_sandboxes(state_dir: &Path, ids: &[String]) {
         agent_binary: guest_agent().into(),
         hide: vec![],
         cgroup_root_name: "hearth".into(),
+        net: Some(std::sync::Arc::new(
+            hearth_drivers::net::Net::new(hearth_drivers::net::NetConfig::new())
+                .expect("the default VM network"),
+        )),
     });
     block_on(async {
         for id in ids {
