@@ -15,11 +15,15 @@
 //!   and what the `prerouting` chain translated from the gateway: TCP to
 //!   `<gateway>:<port>` for the VM's `allow_host_ports`, to
 //!   `127.0.0.1:<port>`, and DNS to `<gateway>:53`, to the host's first
-//!   IPv4 resolver. Forwarded traffic from the bridge goes to anything but
+//!   IPv4 resolver (which may be on loopback). Forwarded traffic from the
+//!   bridge goes to the host's non-loopback resolvers on port 53, and to
+//!   anything but
 //!   private, loopback, link-local, CGNAT, multicast and reserved ranges
 //!   and the networks the host sits on (the gateway's DNS translation
 //!   aside), never back into the bridge, and is masqueraded. Nothing
-//!   enters the bridge but replies.
+//!   enters the bridge but replies. Refused traffic is rejected (ICMP
+//!   admin-prohibited), so a VM's connection fails at once rather than
+//!   hanging.
 //!
 //! Bridge ports are `isolated on`: VMs never see each other's frames.
 //! IPv6 is off on the bridge and the host's ends of the ports, and dropped
@@ -251,12 +255,13 @@ fn sysctl(path: &str, value: &str) -> Result<()> {
         .map_err(|e| NetError::Host(format!("cannot write {value} to {path}: {e}")))
 }
 
-/// The first IPv4 nameserver of `/etc/resolv.conf`.
-fn host_resolver() -> Option<Ipv4Addr> {
-    let text = fs::read_to_string(RESOLV_CONF).ok()?;
+/// The IPv4 nameservers of `/etc/resolv.conf`.
+fn host_resolvers() -> Vec<Ipv4Addr> {
+    let text = fs::read_to_string(RESOLV_CONF).unwrap_or_default();
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .find_map(|rest| rest.trim().parse().ok())
+        .filter_map(|rest| rest.trim().parse().ok())
+        .collect()
 }
 
 /// The IPv4 networks of the host's interfaces other than `bridge`.
@@ -371,7 +376,8 @@ impl Net {
         host_nets.sort();
         host_nets.dedup();
         let blocked = BLOCKED_RANGES.join(", ");
-        let dns = match host_resolver() {
+        let resolvers = host_resolvers();
+        let dns = match resolvers.first() {
             Some(resolver) => format!(
                 "iifname {b} ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {resolver}"
             ),
@@ -381,6 +387,22 @@ impl Net {
                 );
                 String::new()
             }
+        };
+        // VMs that read the host's resolv.conf (sandboxes over the host's
+        // root) ask its resolvers directly; loopback ones only through the
+        // gateway.
+        let direct: Vec<String> = resolvers
+            .iter()
+            .filter(|r| !r.is_loopback())
+            .map(|r| r.to_string())
+            .collect();
+        let direct_dns = if direct.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "iifname {b} ip daddr {{ {} }} meta l4proto {{ tcp, udp }} th dport 53 accept",
+                direct.join(", ")
+            )
         };
         let mut s = String::new();
         let _ = write!(
@@ -419,15 +441,16 @@ table inet {t} {{
   chain input {{
     iifname {b} ct state established,related accept
     iifname {b} ct status dnat ct original ip daddr {gw} accept
-    iifname {b} drop
+    iifname {b} reject with icmpx admin-prohibited
   }}
   chain forward {{
     oifname {b} ct state established,related accept
     oifname {b} drop
     iifname {b} meta nfproto != ipv4 drop
     iifname {b} ct status dnat ct original ip daddr {gw} accept
-    iifname {b} ip daddr {{ {blocked} }} drop
-    iifname {b} ip daddr @host_nets drop
+    {direct_dns}
+    iifname {b} ip daddr {{ {blocked} }} reject with icmpx admin-prohibited
+    iifname {b} ip daddr @host_nets reject with icmpx admin-prohibited
     iifname {b} accept
   }}
   chain postrouting {{
@@ -576,8 +599,19 @@ table inet {t} {{
             attachment.cidr(),
             attachment.gateway
         );
+        // IPv6 off inside too (the bridge drops it anyway): resolvers and
+        // clients then never wait on an address family that cannot work.
         let netns = format!("--net=/proc/{pid}/ns/net");
-        run("nsenter", &[&netns, "ip", "-batch", "-"], Some(&inside))?;
+        run(
+            "nsenter",
+            &[
+                &netns,
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null; exec ip -batch -",
+            ],
+            Some(&inside),
+        )?;
         Ok(attachment)
     }
 
