@@ -709,13 +709,23 @@ async fn qemu_guests_reach_the_internet_and_allowed_ports_and_nothing_of_the_hos
 
     // Legitimate: the git daemon on the host's loopback answers a real
     // upload-pack request through the gateway (the image has no git).
-    let request = "0032git-upload-pack /repo\\0host=localhost\\0";
+    // A pkt-line: four hex digits of length, then the request; the pipe
+    // stays open until the daemon has answered and hung up.
+    let request = "git-upload-pack /repo\\0host=localhost\\0";
     let (code, out, err) = run(
         &lab.qemu,
         a,
-        &format!("printf '{request}' | timeout 10 nc {gateway} {} | head -c 200", git.port),
+        &format!(
+            "(printf '{:04x}{request}'; sleep 5) | timeout 10 nc {gateway} {} | head -c 300",
+            4 + "git-upload-pack /repo".len() + 1 + "host=localhost".len() + 1,
+            git.port
+        ),
     )
     .await;
+    if !out.contains("refs/heads/main") {
+        let (_, dbg, e) = run(&lab.qemu, a, &format!("ip addr; ip route; cat /etc/resolv.conf; timeout 5 nc -z {gateway} {} && echo connects", git.port)).await;
+        eprintln!("{dbg}{e}");
+    }
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("refs/heads/main"), "no ref advertisement: {out:?}");
     // Legitimate: DNS through the gateway and TCP to the internet on 80.

@@ -9,6 +9,7 @@ mod auth;
 mod cli;
 mod conformance;
 mod hardening;
+mod network;
 mod pool;
 mod pool_wake;
 mod provisioning;
