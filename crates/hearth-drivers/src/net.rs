@@ -106,7 +106,10 @@ pub struct NetConfig {
 impl NetConfig {
     /// The default bridge and subnet, leases in [`default_lease_dir`].
     pub fn new() -> Self {
-        NetConfig::for_bridge(DEFAULT_BRIDGE, DEFAULT_SUBNET.parse().expect("the default subnet parses"))
+        NetConfig::for_bridge(
+            DEFAULT_BRIDGE,
+            DEFAULT_SUBNET.parse().expect("the default subnet parses"),
+        )
     }
 
     /// `bridge` over `subnet`, leases in [`default_lease_dir`].
@@ -139,9 +142,7 @@ pub fn validate_bridge_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 15
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if ok {
         Ok(())
     } else {
@@ -340,7 +341,10 @@ impl Net {
                 }
             })?;
         }
-        sysctl(&format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6"), "1")?;
+        sysctl(
+            &format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6"),
+            "1",
+        )?;
         sysctl(
             &format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet"),
             "1",
@@ -351,7 +355,11 @@ impl Net {
             run("ip", &["addr", "add", &cidr, "dev", bridge], None).or_else(|e| {
                 // Another server sharing the bridge added it meanwhile.
                 let again = run("ip", &["-4", "-o", "addr", "show", "dev", bridge], None)?;
-                if again.contains(&format!(" {cidr} ")) { Ok(String::new()) } else { Err(e) }
+                if again.contains(&format!(" {cidr} ")) {
+                    Ok(String::new())
+                } else {
+                    Err(e)
+                }
             })?;
         }
         run("ip", &["link", "set", bridge, "up"], None)?;

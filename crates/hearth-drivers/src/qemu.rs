@@ -20,8 +20,9 @@
 //! Boot: `qemu-system-x86_64 -name hearth-<id> -M microvm -accel <kvm|tcg>
 //! -cpu <host|max> -smp … -m … -kernel … -initrd … -readconfig qemu.cfg
 //! -nodefaults -no-user-config -display none -no-reboot -serial
-//! file:console.log -netdev user,id=n0,hostfwd=tcp:127.0.0.1:<port>-:<guest
-//! port> -device virtio-net-device,netdev=n0 -device
+//! file:console.log -netdev user,id=n0,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:<port>-:<guest
+//! port> -device virtio-net-device,netdev=n0 [-netdev tap,… -device
+//! virtio-net-device,netdev=n1,mac=…] -device
 //! virtio-balloon-device,free-page-reporting=on [-drive … -device
 //! virtio-blk-device…] -qmp unix:qmp.sock,server=on,wait=off -pidfile
 //! <dir>/pid`, in a process group of its own, not daemonized (the driver
@@ -44,9 +45,13 @@
 //!
 //! Host tools: `qemu-system-x86_64`, `qemu-img` (disks only), `timeout`.
 //!
-//! Network: qemu user networking (guest 10.0.2.15, host loopback reachable
-//! as 10.0.2.2, DNS 10.0.2.3); `isolated_network` adds `restrict=on` (the
-//! guest reaches nothing outside; the agent's forwarded port still works).
+//! Network: `eth0` is qemu user networking with `restrict=on,ipv6=off`
+//! (guest 10.0.2.15): the agent's forwarded port works, and the guest
+//! reaches nothing through it, the host's loopback at 10.0.2.2 included.
+//! `network: egress` adds `eth1`, a tap on the VM network (`crate::net`:
+//! `-netdev tap,ifname=ht<id>,script=no,downscript=no`, a MAC of its
+//! address), whose address, gateway and DNS reach `vm-init` as `hearth.eth1=`,
+//! `hearth.gw=`, `hearth.dns=`; `network: host` is refused.
 //!
 //! Destroy: QMP `quit`, then SIGKILL if qemu lingers after
 //! [`QUIT_GRACE`] — only a process whose arguments hold `-pidfile
@@ -777,9 +782,11 @@ impl Inner {
         use hearth_core::resource::Network;
         match spec.network.mode {
             Network::None => Ok(None),
-            Network::Host => Err("network: host is not available for qemu VMs (the guest would \
+            Network::Host => Err(
+                "network: host is not available for qemu VMs (the guest would \
                  reach the host's loopback); use network: egress with allow_host_ports"
-                .into()),
+                    .into(),
+            ),
             Network::Egress => {
                 let net = self.config.net.as_ref().ok_or_else(|| {
                     "network: egress needs the VM network, which this server has not set up"

@@ -1,7 +1,7 @@
 //! The sandbox driver: VMs as Linux namespaces on the server's own host.
 //!
-//! A sandbox is a pid + mount + UTS + IPC (+ network, when isolated)
-//! namespace set whose PID 1 is `hearth-guest-agent init` (see
+//! A sandbox is a pid + mount + UTS + IPC (+ network, unless `network:
+//! host`) namespace set whose PID 1 is `hearth-guest-agent init` (see
 //! `hearth_guest_agent::init`), with an overlay root over the image's folder
 //! (the host's `/` by default), its own `/home`, `/tmp`, `/proc` and
 //! hostname, and its limits in a cgroup. Everything of VM `<id>` lives in
@@ -28,6 +28,11 @@
 //! `console.log` when the sandbox died on the way. An image folder must
 //! hold what the agent binary needs to run (`/bin/sh`, and the C library
 //! the binary links against).
+//!
+//! Network: `none` = the new network namespace as is (loopback only);
+//! `egress` = once the launcher is in its namespace, `crate::net` puts a
+//! veth peer in it as `eth0`, addressed and routed, before `create`
+//! returns; `host` = no network namespace.
 //!
 //! Destroy: SIGKILL init (its namespace dies with it; the launcher reaps it
 //! and exits, so no zombie is left to the host's PID 1), then the launcher

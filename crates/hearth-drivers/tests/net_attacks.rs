@@ -62,7 +62,10 @@ fn agent_binary() -> PathBuf {
                 .stderr(Stdio::inherit())
                 .output()
                 .expect("run cargo to build hearth-guest-agent");
-            assert!(output.status.success(), "cargo build -p hearth-guest-agent failed");
+            assert!(
+                output.status.success(),
+                "cargo build -p hearth-guest-agent failed"
+            );
             String::from_utf8_lossy(&output.stdout)
                 .lines()
                 .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
@@ -213,7 +216,12 @@ impl GitDaemon {
         fs::create_dir_all(&repo).unwrap();
         let git = |args: &[&str]| {
             let out = Command::new("git")
-                .args(["-c", "user.name=hearth", "-c", "user.email=hearth@localhost"])
+                .args([
+                    "-c",
+                    "user.name=hearth",
+                    "-c",
+                    "user.email=hearth@localhost",
+                ])
                 .args(["-c", "init.defaultBranch=main"])
                 .args(args)
                 .current_dir(&repo)
@@ -231,7 +239,12 @@ impl GitDaemon {
             .unwrap()
             .port();
         let daemon = Command::new("git")
-            .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1"])
+            .args([
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+                "--listen=127.0.0.1",
+            ])
             .arg(format!("--port={port}"))
             .arg(format!("--base-path={}", root.path().display()))
             .arg(root.path())
@@ -327,7 +340,10 @@ impl Lab {
     }
 
     fn address(&self, id: VmId) -> Ipv4Addr {
-        self.net.address_of(id).unwrap().expect("the VM has a lease")
+        self.net
+            .address_of(id)
+            .unwrap()
+            .expect("the VM has a lease")
     }
 
     fn bridge(&self) -> &str {
@@ -454,7 +470,10 @@ async fn egress_sandboxes_reach_the_internet_dns_and_allowed_ports_and_nothing_o
 
     let started = Instant::now();
     let id = lab.sandbox(NetworkSpec::egress(vec![git.port])).await;
-    eprintln!("egress sandbox boot + attach + first health: {:?}", started.elapsed());
+    eprintln!(
+        "egress sandbox boot + attach + first health: {:?}",
+        started.elapsed()
+    );
     let gateway = lab.net.gateway().to_string();
 
     // Legitimate: a real git clone from the host's loopback, through the
@@ -462,10 +481,17 @@ async fn egress_sandboxes_reach_the_internet_dns_and_allowed_ports_and_nothing_o
     let (code, out, err) = run(
         &lab.sandbox,
         id,
-        &format!("git clone -q git://{gateway}:{}/repo /home/repo && cat /home/repo/README", git.port),
+        &format!(
+            "git clone -q git://{gateway}:{}/repo /home/repo && cat /home/repo/README",
+            git.port
+        ),
     )
     .await;
-    assert_eq!((code, out.as_str()), (0, "cloned through the gateway\n"), "{err}");
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "cloned through the gateway\n"),
+        "{err}"
+    );
     // Legitimate: DNS resolves and TCP to an internet host on 80 opens
     // and speaks HTTP.
     let mirror = mirror_host();
@@ -486,7 +512,11 @@ async fn egress_sandboxes_reach_the_internet_dns_and_allowed_ports_and_nothing_o
     // the host — the API-like listener, PostgreSQL, a loopback-only
     // listener, and the allowed port through anything but the gateway.
     for host in host_addresses(&lab) {
-        for (what, port) in [("a host service", api.port), ("PostgreSQL", 5432), ("a loopback-only service", loopback_only.port)] {
+        for (what, port) in [
+            ("a host service", api.port),
+            ("PostgreSQL", 5432),
+            ("a loopback-only service", loopback_only.port),
+        ] {
             assert!(
                 !sandbox_connects(&lab, id, &host, port).await,
                 "the sandbox reached {what} at {host}:{port}"
@@ -504,7 +534,10 @@ async fn egress_sandboxes_reach_the_internet_dns_and_allowed_ports_and_nothing_o
     assert!(!sandbox_connects(&lab, id, "169.254.169.254", 80).await);
     assert!(!sandbox_connects(&lab, id, "10.255.255.53", 80).await);
     assert!(!sandbox_connects(&lab, id, &gateway, git.port + 1).await);
-    assert!(!api.accepted(), "a host listener got a connection from the sandbox");
+    assert!(
+        !api.accepted(),
+        "a host listener got a connection from the sandbox"
+    );
     assert!(!loopback_only.accepted());
 
     // IPv6 is no way around: root turns it on, takes an address and a
@@ -512,7 +545,11 @@ async fn egress_sandboxes_reach_the_internet_dns_and_allowed_ports_and_nothing_o
     let host_v6: Vec<String> = ip_lines(&["-6", "-o", "addr", "show"])
         .lines()
         .filter(|l| !l.contains(" lo "))
-        .filter_map(|l| l.split_whitespace().nth(3).map(|a| a.split('/').next().unwrap().to_owned()))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(3)
+                .map(|a| a.split('/').next().unwrap().to_owned())
+        })
         .collect();
     let api6 = TcpListener::bind("[::]:0").unwrap();
     api6.set_nonblocking(true).unwrap();
@@ -521,7 +558,10 @@ async fn egress_sandboxes_reach_the_internet_dns_and_allowed_ports_and_nothing_o
         "echo 0 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6; ip -6 addr add fd77::5/64 dev eth0; \
          ip -6 route add default dev eth0 2>/dev/null; ",
     );
-    for addr in host_v6.iter().chain([&"fe80::1".to_owned(), &"ff02::1".to_owned()]) {
+    for addr in host_v6
+        .iter()
+        .chain([&"fe80::1".to_owned(), &"ff02::1".to_owned()])
+    {
         let target = if addr.starts_with("fe80") || addr.starts_with("ff02") {
             format!("[{addr}%eth0]")
         } else {
@@ -557,7 +597,10 @@ async fn sandboxes_cannot_reach_or_impersonate_each_other() {
     .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sandbox_connects(&lab, b, &addr_b.to_string(), 8080).await {
-        assert!(Instant::now() < deadline, "b's own listener never answered b");
+        assert!(
+            Instant::now() < deadline,
+            "b's own listener never answered b"
+        );
     }
     // Attack: a connects to its neighbour.
     assert!(
@@ -598,7 +641,11 @@ async fn a_none_sandbox_reaches_nothing_and_a_host_sandbox_is_the_operators_choi
     let api = HostListener::bind("0.0.0.0");
     let id = lab.sandbox(NetworkSpec::none()).await;
     let (_, out, _) = run(&lab.sandbox, id, "ip -o link show | grep -v ' lo:' | wc -l").await;
-    assert_eq!(out.trim(), "0", "a none sandbox has an interface besides lo");
+    assert_eq!(
+        out.trim(),
+        "0",
+        "a none sandbox has an interface besides lo"
+    );
     for host in host_addresses(&lab)
         .into_iter()
         .chain(["169.254.169.254".to_owned(), "10.255.255.53".to_owned()])
@@ -608,7 +655,11 @@ async fn a_none_sandbox_reaches_nothing_and_a_host_sandbox_is_the_operators_choi
     }
     assert!(!sandbox_connects(&lab, id, &mirror_host(), 80).await);
     assert!(!api.accepted());
-    assert_eq!(lab.net.address_of(id).unwrap(), None, "a none sandbox holds no lease");
+    assert_eq!(
+        lab.net.address_of(id).unwrap(),
+        None,
+        "a none sandbox holds no lease"
+    );
 
     // `host` (only an operator may write it) shares the host's network.
     let host = lab.sandbox(NetworkSpec::host()).await;
@@ -635,7 +686,11 @@ async fn destroy_removes_the_port_elements_and_lease_and_attach_is_fast() {
             let took = started.elapsed().as_secs_f64() * 1000.0;
             // The first round warms the tables and caches.
             if round > 0 {
-                if egress { egress_ms.push(took) } else { none_ms.push(took) }
+                if egress {
+                    egress_ms.push(took)
+                } else {
+                    none_ms.push(took)
+                }
             }
             ids.push((spec.id, egress));
         }
@@ -645,12 +700,21 @@ async fn destroy_removes_the_port_elements_and_lease_and_attach_is_fast() {
         v[v.len() / 2]
     };
     let (none, egress) = (median(&mut none_ms), median(&mut egress_ms));
-    eprintln!("sandbox create, median of 5: none {none:.1} ms, egress {egress:.1} ms (attach {:.1} ms)", egress - none);
-    assert!(egress < 100.0, "an egress sandbox took {egress:.1} ms to create");
+    eprintln!(
+        "sandbox create, median of 5: none {none:.1} ms, egress {egress:.1} ms (attach {:.1} ms)",
+        egress - none
+    );
+    assert!(
+        egress < 100.0,
+        "an egress sandbox took {egress:.1} ms to create"
+    );
 
     let bridge = lab.bridge().to_owned();
     let ruleset = |family: &str| {
-        let out = Command::new("nft").args(["list", "table", family, &bridge]).output().unwrap();
+        let out = Command::new("nft")
+            .args(["list", "table", family, &bridge])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     for (id, egress) in ids {
@@ -664,11 +728,24 @@ async fn destroy_removes_the_port_elements_and_lease_and_attach_is_fast() {
         }
         lab.sandbox.destroy(id).await.unwrap();
         lab.sandbox.destroy(id).await.unwrap();
-        assert_eq!(lab.net.address_of(id).unwrap(), None, "the lease of {id} remains");
-        assert!(!Path::new("/sys/class/net").join(&port).exists(), "{port} remains");
+        assert_eq!(
+            lab.net.address_of(id).unwrap(),
+            None,
+            "the lease of {id} remains"
+        );
+        assert!(
+            !Path::new("/sys/class/net").join(&port).exists(),
+            "{port} remains"
+        );
         if let Some(address) = address {
-            assert!(!ruleset("bridge").contains(&address.to_string()), "{address} remains in the bridge table");
-            assert!(!ruleset("inet").contains(&format!("{address} . ")), "{address} remains in the inet table");
+            assert!(
+                !ruleset("bridge").contains(&address.to_string()),
+                "{address} remains in the bridge table"
+            );
+            assert!(
+                !ruleset("inet").contains(&format!("{address} . ")),
+                "{address} remains in the inet table"
+            );
         }
     }
 }
@@ -688,7 +765,11 @@ async fn a_restarted_driver_keeps_leases_and_rules_of_its_vms() {
     assert_eq!(net.address_of(id).unwrap(), Some(address));
     let other = lab.spec(NetworkSpec::egress(vec![]), ImageSpec::default());
     restarted.create(&other).await.unwrap();
-    assert_ne!(net.address_of(other.id).unwrap(), Some(address), "an address was leased twice");
+    assert_ne!(
+        net.address_of(other.id).unwrap(),
+        Some(address),
+        "an address was leased twice"
+    );
     // The adopted VM still reaches its allowed port after the rules were
     // written again.
     assert!(sandbox_connects(&lab, id, &lab.net.gateway().to_string(), git.port).await);
@@ -727,10 +808,18 @@ async fn qemu_guests_reach_the_internet_and_allowed_ports_and_nothing_of_the_hos
         eprintln!("{dbg}{e}");
     }
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("refs/heads/main"), "no ref advertisement: {out:?}");
+    assert!(
+        out.contains("refs/heads/main"),
+        "no ref advertisement: {out:?}"
+    );
     // Legitimate: DNS through the gateway and TCP to the internet on 80.
     let mirror = mirror_host();
-    let (code, out, err) = run(&lab.qemu, a, &format!("nslookup {mirror} || getent hosts {mirror}")).await;
+    let (code, out, err) = run(
+        &lab.qemu,
+        a,
+        &format!("nslookup {mirror} || getent hosts {mirror}"),
+    )
+    .await;
     assert_eq!(code, 0, "DNS inside a qemu guest: {out}{err}");
     let (code, out, err) = run(
         &lab.qemu,
@@ -744,17 +833,35 @@ async fn qemu_guests_reach_the_internet_and_allowed_ports_and_nothing_of_the_hos
     // Attacks: every address that might reach the host, 10.0.2.2 (user
     // networking's host alias) above all.
     for host in host_addresses(&lab) {
-        for (what, port) in [("a host service", api.port), ("PostgreSQL", 5432), ("a loopback-only service", loopback_only.port)] {
-            assert!(!guest_connects(&lab, a, &host, port).await, "the guest reached {what} at {host}:{port}");
+        for (what, port) in [
+            ("a host service", api.port),
+            ("PostgreSQL", 5432),
+            ("a loopback-only service", loopback_only.port),
+        ] {
+            assert!(
+                !guest_connects(&lab, a, &host, port).await,
+                "the guest reached {what} at {host}:{port}"
+            );
         }
     }
     assert!(!guest_connects(&lab, a, "10.0.2.2", git.port).await);
     assert!(!guest_connects(&lab, a, "169.254.169.254", 80).await);
     assert!(!guest_connects(&lab, a, &gateway, git.port + 1).await);
     // The neighbour, and b's lack of a's allowed port.
-    let (_, _, _) = run(&lab.qemu, b, "(nc -lk -p 8080 -e echo from-b </dev/null >/dev/null 2>&1 &) ; true").await;
-    assert!(!guest_connects(&lab, a, &lab.address(b).to_string(), 8080).await, "a reached b");
-    assert!(!guest_connects(&lab, b, &gateway, git.port).await, "b reached a's allowed port");
+    let (_, _, _) = run(
+        &lab.qemu,
+        b,
+        "(nc -lk -p 8080 -e echo from-b </dev/null >/dev/null 2>&1 &) ; true",
+    )
+    .await;
+    assert!(
+        !guest_connects(&lab, a, &lab.address(b).to_string(), 8080).await,
+        "a reached b"
+    );
+    assert!(
+        !guest_connects(&lab, b, &gateway, git.port).await,
+        "b reached a's allowed port"
+    );
     // Impersonation: b takes a's address and tries a's allowed port.
     let prefix = lab.net.config().subnet.prefix_len();
     let (code, out, err) = run(
@@ -767,9 +874,18 @@ async fn qemu_guests_reach_the_internet_and_allowed_ports_and_nothing_of_the_hos
     )
     .await;
     assert_eq!((code, out.trim()), (0, "spoofed"), "{err}");
-    assert!(!guest_connects(&lab, b, &gateway, git.port).await, "b reached a's port with a's address");
-    assert!(guest_connects(&lab, a, &gateway, git.port).await, "a lost its allowed port");
-    assert!(!api.accepted() && !loopback_only.accepted(), "a host listener got a connection");
+    assert!(
+        !guest_connects(&lab, b, &gateway, git.port).await,
+        "b reached a's port with a's address"
+    );
+    assert!(
+        guest_connects(&lab, a, &gateway, git.port).await,
+        "a lost its allowed port"
+    );
+    assert!(
+        !api.accepted() && !loopback_only.accepted(),
+        "a host listener got a connection"
+    );
 
     // The secret is on no command line.
     let secret = fs::read_to_string(lab.qemu.vm_dir(a).join("secret")).unwrap();
@@ -784,7 +900,10 @@ async fn qemu_guests_reach_the_internet_and_allowed_ports_and_nothing_of_the_hos
         let port = format!("ht{}", hearth_drivers::sandbox::short_id(id));
         assert!(Path::new("/sys/class/net").join(&port).exists());
         lab.qemu.destroy(id).await.unwrap();
-        assert!(!Path::new("/sys/class/net").join(&port).exists(), "{port} remains");
+        assert!(
+            !Path::new("/sys/class/net").join(&port).exists(),
+            "{port} remains"
+        );
         assert_eq!(lab.net.address_of(id).unwrap(), None);
     }
 }
@@ -794,7 +913,10 @@ async fn a_none_qemu_guest_reaches_nothing_and_host_is_refused() {
     let lab = Lab::new();
     let api = HostListener::bind("0.0.0.0");
     let id = lab.qemu_vm(NetworkSpec::none()).await;
-    for host in host_addresses(&lab).into_iter().chain(["169.254.169.254".to_owned()]) {
+    for host in host_addresses(&lab)
+        .into_iter()
+        .chain(["169.254.169.254".to_owned()])
+    {
         assert!(!guest_connects(&lab, id, &host, api.port).await, "{host}");
         assert!(!guest_connects(&lab, id, &host, 5432).await, "{host}");
     }
@@ -802,15 +924,32 @@ async fn a_none_qemu_guest_reaches_nothing_and_host_is_refused() {
     let (_, out, _) = run(
         &lab.qemu,
         id,
-        &format!("timeout 10 nslookup {} 10.0.2.3 >/dev/null 2>&1 && echo resolved || echo refused", mirror_host()),
+        &format!(
+            "timeout 10 nslookup {} 10.0.2.3 >/dev/null 2>&1 && echo resolved || echo refused",
+            mirror_host()
+        ),
     )
     .await;
-    assert_eq!(out.trim(), "refused", "a none guest resolved a name through 10.0.2.3");
+    assert_eq!(
+        out.trim(),
+        "refused",
+        "a none guest resolved a name through 10.0.2.3"
+    );
     assert!(!api.accepted());
     assert_eq!(lab.net.address_of(id).unwrap(), None);
 
     let spec = lab.spec(NetworkSpec::host(), qemu_image());
     let err = lab.qemu.create(&spec).await.unwrap_err().to_string();
-    assert!(err.contains("network: host is not available for qemu VMs"), "{err}");
-    assert!(lab.qemu.list().await.unwrap().iter().all(|vm| vm.id != spec.id));
+    assert!(
+        err.contains("network: host is not available for qemu VMs"),
+        "{err}"
+    );
+    assert!(
+        lab.qemu
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .all(|vm| vm.id != spec.id)
+    );
 }

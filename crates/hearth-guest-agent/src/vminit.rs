@@ -9,7 +9,8 @@
 //! disk root in [`ROOT_FILE`], mount it, switch to it and exec the disk's
 //! own agent, which boots again from the start there; bring up `lo` and `eth0`
 //! with qemu user networking's addresses (`ip` from the image: busybox's in
-//! the minimal image); write `/etc/resolv.conf`, the hostname and the secret
+//! the minimal image), and `eth1` with `hearth.eth1=`'s address and the
+//! default route when the VM is on the host's VM network; IPv6 off; write `/etc/resolv.conf`, the hostname and the secret
 //! (`/run/hearth/secret`, 0600); then start `hearth-guest-agent serve --tcp
 //! 0.0.0.0:<port>` as a child and supervise it: every orphan is reaped, a
 //! server that dies is restarted, and SIGTERM, SIGINT, SIGUSR1, SIGUSR2 or
@@ -495,7 +496,10 @@ fn configure_network(params: &BootParams) -> Result<(), String> {
         }
         None => "eth0",
     };
-    run_tool("ip", &["route", "add", "default", "via", gateway, "dev", out])?;
+    run_tool(
+        "ip",
+        &["route", "add", "default", "via", gateway, "dev", out],
+    )?;
     Ok(())
 }
 
@@ -657,6 +661,9 @@ mod tests {
         let probe = parse_cmdline("hearth.probe=1 hearth.net=none hearth.ip=10.1.0.2/16").unwrap();
         assert!(probe.probe && probe.no_network);
         assert_eq!(probe.address.as_deref(), Some("10.1.0.2/16"));
+        let egress = parse_cmdline("hearth.eth1=10.199.0.7/16 hearth.gw=10.199.0.1").unwrap();
+        assert_eq!(egress.eth1.as_deref(), Some("10.199.0.7/16"));
+        assert_eq!(egress.gateway.as_deref(), Some("10.199.0.1"));
         assert!(parse_cmdline("hearth.port=x").is_err());
         let err = parse_cmdline("hearth.secret=").unwrap_err();
         assert!(err.contains("empty"));

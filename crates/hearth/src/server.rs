@@ -198,13 +198,14 @@ async fn start_pool(
         boot_latency: args.fake_boot_latency,
         failure_rate: args.fake_failure_rate,
     })));
-    let net = Arc::new(hearth_drivers::net::Net::new(
-        hearth_drivers::net::NetConfig::for_bridge(
+    let net = Arc::new(
+        hearth_drivers::net::Net::new(hearth_drivers::net::NetConfig::for_bridge(
             &args.vm_bridge,
             hearth_drivers::net::parse_subnet(&args.vm_subnet)
                 .map_err(|e| anyhow::anyhow!("--vm-subnet: {e}"))?,
-        ),
-    ).map_err(|e| anyhow::anyhow!("--vm-bridge: {e}"))?);
+        ))
+        .map_err(|e| anyhow::anyhow!("--vm-bridge: {e}"))?,
+    );
     match args.guest_agent.clone().or_else(find_agent_binary) {
         Some(agent_binary) => {
             let data_dir = fs::canonicalize(&args.data_dir)?;

@@ -254,6 +254,8 @@ fn reaper_follows_reap_stranded_workflows(b: Backend) {
     // Agents on the current build are never stranded.
     let fresh = s.spawn(&s.admin_token, json!({"workspace": "web"}));
     assert_eq!(fresh.body["build"], "b2");
+    // Its cold boot may take a while on a loaded machine: running first.
+    s.wait_agent(&id(&fresh.body), "running", 30);
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(
         s.admin()

@@ -700,8 +700,5 @@ pub fn through_gateway(url: &str) -> (String, u16) {
         .strip_prefix("git://127.0.0.1:")
         .unwrap_or_else(|| panic!("not a GitServer URL: {url}"));
     let port = rest.split('/').next().unwrap().parse().unwrap();
-    (
-        url.replacen("127.0.0.1", &vm_gateway(), 1),
-        port,
-    )
+    (url.replacen("127.0.0.1", &vm_gateway(), 1), port)
 }

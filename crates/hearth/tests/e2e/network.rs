@@ -21,7 +21,11 @@ fn only_operators_open_paths_from_vms_to_the_host(b: Backend) {
     // Legitimate: an admin writes an environment; its network is egress.
     let r = admin.put_yaml("/v1/environments/dev", "driver: sandbox\ncpus: 1\n");
     assert_eq!(r.status, 201, "{}", r.text);
-    assert_eq!(r.body["resource"]["spec"]["network"], "egress", "{}", r.text);
+    assert_eq!(
+        r.body["resource"]["spec"]["network"], "egress",
+        "{}",
+        r.text
+    );
     assert_eq!(
         r.body["resource"]["spec"]["allow_host_ports"]
             .as_array()
@@ -69,9 +73,15 @@ fn only_operators_open_paths_from_vms_to_the_host(b: Backend) {
     assert_eq!(r.status, 200, "{}", r.text);
     let r = admin.patch("/v1/environments/dev", json!({"cpus": 2}));
     assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.body["resource"]["spec"]["allow_host_ports"], json!([9418]));
+    assert_eq!(
+        r.body["resource"]["spec"]["allow_host_ports"],
+        json!([9418])
+    );
     admin
-        .patch("/v1/environments/dev", json!({"allow_host_ports": [9418, 5432]}))
+        .patch(
+            "/v1/environments/dev",
+            json!({"allow_host_ports": [9418, 5432]}),
+        )
         .assert_error(403, "PERMISSION_DENIED", DENIED_PORTS);
     // Closing a path needs no operator.
     let r = admin.patch("/v1/environments/dev", json!({"allow_host_ports": []}));

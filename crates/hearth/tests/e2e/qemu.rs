@@ -5,7 +5,9 @@
 //! the host over git://10.0.2.2), an agent on a warm VM, a `kill -9` of the
 //! server with adoption, and no qemu process left behind.
 
-use crate::common::{Backend, GitServer, Server, guest_agent, run_cli, through_gateway, wait_until};
+use crate::common::{
+    Backend, GitServer, Server, guest_agent, run_cli, through_gateway, wait_until,
+};
 use serde_json::json;
 use std::path::Path;
 
