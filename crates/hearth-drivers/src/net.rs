@@ -8,9 +8,9 @@
 //! after the bridge (so that a test's bridge never touches a server's):
 //!
 //! - `bridge <name>`: a frame from a VM port must be IPv4 or ARP (IPv6 and
-//!   every other protocol are dropped) and carry the port's own leased
-//!   address as its source, so a VM cannot take another's address or
-//!   answer ARP for it;
+//!   every other protocol are dropped) and carry the port's own MAC and
+//!   leased address as its sources, so a VM cannot take another's address
+//!   or answer ARP for it;
 //! - `inet <name>`: from the bridge, the host itself accepts only replies
 //!   and what the `prerouting` chain translated from the gateway: TCP to
 //!   `<gateway>:<port>` for the VM's `allow_host_ports`, to
@@ -25,7 +25,10 @@
 //!   admin-prohibited), so a VM's connection fails at once rather than
 //!   hanging.
 //!
-//! Bridge ports are `isolated on`: VMs never see each other's frames.
+//! Bridge ports are `isolated on` (no frame from one VM port reaches
+//! another), learn nothing and flood no unknown unicast; each VM's MAC is a
+//! static entry of its own port, so the host's frames for a VM reach that
+//! VM alone.
 //! IPv6 is off on the bridge and the host's ends of the ports, and dropped
 //! from VM ports.
 //!
@@ -183,7 +186,8 @@ pub struct Attachment {
     /// The gateway: the VM's route out, its DNS server, and where its
     /// allowed host ports are.
     pub gateway: Ipv4Addr,
-    /// The MAC address the VM's interface should have (qemu taps).
+    /// The MAC address the VM's interface has (set by the driver for a
+    /// qemu NIC); frames from its port with any other are dropped.
     pub mac: String,
 }
 
@@ -249,6 +253,13 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String> {
             String::from_utf8_lossy(&out.stderr).trim()
         )))
     }
+}
+
+/// The MAC address of the VM holding `address`: locally administered,
+/// unique on the bridge because the address is.
+fn mac_of(address: Ipv4Addr) -> String {
+    let o = address.octets();
+    format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
 fn sysctl(path: &str, value: &str) -> Result<()> {
@@ -417,6 +428,7 @@ impl Net {
             s,
             r#"table bridge {t} {{
   set ports {{ type ifname . ipv4_addr; }}
+  set port_macs {{ type ifname . ether_addr; }}
   set port_names {{ type ifname; }}
   chain prerouting {{ type filter hook prerouting priority filter; policy accept; }}
 }}
@@ -424,6 +436,7 @@ flush chain bridge {t} prerouting
 table bridge {t} {{
   chain prerouting {{
     iifname @port_names ether type != {{ ip, arp }} drop
+    iifname @port_names iifname . ether saddr != @port_macs drop
     iifname @port_names ether type ip iifname . ip saddr != @ports drop
     iifname @port_names ether type arp iifname . arp saddr ip != @ports drop
   }}
@@ -547,9 +560,11 @@ table inet {t} {{
         self.ensure()?;
         let port = port_name(prefix, id);
         let address = self.lease(id, &port, allow_host_ports)?;
+        let mac = mac_of(address);
         let t = &self.config.bridge;
         let mut batch = format!(
             "add element bridge {t} ports {{ \"{port}\" . {address} }}\n\
+             add element bridge {t} port_macs {{ \"{port}\" . {mac} }}\n\
              add element bridge {t} port_names {{ \"{port}\" }}\n"
         );
         if !allow_host_ports.is_empty() {
@@ -564,24 +579,43 @@ table inet {t} {{
             );
         }
         run("nft", &["-f", "-"], Some(&batch))?;
-        let o = address.octets();
         Ok(Attachment {
             port,
             address,
             prefix_len: self.config.subnet.prefix_len(),
             gateway: self.gateway(),
-            mac: format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]),
+            mac,
         })
     }
 
-    /// The `ip` commands that put a new host-side port on the bridge.
-    fn enslave(&self, port: &str) -> String {
+    /// Puts a new host-side port on the bridge: isolated from the other
+    /// ports, learning nothing and flooding no unknown unicast, its VM's
+    /// MAC a static entry. So frames for a VM go to its port alone, and no
+    /// VM can draw another's frames to itself by sending with its MAC.
+    fn enslave(&self, attachment: &Attachment) -> Result<()> {
         let bridge = &self.config.bridge;
-        format!(
+        let port = &attachment.port;
+        sysctl(&format!("/proc/sys/net/ipv6/conf/{port}/disable_ipv6"), "1")?;
+        let batch = format!(
             "link set dev {port} master {bridge}\n\
-             link set dev {port} type bridge_slave isolated on learning off\n\
-             link set dev {port} up\n"
-        )
+             link set dev {port} type bridge_slave isolated on learning off flood off mcast_flood off\n"
+        );
+        run("ip", &["-batch", "-"], Some(&batch))?;
+        run(
+            "bridge",
+            &[
+                "fdb",
+                "replace",
+                &attachment.mac,
+                "dev",
+                port,
+                "master",
+                "static",
+            ],
+            None,
+        )?;
+        run("ip", &["link", "set", "dev", port, "up"], None)?;
+        Ok(())
     }
 
     /// Puts the sandbox whose network namespace is `/proc/<pid>/ns/net` on
@@ -595,10 +629,26 @@ table inet {t} {{
     ) -> Result<Attachment> {
         let attachment = self.admit(id, "hv", allow_host_ports)?;
         let port = &attachment.port;
-        let host_side = format!("link add name {port} type veth peer name eth0 netns {pid}\n");
-        run("ip", &["-batch", "-"], Some(&host_side))?;
-        sysctl(&format!("/proc/sys/net/ipv6/conf/{port}/disable_ipv6"), "1")?;
-        run("ip", &["-batch", "-"], Some(&self.enslave(port)))?;
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "name",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "address",
+                &attachment.mac,
+                "netns",
+                &pid.to_string(),
+            ],
+            None,
+        )?;
+        self.enslave(&attachment)?;
         let inside = format!(
             "link set dev lo up\n\
              addr add {} dev eth0\n\
@@ -635,8 +685,7 @@ table inet {t} {{
                 None,
             )?;
         }
-        sysctl(&format!("/proc/sys/net/ipv6/conf/{port}/disable_ipv6"), "1")?;
-        run("ip", &["-batch", "-"], Some(&self.enslave(port)))?;
+        self.enslave(&attachment)?;
         Ok(attachment)
     }
 
@@ -658,9 +707,12 @@ table inet {t} {{
         let port = &lease.port;
         // `destroy element` would fail on a missing one; delete each in its
         // own batch line after an `add`, which makes it present.
+        let mac = mac_of(address);
         let mut batch = format!(
             "add element bridge {t} ports {{ \"{port}\" . {address} }}\n\
              delete element bridge {t} ports {{ \"{port}\" . {address} }}\n\
+             add element bridge {t} port_macs {{ \"{port}\" . {mac} }}\n\
+             delete element bridge {t} port_macs {{ \"{port}\" . {mac} }}\n\
              add element bridge {t} port_names {{ \"{port}\" }}\n\
              delete element bridge {t} port_names {{ \"{port}\" }}\n"
         );
