@@ -823,6 +823,7 @@ impl Inner {
     }
 
     /// Starts qemu on host port `port` and waits until QMP answers.
+    #[allow(clippy::too_many_arguments)] // each is a distinct part of one qemu command line
     fn launch(
         self: &Arc<Self>,
         spec: &VmSpec,

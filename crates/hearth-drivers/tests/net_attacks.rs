@@ -971,7 +971,7 @@ async fn a_none_qemu_guest_reaches_nothing_and_host_is_refused() {
     );
 }
 
-/// A Debian root image (debootstrap minbase, no extra packages) for the
+/// A Debian root image (debootstrap minbase, iproute2 and procps) for the
 /// apt-get test, baked once and reused while the agent is unchanged.
 fn debian_image() -> ImageSpec {
     static IMAGE: OnceLock<BakedImage> = OnceLock::new();
@@ -993,7 +993,7 @@ fn debian_image() -> ImageSpec {
             target_tmp().join("hearth-image-cache"),
         );
         opts.rootfs = hearth_image::RootfsKind::Debian;
-        opts.debian_packages = Vec::new();
+        opts.debian_packages = vec!["iproute2".into(), "procps".into()];
         opts.disk_free_mib = 512;
         let baked = hearth_image::bake(&opts, |m| eprintln!("bake: {m}"))
             .expect("bake the Debian test image");

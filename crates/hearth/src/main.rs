@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Top {
     /// Run the control plane (API, store, reconcilers).
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     #[command(flatten)]
     Client(hearth_cli::Command),
 }
@@ -28,7 +28,7 @@ fn main() {
     let cli = Cli::parse();
     match cli.command {
         Top::Server(args) => {
-            if let Err(e) = server::run(args) {
+            if let Err(e) = server::run(*args) {
                 eprintln!("hearth server: {e:#}");
                 std::process::exit(1);
             }
