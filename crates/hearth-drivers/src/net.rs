@@ -592,29 +592,28 @@ table inet {t} {{
     /// ports, learning nothing and flooding no unknown unicast, its VM's
     /// MAC a static entry. So frames for a VM go to its port alone, and no
     /// VM can draw another's frames to itself by sending with its MAC.
-    fn enslave(&self, attachment: &Attachment) -> Result<()> {
+    /// `create` (the `ip` command making the port, if any) runs in the
+    /// same batch.
+    fn enslave(&self, attachment: &Attachment, create: Option<&str>) -> Result<()> {
         let bridge = &self.config.bridge;
         let port = &attachment.port;
-        sysctl(&format!("/proc/sys/net/ipv6/conf/{port}/disable_ipv6"), "1")?;
+        // `addrgenmode none` before `up`: the host's end never gets an IPv6
+        // address (and IPv6 is then switched off on it altogether).
         let batch = format!(
-            "link set dev {port} master {bridge}\n\
-             link set dev {port} type bridge_slave isolated on learning off flood off mcast_flood off\n"
+            "{}link set dev {port} master {bridge}\n\
+             link set dev {port} type bridge_slave isolated on learning off flood off mcast_flood off\n\
+             link set dev {port} addrgenmode none\n\
+             link set dev {port} up\n",
+            create.map(|c| format!("{c}\n")).unwrap_or_default()
         );
         run("ip", &["-batch", "-"], Some(&batch))?;
+        sysctl(&format!("/proc/sys/net/ipv6/conf/{port}/disable_ipv6"), "1")?;
+        let mac = &attachment.mac;
         run(
             "bridge",
-            &[
-                "fdb",
-                "replace",
-                &attachment.mac,
-                "dev",
-                port,
-                "master",
-                "static",
-            ],
+            &["fdb", "replace", mac, "dev", port, "master", "static"],
             None,
         )?;
-        run("ip", &["link", "set", "dev", port, "up"], None)?;
         Ok(())
     }
 
@@ -629,26 +628,11 @@ table inet {t} {{
     ) -> Result<Attachment> {
         let attachment = self.admit(id, "hv", allow_host_ports)?;
         let port = &attachment.port;
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                "name",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "address",
-                &attachment.mac,
-                "netns",
-                &pid.to_string(),
-            ],
-            None,
-        )?;
-        self.enslave(&attachment)?;
+        let create = format!(
+            "link add name {port} type veth peer name eth0 address {} netns {pid}",
+            attachment.mac
+        );
+        self.enslave(&attachment, Some(&create))?;
         let inside = format!(
             "link set dev lo up\n\
              addr add {} dev eth0\n\
@@ -678,14 +662,9 @@ table inet {t} {{
     pub fn attach_tap(&self, id: VmId, allow_host_ports: &[u16]) -> Result<Attachment> {
         let attachment = self.admit(id, "ht", allow_host_ports)?;
         let port = &attachment.port;
-        if !Path::new("/sys/class/net").join(port).exists() {
-            run(
-                "ip",
-                &["tuntap", "add", "dev", port, "mode", "tap", "vnet_hdr"],
-                None,
-            )?;
-        }
-        self.enslave(&attachment)?;
+        let create = (!Path::new("/sys/class/net").join(port).exists())
+            .then(|| format!("tuntap add dev {port} mode tap vnet_hdr"));
+        self.enslave(&attachment, create.as_deref())?;
         Ok(attachment)
     }
 
