@@ -226,6 +226,7 @@ async fn start_pool(
         use hearth_drivers::qemu::{Accel, QemuConfig, QemuDriver};
         let mut config = QemuConfig::new(fs::canonicalize(&args.data_dir)?.join("qemu"));
         config.qemu_binary = qemu;
+        config.net = Some(net.clone());
         config.accel = match args.qemu_accel.as_str() {
             "auto" => Accel::Auto,
             "kvm" => Accel::Kvm,
