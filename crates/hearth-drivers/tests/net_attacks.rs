@@ -397,7 +397,9 @@ async fn wait_healthy(driver: &dyn Driver, id: VmId, limit: Duration) {
 /// Runs `command` as root in the VM; (exit code, stdout, stderr).
 async fn run(driver: &dyn Driver, id: VmId, command: &str) -> (i32, String, String) {
     let mut request = ExecRequest::new(command);
-    request.timeout = Duration::from_secs(120);
+    // Generous: apt-get under TCG on a loaded machine is slow; attacks
+    // bound themselves with `timeout`.
+    request.timeout = Duration::from_secs(900);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let result = driver
         .exec(id, &request, Some(tx))
