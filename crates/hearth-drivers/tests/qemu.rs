@@ -646,7 +646,7 @@ async fn helper_create_a_vm_then_wait() {
         cpus: 1,
         memory_mib: 256,
         image: image_spec(),
-        network: hearth_drivers::NetworkSpec::host(),
+        network: hearth_drivers::NetworkSpec::none(),
         disk_mib: 0,
     };
     driver.create(&spec).await.unwrap();
