@@ -155,6 +155,20 @@ async fn write<T: Spec>(
     previous: Option<(&ResourceRecord, T)>,
 ) -> Result<Result<WriteResult, StoreError>, ApiError> {
     spec.restore_masked(previous.as_ref().map(|(_, p)| p))?;
+    if caller.identity.role < hearth_core::rbac::Role::Operator {
+        let fields = spec.operator_only_changes(previous.as_ref().map(|(_, p)| p));
+        if !fields.is_empty() {
+            return Err(Error::new(
+                hearth_core::ErrorCode::PermissionDenied,
+                format!(
+                    "only an operator may set {} on {} {name:?}: it lets VMs reach the host",
+                    fields.join(" or "),
+                    T::KIND
+                ),
+            )
+            .into());
+        }
+    }
     let json = serde_json::to_value(&spec).map_err(|e| Error::internal(e.to_string()))?;
     let references = spec.references();
     let put = PutResource {

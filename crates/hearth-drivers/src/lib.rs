@@ -13,6 +13,7 @@
 
 pub mod fake;
 pub mod guest;
+pub mod net;
 pub mod qemu;
 pub mod sandbox;
 

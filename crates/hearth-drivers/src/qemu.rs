@@ -24,8 +24,9 @@
 //! name=opt/hearth/secret,file=<dir>/secret -readconfig qemu.cfg
 //! -nodefaults -no-user-config -display none -no-reboot -sandbox
 //! <QEMU_SANDBOX> -serial
-//! file:console.log -netdev user,id=n0,hostfwd=tcp:127.0.0.1:<port>-:<guest
-//! port> -device virtio-net-device,netdev=n0 -device
+//! file:console.log -netdev user,id=n0,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:<port>-:<guest
+//! port> -device virtio-net-device,netdev=n0 [-netdev tap,… -device
+//! virtio-net-device,netdev=n1,mac=…] -device
 //! virtio-balloon-device,free-page-reporting=on [-drive … -device
 //! virtio-blk-device…] -qmp unix:qmp.sock,server=on,wait=off -pidfile
 //! <dir>/pid`, in a process group of its own, not daemonized (the driver
@@ -58,9 +59,13 @@
 //! folder. A VM cannot be reset (`Driver::reset` stays `Unsupported`): a
 //! returned one is destroyed.
 //!
-//! Network: qemu user networking (guest 10.0.2.15, host loopback reachable
-//! as 10.0.2.2, DNS 10.0.2.3); `isolated_network` adds `restrict=on` (the
-//! guest reaches nothing outside; the agent's forwarded port still works).
+//! Network: `eth0` is qemu user networking with `restrict=on,ipv6=off`
+//! (guest 10.0.2.15): the agent's forwarded port works, and the guest
+//! reaches nothing through it, the host's loopback at 10.0.2.2 included.
+//! `network: egress` adds `eth1`, a tap on the VM network (`crate::net`:
+//! `-netdev tap,ifname=ht<id>,script=no,downscript=no`, a MAC of its
+//! address), whose address, gateway and DNS reach `vm-init` as `hearth.eth1=`,
+//! `hearth.gw=`, `hearth.dns=`; `network: host` is refused.
 //!
 //! Destroy: QMP `quit`, then SIGKILL if qemu lingers after
 //! [`QUIT_GRACE`] — only a process whose arguments hold `-pidfile
@@ -185,6 +190,9 @@ pub struct QemuConfig {
     /// The most one command's answer may hold
     /// ([`crate::guest::MAX_EXEC_OUTPUT_BYTES`] by default).
     pub max_exec_output_bytes: u64,
+    /// The VM network `network: egress` VMs get a tap on (`None`: such VMs
+    /// cannot boot).
+    pub net: Option<Arc<crate::net::Net>>,
 }
 
 impl QemuConfig {
@@ -202,6 +210,7 @@ impl QemuConfig {
             cgroup_root_name: limits::DEFAULT_CGROUP_ROOT.into(),
             log_file_limit_bytes: limits::LOG_FILE_LIMIT_BYTES,
             max_exec_output_bytes: crate::guest::MAX_EXEC_OUTPUT_BYTES,
+            net: None,
         }
     }
 }
@@ -781,7 +790,16 @@ impl Inner {
         let cgroup_procs = self.create_cgroups(spec, vm_dir, bounds)?;
         let overlay = overlay.map(|(path, _)| path);
         let root_disk = overlay.is_some() && spec.image.initrd.is_none();
-        let cmdline = kernel_cmdline(&self.config, accel, spec, root_disk);
+        let tap = self.attach_network(spec)?;
+        let mut cmdline = kernel_cmdline(&self.config, accel, spec, root_disk);
+        if let Some(tap) = &tap {
+            // The tap is the guest's eth1 (eth0 is the agent's channel).
+            cmdline.push_str(&format!(
+                " hearth.eth1={} hearth.gw={gw} hearth.dns={gw}",
+                tap.cidr(),
+                gw = tap.gateway
+            ));
+        }
         let cfg = format!("[machine]\n  append = \"{cmdline}\"\n");
         write_private(&vm_dir.join("qemu.cfg"), cfg.as_bytes())
             .map_err(|e| io_err("write qemu.cfg", e))?;
@@ -800,6 +818,7 @@ impl Inner {
                 overlay.as_deref(),
                 port,
                 (&bounds, &cgroup_procs),
+                tap.as_ref(),
             );
             self.reserved_ports
                 .lock()
@@ -822,6 +841,29 @@ impl Inner {
             vm_dir,
             format!("no free host port after {PORT_ATTEMPTS} attempts: {last_error}"),
         ))
+    }
+
+    /// An `egress` VM's tap on the VM network (see `crate::net`); `host` is
+    /// refused: a qemu guest never gets the host's network.
+    fn attach_network(&self, spec: &VmSpec) -> Result<Option<crate::net::Attachment>, String> {
+        use hearth_core::resource::Network;
+        match spec.network.mode {
+            Network::None => Ok(None),
+            Network::Host => Err(
+                "network: host is not available for qemu VMs (the guest would \
+                 reach the host's loopback); use network: egress with allow_host_ports"
+                    .into(),
+            ),
+            Network::Egress => {
+                let net = self.config.net.as_ref().ok_or_else(|| {
+                    "network: egress needs the VM network, which this server has not set up"
+                        .to_owned()
+                })?;
+                net.attach_tap(spec.id, &spec.network.allow_host_ports)
+                    .map(Some)
+                    .map_err(|e| format!("cannot attach the VM to the VM network: {e}"))
+            }
+        }
     }
 
     /// Creates the VM's cgroups (recorded in `cgroups` first) with
@@ -908,6 +950,7 @@ impl Inner {
         overlay: Option<&Path>,
         port: u16,
         (bounds, cgroup_procs): (&limits::Limits, &[PathBuf]),
+        tap: Option<&crate::net::Attachment>,
     ) -> Result<(), Launch> {
         let failed = |what: &str, e: io::Error| Launch::Failed(format!("{what}: {e}"));
         for stale in ["pid", "qmp.sock"] {
@@ -928,13 +971,13 @@ impl Inner {
             // Relative to qemu's working folder (the VM folder).
             "qmp.sock".to_owned()
         };
-        let mut netdev = format!(
-            "user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{}",
+        // eth0: the agent's channel only. `restrict=on` keeps the guest from
+        // reaching anything through it (the host's loopback at 10.0.2.2
+        // above all); the host's forward to the agent still works.
+        let netdev = format!(
+            "user,id=n0,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{port}-:{}",
             self.config.guest_port
         );
-        if spec.network.mode == hearth_core::resource::Network::None {
-            netdev.push_str(",restrict=on");
-        }
         // Through the preamble that puts qemu in its bounds and then
         // becomes it (see `limits`).
         let mut command = Command::new("/bin/sh");
@@ -991,7 +1034,19 @@ impl Inner {
             .arg(format!("file:{}", vm_dir.join("console.log").display()))
             .arg("-netdev")
             .arg(netdev)
-            .args(["-device", "virtio-net-device,netdev=n0"])
+            .args(["-device", "virtio-net-device,netdev=n0"]);
+        if let Some(tap) = tap {
+            // eth1: the VM's port on the VM network (egress).
+            command
+                .arg("-netdev")
+                .arg(format!(
+                    "tap,id=n1,ifname={},script=no,downscript=no",
+                    tap.port
+                ))
+                .arg("-device")
+                .arg(format!("virtio-net-device,netdev=n1,mac={}", tap.mac));
+        }
+        command
             // Memory the guest frees goes back to the host.
             .args(["-device", "virtio-balloon-device,free-page-reporting=on"]);
         if let Some(overlay) = overlay {
@@ -1090,6 +1145,7 @@ impl Inner {
             .get(&id)
             .cloned();
         if !vm_dir.exists() {
+            self.detach_network(id)?;
             self.forget(id);
             return Ok(());
         }
@@ -1138,6 +1194,7 @@ impl Inner {
             // Leave no zombie: the reaper collects qemu promptly.
             launched.wait(Duration::from_secs(2));
         }
+        self.detach_network(id)?;
         for dir in &cgroups {
             limits::remove(
                 dir,
@@ -1158,6 +1215,18 @@ impl Inner {
         }
         self.forget(id);
         Ok(())
+    }
+
+    /// Removes the VM's tap, table elements and lease, if it has them.
+    fn detach_network(&self, id: VmId) -> Result<()> {
+        match &self.config.net {
+            Some(net) => net.detach(id).map_err(|e| {
+                DriverError::Io(io::Error::other(format!(
+                    "cannot detach VM {id} from the VM network: {e}"
+                )))
+            }),
+            None => Ok(()),
+        }
     }
 
     fn forget(&self, id: VmId) {

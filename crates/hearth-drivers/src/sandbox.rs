@@ -15,6 +15,7 @@
 //! |--------------------------------|-------------------------------------------|
 //! | `meta.json`                    | id, tenant, workspace, created_at (what `list` reports) |
 //! | `launch.json`                  | the launcher's arguments (seal and reset start it again) |
+//! | `network.json`                 | its network mode and allowed host ports (attached again at every start) |
 //! | `secret`                       | the agent's shared secret (0600)          |
 //! | `pid`                          | the launcher's pid (`unshare`, after exec) |
 //! | `cgroups`                      | the VM's cgroup folders, one per line     |
@@ -38,6 +39,11 @@
 //! the upper layer becomes `disk/sealed/` (seal) or is replaced by an empty
 //! one (reset), `run/` is made anew, and the same launcher command starts
 //! the same VM again (id, secret, socket path, cgroups).
+//!
+//! Network: `none` = the new network namespace as is (loopback only);
+//! `egress` = once the launcher is in its namespace, `crate::net` puts a
+//! veth peer in it as `eth0`, addressed and routed, before `create`
+//! returns; `host` = no network namespace.
 //!
 //! Destroy: SIGKILL init (its namespace dies with it; the launcher reaps it
 //! and exits, so no zombie is left to the host's PID 1), then the launcher
@@ -137,6 +143,9 @@ pub struct SandboxConfig {
     pub uid_base: u32,
     /// The most processes a sandbox may have ([`DEFAULT_PIDS_MAX`]).
     pub pids_max: u64,
+    /// The VM network `network: egress` sandboxes are attached to (`None`:
+    /// such sandboxes cannot boot).
+    pub net: Option<Arc<crate::net::Net>>,
 }
 
 impl SandboxConfig {
@@ -151,6 +160,7 @@ impl SandboxConfig {
             default_root: None,
             uid_base: DEFAULT_UID_BASE,
             pids_max: DEFAULT_PIDS_MAX,
+            net: None,
         }
     }
 }
@@ -186,6 +196,14 @@ pub fn find_agent_binary() -> Option<PathBuf> {
 pub fn short_id(id: VmId) -> String {
     let simple = id.0.simple().to_string();
     simple[simple.len() - 12..].to_owned()
+}
+
+/// What `network.json` holds: the VM's network, attached again by every
+/// start (boot, seal, reset).
+#[derive(Debug, Serialize, Deserialize)]
+struct NetworkRecord {
+    mode: hearth_core::resource::Network,
+    allow_host_ports: Vec<u16>,
 }
 
 /// What `meta.json` holds.
@@ -623,6 +641,15 @@ impl Inner {
         let launch = serde_json::to_string(&argv).map_err(|e| format!("launch.json: {e}"))?;
         fs::write(vm_dir.join("launch.json"), launch)
             .map_err(|e| io_err("write launch.json", e))?;
+        // What its network reaches, kept beside it: seal and reset make a
+        // new network namespace, which is attached again.
+        let network = NetworkRecord {
+            mode: spec.network.mode,
+            allow_host_ports: spec.network.allow_host_ports.clone(),
+        };
+        let network = serde_json::to_string(&network).map_err(|e| format!("network.json: {e}"))?;
+        fs::write(vm_dir.join("network.json"), network)
+            .map_err(|e| io_err("write network.json", e))?;
         self.start(spec.id, vm_dir)
     }
 
@@ -725,6 +752,12 @@ impl Inner {
             tracing::warn!(error = %e, "cannot start a reaper thread");
         }
         fs::write(vm_dir.join("pid"), pid.to_string()).map_err(|e| io_err("write pid", e))?;
+        let network: NetworkRecord = fs::read(vm_dir.join("network.json"))
+            .map_err(|e| io_err("read network.json", e))
+            .and_then(|raw| {
+                serde_json::from_slice(&raw).map_err(|e| format!("network.json: {e}"))
+            })?;
+        self.attach_network(id, &network, pid as i32, &launched)?;
 
         // Launched = the agent's socket exists (the server binds it last,
         // after the whole filesystem is set up), or the launcher died.
@@ -786,6 +819,29 @@ impl Inner {
             .and_then(|()| self.start(id, &vm_dir))
             .map_err(DriverError::Boot)?;
         tracing::debug!(vm = %id, seal, elapsed_ms = started.elapsed().as_millis() as u64, "sandbox relaunched");
+        Ok(())
+    }
+
+    /// An `egress` sandbox's port on the VM network, once the launcher is
+    /// in its own network namespace (see `crate::net`).
+    fn attach_network(
+        &self,
+        id: VmId,
+        network: &NetworkRecord,
+        pid: i32,
+        launched: &Launched,
+    ) -> Result<(), String> {
+        if network.mode != hearth_core::resource::Network::Egress {
+            return Ok(());
+        }
+        let net = self.config.net.as_ref().ok_or_else(|| {
+            "network: egress needs the VM network, which this server has not set up".to_owned()
+        })?;
+        let started = Instant::now();
+        crate::net::wait_for_netns(pid, BOOT_TIMEOUT, || launched.exited().is_none())
+            .and_then(|()| net.attach_sandbox(id, pid, &network.allow_host_ports))
+            .map_err(|e| format!("cannot attach the sandbox to the VM network: {e}"))?;
+        tracing::debug!(vm = %id, took = ?started.elapsed(), "sandbox attached to the VM network");
         Ok(())
     }
 
@@ -902,6 +958,13 @@ impl Inner {
                     .saturating_duration_since(Instant::now())
                     .max(Duration::from_secs(1)),
             )?;
+        }
+        if let Some(net) = &self.config.net {
+            net.detach(id).map_err(|e| {
+                DriverError::Io(io::Error::other(format!(
+                    "cannot detach VM {id} from the VM network: {e}"
+                )))
+            })?;
         }
         // Mount points are listed resolved: so must the folder be (a state
         // folder given as a relative path may hold `..`).

@@ -193,7 +193,8 @@ impl Env {
             cpus: 1,
             memory_mib: 256,
             image: image_spec(),
-            network: hearth_drivers::NetworkSpec::host(),
+            // The agent's channel only (egress is tests/net_attacks.rs's).
+            network: hearth_drivers::NetworkSpec::none(),
             disk_mib: 0,
         }
     }
@@ -475,32 +476,6 @@ async fn write_file_writes_private_files_and_bytes() {
 }
 
 #[tokio::test]
-async fn the_guest_reaches_a_tcp_server_on_host_loopback() {
-    let env = Env::new();
-    let id = env.boot().await;
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (mut stream, peer) = listener.accept().unwrap();
-        stream.write_all(b"hello from the host\n").unwrap();
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line).unwrap();
-        (line, peer)
-    });
-    let out = sh(
-        &env.driver,
-        id,
-        &format!("(echo hello from the guest; sleep 2) | nc 10.0.2.2 {port}"),
-    )
-    .await;
-    assert_eq!(out, "hello from the host\n");
-    let (line, peer) = server.join().unwrap();
-    assert_eq!(line, "hello from the guest\n");
-    // qemu's user networking connects from the host's loopback.
-    assert!(peer.ip().is_loopback(), "{peer}");
-}
-
-#[tokio::test]
 async fn an_isolated_vm_reaches_nothing_but_its_agent_answers() {
     let env = Env::new();
     let mut spec = env.spec();
@@ -671,7 +646,7 @@ async fn helper_create_a_vm_then_wait() {
         cpus: 1,
         memory_mib: 256,
         image: image_spec(),
-        network: hearth_drivers::NetworkSpec::host(),
+        network: hearth_drivers::NetworkSpec::none(),
         disk_mib: 0,
     };
     driver.create(&spec).await.unwrap();

@@ -9,7 +9,9 @@
 //! disk root in [`ROOT_FILE`], mount it, switch to it and exec the disk's
 //! own agent, which boots again from the start there; bring up `lo` and `eth0`
 //! with qemu user networking's addresses (`ip` from the image: busybox's in
-//! the minimal image); write `/etc/resolv.conf` and the hostname; read the
+//! the minimal image), and `eth1` with `hearth.eth1=`'s address and the
+//! default route when the VM is on the host's VM network; IPv6 off; write
+//! `/etc/resolv.conf` and the hostname; read the
 //! secret from qemu's firmware configuration device ([`FW_CFG_SECRET`],
 //! root-only in sysfs), keep it in `/run/hearth/secret` (0600, in a 0700
 //! folder on tmpfs) and unload `qemu_fw_cfg` so that sysfs no longer shows
@@ -107,6 +109,10 @@ pub struct BootParams {
     /// `hearth.ip=`, `hearth.gw=`, `hearth.dns=`: overrides of the user
     /// networking defaults.
     pub address: Option<String>,
+    /// `hearth.eth1=<address/prefix>`: a second interface (the host's VM
+    /// network, egress); the default route (`hearth.gw`) then goes through
+    /// it and `eth0` keeps only its own subnet.
+    pub eth1: Option<String>,
     pub gateway: Option<String>,
     pub nameserver: Option<String>,
 }
@@ -119,6 +125,7 @@ impl fmt::Debug for BootParams {
             .field("probe", &self.probe)
             .field("no_network", &self.no_network)
             .field("address", &self.address)
+            .field("eth1", &self.eth1)
             .field("gateway", &self.gateway)
             .field("nameserver", &self.nameserver)
             .finish()
@@ -155,6 +162,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootParams, String> {
             "probe" => params.probe = matches!(value, "" | "1" | "yes" | "true"),
             "net" => params.no_network = value == "none",
             "ip" => params.address = Some(value.to_owned()),
+            "eth1" => params.eth1 = Some(value.to_owned()),
             "gw" => params.gateway = Some(value.to_owned()),
             "dns" => params.nameserver = Some(value.to_owned()),
             _ => {}
@@ -503,20 +511,41 @@ fn run_tool(program: &str, args: &[&str]) -> Result<(), String> {
     }
 }
 
-fn configure_network(params: &BootParams) -> Result<(), String> {
-    run_tool("ip", &["link", "set", "lo", "up"])?;
+/// Waits for network interface `name` to appear.
+fn wait_for_interface(name: &str) -> Result<(), String> {
     let deadline = Instant::now() + NETDEV_TIMEOUT;
-    while !Path::new("/sys/class/net/eth0").exists() {
+    while !Path::new("/sys/class/net").join(name).exists() {
         if Instant::now() >= deadline {
-            return Err(format!("no eth0 after {NETDEV_TIMEOUT:?}"));
+            return Err(format!("no {name} after {NETDEV_TIMEOUT:?}"));
         }
         thread::sleep(Duration::from_millis(5));
     }
+    Ok(())
+}
+
+fn configure_network(params: &BootParams) -> Result<(), String> {
+    // No IPv6 in the guest (the host drops it from VM ports anyway).
+    let _ = fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1");
+    let _ = fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+    run_tool("ip", &["link", "set", "lo", "up"])?;
+    wait_for_interface("eth0")?;
     let address = params.address.as_deref().unwrap_or(DEFAULT_ADDRESS);
     let gateway = params.gateway.as_deref().unwrap_or(DEFAULT_GATEWAY);
     run_tool("ip", &["addr", "add", address, "dev", "eth0"])?;
     run_tool("ip", &["link", "set", "eth0", "up"])?;
-    run_tool("ip", &["route", "add", "default", "via", gateway])?;
+    let out = match &params.eth1 {
+        Some(eth1) => {
+            wait_for_interface("eth1")?;
+            run_tool("ip", &["addr", "add", eth1, "dev", "eth1"])?;
+            run_tool("ip", &["link", "set", "eth1", "up"])?;
+            "eth1"
+        }
+        None => "eth0",
+    };
+    run_tool(
+        "ip",
+        &["route", "add", "default", "via", gateway, "dev", out],
+    )?;
     Ok(())
 }
 
@@ -675,6 +704,9 @@ mod tests {
         let probe = parse_cmdline("hearth.probe=1 hearth.net=none hearth.ip=10.1.0.2/16").unwrap();
         assert!(probe.probe && probe.no_network);
         assert_eq!(probe.address.as_deref(), Some("10.1.0.2/16"));
+        let egress = parse_cmdline("hearth.eth1=10.199.0.7/16 hearth.gw=10.199.0.1").unwrap();
+        assert_eq!(egress.eth1.as_deref(), Some("10.199.0.7/16"));
+        assert_eq!(egress.gateway.as_deref(), Some("10.199.0.1"));
         assert!(parse_cmdline("hearth.port=x").is_err());
         // A secret on the command line is refused, and never quoted.
         let err = parse_cmdline("hearth.vm=a hearth.secret=s3cr3t").unwrap_err();

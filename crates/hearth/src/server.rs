@@ -64,6 +64,14 @@ pub struct ServerArgs {
     /// 65536 ids from there (no real user should own any of them).
     #[arg(long, env = "HEARTH_SANDBOX_UID_BASE", default_value_t = hearth_drivers::sandbox::DEFAULT_UID_BASE)]
     sandbox_uid_base: u32,
+    /// The host bridge `network: egress` VMs are attached to (also the name
+    /// of hearth's nftables tables).
+    #[arg(long, env = "HEARTH_VM_BRIDGE", default_value = hearth_drivers::net::DEFAULT_BRIDGE)]
+    vm_bridge: String,
+    /// The subnet of the VM bridge; its first address is every VM's
+    /// gateway, DNS server and way to `allow_host_ports`.
+    #[arg(long, env = "HEARTH_VM_SUBNET", default_value = hearth_drivers::net::DEFAULT_SUBNET)]
+    vm_subnet: String,
     /// Accelerator of the qemu driver: `auto` (KVM only after a probe boot
     /// succeeds, else TCG), `kvm` or `tcg`.
     #[arg(long, env = "HEARTH_QEMU_ACCEL", default_value = "auto")]
@@ -237,6 +245,14 @@ async fn start_pool(
         boot_latency: args.fake_boot_latency,
         failure_rate: args.fake_failure_rate,
     })));
+    let net = Arc::new(
+        hearth_drivers::net::Net::new(hearth_drivers::net::NetConfig::for_bridge(
+            &args.vm_bridge,
+            hearth_drivers::net::parse_subnet(&args.vm_subnet)
+                .map_err(|e| anyhow::anyhow!("--vm-subnet: {e}"))?,
+        ))
+        .map_err(|e| anyhow::anyhow!("--vm-bridge: {e}"))?,
+    );
     match args.guest_agent.clone().or_else(find_agent_binary) {
         Some(agent_binary) => {
             hearth_drivers::sandbox::check_uid_base(args.sandbox_uid_base)
@@ -257,6 +273,7 @@ async fn start_pool(
             config.hide = vec![data_dir];
             config.default_root = default_root;
             config.uid_base = args.sandbox_uid_base;
+            config.net = Some(net.clone());
             let sandbox = SandboxDriver::new(config);
             drivers = drivers.with(Arc::new(sandbox));
         }
@@ -268,6 +285,7 @@ async fn start_pool(
         use hearth_drivers::qemu::{Accel, QemuConfig, QemuDriver};
         let mut config = QemuConfig::new(fs::canonicalize(&args.data_dir)?.join("qemu"));
         config.qemu_binary = qemu;
+        config.net = Some(net.clone());
         config.accel = match args.qemu_accel.as_str() {
             "auto" => Accel::Auto,
             "kvm" => Accel::Kvm,

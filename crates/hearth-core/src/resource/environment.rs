@@ -36,13 +36,12 @@ pub enum Network {
     #[serde(alias = "isolated")]
     None,
     /// Egress to the internet only: never the host itself, other VMs or
-    /// private ranges, except the host ports `allow_host_ports` names.
+    /// private ranges, except the host ports `allow_host_ports` names. The
+    /// default.
+    #[default]
     Egress,
     /// The host's own network, unfiltered (sandbox only). A weaker setting
     /// only an operator may choose.
-    // TODO(trust boundaries): the default becomes `Egress` once the host
-    // network (bridge + nftables) is in.
-    #[default]
     Host,
 }
 
@@ -175,7 +174,24 @@ impl Spec for Environment {
     const KIND: Kind = Kind::Environment;
     const VERSIONED: bool = true;
 
+    fn operator_only_changes(&self, previous: Option<&Self>) -> Vec<&'static str> {
+        self.operator_only_settings()
+            .into_iter()
+            .filter(|field| match (previous, *field) {
+                (Some(p), "network: host") => p.network != Network::Host,
+                (Some(p), _) => p.allow_host_ports != self.allow_host_ports,
+                (None, _) => true,
+            })
+            .collect()
+    }
+
     fn validate(&self) -> Result<(), Error> {
+        if self.network == Network::Host && self.driver == DriverKind::Qemu {
+            return Err(Error::invalid(
+                "network: host is not available with driver: qemu (the guest would reach the \
+                 host's loopback); use network: egress with allow_host_ports",
+            ));
+        }
         if let Some(image) = &self.image {
             validate_name(Kind::Image, image)
                 .map_err(|e| Error::invalid(format!("image: {}", e.message)))?;

@@ -114,6 +114,12 @@ pub trait Spec: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
         Ok(())
     }
 
+    /// The settings of this spec that only an operator may write, which it
+    /// sets anew over `previous` (keeping what an operator set is fine).
+    fn operator_only_changes(&self, _previous: Option<&Self>) -> Vec<&'static str> {
+        Vec::new()
+    }
+
     /// Fields known under an older name too, as `(older, current)`: the
     /// input may use either (never both), the output uses the current one.
     const RENAMED: &'static [(&'static str, &'static str)] = &[];

@@ -574,7 +574,12 @@ pub fn repo_path(rel: &str) -> PathBuf {
 pub fn destroy_sandboxes(state_dir: &Path, ids: &[String]) {
     use hearth_drivers::Driver;
     use hearth_drivers::sandbox::{SandboxConfig, SandboxDriver};
-    let driver = SandboxDriver::new(SandboxConfig::new(state_dir, guest_agent()));
+    let mut config = SandboxConfig::new(state_dir, guest_agent());
+    config.net = Some(std::sync::Arc::new(
+        hearth_drivers::net::Net::new(hearth_drivers::net::NetConfig::new())
+            .expect("the default VM network"),
+    ));
+    let driver = SandboxDriver::new(config);
     block_on(async {
         for id in ids {
             if let Ok(id) = id.parse() {
@@ -673,4 +678,23 @@ impl Drop for GitServer {
         let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.daemon.wait();
     }
+}
+
+/// The gateway of a server's default VM network: where `network: egress`
+/// VMs reach the host ports their environment allows.
+pub fn vm_gateway() -> String {
+    hearth_drivers::net::Net::new(hearth_drivers::net::NetConfig::new())
+        .expect("the default VM network")
+        .gateway()
+        .to_string()
+}
+
+/// A `git://127.0.0.1:<port>/…` URL of a [`GitServer`] as an egress VM
+/// reaches it (through the gateway), and the port to allow.
+pub fn through_gateway(url: &str) -> (String, u16) {
+    let rest = url
+        .strip_prefix("git://127.0.0.1:")
+        .unwrap_or_else(|| panic!("not a GitServer URL: {url}"));
+    let port = rest.split('/').next().unwrap().parse().unwrap();
+    (url.replacen("127.0.0.1", &vm_gateway(), 1), port)
 }

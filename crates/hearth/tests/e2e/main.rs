@@ -10,6 +10,7 @@ mod cli;
 mod conformance;
 mod hardening;
 mod images;
+mod network;
 mod pool;
 mod pool_wake;
 mod provisioning;

@@ -2,7 +2,7 @@
 //! git repositories served over git://, on both store backends.
 
 use crate::both_backends;
-use crate::common::{Backend, GitServer, Server, wait_until};
+use crate::common::{Backend, GitServer, Server, through_gateway, wait_until};
 use serde_json::{Value, json};
 
 both_backends!(
@@ -18,13 +18,26 @@ const FAST: &[&str] = &["--resync", "200ms"];
 
 /// Environment `dev` with a secret, project and repo setup; workspace `web`
 /// with the given repos.
+///
+/// The VMs have the default network (egress): they clone from the git
+/// daemon on the host's loopback through the gateway, its port allowed.
 fn setup(s: &Server, repos: &[(&str, &str)], min_idle: i64) {
+    let repos: Vec<(String, u16, &str)> = repos
+        .iter()
+        .map(|(url, branch)| {
+            let (url, port) = through_gateway(url);
+            (url, port, *branch)
+        })
+        .collect();
+    let mut ports: Vec<String> = repos.iter().map(|(_, port, _)| port.to_string()).collect();
+    ports.dedup();
     let env = format!(
-        "driver: sandbox\nmemory: 256Mi\nenv:\n  SECRET_TOKEN: {SECRET}\n  MODE: test\nproject_setup:\n- name: project\n  command: echo project-ran > /home/project.txt\nrepo_setup:\n- name: mark\n  command: pwd > setup-ran.txt\n"
+        "driver: sandbox\nmemory: 256Mi\nallow_host_ports: [{}]\nenv:\n  SECRET_TOKEN: {SECRET}\n  MODE: test\nproject_setup:\n- name: project\n  command: echo project-ran > /home/project.txt\nrepo_setup:\n- name: mark\n  command: pwd > setup-ran.txt\n",
+        ports.join(", ")
     );
     let repos_yaml: String = repos
         .iter()
-        .map(|(url, branch)| format!("- url: {url}\n  branch: {branch}\n"))
+        .map(|(url, _, branch)| format!("- url: {url}\n  branch: {branch}\n"))
         .collect();
     s.pool(
         10,
@@ -290,7 +303,7 @@ fn failing_clones_and_missing_branches(b: Backend) {
     // A branch that does not exist.
     s.admin().patch(
         "/v1/workspaces/web",
-        json!({"repos": [{"url": app, "branch": "no-such-branch"}]}),
+        json!({"repos": [{"url": through_gateway(&app).0, "branch": "no-such-branch"}]}),
     );
     let instance = test_boot(&s);
     assert_eq!(

@@ -5,7 +5,7 @@
 //! the host over git://10.0.2.2), an agent on a warm VM, a `kill -9` of the
 //! server with adoption, and no qemu process left behind.
 
-use crate::common::{Backend, GitServer, Server, wait_until};
+use crate::common::{Backend, GitServer, Server, through_gateway, wait_until};
 use serde_json::json;
 use std::path::Path;
 
@@ -147,8 +147,9 @@ fn qemu_processes(dir: &Path) -> usize {
 fn qemu_vms_run_the_pipeline_serve_agents_and_survive_kill_9(b: Backend) {
     let git = GitServer::start();
     let app = git.repo("app", &[("README", "hello from the host\n")]);
-    // VMs reach the host's loopback at 10.0.2.2 (qemu user networking).
-    let app_in_vm = app.replace("127.0.0.1", "10.0.2.2");
+    // VMs reach the git daemon on the host's loopback through the VM
+    // network's gateway, its port allowed (never at 10.0.2.2).
+    let (app_in_vm, git_port) = through_gateway(&app);
     let cache = image_cache();
     let mut s = Server::start_with(
         b,
@@ -197,7 +198,7 @@ fn qemu_vms_run_the_pipeline_serve_agents_and_survive_kill_9(b: Backend) {
 
     s.pool(
         4,
-        "driver: qemu\nimage: qvm\nmemory: 512Mi\nenv:\n  API_KEY: k3y-never-shown\n",
+        &format!("driver: qemu\nimage: qvm\nmemory: 512Mi\nallow_host_ports: [{git_port}]\nenv:\n  API_KEY: k3y-never-shown\n"),
         "web",
         &format!(
             "min_idle: 1\nmax_idle: 1\nrepos:\n- url: {app_in_vm}\nwarm_pool:\n  setup_commands:\n  - name: build\n    command: cp /home/app/README /home/built.txt\n"

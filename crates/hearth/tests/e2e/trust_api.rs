@@ -695,7 +695,9 @@ fn agent_commands_get_the_environment_and_their_output_is_masked(b: Backend) {
     let url = format!("http://deploy:{password}@127.0.0.1:{}/r.git", git.port);
     s.pool(
         4,
-        &format!("driver: sandbox\nmemory: 256Mi\nenv:\n  SECRET_VAR: {secret}\n"),
+        // The host's network (an operator's choice): the server listens on
+        // the host's loopback.
+        &format!("driver: sandbox\nmemory: 256Mi\nnetwork: host\nenv:\n  SECRET_VAR: {secret}\n"),
         "web",
         &format!("min_idle: 0\nrepos:\n- url: {url}\n  name: r\n"),
     );
