@@ -8,6 +8,7 @@ mod agents;
 mod auth;
 mod cli;
 mod conformance;
+mod developer_scoping;
 mod hardening;
 mod pool;
 mod pool_wake;

@@ -721,7 +721,9 @@ fn agent_commands_get_the_environment_and_their_output_is_masked(b: Backend) {
     let done = s.wait_agent(&a, "completed", 120);
     let reversed: String = secret.chars().rev().collect();
     let masked_url = format!("http://deploy:***@127.0.0.1:{}/r.git", git.port);
-    let r = s.client(&viewer).get(&format!("/v1/agents/{a}"));
+    // Its owner reads the output (a viewer reads none of it:
+    // `developer_scoping` tests that).
+    let r = s.client(&dev).get(&format!("/v1/agents/{a}"));
     assert_eq!(r.status, 200, "{}", r.text);
     let output = r.body["output"].as_str().unwrap();
     assert_eq!(
@@ -735,10 +737,10 @@ fn agent_commands_get_the_environment_and_their_output_is_masked(b: Backend) {
     );
     for text in [
         r.text.clone(),
+        s.client(&dev).get("/v1/agents").text,
+        s.cli(&dev, &["agents", "get", &a], "").stdout,
+        s.cli(&dev, &["agents", "get", &a, "-o", "json"], "").stdout,
         s.client(&viewer).get("/v1/agents").text,
-        s.cli(&viewer, &["agents", "get", &a], "").stdout,
-        s.cli(&viewer, &["agents", "get", &a, "-o", "json"], "")
-            .stdout,
     ] {
         assert!(!text.contains(secret) && !text.contains(password), "{text}");
     }
