@@ -15,6 +15,7 @@ mod pool_wake;
 mod provisioning;
 mod qemu;
 mod resources;
+mod secrets_at_rest;
 mod server;
 mod stale;
 mod trust_api;
