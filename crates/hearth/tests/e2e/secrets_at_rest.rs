@@ -103,66 +103,6 @@ fn refused_start(data_dir: &Path, database_url: Option<&str>, args: &[&str]) -> 
     stderr
 }
 
-/// Starts `hearth server` with `args`, asks it `GET path` with `token`
-/// once it listens, stops it (SIGTERM to its pid) and returns the answer.
-fn started_and_asked(
-    data_dir: &Path,
-    database_url: Option<&str>,
-    args: &[&str],
-    token: &str,
-    path: &str,
-) -> serde_json::Value {
-    use std::io::{BufRead, BufReader};
-    let mut cmd = Command::new(binary());
-    cmd.args(["server", "--listen", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
-        .arg(data_dir)
-        .args(args)
-        .env_remove("HEARTH_DATABASE_URL")
-        .env_remove("HEARTH_SECRETS_KEY_FILE")
-        .env("HEARTH_GUEST_AGENT", guest_agent())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if let Some(url) = database_url {
-        cmd.args(["--database-url", url]);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut addr = None;
-    let mut log = String::new();
-    let mut lines = BufReader::new(stderr).lines();
-    // Ends when the server prints `listening`, or exits (closing stderr).
-    for line in lines.by_ref().map_while(Result::ok) {
-        log.push_str(&line);
-        log.push('\n');
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-            && v["message"] == "listening"
-        {
-            addr = v["addr"].as_str().map(str::to_owned);
-            break;
-        }
-    }
-    // Keep reading its log, so the server never writes to a closed pipe.
-    let drain = std::thread::spawn(move || lines.map_while(Result::ok).count());
-    let answer = addr.as_ref().map(|addr| {
-        crate::common::Api {
-            base: format!("http://{addr}"),
-            token: Some(token.to_owned()),
-        }
-        .get(path)
-    });
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let _ = child.wait();
-    let _ = drain.join();
-    let answer = answer.unwrap_or_else(|| panic!("the server did not start: {log}"));
-    assert_eq!(answer.status, 200, "{}", answer.text);
-    answer.body
-}
-
 /// Spawns an agent as the operator that prints `$SECRET_VAR` reversed
 /// (the plain value would be masked in its output) and returns what it
 /// printed.
@@ -282,23 +222,23 @@ fn secrets_are_sealed_in_the_store_and_the_key_is_required(b: Backend) {
     );
     assert!(stderr.contains("missing.key does not exist"), "{stderr}");
 
-    // The operator's copy of the key opens the copy (another replica, or a
-    // restore): given with the flag, from anywhere.
-    let provided = thief.path().join("provided.key");
-    std::fs::copy(&key_path, &provided).unwrap();
-    std::fs::set_permissions(&provided, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let answer = started_and_asked(
-        thief.path(),
-        s.database_url(),
-        &["--secrets-key-file", provided.to_str().unwrap()],
-        &s.admin_token,
-        "/v1/environments/dev",
-    );
-    assert_eq!(answer["spec"]["env"]["SECRET_VAR"], "***", "{answer}");
-
-    // The server with its key starts again and provisions with the value.
+    // The server with its key starts again and provisions with the value;
+    // so does it with the key the operator keeps elsewhere and names with
+    // the flag (the data dir's file moved away).
     s.launch();
     assert_eq!(value_seen_in_a_vm(&s), format!("{}\n1\n", reversed(secret)));
+    s.stop();
+    let provided = thief.path().join("provided.key");
+    std::fs::rename(&key_path, &provided).unwrap();
+    s.set_extra(&mut vec![
+        "--resync".into(),
+        "200ms".into(),
+        "--secrets-key-file".into(),
+        provided.to_str().unwrap().into(),
+    ]);
+    s.launch();
+    assert_eq!(value_seen_in_a_vm(&s), format!("{}\n1\n", reversed(secret)));
+    assert!(!key_path.exists(), "no key is made when one is given");
 }
 
 fn plaintext_secrets_of_an_older_store_are_sealed_on_start(b: Backend) {
