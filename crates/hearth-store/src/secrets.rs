@@ -71,12 +71,8 @@ impl SecretsKey {
     /// whitespace ignored). The error says what is wrong, never the key.
     pub fn parse(text: &str) -> std::result::Result<SecretsKey, String> {
         let text = text.trim();
-        let bytes = hex::decode(text).map_err(|_| {
-            format!(
-                "is not a secrets key: expected {} hex digits",
-                KEY_LEN * 2
-            )
-        })?;
+        let bytes = hex::decode(text)
+            .map_err(|_| format!("is not a secrets key: expected {} hex digits", KEY_LEN * 2))?;
         if bytes.len() != KEY_LEN {
             return Err(format!(
                 "is not a secrets key: expected {} hex digits, found {}",
@@ -244,14 +240,19 @@ mod tests {
         assert_eq!(text.trim().len(), 64);
         let a = key.seal("hunter2");
         let b = key.seal("hunter2");
-        assert!(a.starts_with(SEALED_PREFIX) && !a.contains("hunter2"), "{a}");
+        assert!(
+            a.starts_with(SEALED_PREFIX) && !a.contains("hunter2"),
+            "{a}"
+        );
         assert_ne!(a, b, "each seal has its own nonce");
         assert_eq!(key.open(&a).as_deref(), Some("hunter2"));
         assert_eq!(key.open(&key.seal("")).as_deref(), Some(""));
         // Nothing of a sealed value is shell, URL or JSON syntax.
-        assert!(a[SEALED_PREFIX.len()..]
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert!(
+            a[SEALED_PREFIX.len()..]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
     }
 
     #[test]
@@ -267,7 +268,12 @@ mod tests {
         let last = altered.len() - 3;
         altered[last] = if altered[last] == b'A' { b'B' } else { b'A' };
         assert_eq!(key.open(&String::from_utf8(altered).unwrap()), None);
-        for bad in ["", SEALED_PREFIX, "hearth-sealed:v1:!!!", "hearth-sealed:v1:AAAA"] {
+        for bad in [
+            "",
+            SEALED_PREFIX,
+            "hearth-sealed:v1:!!!",
+            "hearth-sealed:v1:AAAA",
+        ] {
             assert_eq!(key.open(bad), None, "{bad}");
         }
         assert_eq!(key.open("hearth-sealed:v2:AAAA"), None);
@@ -315,7 +321,10 @@ mod tests {
         let (key, _) = SecretsKey::generate();
         secrets.install(key);
         let stored = secrets.seal_spec(Kind::Environment, &env);
-        assert!(!stored.contains("t0ps3cret") && stored.contains("\"cpus\":2"), "{stored}");
+        assert!(
+            !stored.contains("t0ps3cret") && stored.contains("\"cpus\":2"),
+            "{stored}"
+        );
         let mut read: serde_json::Value = serde_json::from_str(&stored).unwrap();
         open_with(secrets.key(), Kind::Environment, "dev", &mut read).unwrap();
         assert_eq!(read, env);
@@ -325,7 +334,10 @@ mod tests {
             {"url": "git://git.example/open.git"}
         ]});
         let stored = secrets.seal_spec(Kind::Workspace, &ws);
-        assert!(!stored.contains("pw@") && !stored.contains("deploy"), "{stored}");
+        assert!(
+            !stored.contains("pw@") && !stored.contains("deploy"),
+            "{stored}"
+        );
         assert!(stored.contains("git://git.example/open.git"), "{stored}");
         let mut read: serde_json::Value = serde_json::from_str(&stored).unwrap();
         assert!(!open_with(secrets.key(), Kind::Workspace, "web", &mut read).unwrap());

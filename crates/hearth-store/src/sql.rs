@@ -15,6 +15,7 @@
 //! No user text is ever spliced into SQL; everything else is a parameter.
 //! Flags are BIGINT 0/1 on both backends ([`flag`], [`store_flag`]).
 
+use crate::secrets::SecretsKey;
 use crate::{
     AgentPhase, AgentRecord, Build, Identity, InstanceFilter, InstanceRecord, InstanceStatus,
     Millis, OnIdle, ResourceRecord, Result, StoreError, Tenant, TokenRecord, VmRecord, VmState,
@@ -23,7 +24,6 @@ use crate::{
 use hearth_core::ids::{AgentId, IdentityId, InstanceId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::Kind;
-use crate::secrets::SecretsKey;
 use std::fmt::Display;
 use std::str::FromStr;
 use std::sync::LazyLock;

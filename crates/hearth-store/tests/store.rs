@@ -3654,24 +3654,38 @@ async fn secrets_are_sealed_at_rest(ctx: Ctx) {
         {"url": format!("https://{old_token}@git.example/r.git")},
         {"url": "git://git.example/open.git"}
     ]});
-    put(s, t, Kind::Environment, "dev", &env, &[]).await.unwrap();
-    put(s, t, Kind::Workspace, "web", &ws, &[]).await.unwrap();
-    put(s, t, Kind::Image, "base", &json!({"driver": "sandbox"}), &[])
+    put(s, t, Kind::Environment, "dev", &env, &[])
         .await
         .unwrap();
+    put(s, t, Kind::Workspace, "web", &ws, &[]).await.unwrap();
+    put(
+        s,
+        t,
+        Kind::Image,
+        "base",
+        &json!({"driver": "sandbox"}),
+        &[],
+    )
+    .await
+    .unwrap();
     // Never unlocked: stored as given (a store from before sealing).
-    assert!(raw_spec(&ctx, t, Kind::Environment, "dev").await.contains(old_value));
+    assert!(
+        raw_spec(&ctx, t, Kind::Environment, "dev")
+            .await
+            .contains(old_value)
+    );
     assert!(!s.secrets_sealed().await.unwrap());
     // …and in SQLite's files (so the scan below can fail).
-    let files_hold = |secret: &str| match &ctx.backend {
-        Backend::Sqlite { path, .. } => [path.clone(), path.with_extension("db-wal")]
-            .iter()
-            .any(|file| {
-                let bytes = std::fs::read(file).unwrap_or_default();
-                bytes.windows(secret.len()).any(|w| w == secret.as_bytes())
-            }),
-        Backend::Postgres { .. } => false,
-    };
+    let files_hold =
+        |secret: &str| match &ctx.backend {
+            Backend::Sqlite { path, .. } => [path.clone(), path.with_extension("db-wal")]
+                .iter()
+                .any(|file| {
+                    let bytes = std::fs::read(file).unwrap_or_default();
+                    bytes.windows(secret.len()).any(|w| w == secret.as_bytes())
+                }),
+            Backend::Postgres { .. } => false,
+        };
     if matches!(ctx.backend, Backend::Sqlite { .. }) {
         assert!(files_hold(old_value));
     }
@@ -3688,14 +3702,26 @@ async fn secrets_are_sealed_at_rest(ctx: Ctx) {
         );
     }
     // Only secrets are sealed: the open repo URL and the rest stay.
-    assert!(stored_ws.contains("git://git.example/open.git"), "{stored_ws}");
-    assert!(stored_env.contains("\"driver\":\"sandbox\""), "{stored_env}");
-    let read = s.get_resource(t, Kind::Environment, "dev").await.unwrap().unwrap();
+    assert!(
+        stored_ws.contains("git://git.example/open.git"),
+        "{stored_ws}"
+    );
+    assert!(
+        stored_env.contains("\"driver\":\"sandbox\""),
+        "{stored_env}"
+    );
+    let read = s
+        .get_resource(t, Kind::Environment, "dev")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((read.spec, read.version), (env.clone(), 1));
     let read = s.list_resources(t, Kind::Workspace).await.unwrap();
     assert_eq!(read[0].spec, ws);
     // Writing the same again changes nothing (plaintext compared).
-    let again = put(s, t, Kind::Environment, "dev", &env, &[]).await.unwrap();
+    let again = put(s, t, Kind::Environment, "dev", &env, &[])
+        .await
+        .unwrap();
     assert!(!again.changed);
 
     // Idempotent, from another server with the same key.
@@ -3704,19 +3730,34 @@ async fn secrets_are_sealed_at_rest(ctx: Ctx) {
     // New writes are sealed, by every server that was unlocked.
     let new_value = "fresh-value-0453";
     let env2 = json!({"driver": "sandbox", "env": {"NEW": new_value}});
-    put(&other, t, Kind::Environment, "dev", &env2, &[]).await.unwrap();
+    put(&other, t, Kind::Environment, "dev", &env2, &[])
+        .await
+        .unwrap();
     let stored = raw_spec(&ctx, t, Kind::Environment, "dev").await;
-    assert!(!stored.contains(new_value) && stored.contains(SEALED_PREFIX), "{stored}");
+    assert!(
+        !stored.contains(new_value) && stored.contains(SEALED_PREFIX),
+        "{stored}"
+    );
     assert_eq!(
-        s.get_resource(t, Kind::Environment, "dev").await.unwrap().unwrap().spec,
+        s.get_resource(t, Kind::Environment, "dev")
+            .await
+            .unwrap()
+            .unwrap()
+            .spec,
         env2
     );
-    let deleted = s.delete_resource(t, Kind::Environment, "dev").await.unwrap();
+    let deleted = s
+        .delete_resource(t, Kind::Environment, "dev")
+        .await
+        .unwrap();
     assert_eq!(deleted.spec, env2);
 
     // No key: sealed values are refused by name, never read as text.
     let locked = ctx.open_again().await;
-    let e = locked.get_resource(t, Kind::Workspace, "web").await.unwrap_err();
+    let e = locked
+        .get_resource(t, Kind::Workspace, "web")
+        .await
+        .unwrap_err();
     assert!(matches!(e, StoreError::SecretsLocked(_)), "{e:?}");
     assert_eq!(
         e.to_string(),

@@ -47,9 +47,8 @@ pub async fn unlock(
             path.display()
         );
     } else {
-        SecretsKey::create_file(&path).with_context(|| {
-            format!("cannot write a new secrets key to {}", path.display())
-        })?
+        SecretsKey::create_file(&path)
+            .with_context(|| format!("cannot write a new secrets key to {}", path.display()))?
     };
     match store.unlock_secrets(key).await {
         Ok(sealed) => {

@@ -30,8 +30,10 @@ fn phase(s: &Server, agent: &str) -> String {
 }
 
 fn exec(s: &Server, token: &str, agent: &str, command: &str) -> Answer {
-    s.client(token)
-        .post(&format!("/v1/agents/{agent}/exec"), json!({"command": command}))
+    s.client(token).post(
+        &format!("/v1/agents/{agent}/exec"),
+        json!({"command": command}),
+    )
 }
 
 fn act(s: &Server, token: &str, agent: &str, verb: &str) -> Answer {
@@ -113,8 +115,11 @@ fn developers_act_only_on_their_own_agents(b: Backend) {
     // Exec as Bob (and as the service) is refused and never runs.
     for (token, who) in [(&bob, "bob"), (&bot, "ci-bot")] {
         for target in [&a, &child] {
-            exec(&s, token, target, &format!("touch /home/{who}-was-here"))
-                .assert_error(403, "PERMISSION_DENIED", &not_yours(target, "alice"));
+            exec(&s, token, target, &format!("touch /home/{who}-was-here")).assert_error(
+                403,
+                "PERMISSION_DENIED",
+                &not_yours(target, "alice"),
+            );
         }
     }
     // The owner's exec on its agent and on its child works, and shows
@@ -170,7 +175,12 @@ fn developers_act_only_on_their_own_agents(b: Backend) {
     // Wake of a sleeping one: Alice puts hers to sleep (legitimate), Bob
     // cannot wake it, Alice can.
     let r = act(&s, &alice, &a, "sleep");
-    assert_eq!((r.status, r.body["phase"].as_str()), (200, Some("sleeping")), "{}", r.text);
+    assert_eq!(
+        (r.status, r.body["phase"].as_str()),
+        (200, Some("sleeping")),
+        "{}",
+        r.text
+    );
     for token in [&bob, &bot] {
         act(&s, token, &a, "wake").assert_error(403, "PERMISSION_DENIED", &not_yours(&a, "alice"));
         assert_eq!(phase(&s, &a), "sleeping");
@@ -189,7 +199,12 @@ fn developers_act_only_on_their_own_agents(b: Backend) {
     assert_eq!(listed(&list, &own)["output"], "bob-output-2\n");
     assert_eq!(listed(&list, &own)["output_hidden"], false);
     let r = s.client(&bob).get(&format!("/v1/agents/{done}"));
-    assert_eq!((r.status, r.body["exit_code"].as_i64()), (200, Some(3)), "{}", r.text);
+    assert_eq!(
+        (r.status, r.body["exit_code"].as_i64()),
+        (200, Some(3)),
+        "{}",
+        r.text
+    );
     assert_hidden(&r.body, marker);
     // A viewer sees every agent and no output at all, not even through the
     // CLI, and may act on none.
@@ -232,10 +247,20 @@ fn developers_act_only_on_their_own_agents(b: Backend) {
     let r = exec(&s, &ada, &a, "echo admin-was-here");
     assert_eq!(r.body["stdout"], "admin-was-here\n", "{}", r.text);
     let r = act(&s, &ada, &child, "kill");
-    assert_eq!((r.status, r.body["phase"].as_str()), (200, Some("killed")), "{}", r.text);
+    assert_eq!(
+        (r.status, r.body["phase"].as_str()),
+        (200, Some("killed")),
+        "{}",
+        r.text
+    );
     // Alice kills and resurrects her own.
     let r = act(&s, &alice, &a, "kill");
-    assert_eq!((r.status, r.body["phase"].as_str()), (200, Some("killed")), "{}", r.text);
+    assert_eq!(
+        (r.status, r.body["phase"].as_str()),
+        (200, Some("killed")),
+        "{}",
+        r.text
+    );
     for token in [&bob, &bot] {
         act(&s, token, &a, "resurrect").assert_error(
             403,
@@ -248,10 +273,16 @@ fn developers_act_only_on_their_own_agents(b: Backend) {
     assert_eq!(r.status, 200, "{}", r.text);
     s.wait_agent(&a, "running", 60);
     let r = act(&s, &alice, &a, "finish");
-    assert_eq!((r.status, r.body["phase"].as_str()), (200, Some("completed")), "{}", r.text);
+    assert_eq!(
+        (r.status, r.body["phase"].as_str()),
+        (200, Some("completed")),
+        "{}",
+        r.text
+    );
     // Every refusal was logged with who tried.
     assert!(
-        s.logs().contains("agent action refused: not the caller's own"),
+        s.logs()
+            .contains("agent action refused: not the caller's own"),
         "{}",
         s.logs_tail()
     );

@@ -33,10 +33,12 @@ fn raw_specs(s: &Server) -> String {
             }
             None => {
                 let path = s.data_dir.path().join("hearth.db");
-                let mut c =
-                    sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", path.display()))
-                        .await
-                        .unwrap();
+                let mut c = sqlx::SqliteConnection::connect(&format!(
+                    "sqlite://{}?mode=ro",
+                    path.display()
+                ))
+                .await
+                .unwrap();
                 sqlx::query_scalar(query).fetch_all(&mut c).await.unwrap()
             }
         };
@@ -55,9 +57,10 @@ fn raw_execute(s: &Server, statement: &str) {
             }
             None => {
                 let path = s.data_dir.path().join("hearth.db");
-                let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-                    .await
-                    .unwrap();
+                let mut c =
+                    sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+                        .await
+                        .unwrap();
                 sqlx::query(statement).execute(&mut c).await.unwrap();
             }
         }
@@ -67,10 +70,12 @@ fn raw_execute(s: &Server, statement: &str) {
 /// Whether any file of the SQLite database (file, WAL, shared memory)
 /// holds `secret` anywhere in its bytes.
 fn sqlite_files_hold(dir: &Path, secret: &str) -> bool {
-    ["hearth.db", "hearth.db-wal", "hearth.db-shm"].iter().any(|f| {
-        let bytes = std::fs::read(dir.join(f)).unwrap_or_default();
-        bytes.windows(secret.len()).any(|w| w == secret.as_bytes())
-    })
+    ["hearth.db", "hearth.db-wal", "hearth.db-shm"]
+        .iter()
+        .any(|f| {
+            let bytes = std::fs::read(dir.join(f)).unwrap_or_default();
+            bytes.windows(secret.len()).any(|w| w == secret.as_bytes())
+        })
 }
 
 /// Starts `hearth server` with `args` expecting it to refuse to start:
@@ -78,15 +83,22 @@ fn sqlite_files_hold(dir: &Path, secret: &str) -> bool {
 /// test fails, if it starts listening or runs on).
 fn refused_start(data_dir: &Path, database_url: Option<&str>, args: &[&str]) -> String {
     let mut cmd = Command::new(binary());
-    cmd.args(["server", "--listen", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
-        .arg(data_dir)
-        .args(args)
-        .env_remove("HEARTH_DATABASE_URL")
-        .env_remove("HEARTH_SECRETS_KEY_FILE")
-        .env("HEARTH_GUEST_AGENT", guest_agent())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--data-dir",
+    ])
+    .arg(data_dir)
+    .args(args)
+    .env_remove("HEARTH_DATABASE_URL")
+    .env_remove("HEARTH_SECRETS_KEY_FILE")
+    .env("HEARTH_GUEST_AGENT", guest_agent())
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     if let Some(url) = database_url {
         cmd.args(["--database-url", url]);
     }
@@ -138,7 +150,9 @@ fn secrets_are_sealed_in_the_store_and_the_key_is_required(b: Backend) {
     );
     let r = s.admin().put_yaml(
         "/v1/workspaces/private",
-        &format!("environment: dev\nrepos:\n- url: https://deploy:{token}@127.0.0.1:9/r.git\n  name: r\n"),
+        &format!(
+            "environment: dev\nrepos:\n- url: https://deploy:{token}@127.0.0.1:9/r.git\n  name: r\n"
+        ),
     );
     assert!(r.status < 300, "{}", r.text);
 
@@ -284,6 +298,9 @@ fn plaintext_secrets_of_an_older_store_are_sealed_on_start(b: Backend) {
     assert_eq!(value_seen_in_a_vm(&s), format!("{}\n1\n", reversed(secret)));
     // Idempotent: the next start seals nothing more.
     s.restart();
-    let starts = s.logs().matches("sealed the secrets stored as plaintext").count();
+    let starts = s
+        .logs()
+        .matches("sealed the secrets stored as plaintext")
+        .count();
     assert_eq!(starts, 1, "{}", s.logs_tail());
 }
