@@ -1,5 +1,14 @@
 //! Agents: spawn (claiming a warm VM in one transaction), list, get, kill,
 //! sleep, wake, resurrect, finish, idle, and exec on the agent's VM.
+//!
+//! **Who may do what to an agent.** Besides the route's permission, every
+//! action on one agent (kill, sleep, wake, resurrect, finish, idle, exec)
+//! checks that the caller may act on *that* agent ([`may_act`]): admins and
+//! operators on every agent of their tenant, everyone else (developers,
+//! service identities) on its own agents and their descendants. The same
+//! rule decides who reads an agent's output: a view of an agent the caller
+//! may not act on (any agent, for a viewer) carries no `output` and no
+//! `error` (which can quote output) and says so with `output_hidden`.
 
 use crate::auth::Caller;
 use crate::{ApiError, AppState, body};
@@ -11,7 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use hearth_core::Error;
 use hearth_core::ids::AgentId;
-use hearth_core::rbac::{IdentityKind, Permission};
+use hearth_core::rbac::{IdentityKind, Permission, Role};
 use hearth_core::resource::{Kind, POOL_CONFIG_NAME, PoolConfig};
 use hearth_reconcilers::PoolError;
 use hearth_reconcilers::status::rfc3339;
@@ -39,9 +48,15 @@ pub struct AgentView {
     /// The control-plane build its workflow is pinned to.
     pub build: String,
     pub exit_code: Option<i32>,
-    /// The tail of its command's output.
-    pub output: String,
+    /// The tail of its command's output; `null` when `output_hidden`.
+    pub output: Option<String>,
+    /// Why it failed or was killed; `null` when there is none, or when
+    /// `output_hidden` (an error can quote output).
     pub error: Option<String>,
+    /// Whether `output` and `error` are withheld from the caller: it is a
+    /// viewer, or a developer (or service) and the agent is not its own nor
+    /// a descendant of its own.
+    pub output_hidden: bool,
     pub resurrections: i64,
     pub created_at: String,
     pub updated_at: String,
@@ -49,6 +64,18 @@ pub struct AgentView {
     pub finished_at: Option<String>,
 }
 
+impl AgentView {
+    /// The view for a caller that may not read the agent's output: the
+    /// same with `output` and `error` left out.
+    fn without_output(mut self) -> Self {
+        self.output = None;
+        self.error = None;
+        self.output_hidden = true;
+        self
+    }
+}
+
+/// The full view, for a caller that may act on the agent.
 impl From<&AgentRecord> for AgentView {
     fn from(a: &AgentRecord) -> Self {
         AgentView {
@@ -63,8 +90,9 @@ impl From<&AgentRecord> for AgentView {
             command: a.command.clone(),
             build: a.build.clone(),
             exit_code: a.exit_code,
-            output: a.output.clone(),
+            output: Some(a.output.clone()),
             error: a.error.clone(),
+            output_hidden: false,
             resurrections: a.resurrections,
             created_at: rfc3339(a.created_at),
             updated_at: rfc3339(a.updated_at),
@@ -159,6 +187,72 @@ async fn load(state: &AppState, caller: &Caller, id: &str) -> Result<AgentRecord
             StoreError::NotFound(_) => Error::not_found(format!("agent {id} not found")).into(),
             e => e.into(),
         })
+}
+
+/// How far up a parent chain [`may_act`] looks for one of the caller's own
+/// agents. Children are spawned only under the spawner's own agents, so a
+/// chain mixing owners is not made by the API; the bound only keeps a
+/// store written by hand from making the walk endless.
+const MAX_ANCESTRY: usize = 64;
+
+/// Whether `caller` may act on `agent` (and read its output): admins and
+/// operators on every agent of their tenant; a caller whose role can spawn
+/// (a developer, or a service identity with that role) on its own agents
+/// and their descendants; a viewer on none. `known` holds agents already
+/// read (a list), so walking up a chain reads the store only for the rest.
+async fn may_act(
+    state: &AppState,
+    caller: &Caller,
+    agent: &AgentRecord,
+    known: &std::collections::HashMap<AgentId, &AgentRecord>,
+) -> Result<bool, ApiError> {
+    if caller.identity.role >= Role::Admin {
+        return Ok(true);
+    }
+    if !caller.identity.role.allows(Permission::AgentSpawn) {
+        return Ok(false);
+    }
+    let me = caller.identity.id;
+    if agent.owner_id == me {
+        return Ok(true);
+    }
+    let mut parent = agent.parent_id;
+    for _ in 0..MAX_ANCESTRY {
+        let Some(id) = parent else { return Ok(false) };
+        let (owner, next) = match known.get(&id) {
+            Some(a) => (a.owner_id, a.parent_id),
+            None => match state.store.get_agent(caller.tenant(), id).await {
+                Ok(a) => (a.owner_id, a.parent_id),
+                Err(StoreError::NotFound(_)) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if owner == me {
+            return Ok(true);
+        }
+        parent = next;
+    }
+    Ok(false)
+}
+
+/// Loads an agent the caller means to act on: `NOT_FOUND` when it is not
+/// in the caller's tenant, `PERMISSION_DENIED` naming the agent and its
+/// owner when the caller may not act on it ([`may_act`]).
+async fn load_own(state: &AppState, caller: &Caller, id: &str) -> Result<AgentRecord, ApiError> {
+    let agent = load(state, caller, id).await?;
+    if may_act(state, caller, &agent, &Default::default()).await? {
+        return Ok(agent);
+    }
+    tracing::info!(tenant = %caller.tenant(), agent = %agent.id, by = %caller.identity.name, owner = %agent.owner_name,
+        "agent action refused: not the caller's own");
+    Err(Error::new(
+        hearth_core::ErrorCode::PermissionDenied,
+        format!(
+            "agent {} belongs to {:?}: a {} acts only on its own agents and their children (admins act on every agent of the tenant)",
+            agent.id, agent.owner_name, caller.identity.role
+        ),
+    )
+    .into())
 }
 
 /// Spawns an agent: claims a warm VM at once when one is idle, else queues
@@ -257,19 +351,28 @@ pub async fn spawn(
     Ok((StatusCode::CREATED, Json(AgentView::from(&agent))))
 }
 
-/// Agents as shown to a reader: their output tails masked with the
-/// current secrets of their workspace (the environment's variables, repo
-/// URL credentials). Output is already masked when stored; masking again
-/// here also covers tails stored before a value became a secret.
+/// Agents as shown to `caller`: the output tails of those it may act on
+/// ([`may_act`]) masked with the current secrets of their workspace (the
+/// environment's variables, repo URL credentials), the others without
+/// output ([`AgentView::without_output`]). Output is already masked when
+/// stored; masking again here also covers tails stored before a value
+/// became a secret.
 async fn masked_views(
     state: &AppState,
+    caller: &Caller,
     agents: &[AgentRecord],
 ) -> Result<Vec<AgentView>, ApiError> {
+    let known: std::collections::HashMap<AgentId, &AgentRecord> =
+        agents.iter().map(|a| (a.id, a)).collect();
     let mut redactors = std::collections::HashMap::new();
     let mut views = Vec::with_capacity(agents.len());
     for agent in agents {
         let mut view = AgentView::from(agent);
-        if !view.output.is_empty() {
+        if !may_act(state, caller, agent, &known).await? {
+            views.push(view.without_output());
+            continue;
+        }
+        if let Some(output) = view.output.as_deref().filter(|o| !o.is_empty()) {
             if !redactors.contains_key(&agent.workspace) {
                 let (_, redactor) = state
                     .pool
@@ -278,7 +381,7 @@ async fn masked_views(
                     .map_err(pool_error)?;
                 redactors.insert(agent.workspace.clone(), redactor);
             }
-            view.output = redactors[&agent.workspace].redact(&view.output);
+            view.output = Some(redactors[&agent.workspace].redact(output));
         }
         views.push(view);
     }
@@ -355,7 +458,7 @@ pub async fn list(
     };
     let agents = state.store.list_agents(caller.tenant(), &filter).await?;
     Ok(Json(AgentList {
-        items: masked_views(&state, &agents).await?,
+        items: masked_views(&state, &caller, &agents).await?,
     }))
 }
 
@@ -369,7 +472,7 @@ pub async fn get_one(
 ) -> Result<Json<AgentView>, ApiError> {
     caller.require(Permission::AgentGet)?;
     let agent = load(&state, &caller, &id).await?;
-    let mut views = masked_views(&state, std::slice::from_ref(&agent)).await?;
+    let mut views = masked_views(&state, &caller, std::slice::from_ref(&agent)).await?;
     Ok(Json(views.remove(0)))
 }
 
@@ -382,7 +485,7 @@ async fn transition(
     update: AgentUpdate,
     verb: &str,
 ) -> Result<AgentRecord, ApiError> {
-    let agent = load(state, caller, id).await?;
+    let agent = load_own(state, caller, id).await?;
     match state
         .store
         .transition_agent(caller.tenant(), agent.id, from, to, &update)
@@ -563,7 +666,7 @@ pub async fn idle(
     Path(id): Path<String>,
 ) -> Result<Json<AgentView>, ApiError> {
     caller.require(Permission::AgentSpawn)?;
-    let agent = load(&state, &caller, &id).await?;
+    let agent = load_own(&state, &caller, &id).await?;
     let to = match agent.on_idle {
         OnIdle::Sleep => AgentPhase::Sleeping,
         OnIdle::Terminate => AgentPhase::Completed,
@@ -605,7 +708,8 @@ pub async fn exec(
                 })?,
         ),
     };
-    let agent = load(&state, &caller, &id).await?;
+    // Checked before anything runs: a refused exec never reaches the VM.
+    let agent = load_own(&state, &caller, &id).await?;
     let (result, stdout, stderr) = state
         .pool
         .exec_in_agent(caller.tenant(), agent.id, &request.command, timeout)

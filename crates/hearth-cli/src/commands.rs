@@ -240,7 +240,8 @@ pub fn spawn_printed(
     let stdout = match format {
         Some(f @ (OutputFormat::Yaml | OutputFormat::Json)) => output::render_value(answer, f),
         _ if finished && has_command => {
-            output::ending_in_newline(&agent.output) + &output::agent_line(agent)
+            output::ending_in_newline(agent.output.as_deref().unwrap_or(""))
+                + &output::agent_line(agent)
         }
         _ => output::agent_line(agent),
     };

@@ -667,9 +667,10 @@ pub struct AgentView {
     pub command: Option<String>,
     #[serde(default)]
     pub exit_code: Option<i64>,
-    /// What the agent's command printed.
+    /// What the agent's command printed; `None` when the server withheld
+    /// it (`output_hidden`: not the caller's agent, or a viewer).
     #[serde(default)]
-    pub output: String,
+    pub output: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
 }

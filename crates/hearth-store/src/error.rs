@@ -44,6 +44,10 @@ pub enum StoreError {
     },
     #[error("unsupported database URL {0:?}: use postgres://… or sqlite://PATH")]
     InvalidUrl(String),
+    /// Sealed secrets that cannot be opened: no key was given, or not the
+    /// key that sealed them ([`crate::secrets`]).
+    #[error("{0}")]
+    SecretsLocked(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("database error")]

@@ -13,6 +13,7 @@
 
 mod error;
 mod postgres;
+pub mod secrets;
 mod shared;
 mod sql;
 mod sqlite;
@@ -186,6 +187,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Looks a token up by its public id, with its identity and tenant.
     async fn find_token(&self, id: TokenId) -> Result<Option<TokenRecord>>;
+
+    /// Whether the database holds a secrets key check: some key has sealed
+    /// (or was set to seal) its secrets, and only that key opens them.
+    async fn secrets_sealed(&self) -> Result<bool>;
+
+    /// From now on seals every secret written (environment `env` values,
+    /// repo URLs with a credential) with `key` and opens them on read
+    /// ([`secrets`]). In one transaction: makes the key check when there
+    /// is none, refuses a key that does not match it (`SecretsLocked`),
+    /// and seals every secret still stored as plaintext (a store from
+    /// before, or written unlocked), leaving versions alone; idempotent.
+    /// Returns how many resources it sealed. A store never unlocked stores
+    /// secrets as given and refuses to read sealed ones.
+    async fn unlock_secrets(&self, key: secrets::SecretsKey) -> Result<u64>;
 
     /// One resource, or `None`.
     async fn get_resource(

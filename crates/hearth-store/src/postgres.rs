@@ -15,6 +15,7 @@
 //! concurrent writers safe, not the isolation level.
 
 use crate::Result;
+use crate::secrets::Secrets;
 use crate::shared::{WriteCount, WriteTx, impl_store};
 use crate::sql::{claim_idle_vm, select_agent, select_owner, select_resource};
 use sqlx::postgres::PgPoolOptions;
@@ -31,6 +32,8 @@ pub struct PgStore {
     pool: PgPool,
     /// This instance's finished writes (`Store::change_token`).
     writes: Arc<WriteCount>,
+    /// The secrets key, once unlocked.
+    secrets: Arc<Secrets>,
 }
 
 impl PgStore {
@@ -51,6 +54,7 @@ impl PgStore {
         Ok(PgStore {
             pool,
             writes: Arc::default(),
+            secrets: Arc::default(),
         })
     }
 
@@ -102,6 +106,22 @@ impl PgStore {
 
     fn writes(&self) -> &WriteCount {
         &self.writes
+    }
+
+    fn secrets(&self) -> &Secrets {
+        &self.secrets
+    }
+
+    /// Rewrites `resources` (`VACUUM FULL`), so the row versions that held
+    /// the plaintext are no longer in the table's files. Only after a
+    /// store's first sealing (a one-time upgrade): it locks the table while
+    /// it runs. Old copies in PostgreSQL's WAL and backups are not hearth's
+    /// to erase (ARCHITECTURE.md, Trust boundaries).
+    async fn after_sealing(&self) -> Result<()> {
+        sqlx::query("VACUUM FULL resources")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The server's current snapshot (`xmin:xmax:in-progress ids`). A

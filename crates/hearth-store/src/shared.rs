@@ -38,7 +38,12 @@
 //! - `fn writes(&self) -> &WriteCount` — the count of this instance's
 //!   finished writes (shared by its clones);
 //! - `async fn database_mark(&self) -> Result<String>` — the database's own
-//!   mark of every writer's commits (see [`Store::change_token`]).
+//!   mark of every writer's commits (see [`Store::change_token`]);
+//! - `fn secrets(&self) -> &Secrets` — the key once unlocked (shared by
+//!   the store's clones), which seals and opens specs' secrets;
+//! - `async fn after_sealing(&self) -> Result<()>` — what the backend does
+//!   once older plaintext secrets were sealed, so no copy of them stays in
+//!   its files where it can.
 //!
 //! **Change token.** Every write is counted once it has ended, whatever
 //! its outcome: a transaction by its [`WriteTx`] (when committed, rolled
@@ -687,6 +692,7 @@ macro_rules! impl_store {
                 async fn put_resource_tx(
                     conn: &mut Conn,
                     put: &PutResource<'_>,
+                    secrets: &$crate::secrets::Secrets,
                 ) -> Result<PutOutcome> {
                     let tenant = put.tenant.to_string();
                     let kind = put.kind.as_str();
@@ -699,7 +705,7 @@ macro_rules! impl_store {
                             .bind(put.name)
                             .fetch_optional(&mut *conn)
                             .await?
-                            .map(ResourceRecord::try_from)
+                            .map(|row| row.decode(secrets.key()))
                             .transpose()?;
                     if let Precondition::Version(expected) = put.precondition
                         && current.as_ref().map(|c| c.version) != Some(expected)
@@ -725,7 +731,7 @@ macro_rules! impl_store {
                                 .bind(&tenant)
                                 .bind(kind)
                                 .bind(put.name)
-                                .bind(put.spec.to_string())
+                                .bind(secrets.seal_spec(put.kind, put.spec))
                                 .bind(1_i64)
                                 .bind(now)
                                 .bind(now)
@@ -765,7 +771,7 @@ macro_rules! impl_store {
                                 .bind(&tenant)
                                 .bind(kind)
                                 .bind(put.name)
-                                .bind(put.spec.to_string())
+                                .bind(secrets.seal_spec(put.kind, put.spec))
                                 .bind(record.version)
                                 .bind(now)
                                 .execute(&mut *conn)
@@ -799,11 +805,61 @@ macro_rules! impl_store {
                     Ok(outcome)
                 }
 
+                /// [`Store::unlock_secrets`]'s transaction: the key check
+                /// (made now if there is none), then every plaintext secret
+                /// sealed. Returns how many resources it sealed.
+                async fn unlock_secrets_tx(
+                    conn: &mut Conn,
+                    key: &$crate::secrets::SecretsKey,
+                ) -> Result<u64> {
+                    ::sqlx::query(sql::INSERT_SECRETS_CHECK)
+                        .bind(key.check())
+                        .bind(now_millis())
+                        .execute(&mut *conn)
+                        .await?;
+                    let check: String = ::sqlx::query_scalar(sql::SELECT_SECRETS_CHECK)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    if !key.verifies(&check) {
+                        return Err(StoreError::SecretsLocked(
+                            "the store's secrets were sealed with another secrets key than the one given".into(),
+                        ));
+                    }
+                    let rows = ::sqlx::query_as::<_, sql::ResourceRow>(sql::LIST_SECRET_RESOURCES)
+                        .fetch_all(&mut *conn)
+                        .await?;
+                    let mut sealed = 0;
+                    for row in rows {
+                        let (kind, name, text) = row.stored();
+                        let kind: Kind = sql::parse("kind", kind)?;
+                        let mut spec: ::serde_json::Value = ::serde_json::from_str(text).map_err(|e| {
+                            StoreError::Corrupt(format!("spec of {kind} {name:?}: {e}"))
+                        })?;
+                        // Opening checks every sealed value against the key
+                        // too: one sealed with another key refuses the start.
+                        if !$crate::secrets::open_with(Some(key), kind, name, &mut spec)? {
+                            continue;
+                        }
+                        let resealed = $crate::secrets::seal_with(key, kind, &spec);
+                        ::sqlx::query(sql::RESEAL_RESOURCE)
+                            .bind(row.tenant())
+                            .bind(kind.as_str())
+                            .bind(name)
+                            .bind(resealed)
+                            .bind(text)
+                            .execute(&mut *conn)
+                            .await?;
+                        sealed += 1;
+                    }
+                    Ok(sealed)
+                }
+
                 async fn delete_resource_tx(
                     conn: &mut Conn,
                     tenant: TenantId,
                     kind: Kind,
                     name: &str,
+                    secrets: &$crate::secrets::Secrets,
                 ) -> Result<ResourceRecord> {
                     let tenant = tenant.to_string();
                     let record =
@@ -814,7 +870,7 @@ macro_rules! impl_store {
                             .fetch_optional(&mut *conn)
                             .await?
                             .ok_or_else(|| StoreError::NotFound(format!("{kind} {name:?}")))?;
-                    let record = ResourceRecord::try_from(record)?;
+                    let record = record.decode(secrets.key())?;
 
                     let referrer: Option<(String, String)> = ::sqlx::query_as(sql::FIRST_REFERRER)
                         .bind(&tenant)
@@ -1014,7 +1070,7 @@ macro_rules! impl_store {
                         .bind(name)
                         .fetch_optional(self.reader())
                         .await?
-                        .map(ResourceRecord::try_from)
+                        .map(|row| row.decode(self.secrets().key()))
                         .transpose()
                 }
 
@@ -1028,12 +1084,31 @@ macro_rules! impl_store {
                         .bind(kind.as_str())
                         .fetch_all(self.reader())
                         .await?;
-                    sql::decode_all(rows)
+                    let key = self.secrets().key();
+                    rows.into_iter().map(|row| row.decode(key)).collect()
+                }
+
+                async fn secrets_sealed(&self) -> Result<bool> {
+                    let check: Option<String> = ::sqlx::query_scalar(sql::SELECT_SECRETS_CHECK)
+                        .fetch_optional(self.reader())
+                        .await?;
+                    Ok(check.is_some())
+                }
+
+                async fn unlock_secrets(&self, key: $crate::secrets::SecretsKey) -> Result<u64> {
+                    let mut tx = self.begin_write().await?;
+                    let result = Self::unlock_secrets_tx(&mut tx, &key).await;
+                    let sealed = Self::finish(tx, result).await?;
+                    self.secrets().install(key);
+                    if sealed > 0 {
+                        self.after_sealing().await?;
+                    }
+                    Ok(sealed)
                 }
 
                 async fn put_resource(&self, put: PutResource<'_>) -> Result<PutOutcome> {
                     let mut tx = self.begin_write().await?;
-                    let result = Self::put_resource_tx(&mut tx, &put).await;
+                    let result = Self::put_resource_tx(&mut tx, &put, self.secrets()).await;
                     Self::finish(tx, result).await
                 }
 
@@ -1044,7 +1119,7 @@ macro_rules! impl_store {
                     name: &str,
                 ) -> Result<ResourceRecord> {
                     let mut tx = self.begin_write().await?;
-                    let result = Self::delete_resource_tx(&mut tx, tenant, kind, name).await;
+                    let result = Self::delete_resource_tx(&mut tx, tenant, kind, name, self.secrets()).await;
                     Self::finish(tx, result).await
                 }
 

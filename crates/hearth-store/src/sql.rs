@@ -15,6 +15,7 @@
 //! No user text is ever spliced into SQL; everything else is a parameter.
 //! Flags are BIGINT 0/1 on both backends ([`flag`], [`store_flag`]).
 
+use crate::secrets::SecretsKey;
 use crate::{
     AgentPhase, AgentRecord, BakeRecord, BakeState, Build, Identity, InstanceFilter,
     InstanceRecord, InstanceStatus, Millis, OnIdle, ResourceRecord, Result, StoreError, Tenant,
@@ -59,6 +60,16 @@ pub const FIND_TOKEN: &str = "SELECT t.id AS token_id, t.secret_sha256, t.expire
      FROM tokens t JOIN identities i ON i.id = t.identity_id \
      WHERE t.id = $1";
 
+// -------------------------------------------------------------- secrets
+
+/// The key check, when one was made ([`crate::secrets`]).
+pub const SELECT_SECRETS_CHECK: &str = "SELECT key_check FROM secrets_key WHERE id = 1";
+
+/// Records the key check of the first key (`$1`), at `$2`; a check already
+/// there stays (it is what every later key must match).
+pub const INSERT_SECRETS_CHECK: &str = "INSERT INTO secrets_key (id, key_check, created_at) \
+     VALUES (1, $1, $2) ON CONFLICT (id) DO NOTHING";
+
 // -------------------------------------------------------------- resources
 
 /// The text of [`SELECT_RESOURCE`], as a literal so a backend can append a
@@ -91,6 +102,17 @@ pub const INSERT_RESOURCE: &str = "INSERT INTO resources (tenant_id, kind, name,
 
 pub const UPDATE_RESOURCE: &str = "UPDATE resources SET spec = $4, version = $5, updated_at = $6 \
      WHERE tenant_id = $1 AND kind = $2 AND name = $3";
+
+/// Every resource of the kinds that can hold secrets, for sealing the
+/// plaintext ones of an older store.
+pub const LIST_SECRET_RESOURCES: &str = "SELECT tenant_id, kind, name, spec, version, created_at, updated_at FROM resources \
+     WHERE kind IN ('environment', 'workspace') ORDER BY tenant_id, kind, name";
+
+/// Replaces a spec's text only if it is still the one read (a writer with
+/// the key may have replaced it meanwhile); version and times unchanged:
+/// sealing changes how a spec is stored, not what it says.
+pub const RESEAL_RESOURCE: &str = "UPDATE resources SET spec = $4 \
+     WHERE tenant_id = $1 AND kind = $2 AND name = $3 AND spec = $5";
 
 pub const DELETE_RESOURCE: &str =
     "DELETE FROM resources WHERE tenant_id = $1 AND kind = $2 AND name = $3";
@@ -612,21 +634,35 @@ pub struct ResourceRow {
     updated_at: Millis,
 }
 
-impl TryFrom<ResourceRow> for ResourceRecord {
-    type Error = StoreError;
-    fn try_from(row: ResourceRow) -> Result<ResourceRecord> {
-        let spec = serde_json::from_str(&row.spec).map_err(|e| {
-            StoreError::Corrupt(format!("spec of {} {:?}: {e}", row.kind, row.name))
+impl ResourceRow {
+    /// The record, its sealed secrets opened with `key`
+    /// ([`crate::secrets`]): `SecretsLocked` when one cannot be.
+    pub fn decode(self, key: Option<&SecretsKey>) -> Result<ResourceRecord> {
+        let kind = parse::<Kind>("kind", &self.kind)?;
+        let mut spec = serde_json::from_str(&self.spec).map_err(|e| {
+            StoreError::Corrupt(format!("spec of {} {:?}: {e}", self.kind, self.name))
         })?;
+        crate::secrets::open_with(key, kind, &self.name, &mut spec)?;
         Ok(ResourceRecord {
-            tenant_id: parse::<TenantId>("tenant id", &row.tenant_id)?,
-            kind: parse::<Kind>("kind", &row.kind)?,
-            name: row.name,
+            tenant_id: parse::<TenantId>("tenant id", &self.tenant_id)?,
+            kind,
+            name: self.name,
             spec,
-            version: row.version,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
         })
+    }
+
+    /// The row's kind, name and spec text as stored (for sealing the
+    /// plaintext secrets of an older store).
+    pub fn stored(&self) -> (&str, &str, &str) {
+        (&self.kind, &self.name, &self.spec)
+    }
+
+    /// The row's tenant id as stored.
+    pub fn tenant(&self) -> &str {
+        &self.tenant_id
     }
 }
 

@@ -18,6 +18,7 @@
 //! data_version` for [`Store::change_token`](crate::Store::change_token).
 
 use crate::Result;
+use crate::secrets::Secrets;
 use crate::shared::{WriteCount, WriteTx, impl_store};
 use crate::sql::{claim_idle_vm, select_agent, select_owner, select_resource};
 use sqlx::sqlite::{
@@ -41,6 +42,8 @@ pub struct SqliteStore {
     /// This instance's finished writes (`Store::change_token`).
     writes: Arc<WriteCount>,
     watch: Arc<tokio::sync::Mutex<Watch>>,
+    /// The secrets key, once unlocked.
+    secrets: Arc<Secrets>,
 }
 
 /// The connection of its own that `PRAGMA data_version` is asked on for
@@ -81,7 +84,15 @@ impl SqliteStore {
             .idle_timeout(None)
             .max_lifetime(None)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.clone().create_if_missing(true))
+            // What a write replaces or deletes is overwritten with zeros
+            // in the file, so no old secret (a value sealed over, a
+            // deleted environment) lingers in free space of a copy.
+            .connect_with(
+                options
+                    .clone()
+                    .create_if_missing(true)
+                    .pragma("secure_delete", "ON"),
+            )
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&write).await?;
 
@@ -103,6 +114,7 @@ impl SqliteStore {
             read,
             writes: Arc::default(),
             watch: Arc::new(tokio::sync::Mutex::new(watch)),
+            secrets: Arc::default(),
         })
     }
 
@@ -155,6 +167,20 @@ impl SqliteStore {
 
     fn writes(&self) -> &WriteCount {
         &self.writes
+    }
+
+    fn secrets(&self) -> &Secrets {
+        &self.secrets
+    }
+
+    /// Checkpoints the WAL into the file and truncates it, so the frames
+    /// that held the plaintext are gone (the file's old cells are zeroed by
+    /// `secure_delete`).
+    async fn after_sealing(&self) -> Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.write)
+            .await?;
+        Ok(())
     }
 
     /// `<connections opened>:<PRAGMA data_version>` on the watch

@@ -3721,3 +3721,165 @@ async fn bakes_run_one_at_a_time_append_logs_and_fail_on_restart(ctx: Ctx) {
     );
     store.create_bake(&bake(b, "vm")).await.unwrap();
 }
+
+/// The spec text of a resource as the database holds it (no store
+/// method in between).
+async fn raw_spec(ctx: &Ctx, tenant: TenantId, kind: Kind, name: &str) -> String {
+    let query = "SELECT spec FROM resources WHERE tenant_id = $1 AND kind = $2 AND name = $3";
+    match &ctx.backend {
+        Backend::Sqlite { store, .. } => sqlx::query_scalar(query)
+            .bind(tenant.to_string())
+            .bind(kind.as_str())
+            .bind(name)
+            .fetch_one(store.read_pool())
+            .await
+            .unwrap(),
+        Backend::Postgres { store, .. } => sqlx::query_scalar(query)
+            .bind(tenant.to_string())
+            .bind(kind.as_str())
+            .bind(name)
+            .fetch_one(store.pool())
+            .await
+            .unwrap(),
+    }
+}
+
+/// Secrets at rest: a store from before (plaintext) is sealed on unlock,
+/// once, in place (versions kept); what is written afterwards is sealed;
+/// readers see plaintext; no key or another key cannot read or unlock;
+/// SQLite's files keep no copy of the plaintext.
+async fn secrets_are_sealed_at_rest(ctx: Ctx) {
+    use hearth_store::secrets::{SEALED_PREFIX, SecretsKey};
+    let s = &ctx.store;
+    let t = tenant(s, "acme").await;
+    let old_value = "plain-old-value-0451";
+    let old_token = "ghp-old-token-0452";
+    let env = json!({"driver": "sandbox", "env": {"API_KEY": old_value, "EMPTY": ""}});
+    let ws = json!({"environment": "dev", "repos": [
+        {"url": format!("https://{old_token}@git.example/r.git")},
+        {"url": "git://git.example/open.git"}
+    ]});
+    put(s, t, Kind::Environment, "dev", &env, &[])
+        .await
+        .unwrap();
+    put(s, t, Kind::Workspace, "web", &ws, &[]).await.unwrap();
+    put(
+        s,
+        t,
+        Kind::Image,
+        "base",
+        &json!({"driver": "sandbox"}),
+        &[],
+    )
+    .await
+    .unwrap();
+    // Never unlocked: stored as given (a store from before sealing).
+    assert!(
+        raw_spec(&ctx, t, Kind::Environment, "dev")
+            .await
+            .contains(old_value)
+    );
+    assert!(!s.secrets_sealed().await.unwrap());
+    // …and in SQLite's files (so the scan below can fail).
+    let files_hold =
+        |secret: &str| match &ctx.backend {
+            Backend::Sqlite { path, .. } => [path.clone(), path.with_extension("db-wal")]
+                .iter()
+                .any(|file| {
+                    let bytes = std::fs::read(file).unwrap_or_default();
+                    bytes.windows(secret.len()).any(|w| w == secret.as_bytes())
+                }),
+            Backend::Postgres { .. } => false,
+        };
+    if matches!(ctx.backend, Backend::Sqlite { .. }) {
+        assert!(files_hold(old_value));
+    }
+
+    let (key, _) = SecretsKey::generate();
+    assert_eq!(s.unlock_secrets(key.clone()).await.unwrap(), 2);
+    assert!(s.secrets_sealed().await.unwrap());
+    let stored_env = raw_spec(&ctx, t, Kind::Environment, "dev").await;
+    let stored_ws = raw_spec(&ctx, t, Kind::Workspace, "web").await;
+    for text in [&stored_env, &stored_ws] {
+        assert!(
+            !text.contains(old_value) && !text.contains(old_token) && text.contains(SEALED_PREFIX),
+            "{text}"
+        );
+    }
+    // Only secrets are sealed: the open repo URL and the rest stay.
+    assert!(
+        stored_ws.contains("git://git.example/open.git"),
+        "{stored_ws}"
+    );
+    assert!(
+        stored_env.contains("\"driver\":\"sandbox\""),
+        "{stored_env}"
+    );
+    let read = s
+        .get_resource(t, Kind::Environment, "dev")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((read.spec, read.version), (env.clone(), 1));
+    let read = s.list_resources(t, Kind::Workspace).await.unwrap();
+    assert_eq!(read[0].spec, ws);
+    // Writing the same again changes nothing (plaintext compared).
+    let again = put(s, t, Kind::Environment, "dev", &env, &[])
+        .await
+        .unwrap();
+    assert!(!again.changed);
+
+    // Idempotent, from another server with the same key.
+    let other = ctx.open_again().await;
+    assert_eq!(other.unlock_secrets(key.clone()).await.unwrap(), 0);
+    // New writes are sealed, by every server that was unlocked.
+    let new_value = "fresh-value-0453";
+    let env2 = json!({"driver": "sandbox", "env": {"NEW": new_value}});
+    put(&other, t, Kind::Environment, "dev", &env2, &[])
+        .await
+        .unwrap();
+    let stored = raw_spec(&ctx, t, Kind::Environment, "dev").await;
+    assert!(
+        !stored.contains(new_value) && stored.contains(SEALED_PREFIX),
+        "{stored}"
+    );
+    assert_eq!(
+        s.get_resource(t, Kind::Environment, "dev")
+            .await
+            .unwrap()
+            .unwrap()
+            .spec,
+        env2
+    );
+    let deleted = s
+        .delete_resource(t, Kind::Environment, "dev")
+        .await
+        .unwrap();
+    assert_eq!(deleted.spec, env2);
+
+    // No key: sealed values are refused by name, never read as text.
+    let locked = ctx.open_again().await;
+    let e = locked
+        .get_resource(t, Kind::Workspace, "web")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::SecretsLocked(_)), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "workspace \"web\" holds a repo URL sealed with a secrets key, and none was given"
+    );
+    // Another key: refused, and nothing changes.
+    let (wrong, _) = SecretsKey::generate();
+    let e = locked.unlock_secrets(wrong).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the store's secrets were sealed with another secrets key than the one given"
+    );
+    assert_eq!(raw_spec(&ctx, t, Kind::Workspace, "web").await, stored_ws);
+
+    // SQLite: neither the file nor its WAL holds the plaintext anywhere.
+    for secret in [old_value, old_token, new_value] {
+        assert!(!files_hold(secret), "the database files hold {secret}");
+    }
+}
+both_backends!(secrets_are_sealed_at_rest);

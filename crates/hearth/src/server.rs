@@ -22,6 +22,11 @@ pub struct ServerArgs {
     /// `postgres://…` for PostgreSQL, `sqlite://PATH`; default: SQLite in the data dir.
     #[arg(long, env = "HEARTH_DATABASE_URL")]
     database_url: Option<String>,
+    /// The key sealing environment variable values and repo credentials in
+    /// the store: 64 hex digits, mode 0600, the same on every replica
+    /// (default: <data-dir>/secrets.key, made on first start).
+    #[arg(long, env = "HEARTH_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
     /// Log line format.
     #[arg(long, env = "HEARTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -153,6 +158,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the store: {}", hearth_api::error::chain(&e)))?;
     tracing::info!(store = store.backend(), data_dir = %args.data_dir.display(), "store open, migrations applied");
+    crate::secrets_key::unlock(&store, &args.data_dir, args.secrets_key_file.as_deref()).await?;
     let pool_config = serde_json::to_value(hearth_core::resource::PoolConfig::initial(
         args.default_max_vms,
     ))?;

@@ -5,6 +5,7 @@
 mod environment;
 mod image;
 mod pool_config;
+pub mod secrets;
 mod workspace;
 
 pub use environment::{DriverKind, Environment, Network, REDACTED};

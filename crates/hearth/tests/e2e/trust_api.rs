@@ -100,13 +100,17 @@ fn agent_output_is_stored_masked(b: Backend) {
     let stored = stored_text(&s, "SELECT output FROM agents WHERE id = $1", &a);
     assert_eq!(stored, "echo *** and ***\n", "{done}");
     assert_eq!(done["output"], stored);
-    // The stored workspace keeps the real credential (only answers mask it).
+    // The stored workspace keeps the credential sealed, not masked (the
+    // VM clones with it: `secrets_at_rest` tests that).
     let spec = stored_text(
         &s,
         "SELECT spec FROM resources WHERE kind = 'workspace' AND name = $1",
         "web",
     );
-    assert!(spec.contains("ci:repo-pw-55@git.example"), "{spec}");
+    assert!(
+        !spec.contains("repo-pw-55") && !spec.contains("***") && spec.contains("hearth-sealed:v1:"),
+        "{spec}"
+    );
 }
 
 fn parent_must_be_the_callers_own_active_agent(b: Backend) {
@@ -543,15 +547,20 @@ fn repo_credentials_are_masked_and_kept_on_round_trip(b: Backend) {
     let r = admin.put_json("/v1/workspaces/api", shown_spec);
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(admin.get("/v1/workspaces/web").body["version"], before);
-    // The stored spec still holds the real credentials: the store says so,
-    // and writing them by hand is an unchanged write.
+    // The stored spec still holds the real credentials, sealed (never the
+    // mask; the URL without one stays plain), and writing them by hand is
+    // an unchanged write.
     let spec = stored_text(
         &s,
         "SELECT spec FROM resources WHERE kind = 'workspace' AND name = $1",
         "web",
     );
     assert!(
-        spec.contains("user:hunter2-pass@git.example") && spec.contains("ghp_tok3n@git.example"),
+        !spec.contains("hunter2-pass")
+            && !spec.contains("ghp_tok3n")
+            && !spec.contains("***")
+            && spec.matches("hearth-sealed:v1:").count() == 2
+            && spec.contains("ssh://git@git.example/c.git"),
         "{spec}"
     );
     let r = admin.put_yaml("/v1/workspaces/web", SECRET_REPOS);
@@ -723,7 +732,9 @@ fn agent_commands_get_the_environment_and_their_output_is_masked(b: Backend) {
     let done = s.wait_agent(&a, "completed", 120);
     let reversed: String = secret.chars().rev().collect();
     let masked_url = format!("http://deploy:***@127.0.0.1:{}/r.git", git.port);
-    let r = s.client(&viewer).get(&format!("/v1/agents/{a}"));
+    // Its owner reads the output (a viewer reads none of it:
+    // `developer_scoping` tests that).
+    let r = s.client(&dev).get(&format!("/v1/agents/{a}"));
     assert_eq!(r.status, 200, "{}", r.text);
     let output = r.body["output"].as_str().unwrap();
     assert_eq!(
@@ -737,10 +748,10 @@ fn agent_commands_get_the_environment_and_their_output_is_masked(b: Backend) {
     );
     for text in [
         r.text.clone(),
+        s.client(&dev).get("/v1/agents").text,
+        s.cli(&dev, &["agents", "get", &a], "").stdout,
+        s.cli(&dev, &["agents", "get", &a, "-o", "json"], "").stdout,
         s.client(&viewer).get("/v1/agents").text,
-        s.cli(&viewer, &["agents", "get", &a], "").stdout,
-        s.cli(&viewer, &["agents", "get", &a, "-o", "json"], "")
-            .stdout,
     ] {
         assert!(!text.contains(secret) && !text.contains(password), "{text}");
     }
