@@ -2,6 +2,7 @@
 //! subcommand is the CLI talking to a server over HTTP.
 
 mod listener;
+mod tls;
 mod server;
 
 use clap::{Parser, Subcommand};
