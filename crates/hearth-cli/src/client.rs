@@ -78,7 +78,10 @@ impl Client {
             .timeout(None);
         if let Some(ca) = ca {
             let pem = std::fs::read(ca).map_err(|e| {
-                CliError::invalid(format!("cannot read the CA certificate {}: {e}", ca.display()))
+                CliError::invalid(format!(
+                    "cannot read the CA certificate {}: {e}",
+                    ca.display()
+                ))
             })?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
                 CliError::invalid(format!("{}: not a PEM certificate ({e})", ca.display()))

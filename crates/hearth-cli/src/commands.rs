@@ -958,8 +958,18 @@ fn login(global: &GlobalArgs, ctx: &Context<'_>) -> anyhow::Result<Printed> {
     let ca = global
         .ca
         .clone()
-        .or_else(|| (ctx.env)(config::ENV_CA).filter(|c| !c.trim().is_empty()).map(Into::into))
-        .map(|ca| if ca.is_absolute() { ca } else { ctx.cwd.join(ca) })
+        .or_else(|| {
+            (ctx.env)(config::ENV_CA)
+                .filter(|c| !c.trim().is_empty())
+                .map(Into::into)
+        })
+        .map(|ca| {
+            if ca.is_absolute() {
+                ca
+            } else {
+                ctx.cwd.join(ca)
+            }
+        })
         .or_else(|| config::local_ca(ctx.cwd, &server));
     let client = Client::with_ca(&server, &origin, Some(token.clone()), ca.as_deref())?;
     let who: Value = client.get(&["whoami"])?;

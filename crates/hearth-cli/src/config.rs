@@ -289,7 +289,10 @@ pub fn resolve(
             }
         }
         if let Some(path) = find_upwards(start, ADMIN_TOKEN_FILE) {
-            let dir = path.parent().and_then(Path::parent).unwrap_or(Path::new("."));
+            let dir = path
+                .parent()
+                .and_then(Path::parent)
+                .unwrap_or(Path::new("."));
             if let Some(token) = admin_token(start)? {
                 let ca = dir.join(LOCAL_CA_FILE);
                 candidates.push(Candidate {
@@ -653,7 +656,11 @@ mod tests {
             // Overwriting a file that was readable by others tightens it.
             fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
             let file = with_credential(parsed, credential("https://127.0.0.1:7070/", "second"));
-            assert_eq!(file.credentials.len(), 1, "the same server's entry is replaced");
+            assert_eq!(
+                file.credentials.len(),
+                1,
+                "the same server's entry is replaced"
+            );
             write_local_file(&target, &file).unwrap();
             let mode = fs::metadata(&target).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
@@ -665,9 +672,18 @@ mod tests {
     #[test]
     fn servers_compare_by_scheme_host_port_and_path() {
         assert!(same_server("https://H:443/", "https://h"));
-        assert!(same_server("https://127.0.0.1:7070", "https://127.0.0.1:7070/"));
-        assert!(!same_server("https://127.0.0.1:7070", "http://127.0.0.1:7070"));
-        assert!(!same_server("https://127.0.0.1:7070", "https://127.0.0.1:7071"));
+        assert!(same_server(
+            "https://127.0.0.1:7070",
+            "https://127.0.0.1:7070/"
+        ));
+        assert!(!same_server(
+            "https://127.0.0.1:7070",
+            "http://127.0.0.1:7070"
+        ));
+        assert!(!same_server(
+            "https://127.0.0.1:7070",
+            "https://127.0.0.1:7071"
+        ));
         assert!(!same_server("https://h/a", "https://h/b"));
         assert!(!same_server("not a url", "not a url"));
     }
@@ -680,10 +696,17 @@ mod tests {
             "credentials:\n- server: https://mine:7070\n  ca: ca.pem\n  token: mine-token\n\
              - server: https://other:7070\n  token: other-token\n",
         );
-        write(&root.path().join("hearth.yaml"), "server: https://mine:7070\n");
+        write(
+            &root.path().join("hearth.yaml"),
+            "server: https://mine:7070\n",
+        );
         let s = resolve(&GlobalArgs::default(), &no_env, root.path()).unwrap();
         assert_eq!(s.token.as_deref(), Some("mine-token"));
-        assert_eq!(s.ca, Some(root.path().join("ca.pem")), "relative to the file");
+        assert_eq!(
+            s.ca,
+            Some(root.path().join("ca.pem")),
+            "relative to the file"
+        );
 
         let s = resolve(
             &GlobalArgs {
@@ -698,11 +721,15 @@ mod tests {
         assert_eq!(s.ca, None);
 
         // A committed hearth.yaml naming another server gets no token.
-        write(&root.path().join("hearth.yaml"), "server: https://evil:7070\n");
+        write(
+            &root.path().join("hearth.yaml"),
+            "server: https://evil:7070\n",
+        );
         let err = resolve(&GlobalArgs::default(), &no_env, root.path()).unwrap_err();
         assert_eq!(err.code, "FAILED_PRECONDITION");
         assert!(
-            err.message.starts_with("refusing to send a token to https://evil:7070 (from "),
+            err.message
+                .starts_with("refusing to send a token to https://evil:7070 (from "),
             "{}",
             err.message
         );
@@ -719,7 +746,10 @@ mod tests {
     #[test]
     fn an_explicit_token_never_goes_to_a_server_a_project_file_names() {
         let root = tempfile::tempdir().unwrap();
-        write(&root.path().join("hearth.yaml"), "server: https://evil:7070\n");
+        write(
+            &root.path().join("hearth.yaml"),
+            "server: https://evil:7070\n",
+        );
         let env = |k: &str| (k == ENV_TOKEN).then(|| "env-token".to_owned());
         let err = resolve(&GlobalArgs::default(), &env, root.path()).unwrap_err();
         assert_eq!(err.code, "FAILED_PRECONDITION");
@@ -752,7 +782,10 @@ mod tests {
             (s.server.as_str(), s.token.as_deref()),
             (DEFAULT_SERVER, Some("old"))
         );
-        write(&root.path().join("hearth.yaml"), "server: https://elsewhere\n");
+        write(
+            &root.path().join("hearth.yaml"),
+            "server: https://elsewhere\n",
+        );
         let err = resolve(&GlobalArgs::default(), &no_env, root.path()).unwrap_err();
         assert!(err.message.contains(DEFAULT_SERVER), "{}", err.message);
     }
@@ -761,7 +794,10 @@ mod tests {
     fn the_admin_token_and_local_ca_are_bound_to_their_data_dirs_server() {
         let root = tempfile::tempdir().unwrap();
         write(&root.path().join(".hearth/admin-token"), "adm\n");
-        write(&root.path().join(".hearth/server-url"), "https://127.0.0.1:9999\n");
+        write(
+            &root.path().join(".hearth/server-url"),
+            "https://127.0.0.1:9999\n",
+        );
         write(&root.path().join(".hearth/tls/ca.pem"), "pem");
         let flags = GlobalArgs {
             server: Some("https://127.0.0.1:9999".into()),
@@ -772,7 +808,11 @@ mod tests {
         assert_eq!(s.ca, Some(root.path().join(".hearth/tls/ca.pem")));
         // The default server is not that one: no token, no CA of that dir.
         let err = resolve(&GlobalArgs::default(), &no_env, root.path()).unwrap_err();
-        assert!(err.message.contains("https://127.0.0.1:9999"), "{}", err.message);
+        assert!(
+            err.message.contains("https://127.0.0.1:9999"),
+            "{}",
+            err.message
+        );
         // --ca beats the discovered one.
         let s = resolve(
             &GlobalArgs {

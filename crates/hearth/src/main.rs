@@ -2,8 +2,8 @@
 //! subcommand is the CLI talking to a server over HTTP.
 
 mod listener;
-mod tls;
 mod server;
+mod tls;
 
 use clap::{Parser, Subcommand};
 

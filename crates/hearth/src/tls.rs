@@ -32,15 +32,30 @@ pub struct TlsArgs {
     pub plain_http: bool,
     /// The operator's certificate chain (PEM, leaf first) instead of the
     /// server's own CA.
-    #[arg(long, env = "HEARTH_TLS_CERT", requires = "tls_key", value_name = "PATH")]
+    #[arg(
+        long,
+        env = "HEARTH_TLS_CERT",
+        requires = "tls_key",
+        value_name = "PATH"
+    )]
     pub tls_cert: Option<PathBuf>,
     /// The private key of `--tls-cert` (PEM).
-    #[arg(long, env = "HEARTH_TLS_KEY", requires = "tls_cert", value_name = "PATH")]
+    #[arg(
+        long,
+        env = "HEARTH_TLS_KEY",
+        requires = "tls_cert",
+        value_name = "PATH"
+    )]
     pub tls_key: Option<PathBuf>,
     /// A further DNS name or IP address for the server's own certificate
     /// (repeatable; comma-separated in the variable).
-    #[arg(long, env = "HEARTH_TLS_SAN", value_delimiter = ',', value_name = "NAME",
-        conflicts_with = "tls_cert")]
+    #[arg(
+        long,
+        env = "HEARTH_TLS_SAN",
+        value_delimiter = ',',
+        value_name = "NAME",
+        conflicts_with = "tls_cert"
+    )]
     pub tls_san: Vec<String>,
 }
 
@@ -51,8 +66,10 @@ pub const CA_FILE: &str = "ca.pem";
 const CA_KEY_FILE: &str = "ca-key.pem";
 const SERVER_CERT_FILE: &str = "server.pem";
 const SERVER_KEY_FILE: &str = "server-key.pem";
-/// The common name of the server's own CA (also what makes it the same
-/// issuer again on every start: the CA is rebuilt from this name and its key).
+/// The common name of the server's own CA, followed by a digest of its
+/// public key: each CA has a name of its own (a client trusting two hearth
+/// CAs tells them apart), and the name follows from the key, so the issuer
+/// is rebuilt from the stored key alone on every start.
 const CA_NAME: &str = "hearth server CA";
 
 /// What the listener serves with, and what to tell the operator about it.
@@ -152,10 +169,11 @@ struct Ca {
     der: Vec<u8>,
 }
 
-fn ca_params() -> rcgen::CertificateParams {
+fn ca_params(key: &rcgen::KeyPair) -> rcgen::CertificateParams {
     let mut params = rcgen::CertificateParams::default();
     let mut name = rcgen::DistinguishedName::new();
-    name.push(rcgen::DnType::CommonName, CA_NAME);
+    let id = hex::encode(&Sha256::digest(key.public_key_raw())[..6]);
+    name.push(rcgen::DnType::CommonName, format!("{CA_NAME} {id}"));
     name.push(rcgen::DnType::OrganizationName, "hearth");
     params.distinguished_name = name;
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
@@ -191,11 +209,11 @@ fn own_ca(dir: &Path) -> anyhow::Result<Ca> {
         let der = CertificateDer::from_pem_file(&cert_path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", cert_path.display()))?
             .to_vec();
-        let cert = ca_params().self_signed(&key)?;
+        let cert = ca_params(&key).self_signed(&key)?;
         return Ok(Ca { cert, key, der });
     }
     let key = rcgen::KeyPair::generate()?;
-    let cert = ca_params().self_signed(&key)?;
+    let cert = ca_params(&key).self_signed(&key)?;
     write_file(&key_path, &key.serialize_pem(), 0o600)?;
     write_file(&cert_path, &cert.pem(), 0o644)?;
     tracing::info!(path = %cert_path.display(), "made the server's own certificate authority");
@@ -248,7 +266,9 @@ fn is_dns_name(name: &str) -> bool {
                     && label.len() <= 63
                     && !label.starts_with('-')
                     && !label.ends_with('-')
-                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-'))
         })
 }
 
@@ -318,8 +338,7 @@ mod tests {
         };
         let err = setup(&args, dir.path(), "0.0.0.0:7070".parse().unwrap()).unwrap_err();
         assert!(
-            err.to_string()
-                .contains("--listen 0.0.0.0:7070 is not one"),
+            err.to_string().contains("--listen 0.0.0.0:7070 is not one"),
             "{err}"
         );
         let t = setup(&args, dir.path(), listen()).unwrap();

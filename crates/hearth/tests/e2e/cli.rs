@@ -308,7 +308,15 @@ fn configuration_files_are_found_upwards(b: Backend) {
     );
     let out = run_cli(
         &nested,
-        &["--server", &s.url, "--token", "hth_bad", "get", "pool-config", "default"],
+        &[
+            "--server",
+            &s.url,
+            "--token",
+            "hth_bad",
+            "get",
+            "pool-config",
+            "default",
+        ],
         "",
         &[("HEARTH_CA", s.ca.as_ref().unwrap().to_str().unwrap())],
     );
@@ -389,7 +397,10 @@ fn login_writes_a_private_local_file(b: Backend) {
     assert!(text.contains(&dev));
     // Bound to the server it was checked against, with the CA it was checked by.
     let file: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
-    assert_eq!(file["credentials"][0]["server"].as_str(), Some(s.url.as_str()));
+    assert_eq!(
+        file["credentials"][0]["server"].as_str(),
+        Some(s.url.as_str())
+    );
     assert_eq!(file["credentials"][0]["ca"].as_str(), Some(ca));
     assert_eq!(
         std::fs::metadata(&local).unwrap().permissions().mode() & 0o777,

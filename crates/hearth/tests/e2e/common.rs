@@ -741,3 +741,16 @@ pub fn http_client(url: &str) -> reqwest::blocking::Client {
     }
     builder.build().unwrap()
 }
+
+/// An error with all its causes, `: `-separated (reqwest's own message
+/// hides the TLS reason in a source).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

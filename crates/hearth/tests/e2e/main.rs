@@ -17,3 +17,4 @@ mod resources;
 mod server;
 mod stale;
 mod trust_api;
+mod wire;
