@@ -71,6 +71,10 @@ pub struct ServerArgs {
     /// Where `--store postgres` creates (and drops) its database.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     postgres_url: String,
+    /// Run the server with `--plain-http` (loopback) instead of TLS, e.g. to
+    /// compare the two.
+    #[arg(long)]
+    plain_http: bool,
 }
 
 impl ServerArgs {
@@ -84,6 +88,7 @@ impl ServerArgs {
             )?,
             store: self.store,
             postgres_admin_url: self.postgres_url.clone(),
+            plain_http: self.plain_http,
         })
     }
 }

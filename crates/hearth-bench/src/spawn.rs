@@ -237,6 +237,7 @@ fn bake(server: &Server, config: &crate::server::ServerConfig, args: &SpawnArgs)
         .arg(&config.guest_agent)
         .env("HEARTH_SERVER", &server.url)
         .env("HEARTH_TOKEN", &server.admin_token)
+        .env("HEARTH_CA", server.ca.clone().unwrap_or_default())
         .stdin(std::process::Stdio::null())
         .output()?;
     if !out.status.success() {
