@@ -98,5 +98,6 @@ impl Api {
 /// The CA certificate at `path`, for a client to trust.
 pub fn root(path: &std::path::Path) -> Result<reqwest::Certificate> {
     let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    reqwest::Certificate::from_pem(&pem).with_context(|| format!("{}: not a PEM certificate", path.display()))
+    reqwest::Certificate::from_pem(&pem)
+        .with_context(|| format!("{}: not a PEM certificate", path.display()))
 }
