@@ -536,7 +536,7 @@ fn raw_request(
     headers: &[(&str, &str)],
     body: Option<String>,
 ) -> RawAnswer {
-    let client = reqwest::blocking::Client::new();
+    let client = crate::common::http_client(&s.url);
     let mut req = client.request(method.parse().unwrap(), format!("{}{}", s.url, path));
     for (name, value) in headers {
         req = req.header(*name, *value);
