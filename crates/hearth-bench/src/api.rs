@@ -31,13 +31,19 @@ impl Answer {
 }
 
 impl Api {
-    /// A client of `base` (`http://host:port`) with a bearer `token`.
-    pub fn new(base: &str, token: &str) -> Result<Api> {
-        let http = reqwest::blocking::Client::builder()
+    /// A client of `base` (`https://host:port`, or `http://` on loopback)
+    /// with a bearer `token`, trusting only `ca` when given.
+    pub fn new(base: &str, token: &str, ca: Option<&std::path::Path>) -> Result<Api> {
+        let mut builder = reqwest::blocking::Client::builder()
+            .use_rustls_tls()
             .timeout(TIMEOUT)
-            .pool_max_idle_per_host(1)
-            .build()
-            .context("cannot build an HTTP client")?;
+            .pool_max_idle_per_host(1);
+        if let Some(ca) = ca {
+            builder = builder
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(root(ca)?);
+        }
+        let http = builder.build().context("cannot build an HTTP client")?;
         Ok(Api {
             http,
             base: base.to_owned(),
@@ -87,4 +93,11 @@ impl Api {
     pub fn put(&self, path: &str, body: &Value) -> Result<Value> {
         self.ok(Method::PUT, path, Some(body))
     }
+}
+
+/// The CA certificate at `path`, for a client to trust.
+pub fn root(path: &std::path::Path) -> Result<reqwest::Certificate> {
+    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    reqwest::Certificate::from_pem(&pem)
+        .with_context(|| format!("{}: not a PEM certificate", path.display()))
 }

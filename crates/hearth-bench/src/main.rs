@@ -3,6 +3,8 @@
 //! - `spawn` drives the real `hearth server` binary over real HTTP on
 //!   loopback: warm claims at several client counts and cold starts, side
 //!   by side in one run (see [`spawn`]);
+//! - `wire` compares warm claims through a TLS server and a plain-HTTP
+//!   one, kept-alive and fresh connections (see [`wire`]);
 //! - `boot` drives the sandbox driver alone, in this process: boot and
 //!   destroy times and the RSS of an idle sandbox (see [`boot`]).
 //!
@@ -26,6 +28,7 @@ mod spawn;
 mod stats;
 mod table;
 mod throughput;
+mod wire;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
@@ -54,6 +57,9 @@ enum Command {
     /// Sustained warm-claim throughput through a real server (fake driver)
     /// against the raw store running the same claim statement, side by side.
     Throughput(throughput::ThroughputArgs),
+    /// Warm-claim latency through a TLS server against a plain-HTTP one
+    /// (loopback), kept-alive and fresh connections, side by side.
+    Wire(wire::WireArgs),
 }
 
 /// How to start the server (shared by the commands that run one).
@@ -71,6 +77,10 @@ pub struct ServerArgs {
     /// Where `--store postgres` creates (and drops) its database.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     postgres_url: String,
+    /// Run the server with `--plain-http` (loopback) instead of TLS, e.g. to
+    /// compare the two.
+    #[arg(long)]
+    plain_http: bool,
 }
 
 impl ServerArgs {
@@ -84,6 +94,7 @@ impl ServerArgs {
             )?,
             store: self.store,
             postgres_admin_url: self.postgres_url.clone(),
+            plain_http: self.plain_http,
         })
     }
 }
@@ -114,5 +125,6 @@ fn main() -> Result<()> {
         Command::Provision(args) => provision::run(args),
         Command::Reconcile(args) => reconcile::run(args),
         Command::Throughput(args) => throughput::run(args),
+        Command::Wire(args) => wire::run(args),
     }
 }

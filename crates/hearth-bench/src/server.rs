@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub guest_agent: PathBuf,
     pub store: Store,
     pub postgres_admin_url: String,
+    /// Serve plain HTTP on loopback (`--plain-http`) instead of TLS.
+    pub plain_http: bool,
 }
 
 /// A running server; torn down when dropped.
@@ -52,6 +54,8 @@ pub struct Server {
     log_tail: Arc<Mutex<VecDeque<String>>>,
     pub url: String,
     pub admin_token: String,
+    /// The server's own CA (`None` with plain HTTP).
+    pub ca: Option<PathBuf>,
 }
 
 impl Server {
@@ -73,9 +77,11 @@ impl Server {
             log_tail: Arc::default(),
             url: String::new(),
             admin_token: String::new(),
+            ca: None,
         };
-        let addr = server.launch(&config.hearth)?;
-        server.url = format!("http://{addr}");
+        server.url = server.launch(&config.hearth, config.plain_http)?;
+        let ca = server.data_dir.path().join("tls/ca.pem");
+        server.ca = server.url.starts_with("https://").then_some(ca);
         let token_path = server.data_dir.path().join("admin-token");
         server.admin_token = std::fs::read_to_string(&token_path)
             .with_context(|| format!("cannot read {}", token_path.display()))?
@@ -92,7 +98,7 @@ impl Server {
 
     /// An API client with the admin token.
     pub fn api(&self) -> Result<Api> {
-        Api::new(&self.url, &self.admin_token)
+        Api::new(&self.url, &self.admin_token, self.ca.as_deref())
     }
 
     /// The last lines the server logged.
@@ -106,10 +112,11 @@ impl Server {
         tail.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 
-    /// Spawns the process and returns the address of its `listening` line.
-    fn launch(&mut self, hearth: &Path) -> Result<String> {
+    /// Spawns the process and returns the URL of its `listening` line.
+    fn launch(&mut self, hearth: &Path, plain_http: bool) -> Result<String> {
         let mut cmd = Command::new(hearth);
         cmd.args(["server", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(plain_http.then_some("--plain-http"))
             .arg("--data-dir")
             .arg(self.data_dir.path())
             .args(["--resync", "200ms"])
@@ -213,7 +220,7 @@ fn read_log(
     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
         if let Ok(v) = serde_json::from_str::<Value>(&line)
             && v["message"] == "listening"
-            && let Some(addr) = v["addr"].as_str()
+            && let Some(addr) = v["url"].as_str()
         {
             let _ = listening.send(addr.to_owned());
         }

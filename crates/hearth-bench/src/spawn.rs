@@ -43,7 +43,7 @@ const COLD_POLL: Duration = Duration::from_millis(2);
 const STATUS_POLL: Duration = Duration::from_millis(100);
 /// How often a wait reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
-const WARM: &str = "warm";
+pub(crate) const WARM: &str = "warm";
 /// The phases of an agent that may hold or wait for a VM.
 const ACTIVE_PHASES: [&str; 5] = ["queued", "provisioning", "running", "idle", "sleeping"];
 const COLD: &str = "cold";
@@ -104,7 +104,7 @@ pub struct SpawnArgs {
 
 /// The outcome of one timed spawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     /// Answered `running`: a warm VM was claimed in the request.
     Warm,
     /// Answered 201 in another phase (queued for a boot).
@@ -114,7 +114,7 @@ enum Outcome {
 }
 
 #[derive(Debug, Clone)]
-struct Spawned {
+pub(crate) struct Spawned {
     latency: Duration,
     outcome: Outcome,
     agent: Option<String>,
@@ -237,6 +237,7 @@ fn bake(server: &Server, config: &crate::server::ServerConfig, args: &SpawnArgs)
         .arg(&config.guest_agent)
         .env("HEARTH_SERVER", &server.url)
         .env("HEARTH_TOKEN", &server.admin_token)
+        .env("HEARTH_CA", server.ca.clone().unwrap_or_default())
         .stdin(std::process::Stdio::null())
         .output()?;
     if !out.status.success() {
@@ -251,7 +252,7 @@ fn bake(server: &Server, config: &crate::server::ServerConfig, args: &SpawnArgs)
 }
 
 /// The pool config, the environment and both workspaces (empty pools).
-fn setup(api: &Api, driver: DriverKind, image: &str, max_vms: usize) -> Result<()> {
+pub(crate) fn setup(api: &Api, driver: DriverKind, image: &str, max_vms: usize) -> Result<()> {
     api.put("/v1/pool-config/default", &json!({"max_vms": max_vms}))?;
     let environment = match driver {
         DriverKind::Qemu => json!({"driver": "qemu", "image": image, "memory": "256Mi"}),
@@ -264,7 +265,7 @@ fn setup(api: &Api, driver: DriverKind, image: &str, max_vms: usize) -> Result<(
     Ok(())
 }
 
-fn set_pool_size(api: &Api, workspace: &str, size: usize) -> Result<()> {
+pub(crate) fn set_pool_size(api: &Api, workspace: &str, size: usize) -> Result<()> {
     let spec = json!({"environment": "bench", "min_idle": size, "max_idle": size});
     api.put(&format!("/v1/workspaces/{workspace}"), &spec)?;
     Ok(())
@@ -401,7 +402,7 @@ fn client(server: &Server, barrier: &Barrier, per_client: usize) -> Result<Clien
     })
 }
 
-fn spawn_timed(api: &Api) -> Spawned {
+pub(crate) fn spawn_timed(api: &Api) -> Spawned {
     let body = json!({"workspace": WARM});
     let start = Instant::now();
     let answer = api.call(Method::POST, "/v1/agents", Some(&body));
@@ -457,7 +458,7 @@ fn round_rate(runs: &[ClientRun]) -> f64 {
     n as f64 / (last - first).as_secs_f64().max(f64::EPSILON)
 }
 
-fn warm_latencies(spawns: &[Spawned]) -> Vec<Duration> {
+pub(crate) fn warm_latencies(spawns: &[Spawned]) -> Vec<Duration> {
     spawns
         .iter()
         .filter(|s| s.outcome == Outcome::Warm)
@@ -465,7 +466,7 @@ fn warm_latencies(spawns: &[Spawned]) -> Vec<Duration> {
         .collect()
 }
 
-fn count(spawns: &[Spawned], outcome: Outcome) -> usize {
+pub(crate) fn count(spawns: &[Spawned], outcome: Outcome) -> usize {
     spawns.iter().filter(|s| s.outcome == outcome).count()
 }
 
@@ -491,7 +492,7 @@ fn report_odd_spawns(spawns: &[Spawned]) {
 /// Finishes the warm agents and kills the others (queued ones cannot
 /// finish), then sweeps the workspace; returns how many agents the sweep
 /// ended.
-fn end_agents(api: &Api, spawns: &[Spawned]) -> Result<usize> {
+pub(crate) fn end_agents(api: &Api, spawns: &[Spawned]) -> Result<usize> {
     for s in spawns {
         let Some(id) = &s.agent else { continue };
         match s.outcome {
@@ -523,7 +524,7 @@ fn sweep(api: &Api, workspace: &str) -> Result<usize> {
 
 /// Waits until the warm workspace holds `size` idle VMs and nothing else
 /// happens in the pool (no agent, boot or destroy).
-fn wait_warm(api: &Api, size: usize) -> Result<()> {
+pub(crate) fn wait_warm(api: &Api, size: usize) -> Result<()> {
     wait_for(api, &format!("{size} warm VMs"), |api| {
         let status = api.get("/v1/pool/status")?;
         let ws = status["workspaces"]

@@ -546,12 +546,17 @@ struct Client {
 
 impl Client {
     fn new(server: &Server) -> Result<Client> {
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(REQUEST_TIMEOUT)
+            .pool_max_idle_per_host(1);
+        if let Some(ca) = &server.ca {
+            builder = builder
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(crate::api::root(ca)?);
+        }
         Ok(Client {
-            http: reqwest::Client::builder()
-                .timeout(REQUEST_TIMEOUT)
-                .pool_max_idle_per_host(1)
-                .build()
-                .context("cannot build an HTTP client")?,
+            http: builder.build().context("cannot build an HTTP client")?,
             base: server.url.clone(),
             token: server.admin_token.clone(),
         })

@@ -30,21 +30,37 @@ pub struct Client {
     base: Url,
     server: String,
     token: Option<String>,
+    /// The CA the server's certificate is checked with (`None`: the
+    /// system's roots), for messages.
+    ca: Option<std::path::PathBuf>,
 }
 
 impl Client {
     /// A client for `settings.server`, sending `settings.token` if any.
     pub fn from_settings(settings: &Settings) -> Result<Client, CliError> {
-        Client::new(
+        Client::with_ca(
             &settings.server,
             &settings.server_origin,
             settings.token.clone(),
+            settings.ca.as_deref(),
         )
     }
 
-    /// A client for `server` (an `http://` or `https://` URL; `origin` names
-    /// where it came from, for the error when it is not one).
+    /// A client for `server` checking its certificate with the system's roots.
     pub fn new(server: &str, origin: &str, token: Option<String>) -> Result<Client, CliError> {
+        Client::with_ca(server, origin, token, None)
+    }
+
+    /// A client for `server` (an `http://` or `https://` URL; `origin` names
+    /// where it came from, for the error when it is not one). With `ca`, the
+    /// server's certificate must be signed by that CA and no other; without,
+    /// by one of the system's roots. There is no way to skip the check.
+    pub fn with_ca(
+        server: &str,
+        origin: &str,
+        token: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Client, CliError> {
         let invalid = |why: String| {
             CliError::invalid(format!(
                 "invalid server URL {server:?} (from {origin}): {why}"
@@ -55,9 +71,33 @@ impl Client {
             return Err(invalid("use http://host:port or https://host:port".into()));
         }
         // No client-wide timeout: each request sets its own (see `call`).
-        let http = reqwest::blocking::Client::builder()
+        let mut builder = reqwest::blocking::Client::builder()
             .user_agent(concat!("hearth-cli/", env!("CARGO_PKG_VERSION")))
-            .timeout(None)
+            .use_rustls_tls()
+            .https_only(base.scheme() == "https")
+            .timeout(None);
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).map_err(|e| {
+                CliError::invalid(format!(
+                    "cannot read the CA certificate {}: {e}",
+                    ca.display()
+                ))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                CliError::invalid(format!("{}: not a PEM certificate ({e})", ca.display()))
+            })?;
+            if certs.is_empty() {
+                return Err(CliError::invalid(format!(
+                    "{}: holds no PEM certificate",
+                    ca.display()
+                )));
+            }
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| CliError::internal(format!("cannot set up HTTP: {}", reason(&e))))?;
         Ok(Client {
@@ -65,6 +105,7 @@ impl Client {
             base,
             server: server.to_owned(),
             token,
+            ca: ca.map(std::path::Path::to_path_buf),
         })
     }
 
@@ -207,7 +248,23 @@ impl Client {
         if let Some((content_type, bytes)) = body {
             request = request.header(CONTENT_TYPE, content_type).body(bytes);
         }
-        let unreachable = |e: reqwest::Error| CliError::unavailable(&self.server, &reason(&e));
+        let unreachable = |e: reqwest::Error| {
+            let why = reason(&e);
+            if why.contains("certificate") {
+                let trusted = match &self.ca {
+                    Some(ca) => format!("the CA {}", ca.display()),
+                    None => "the system's roots".to_owned(),
+                };
+                return CliError::unavailable(
+                    &self.server,
+                    &format!(
+                        "{why}: its certificate is not one {trusted} vouches for; give the \
+                         server's CA with --ca, HEARTH_CA or `ca:` of its entry in hearth.local.yaml"
+                    ),
+                );
+            }
+            CliError::unavailable(&self.server, &why)
+        };
         let response = request.send().map_err(unreachable)?;
         let status = response.status();
         let text = response.text().map_err(unreachable)?;

@@ -943,18 +943,41 @@ fn login(global: &GlobalArgs, ctx: &Context<'_>) -> anyhow::Result<Printed> {
         .ok_or_else(|| {
             CliError::invalid("auth login needs a token: hearth auth login --token TOKEN")
         })?;
-    let settings = config::resolve(global, ctx.env, ctx.cwd)?;
-    let client = Client::new(
-        &settings.server,
-        &settings.server_origin,
-        Some(token.clone()),
-    )?;
+    // The token is given here, with the server it is for: a server a
+    // project file names is accepted (the message says which it is), and the
+    // token is recorded as bound to it alone.
+    let (server, origin) = config::resolve_server(global, ctx.env, ctx.cwd)?;
+    let ca = global
+        .ca
+        .clone()
+        .or_else(|| {
+            (ctx.env)(config::ENV_CA)
+                .filter(|c| !c.trim().is_empty())
+                .map(Into::into)
+        })
+        .map(|ca| {
+            if ca.is_absolute() {
+                ca
+            } else {
+                ctx.cwd.join(ca)
+            }
+        })
+        .or_else(|| config::local_ca(ctx.cwd, &server));
+    let client = Client::with_ca(&server, &origin, Some(token.clone()), ca.as_deref())?;
     let who: Value = client.get(&["whoami"])?;
     let target = config::login_target(ctx.cwd);
-    config::write_local_file(&target, &token)?;
+    let file = config::with_credential(
+        config::read_local_file(&target)?,
+        config::Credential {
+            server: server.clone(),
+            ca,
+            token,
+        },
+    );
+    config::write_local_file(&target, &file)?;
     let field = |key: &str| output::cell(who.get(key));
     Ok(Printed::out(format!(
-        "Logged in to {} as {} ({}) in tenant {}; token saved to {}\n",
+        "Logged in to {} as {} ({}) in tenant {}; token saved to {} (sent to that server only)\n",
         client.server(),
         field("identity"),
         field("role"),

@@ -33,13 +33,19 @@ use std::io::{IsTerminal, Read, Write};
 #[command(about = None, long_about = None)]
 pub struct GlobalArgs {
     /// hearth server URL [env: HEARTH_SERVER] [else `server` in hearth.yaml]
-    /// [default: http://127.0.0.1:7070]
+    /// [default: https://127.0.0.1:7070]
     #[arg(long, global = true, value_name = "URL")]
     pub server: Option<String>,
-    /// Identity token [env: HEARTH_TOKEN] [else `token` in hearth.local.yaml,
-    /// else .hearth/admin-token]
+    /// Identity token [env: HEARTH_TOKEN] [else the token hearth.local.yaml
+    /// holds for the server, else .hearth/admin-token of a local server];
+    /// never sent to a server a project file names
     #[arg(long, global = true, value_name = "TOKEN")]
     pub token: Option<String>,
+    /// CA certificate (PEM) to check the server's certificate with [env:
+    /// HEARTH_CA] [else `ca` of the server's entry in hearth.local.yaml, else
+    /// .hearth/tls/ca.pem of a local server, else the system's roots]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ca: Option<std::path::PathBuf>,
     /// Workspace to act on [env: HEARTH_WORKSPACE] [else `workspace` in
     /// hearth.yaml]
     #[arg(long, global = true, value_name = "NAME")]

@@ -5,6 +5,11 @@
 //! is closed, and so is one with no request in flight and no traffic for
 //! `idle_timeout`. HTTP/1 and HTTP/2 (hyper-util's auto builder).
 //!
+//! With TLS (`tokio-rustls`), the handshake is part of the request head: a
+//! connection must finish it and deliver its first request head within
+//! `header_timeout` of opening, so a client that opens TLS and stalls holds
+//! a permit no longer than one that stalls in plain HTTP.
+//!
 //! The timers are hearth's own watchdog rather than hyper's
 //! `header_read_timeout`, which also runs while a kept-alive connection waits
 //! for its next request and so would make the idle timeout moot.
@@ -55,8 +60,10 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     raise_fd_limit(limits.max_connections);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -83,34 +90,30 @@ pub async fn serve(
         let app = app.clone();
         let builder = builder.clone();
         let mut stop = stop_rx.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let activity = Arc::new(Activity::new());
-            let io = TokioIo::new(Watched {
+            let watched = Watched {
                 stream,
                 activity: activity.clone(),
-            });
-            let counted = activity.clone();
-            let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-                let app = app.clone();
-                let guard = counted.request_started();
-                async move {
-                    let response = app.oneshot(request).await;
-                    drop(guard);
-                    response
-                }
-            });
-            let conn = builder.serve_connection_with_upgrades(io, service);
-            tokio::pin!(conn);
-            let watchdog = watchdog(&activity, limits);
-            tokio::pin!(watchdog);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                reason = &mut watchdog => tracing::debug!(reason, "connection closed"),
-                _ = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        _ = &mut watchdog => {}
+            };
+            match acceptor {
+                None => serve_connection(watched, app, builder, activity, limits, &mut stop).await,
+                Some(acceptor) => {
+                    // The handshake runs under the header timeout's watchdog.
+                    let handshake = tokio::select! {
+                        done = acceptor.accept(watched) => done,
+                        reason = watchdog(&activity, limits) => {
+                            tracing::debug!(reason, "connection closed during the TLS handshake");
+                            return;
+                        }
+                        _ = stopped(&mut stop) => return,
+                    };
+                    match handshake {
+                        Ok(tls) => {
+                            serve_connection(tls, app, builder, activity, limits, &mut stop).await
+                        }
+                        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
                     }
                 }
             }
@@ -128,6 +131,46 @@ pub async fn serve(
             "connections still open after {}s of shutdown: closing them",
             DRAIN.as_secs()
         );
+    }
+}
+
+/// Serves HTTP on one connection (plain or TLS) until it ends, outstays a
+/// timeout, or shutdown has let its requests finish.
+async fn serve_connection<S>(
+    io: S,
+    app: Router,
+    builder: Builder<TokioExecutor>,
+    activity: Arc<Activity>,
+    limits: Limits,
+    stop: &mut watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let counted = activity.clone();
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let app = app.clone();
+        let guard = counted.request_started();
+        async move {
+            let response = app.oneshot(request).await;
+            drop(guard);
+            response
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let watchdog = watchdog(&activity, limits);
+    tokio::pin!(watchdog);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        reason = &mut watchdog => tracing::debug!(reason, "connection closed"),
+        _ = stopped(stop) => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = &mut watchdog => {}
+            }
+        }
     }
 }
 

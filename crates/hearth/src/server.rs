@@ -103,6 +103,8 @@ pub struct ServerArgs {
     #[arg(long, env = "HEARTH_DEFAULT_MAX_VMS", default_value_t = hearth_core::resource::DEFAULT_MAX_VMS,
         value_parser = clap::value_parser!(i32).range(1..))]
     default_max_vms: i32,
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -122,6 +124,9 @@ const TOKEN_FILE: &str = "admin-token";
 /// Written before the bootstrap transaction, renamed after it commits, so a
 /// crash in between never loses the only admin token.
 const PENDING_TOKEN_FILE: &str = "admin-token.pending";
+/// The URL a CLI on this machine reaches the server at, written on every
+/// start: the admin token beside it is bound to this server.
+const SERVER_URL_FILE: &str = "server-url";
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
@@ -154,6 +159,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         .mode(0o700)
         .create(&args.data_dir)
         .with_context(|| format!("cannot create the data dir {}", args.data_dir.display()))?;
+    let transport = crate::tls::setup(&args.tls, &args.data_dir, args.listen)?;
     let store = hearth_store::open(args.database_url.as_deref(), &args.data_dir)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the store: {}", hearth_api::error::chain(&e)))?;
@@ -182,7 +188,22 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runner = tokio::spawn(pool.clone().run(stop_rx));
-    tracing::info!(%addr, "listening");
+    let url = local_url(transport.scheme, addr);
+    write_public(&args.data_dir.join(SERVER_URL_FILE), &url)?;
+    match (&transport.ca_file, &transport.fingerprint) {
+        (Some(ca), Some(fingerprint)) => {
+            tracing::info!(ca = %ca.display(), %fingerprint, "TLS with the server's own CA");
+            println!(
+                "hearth: serving TLS at {url}; clients trust the CA {} (SHA-256 {fingerprint})",
+                ca.display()
+            );
+        }
+        (None, Some(fingerprint)) => {
+            tracing::info!(%fingerprint, "TLS with the operator's certificate")
+        }
+        _ => tracing::warn!("serving plain HTTP on loopback (--plain-http): no TLS"),
+    }
+    tracing::info!(%addr, %url, "listening");
     let app = hearth_api::router(hearth_api::AppState {
         store,
         pool,
@@ -193,7 +214,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         idle_timeout: args.idle_timeout,
         max_connections: args.max_connections as usize,
     };
-    crate::listener::serve(listener, app, limits, shutdown_signal()).await;
+    crate::listener::serve(listener, app, limits, transport.config, shutdown_signal()).await;
     let _ = stop_tx.send(true);
     let _ = runner.await;
     tracing::info!("stopped");
@@ -433,6 +454,26 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     file.write_all(text.as_bytes())?;
     file.write_all(b"\n")?;
     file.sync_all()?;
+    Ok(())
+}
+
+/// The URL a client on this machine uses for a server listening on `addr`
+/// (an unspecified address is reached on loopback).
+fn local_url(scheme: &str, addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("{scheme}://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// Writes a file anyone may read (replacing it whole).
+fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
+    let pending = path.with_extension("pending");
+    fs::write(&pending, format!("{text}\n"))
+        .with_context(|| format!("cannot write {}", pending.display()))?;
+    fs::rename(&pending, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

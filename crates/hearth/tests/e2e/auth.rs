@@ -46,7 +46,7 @@ fn missing_unknown_and_malformed_tokens_are_unauthenticated(b: Backend) {
     assert_eq!(r.status, 401);
     let mut basic = Api::anonymous(&s.url);
     basic.token = None;
-    let r = reqwest::blocking::Client::new()
+    let r = crate::common::http_client(&s.url)
         .get(format!("{}/v1/whoami", s.url))
         .header("authorization", "Basic YWRtaW46YWRtaW4=")
         .send()

@@ -267,9 +267,15 @@ fn configuration_files_are_found_upwards(b: Backend) {
         format!("server: {}\nworkspace: web\n", s.url),
     )
     .unwrap();
+    // The token is bound to its server, with the CA to check it by.
     std::fs::write(
         project.path().join("hearth.local.yaml"),
-        format!("token: {}\n", s.admin_token),
+        format!(
+            "credentials:\n- server: {}\n  ca: {}\n  token: {}\n",
+            s.url,
+            s.ca.as_ref().unwrap().display(),
+            s.admin_token
+        ),
     )
     .unwrap();
     let nested = project.path().join("src/deep/er");
@@ -285,12 +291,34 @@ fn configuration_files_are_found_upwards(b: Backend) {
         (0, "pool-config/default configured\n"),
         "{out:?}"
     );
-    // A flag beats the file.
+    // A flag beats the file (given with the server it is for: a token of
+    // a flag is never sent to a server only hearth.yaml names).
     let out = run_cli(
         &nested,
         &["--token", "hth_bad", "get", "pool-config", "default"],
         "",
         &[],
+    );
+    assert!(
+        out.stderr.starts_with(&format!(
+            "FAILED_PRECONDITION: refusing to send the token of --token to {}, which ",
+            s.url
+        )),
+        "{out:?}"
+    );
+    let out = run_cli(
+        &nested,
+        &[
+            "--server",
+            &s.url,
+            "--token",
+            "hth_bad",
+            "get",
+            "pool-config",
+            "default",
+        ],
+        "",
+        &[("HEARTH_CA", s.ca.as_ref().unwrap().to_str().unwrap())],
     );
     assert_eq!(out.stderr, "UNAUTHENTICATED: malformed token\n");
     // So does the environment.
@@ -298,7 +326,7 @@ fn configuration_files_are_found_upwards(b: Backend) {
         &nested,
         &["get", "pool-config", "default"],
         "",
-        &[("HEARTH_TOKEN", "hth_bad")],
+        &[("HEARTH_TOKEN", "hth_bad"), ("HEARTH_SERVER", &s.url)],
     );
     assert_eq!(out.stderr, "UNAUTHENTICATED: malformed token\n");
     // An unknown field in hearth.yaml is named.
@@ -314,14 +342,17 @@ fn configuration_files_are_found_upwards(b: Backend) {
         "{out:?}"
     );
 
-    // Next to the server's default data dir, its admin token is picked up.
+    // Next to the server's default data dir, its admin token is picked up,
+    // bound to the URL the server wrote beside it, checked with its CA.
     let local = tempfile::tempdir().unwrap();
-    std::fs::create_dir(local.path().join(".hearth")).unwrap();
-    std::fs::copy(
-        s.data_dir.path().join("admin-token"),
-        local.path().join(".hearth/admin-token"),
-    )
-    .unwrap();
+    std::fs::create_dir_all(local.path().join(".hearth/tls")).unwrap();
+    for file in ["admin-token", "server-url", "tls/ca.pem"] {
+        std::fs::copy(
+            s.data_dir.path().join(file),
+            local.path().join(".hearth").join(file),
+        )
+        .unwrap();
+    }
     std::fs::write(
         local.path().join("hearth.yaml"),
         format!("server: {}\n", s.url),
@@ -349,7 +380,13 @@ fn login_writes_a_private_local_file(b: Backend) {
     let sub = dir.path().join("sub");
     std::fs::create_dir(&sub).unwrap();
     let dev = s.identity("dana", "developer");
-    let out = run_cli(&sub, &["auth", "login", "--token", &dev], "", &[]);
+    let ca = s.ca.as_ref().unwrap().to_str().unwrap();
+    let out = run_cli(
+        &sub,
+        &["auth", "login", "--token", &dev],
+        "",
+        &[("HEARTH_CA", ca)],
+    );
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
         out.stdout.contains("as dana (developer) in tenant default"),
@@ -358,6 +395,13 @@ fn login_writes_a_private_local_file(b: Backend) {
     let local = dir.path().join("hearth.local.yaml");
     let text = std::fs::read_to_string(&local).expect("written next to hearth.yaml");
     assert!(text.contains(&dev));
+    // Bound to the server it was checked against, with the CA it was checked by.
+    let file: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(
+        file["credentials"][0]["server"].as_str(),
+        Some(s.url.as_str())
+    );
+    assert_eq!(file["credentials"][0]["ca"].as_str(), Some(ca));
     assert_eq!(
         std::fs::metadata(&local).unwrap().permissions().mode() & 0o777,
         0o600

@@ -147,6 +147,8 @@ pub struct Server {
     pub database: Option<PgDatabase>,
     pub url: String,
     pub admin_token: String,
+    /// The CA the server's certificate is signed by (`None`: plain HTTP).
+    pub ca: Option<PathBuf>,
     child: Option<Child>,
     logs: Arc<Mutex<String>>,
     pub stdout: Arc<Mutex<String>>,
@@ -168,6 +170,7 @@ impl Server {
             database,
             url: String::new(),
             admin_token: String::new(),
+            ca: None,
             child: None,
             logs: Default::default(),
             stdout: Default::default(),
@@ -217,7 +220,7 @@ impl Server {
                 if let Ok(v) = serde_json::from_str::<Value>(&line)
                     && v["message"] == "listening"
                 {
-                    let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+                    let _ = tx.send(v["url"].as_str().unwrap_or_default().to_owned());
                 }
                 logs.lock().unwrap().push_str(&line);
                 logs.lock().unwrap().push('\n');
@@ -233,8 +236,18 @@ impl Server {
         });
         self.child = Some(child);
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => self.url = format!("http://{addr}"),
+            Ok(url) => self.url = url,
             Err(_) => panic!("the server did not start; its log:\n{}", self.logs()),
+        }
+        // The server's own CA, unless it serves plain HTTP or the
+        // operator's certificate (whose test trusts its CA itself).
+        let ca = self.data_dir.path().join("tls/ca.pem");
+        self.ca = (self.url.starts_with("https://")
+            && ca.is_file()
+            && !self.extra.iter().any(|a| a == "--tls-cert"))
+        .then_some(ca);
+        if let Some(ca) = &self.ca {
+            trust(&self.url, ca);
         }
     }
 
@@ -304,6 +317,7 @@ impl Server {
             stdin,
             &[("HEARTH_SERVER", &self.url), ("HEARTH_TOKEN", token)],
         )
+        // (run_cli adds HEARTH_CA for a server the harness started.)
     }
 
     /// Creates an identity with `role` through the API and returns its token.
@@ -440,11 +454,20 @@ pub fn run_cli(dir: &Path, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> 
         "HEARTH_WORKSPACE",
         "HEARTH_DATA_DIR",
         "HEARTH_DATABASE_URL",
+        "HEARTH_CA",
     ] {
         cmd.env_remove(key);
     }
     for (k, v) in env {
         cmd.env(k, v);
+    }
+    // A server the harness started is trusted through its CA, as a user
+    // would (HEARTH_CA), unless the test names a CA itself.
+    if !env.iter().any(|(k, _)| *k == "HEARTH_CA")
+        && let Some((_, server)) = env.iter().find(|(k, _)| *k == "HEARTH_SERVER")
+        && let Some(ca) = trusted_ca(server)
+    {
+        cmd.env("HEARTH_CA", ca);
     }
     let mut child = cmd.spawn().unwrap();
     child
@@ -506,7 +529,7 @@ impl Api {
         content_type: Option<&str>,
         body: Option<String>,
     ) -> Answer {
-        let client = reqwest::blocking::Client::new();
+        let client = http_client(&self.base);
         let mut req = client.request(method.parse().unwrap(), format!("{}{}", self.base, path));
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
@@ -697,4 +720,56 @@ pub fn through_gateway(url: &str) -> (String, u16) {
         .unwrap_or_else(|| panic!("not a GitServer URL: {url}"));
     let port = rest.split('/').next().unwrap().parse().unwrap();
     (url.replacen("127.0.0.1", &vm_gateway(), 1), port)
+}
+
+/// The CA files of the servers the harness started, by URL.
+fn trusted() -> &'static Mutex<std::collections::HashMap<String, PathBuf>> {
+    static TRUSTED: std::sync::OnceLock<Mutex<std::collections::HashMap<String, PathBuf>>> =
+        std::sync::OnceLock::new();
+    TRUSTED.get_or_init(Default::default)
+}
+
+/// Makes the test clients trust `ca` for the server at `url`.
+pub fn trust(url: &str, ca: &Path) {
+    trusted()
+        .lock()
+        .unwrap()
+        .insert(url.trim_end_matches('/').to_owned(), ca.to_owned());
+}
+
+/// The CA the harness trusts for the server at `url` (a URL it started, or
+/// one under it).
+pub fn trusted_ca(url: &str) -> Option<PathBuf> {
+    let trusted = trusted().lock().unwrap();
+    trusted
+        .iter()
+        .find(|(base, _)| url == base.as_str() || url.starts_with(&format!("{base}/")))
+        .map(|(_, ca)| ca.clone())
+}
+
+/// A blocking HTTP client for `url` (a fresh one, so each request has its
+/// own connection, as before): for an `https://` server the harness
+/// started, it trusts that server's CA and nothing else.
+pub fn http_client(url: &str) -> reqwest::blocking::Client {
+    let mut builder = reqwest::blocking::Client::builder().use_rustls_tls();
+    if let Some(ca) = trusted_ca(url) {
+        let pem = std::fs::read(&ca).unwrap_or_else(|e| panic!("read {}: {e}", ca.display()));
+        builder = builder
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+/// An error with all its causes, `: `-separated (reqwest's own message
+/// hides the TLS reason in a source).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

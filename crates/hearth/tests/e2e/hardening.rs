@@ -48,7 +48,7 @@ fn the_bearer_scheme_is_case_insensitive() {
 #[test]
 fn half_open_connections_do_not_stop_healthz_and_are_closed_after_the_header_timeout() {
     raise_fd_limit();
-    let s = Server::start_with(Backend::Sqlite, &["--header-timeout", "3s"]);
+    let s = Server::start_with(Backend::Sqlite, &["--header-timeout", "3s", "--plain-http"]);
     let addr = s.url.trim_start_matches("http://").to_owned();
     let opened = Instant::now();
     let mut conns: Vec<TcpStream> = (0..1000)
@@ -536,7 +536,7 @@ fn raw_request(
     headers: &[(&str, &str)],
     body: Option<String>,
 ) -> RawAnswer {
-    let client = reqwest::blocking::Client::new();
+    let client = crate::common::http_client(&s.url);
     let mut req = client.request(method.parse().unwrap(), format!("{}{}", s.url, path));
     for (name, value) in headers {
         req = req.header(*name, *value);

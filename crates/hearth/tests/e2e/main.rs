@@ -21,3 +21,4 @@ mod secrets_at_rest;
 mod server;
 mod stale;
 mod trust_api;
+mod wire;
