@@ -93,6 +93,11 @@ impl ImageStoreConfig {
         name: &str,
         image: &Image,
     ) -> Result<ImageSpec, String> {
+        if image.driver == DriverKind::Fake {
+            // Simulated VMs boot from nothing: a fake image is only a
+            // version the pool compares.
+            return Ok(ImageSpec::default());
+        }
         let Some(artifact) = &image.artifact else {
             return Err(format!(
                 "image {name:?} has nothing to boot yet: bake it (hearth image bake {name}) or have an operator register a prebuilt one"
