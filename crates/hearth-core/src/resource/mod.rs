@@ -470,8 +470,8 @@ mod tests {
             "{}",
         );
         same::<Image>(
-            "driver: sandbox\ndescription: NULL\nkernel: NULL\ninitrd: NULL\ndisk: NULL\nroot_dir: NULL\n",
-            "driver: sandbox\n",
+            "driver: qemu\ndescription: NULL\nrootfs: NULL\nkernel_package: NULL\n",
+            "driver: qemu\n",
         );
         same::<PoolConfig>(
             "max_vms: 2\nmax_agents_per_developer: NULL\ndescription: NULL\nreap_stranded_workflows: NULL\n",

@@ -26,7 +26,6 @@
 //! - every limit is a pure function of the VM's spec ([`Limits::for_vm`]).
 
 use crate::sandbox::cgroup;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 /// What qemu itself may use beyond the guest's RAM: its code, device
@@ -94,103 +93,40 @@ pub fn ulimit_blocks(bytes: u64) -> u64 {
     bytes.div_ceil(512)
 }
 
-/// The host's cgroups for qemu VMs, prepared once per driver.
+/// The host's cgroups for qemu VMs, prepared once per driver: the sandbox
+/// driver's layout (memory, cpu and pids, v1 or v2).
 #[derive(Debug, Clone)]
 pub struct Cgroups {
     layout: cgroup::Layout,
-    /// `<pids hierarchy>/<root>` (v1) or `None` (v2: the unified folder,
-    /// or no pids controller).
-    pids_v1: Option<PathBuf>,
-    /// Whether the v2 pids controller is enabled for VM cgroups.
-    pids_v2: bool,
-}
-
-fn write(path: &Path, value: &str) -> Result<(), String> {
-    fs::write(path, value).map_err(|e| format!("write {value:?} to {}: {e}", path.display()))
 }
 
 impl Cgroups {
     /// Finds the hierarchies and prepares `<root name>` in each; an error
     /// says why cgroups cannot be used on this host.
     pub fn prepare(root_name: &str) -> Result<Cgroups, String> {
-        let layout = cgroup::Layout::prepare(root_name)?;
-        let (mut pids_v1, mut pids_v2) = (None, false);
-        match &layout {
-            cgroup::Layout::V2 { parent } => {
-                let unified = Path::new("/sys/fs/cgroup");
-                let available =
-                    fs::read_to_string(unified.join("cgroup.controllers")).unwrap_or_default();
-                if available.split_whitespace().any(|c| c == "pids") {
-                    for dir in [unified, parent.as_path()] {
-                        let enabled = fs::read_to_string(dir.join("cgroup.subtree_control"))
-                            .unwrap_or_default();
-                        if !enabled.split_whitespace().any(|c| c == "pids") {
-                            write(&dir.join("cgroup.subtree_control"), "+pids")?;
-                        }
-                    }
-                    pids_v2 = true;
-                }
-            }
-            cgroup::Layout::V1 { .. } => {
-                let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-                    .map_err(|e| format!("read /proc/self/mountinfo: {e}"))?;
-                if let Some(mount) = cgroup::v1_mount(&mountinfo, "pids") {
-                    let dir = mount.join(root_name);
-                    match fs::create_dir(&dir) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                        Err(e) => return Err(format!("create {}: {e}", dir.display())),
-                    }
-                    pids_v1 = Some(dir);
-                }
-            }
-        }
         Ok(Cgroups {
-            layout,
-            pids_v1,
-            pids_v2,
+            layout: cgroup::Layout::prepare(root_name)?,
         })
     }
 
     /// The folders a VM's cgroups will have.
     pub fn vm_dirs(&self, vm: &str) -> Vec<PathBuf> {
-        let mut dirs = self.layout.vm_dirs(vm);
-        dirs.extend(self.pids_v1.iter().map(|p| p.join(vm)));
-        dirs
+        self.layout.vm_dirs(vm)
     }
 
     /// Creates the VM's cgroups with `limits`; returns the `cgroup.procs`
     /// files qemu joins. On error, removes what it created.
     pub fn create(&self, vm: &str, limits: Limits) -> Result<Vec<PathBuf>, String> {
-        let mut procs = self.layout.create(
-            vm,
-            cgroup::Limits {
-                memory_bytes: Some(limits.memory_bytes),
-                cpu_quota_us: Some(limits.cpu_quota_us),
-                // qemu's own pids limit is set below, per hierarchy.
-                pids_max: None,
-            },
-        )?;
-        let pids_dir = match (&self.pids_v1, self.pids_v2, &self.layout) {
-            (Some(root), _, _) => {
-                let dir = root.join(vm);
-                if let Err(e) = fs::create_dir(&dir) {
-                    self.remove_quickly(vm);
-                    return Err(format!("create {}: {e}", dir.display()));
-                }
-                procs.push(dir.join("cgroup.procs"));
-                Some(dir)
-            }
-            (None, true, cgroup::Layout::V2 { parent }) => Some(parent.join(vm)),
-            _ => None,
-        };
-        if let Some(dir) = pids_dir
-            && let Err(e) = write(&dir.join("pids.max"), &limits.pids.to_string())
-        {
-            self.remove_quickly(vm);
-            return Err(e);
-        }
-        Ok(procs)
+        self.layout
+            .create(
+                vm,
+                cgroup::Limits {
+                    memory_bytes: Some(limits.memory_bytes),
+                    cpu_quota_us: Some(limits.cpu_quota_us),
+                    pids_max: Some(limits.pids),
+                },
+            )
+            .inspect_err(|_| self.remove_quickly(vm))
     }
 
     fn remove_quickly(&self, vm: &str) {
