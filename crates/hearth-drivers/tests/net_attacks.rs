@@ -617,7 +617,11 @@ async fn sandboxes_cannot_reach_or_impersonate_each_other() {
     assert!(!sandbox_connects(&lab, a, &gateway, git.port).await);
 
     // Attack: a takes b's address (its ARP then claims b's address) and tries
-    // b's allowed port and b's own listener from there.
+    // b's allowed port and b's own listener from there. Root in a sandbox
+    // has no CAP_NET_ADMIN over its network namespace (it belongs to the
+    // host's user namespace), so `ip` is refused at least in part; whatever
+    // it managed, the bridge's filter (also tested with qemu guests, which
+    // can change their NIC) keeps it from gaining anything.
     let prefix = lab.net.config().subnet.prefix_len();
     let (code, out, err) = run(
         &lab.sandbox,
@@ -628,7 +632,10 @@ async fn sandboxes_cannot_reach_or_impersonate_each_other() {
         ),
     )
     .await;
-    assert_eq!((code, out.as_str()), (0, "spoofed\n"), "{err}");
+    assert!(
+        err.contains("Operation not permitted"),
+        "root in a sandbox reconfigured its network freely: {code} {out:?} {err:?}"
+    );
     assert!(
         !sandbox_connects(&lab, a, &gateway, git.port).await,
         "a reached b's allowed port with b's address"
@@ -647,7 +654,10 @@ async fn sandboxes_cannot_reach_or_impersonate_each_other() {
         ),
     )
     .await;
-    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("Operation not permitted"),
+        "root in a sandbox changed its MAC freely: {code} {err:?}"
+    );
     assert!(
         !sandbox_connects(&lab, a, &gateway, git.port).await,
         "a reached b's allowed port with b's address and MAC"

@@ -99,7 +99,8 @@ fn bake_twice_reuses_the_cached_inputs_and_counts_versions_up() {
             "net_failover",
             "virtio_net",
             "virtio_blk",
-            "virtio_balloon"
+            "virtio_balloon",
+            "qemu_fw_cfg"
         ]
     );
     assert_eq!(

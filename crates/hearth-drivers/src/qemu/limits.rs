@@ -198,11 +198,14 @@ mod tests {
         let lines: Vec<&str> = stdout.lines().collect();
         let pid = lines[0];
         // The same process joined both files, then exec'd the command.
-        assert_eq!(fs::read_to_string(&a).unwrap().trim(), pid);
-        assert_eq!(fs::read_to_string(&b).unwrap().trim(), pid);
+        assert_eq!(std::fs::read_to_string(&a).unwrap().trim(), pid);
+        assert_eq!(std::fs::read_to_string(&b).unwrap().trim(), pid);
         assert_eq!(lines[1], "8");
         // Past the limit, the write fails (EFBIG) instead of killing.
         assert_ne!(lines[2], "0");
-        assert_eq!(fs::metadata(dir.path().join("big")).unwrap().len(), 4096);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("big")).unwrap().len(),
+            4096
+        );
     }
 }
