@@ -17,6 +17,8 @@
 //! `hearth0`), and a [`Lab`] guard destroys its VMs and removes the
 //! bridge, the tables, the leases and its folders when dropped.
 
+mod support;
+
 use hearth_core::ids::{TenantId, VmId};
 use hearth_drivers::net::{Net, NetConfig};
 use hearth_drivers::qemu::{Accel, QemuConfig, QemuDriver};
@@ -30,54 +32,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use std::{fs, io};
+use support::*;
 use tokio::sync::mpsc;
 
 /// How long a qemu VM may take from `create` to a healthy agent (TCG on a
 /// loaded two-core machine is slow).
 const QEMU_HEALTH_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn target_tmp() -> &'static Path {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-}
-
-/// The agent binary, built (or found up to date) once per test process
-/// (see `tests/sandbox.rs` for why it is built this way).
-fn agent_binary() -> PathBuf {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            if let Some(path) = std::env::var_os("HEARTH_GUEST_AGENT").filter(|p| !p.is_empty()) {
-                return PathBuf::from(path);
-            }
-            let output = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "-p",
-                    "hearth-guest-agent",
-                    "--bin",
-                    "hearth-guest-agent",
-                    "--message-format=json-render-diagnostics",
-                ])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .stderr(Stdio::inherit())
-                .output()
-                .expect("run cargo to build hearth-guest-agent");
-            assert!(
-                output.status.success(),
-                "cargo build -p hearth-guest-agent failed"
-            );
-            String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-                .filter(|m| {
-                    m["reason"] == "compiler-artifact"
-                        && m["target"]["name"] == "hearth-guest-agent"
-                })
-                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-                .expect("cargo reported no hearth-guest-agent executable")
-        })
-        .clone()
-}
 
 /// The qemu test image (the one `tests/qemu.rs` bakes and keeps, or a
 /// fresh bake of it).

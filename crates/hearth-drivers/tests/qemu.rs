@@ -24,6 +24,8 @@
 //! Cargo's target tmp folder; an [`Env`] guard destroys every VM of its
 //! driver and removes its folder when dropped, panics included.
 
+mod support;
+
 use hearth_core::ids::{TenantId, VmId};
 use hearth_drivers::qemu::{Accel, QemuConfig, QemuDriver};
 use hearth_drivers::{
@@ -34,57 +36,16 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+use support::*;
 use tokio::sync::mpsc;
 
 /// How long a VM may take from `create` to a healthy agent (TCG on a
 /// loaded two-core machine is slow).
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn target_tmp() -> &'static Path {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-}
-
-/// The agent binary, built (or found up to date) once per test process.
-fn agent_binary() -> PathBuf {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            if let Some(path) = std::env::var_os("HEARTH_GUEST_AGENT").filter(|p| !p.is_empty()) {
-                return PathBuf::from(path);
-            }
-            let output = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "-p",
-                    "hearth-guest-agent",
-                    "--bin",
-                    "hearth-guest-agent",
-                    "--message-format=json-render-diagnostics",
-                ])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .stderr(Stdio::inherit())
-                .output()
-                .expect("run cargo to build hearth-guest-agent");
-            assert!(
-                output.status.success(),
-                "cargo build -p hearth-guest-agent failed"
-            );
-            String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-                .filter(|m| {
-                    m["reason"] == "compiler-artifact"
-                        && m["target"]["name"] == "hearth-guest-agent"
-                })
-                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-                .expect("cargo reported no hearth-guest-agent executable")
-        })
-        .clone()
-}
 
 /// The image every test boots: the newest one baked with this agent, or a
 /// fresh bake.

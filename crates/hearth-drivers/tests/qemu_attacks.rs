@@ -14,15 +14,18 @@
 //! under `target/tmp/hearth-qemu-images`, shared with it); `HEARTH_TEST_ACCEL`
 //! (`kvm`, `tcg`) skips the KVM probe.
 
+mod support;
+
 use hearth_core::ids::{TenantId, VmId};
 use hearth_drivers::qemu::{Accel, QemuConfig, QemuDriver, limits};
 use hearth_drivers::{Driver, DriverError, ExecRequest, ImageSpec, OutputChunk, Stream, VmSpec};
 use hearth_image::{BakeOptions, BakedImage, FileDigest, Manifest};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+use support::*;
 use tokio::sync::mpsc;
 
 /// How long a VM may take from `create` to a healthy agent.
@@ -31,44 +34,6 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(120);
 const DISK_MIB: u64 = 64;
 /// The output limit of one command in the attack VMs.
 const OUTPUT_LIMIT: u64 = 8 << 20;
-
-fn target_tmp() -> &'static Path {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-}
-
-fn agent_binary() -> PathBuf {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            let output = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "-p",
-                    "hearth-guest-agent",
-                    "--bin",
-                    "hearth-guest-agent",
-                    "--message-format=json-render-diagnostics",
-                ])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .stderr(Stdio::inherit())
-                .output()
-                .expect("run cargo to build hearth-guest-agent");
-            assert!(
-                output.status.success(),
-                "cargo build -p hearth-guest-agent failed"
-            );
-            String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-                .filter(|m| {
-                    m["reason"] == "compiler-artifact"
-                        && m["target"]["name"] == "hearth-guest-agent"
-                })
-                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-                .expect("cargo reported no hearth-guest-agent executable")
-        })
-        .clone()
-}
 
 /// The minimal test image of `tests/qemu.rs` (same folder, same reuse
 /// rule: this agent binary and every module the baker puts in).

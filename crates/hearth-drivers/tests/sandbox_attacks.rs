@@ -11,62 +11,17 @@
 //! (the base image is built from its packages, perl among them: git needs
 //! it, and the tests use it to make raw system calls).
 
+mod support;
+
 use hearth_core::ids::{TenantId, VmId};
 use hearth_drivers::sandbox::{DEFAULT_UID_BASE, SandboxConfig, SandboxDriver};
 use hearth_drivers::{Driver, ExecRequest, ExecResult, ImageSpec, NetworkSpec, Stream, VmSpec};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::process::Command;
 use std::time::{Duration, Instant};
+use support::*;
 use tokio::sync::mpsc;
-
-/// The agent binary, built (or found up to date) once per test process.
-fn agent_binary() -> PathBuf {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            if let Some(path) = std::env::var_os("HEARTH_GUEST_AGENT").filter(|p| !p.is_empty()) {
-                return PathBuf::from(path);
-            }
-            let output = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "-p",
-                    "hearth-guest-agent",
-                    "--bin",
-                    "hearth-guest-agent",
-                    "--message-format=json-render-diagnostics",
-                ])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .stderr(Stdio::inherit())
-                .output()
-                .expect("run cargo to build hearth-guest-agent");
-            assert!(
-                output.status.success(),
-                "cargo build -p hearth-guest-agent failed"
-            );
-            String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-                .filter(|m| {
-                    m["reason"] == "compiler-artifact"
-                        && m["target"]["name"] == "hearth-guest-agent"
-                })
-                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-                .expect("cargo reported no hearth-guest-agent executable")
-        })
-        .clone()
-}
-
-fn base_image() -> PathBuf {
-    static BASE: OnceLock<PathBuf> = OnceLock::new();
-    BASE.get_or_init(|| {
-        hearth_image::base::ensure(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("images"))
-            .expect("build the sandbox base image")
-    })
-    .clone()
-}
 
 /// A driver on a state folder of its own (under /var/tmp, outside every
 /// sandbox's /tmp), cleaned up on drop: sandboxes, cgroups, folders.
