@@ -198,6 +198,7 @@ pub async fn list(
     Path(name): Path<String>,
 ) -> Result<Json<BakeList>, ApiError> {
     caller.require(Permission::ImageGet)?;
+    validate_name(Kind::Image, &name)?;
     let jobs = state.store.list_bakes(caller.tenant(), &name).await?;
     Ok(Json(BakeList {
         items: jobs.iter().map(|b| view(b, None)).collect(),
@@ -216,6 +217,7 @@ pub async fn get_one(
     Query(query): Query<LogQuery>,
 ) -> Result<Json<BakeView>, ApiError> {
     caller.require(Permission::ImageGet)?;
+    validate_name(Kind::Image, &name)?;
     let missing = || {
         ApiError::from(Error::not_found(format!(
             "bake {id:?} of image {name:?} not found"
@@ -276,8 +278,15 @@ pub async fn register(
         (Some((image, _)), _) => image.driver,
         (None, driver) => driver.unwrap_or(DriverKind::Qemu),
     };
-    if driver == DriverKind::Fake {
+    if driver == DriverKind::Fake && input.driver == Some(DriverKind::Fake) {
         return Err(Error::invalid("driver: a prebuilt image is for qemu or sandbox").into());
+    }
+    if driver == DriverKind::Fake {
+        // The stored image's driver, not the request's: a state, not bad input.
+        return Err(Error::failed_precondition(format!(
+            "image {name:?} is a fake image; a prebuilt image is for qemu or sandbox"
+        ))
+        .into());
     }
     let root = store_config.prebuilt_dir();
     let path = input.path.clone();

@@ -241,6 +241,14 @@ fn refine(doc: &mut Value) {
     );
     set(
         doc,
+        &format!("{schemas}/Environment/properties/disk"),
+        "pattern",
+        json!(
+            "^(0*(6[4-9]|[7-9][0-9]|[1-9][0-9]{2,6}|1[0-5][0-9]{6}|16[0-6][0-9]{5}|167[0-6][0-9]{4}|1677[0-6][0-9]{3}|16777[01][0-9]{2}|1677720[0-9]|1677721[0-6])Mi|0*([1-9][0-9]{0,3}|1[0-5][0-9]{3}|16[0-2][0-9]{2}|163[0-7][0-9]|1638[0-4])Gi)$"
+        ),
+    );
+    set(
+        doc,
         &format!("{schemas}/Environment/properties/memory"),
         "pattern",
         json!(
@@ -373,6 +381,11 @@ fn refine(doc: &mut Value) {
     // An environment's or image's `version` is shown on output and ignored
     // on input (an integer, or null), so a document read back can be
     // written back as it is.
+    // An image's `artifact` is the server's: shown on output, ignored on
+    // input whatever it holds (a document read back can be written back).
+    doc["components"]["schemas"]["Image"]["properties"]["artifact"] = json!({
+        "description": "Server-owned: where the image's files come from (shown on output, ignored on input)."
+    });
     for schema in ["Environment", "Image"] {
         doc["components"]["schemas"][schema]["properties"]["version"] = json!({
             "type": ["integer", "null"],
