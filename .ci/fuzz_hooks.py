@@ -207,6 +207,12 @@ def map_case(context, case):
     if path == "/v1/environments/{name}" and method in ("PUT", "PATCH"):
         _unique_commands(body.get("project_setup"))
         _unique_commands(body.get("repo_setup"))
+        # allow_host_ports needs network: egress, which a patch may leave to
+        # the stored environment (cross-field, and against stored state).
+        stored = _stored_spec("environments", name) if method == "PATCH" else None
+        merged = _merge(stored or {}, body)
+        if merged.get("allow_host_ports") and merged.get("network") not in (None, "egress"):
+            body["network"] = "egress"
     elif path == "/v1/workspaces/{name}" and method == "PUT":
         _fix_workspace(body, None)
     elif path == "/v1/workspaces/{name}" and method == "PATCH":

@@ -382,10 +382,37 @@ fn refine(doc: &mut Value) {
     // on input (an integer, or null), so a document read back can be
     // written back as it is.
     // An image's `artifact` is the server's: shown on output, ignored on
-    // input whatever it holds (a document read back can be written back).
+    // input whatever mapping it holds (a document read back can be written
+    // back).
     doc["components"]["schemas"]["Image"]["properties"]["artifact"] = json!({
+        "type": ["object", "null"],
         "description": "Server-owned: where the image's files come from (shown on output, ignored on input)."
     });
+    // A prebuilt image is for qemu or sandbox (absent: the stored image's
+    // driver, or qemu).
+    doc["components"]["schemas"]["RegisterPrebuilt"]["properties"]["driver"] = json!({
+        "enum": ["qemu", "sandbox", null],
+        "description": "The image's driver when it does not exist yet (default qemu)."
+    });
+    // `null` is the default kernel package, as for every optional field.
+    let kernel_package =
+        doc["components"]["schemas"]["Image"]["properties"]["kernel_package"].clone();
+    doc["components"]["schemas"]["Image"]["properties"]["kernel_package"] =
+        json!({"anyOf": [kernel_package, {"type": "null"}]});
+    // Allowed host ports are TCP ports, each once, at most 64, and only with
+    // `network: egress` (absent = egress).
+    doc["components"]["schemas"]["Environment"]["properties"]["allow_host_ports"] = json!({
+        "type": ["array", "null"],
+        "items": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "uniqueItems": true,
+        "maxItems": hearth_core::resource::MAX_ALLOWED_HOST_PORTS,
+        "description": "Host TCP ports the VM may reach through its gateway (network: egress only; operators only)."
+    });
+    doc["components"]["schemas"]["Environment"]["allOf"] = json!([
+        {"if": {"required": ["network"], "properties": {"network": {"enum": ["none", "isolated", "host"]}}},
+         "then": {"properties": {"allow_host_ports": {"anyOf": [{"type": "null"}, {"maxItems": 0}]}}}}
+    ]);
+
     for schema in ["Environment", "Image"] {
         doc["components"]["schemas"][schema]["properties"]["version"] = json!({
             "type": ["integer", "null"],

@@ -53,6 +53,7 @@ pub struct Image {
     /// successful bake, or an operator's prebuilt registration); ignored
     /// on input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "any_artifact")]
     #[schema(read_only)]
     pub artifact: Option<Artifact>,
     /// Read-only: shown on output, ignored on input.
@@ -151,6 +152,19 @@ impl Spec for Image {
         // Server-owned: what a tenant sends here is ignored.
         self.artifact = previous.and_then(|p| p.artifact.clone());
         Ok(())
+    }
+}
+
+/// An `artifact` as read: the server's own record when it is one, else
+/// nothing (a client's is ignored: the stored record is restored on every
+/// write, so whatever mapping a client sends back is dropped, not refused).
+/// Anything but a mapping or `null` is still bad input.
+fn any_artifact<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Artifact>, D::Error> {
+    use serde::de::Error as _;
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        value @ serde_json::Value::Object(_) => Ok(serde_json::from_value(value).ok()),
+        _ => Err(D::Error::custom("artifact must be a mapping")),
     }
 }
 

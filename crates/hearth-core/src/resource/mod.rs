@@ -8,7 +8,7 @@ mod pool_config;
 pub mod secrets;
 mod workspace;
 
-pub use environment::{DriverKind, Environment, Network, REDACTED};
+pub use environment::{DriverKind, Environment, MAX_ALLOWED_HOST_PORTS, Network, REDACTED};
 pub use image::{
     Artifact, ArtifactSource, DEFAULT_KERNEL_PACKAGE, Image, Rootfs, valid_package_name,
 };
