@@ -213,6 +213,10 @@ def map_case(context, case):
         merged = _merge(stored or {}, body)
         if merged.get("allow_host_ports") and merged.get("network") not in (None, "egress"):
             body["network"] = "egress"
+        # …and a qemu guest never gets network: host (the driver may come
+        # from the stored environment).
+        if merged.get("driver") == "qemu" and merged.get("network") == "host":
+            body["network"] = "egress"
     elif path == "/v1/workspaces/{name}" and method == "PUT":
         _fix_workspace(body, None)
     elif path == "/v1/workspaces/{name}" and method == "PATCH":

@@ -291,12 +291,25 @@ pub async fn register(
     let root = store_config.prebuilt_dir();
     let path = input.path.clone();
     let checked = tokio::task::spawn_blocking(move || {
-        let (_, spec) = images::confine(&root, &path, driver)?;
-        images::digest(&spec).map_err(|e| format!("reading the image: {e}"))
+        // A plain relative path to nothing is a folder not found (a state
+        // of the store); every other refusal is the path's own fault.
+        let plain =
+            !std::path::Path::new(&path).is_absolute() && !path.split('/').any(|c| c == "..");
+        if plain
+            && std::fs::symlink_metadata(root.join(&path))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        {
+            return Err(Error::not_found(format!(
+                "path: {path:?}: no such folder under the image store's prebuilt/"
+            )));
+        }
+        let (_, spec) = images::confine(&root, &path, driver)
+            .map_err(|e| Error::invalid(format!("path: {e}")))?;
+        images::digest(&spec).map_err(|e| Error::invalid(format!("path: reading the image: {e}")))
     })
     .await
     .map_err(|e| Error::internal(e.to_string()))?;
-    let digest = checked.map_err(|e| Error::invalid(format!("path: {e}")))?;
+    let digest = checked?;
     if existing.is_none() {
         let spec = serde_json::json!({"driver": driver, "description": format!("prebuilt {}", input.path)});
         let put = hearth_store::PutResource {

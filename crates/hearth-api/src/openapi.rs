@@ -408,9 +408,12 @@ fn refine(doc: &mut Value) {
         "maxItems": hearth_core::resource::MAX_ALLOWED_HOST_PORTS,
         "description": "Host TCP ports the VM may reach through its gateway (network: egress only; operators only)."
     });
+    // A qemu guest never gets the host's network.
     doc["components"]["schemas"]["Environment"]["allOf"] = json!([
         {"if": {"required": ["network"], "properties": {"network": {"enum": ["none", "isolated", "host"]}}},
-         "then": {"properties": {"allow_host_ports": {"anyOf": [{"type": "null"}, {"maxItems": 0}]}}}}
+         "then": {"properties": {"allow_host_ports": {"anyOf": [{"type": "null"}, {"maxItems": 0}]}}}},
+        {"if": {"required": ["driver"], "properties": {"driver": {"const": "qemu"}}},
+         "then": {"properties": {"network": {"not": {"const": "host"}}}}}
     ]);
 
     for schema in ["Environment", "Image"] {

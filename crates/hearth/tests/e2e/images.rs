@@ -191,7 +191,21 @@ fn operators_register_prebuilt_images_confined_to_the_store(b: Backend) {
     refused("/etc", "is absolute");
     refused("escape", "\"escape\" is a symbolic link");
     refused("evil", "vmlinuz is a symbolic link");
-    refused("missing", "No such file");
+    let r = op.post("/v1/images/pre/prebuilt", json!({ "path": "missing" }));
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (404, Some("NOT_FOUND")),
+        "{}",
+        r.text
+    );
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("no such folder"),
+        "{}",
+        r.text
+    );
     assert_eq!(op.get("/v1/images/pre").status, 404, "nothing was created");
 
     // The legitimate registration, for another tenant.
