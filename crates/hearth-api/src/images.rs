@@ -265,7 +265,8 @@ pub async fn register(
     let existing = image_of(&state, tenant, &name).await?;
     let driver = match (&existing, input.driver) {
         (Some((image, _)), Some(driver)) if image.driver != driver => {
-            return Err(Error::invalid(format!(
+            // The stored image's driver: a state, not bad input.
+            return Err(Error::failed_precondition(format!(
                 "driver: image {name:?} is a {} image",
                 if image.driver == DriverKind::Qemu {
                     "qemu"

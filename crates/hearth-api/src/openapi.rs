@@ -394,11 +394,12 @@ fn refine(doc: &mut Value) {
         "enum": ["qemu", "sandbox", null],
         "description": "The image's driver when it does not exist yet (default qemu)."
     });
-    // `null` is the default kernel package, as for every optional field.
-    let kernel_package =
-        doc["components"]["schemas"]["Image"]["properties"]["kernel_package"].clone();
-    doc["components"]["schemas"]["Image"]["properties"]["kernel_package"] =
-        json!({"anyOf": [kernel_package, {"type": "null"}]});
+    // `null` is the default, as for every optional field.
+    for field in ["kernel_package", "rootfs"] {
+        let schema = doc["components"]["schemas"]["Image"]["properties"][field].clone();
+        doc["components"]["schemas"]["Image"]["properties"][field] =
+            json!({"anyOf": [schema, {"type": "null"}]});
+    }
     // Allowed host ports are TCP ports, each once, at most 64, and only with
     // `network: egress` (absent = egress).
     doc["components"]["schemas"]["Environment"]["properties"]["allow_host_ports"] = json!({
