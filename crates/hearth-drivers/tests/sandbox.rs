@@ -107,39 +107,7 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        // Drop may run inside the test's runtime: clean up from a thread
-        // with a runtime of its own.
-        let driver = self.driver.clone();
-        let base = self.base.clone();
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                for vm in driver.list().await.unwrap_or_default() {
-                    if let Err(e) = driver.destroy(vm.id).await {
-                        eprintln!("cleanup: destroy {}: {e}", vm.id);
-                    }
-                }
-            });
-            for root in driver.cgroup_roots() {
-                let _ = fs::remove_dir(root);
-            }
-            let _ = fs::remove_dir_all(base);
-        });
-        let _ = cleanup.join();
-    }
-}
-
-async fn wait_healthy(driver: &SandboxDriver, id: VmId) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match driver.health(id).await {
-            Ok(_) => return,
-            Err(e) if Instant::now() > deadline => panic!("VM {id} never became healthy: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-        }
+        clean_up_sandboxes(&self.driver, &self.base);
     }
 }
 

@@ -61,3 +61,48 @@ pub fn base_image() -> PathBuf {
     })
     .clone()
 }
+
+/// Destroys every sandbox of `driver`, then removes its cgroup roots and
+/// the test's folder `base`. From a thread with a runtime of its own, as
+/// a `Drop` may run inside the test's runtime.
+pub fn clean_up_sandboxes(driver: &hearth_drivers::sandbox::SandboxDriver, base: &Path) {
+    use hearth_drivers::Driver;
+    let driver = driver.clone();
+    let base = base.to_owned();
+    let cleanup = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            for vm in driver.list().await.unwrap_or_default() {
+                if let Err(e) = driver.destroy(vm.id).await {
+                    eprintln!("cleanup: destroy {}: {e}", vm.id);
+                }
+            }
+        });
+        for root in driver.cgroup_roots() {
+            let _ = std::fs::remove_dir(root);
+        }
+        let _ = std::fs::remove_dir_all(base);
+    });
+    let _ = cleanup.join();
+}
+
+/// Waits (up to 10 s) until the sandbox's guest agent answers.
+pub async fn wait_healthy(
+    driver: &hearth_drivers::sandbox::SandboxDriver,
+    id: hearth_core::ids::VmId,
+) {
+    use hearth_drivers::Driver;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match driver.health(id).await {
+            Ok(_) => return,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("VM {id} never became healthy: {e}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+        }
+    }
+}
