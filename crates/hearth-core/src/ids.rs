@@ -64,3 +64,7 @@ typed_id!(
     /// One provisioning run (an instance record).
     InstanceId
 );
+typed_id!(
+    /// One node: a host that runs VMs for the control plane.
+    NodeId
+);

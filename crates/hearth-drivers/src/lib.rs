@@ -18,7 +18,7 @@ pub mod qemu;
 pub mod sandbox;
 
 use async_trait::async_trait;
-use hearth_core::ids::{TenantId, VmId};
+use hearth_core::ids::{NodeId, TenantId, VmId};
 use hearth_core::resource::{DriverKind, Network};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// What to boot.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmSpec {
     pub id: VmId,
     pub tenant: TenantId,
@@ -44,7 +44,7 @@ pub struct VmSpec {
 
 /// What a VM's network reaches (the environment's `network` and
 /// `allow_host_ports`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetworkSpec {
     pub mode: Network,
     /// Host TCP ports the VM may reach (only with [`Network::Egress`]).
@@ -79,17 +79,23 @@ impl NetworkSpec {
 }
 
 /// The image a VM boots from (the driver picks the fields it needs).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ImageSpec {
     /// sandbox: the read-only lower layer; `None` = the host's root.
     pub root_dir: Option<PathBuf>,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub disk: Option<PathBuf>,
+    /// The SHA-256 (hex) of each artifact above, by role (`root_dir`,
+    /// `kernel`, `initrd`, `disk`): how a node that does not share the
+    /// control plane's disk fetches and checks them. Empty: nothing to
+    /// fetch (the driver's default image).
+    #[serde(default)]
+    pub digests: BTreeMap<String, String>,
 }
 
 /// A VM that really exists, as the driver sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ObservedVm {
     pub id: VmId,
     pub tenant: TenantId,
@@ -100,7 +106,7 @@ pub struct ObservedVm {
 }
 
 /// A command to run inside a VM, as root, through `/bin/sh -c`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ExecRequest {
     pub command: String,
     pub cwd: String,
@@ -121,21 +127,21 @@ impl ExecRequest {
 }
 
 /// Which stream a piece of output came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Stream {
     Stdout,
     Stderr,
 }
 
 /// A piece of a command's output, streamed as it comes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OutputChunk {
     pub stream: Stream,
     pub data: String,
 }
 
 /// How a command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExecResult {
     /// The exit code, or 128 + signal when killed; -1 when timed out.
     pub exit_code: i32,
@@ -143,7 +149,7 @@ pub struct ExecResult {
 }
 
 /// The guest agent's answer to a health check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuestHealth {
     pub uptime_ms: u64,
 }
@@ -215,6 +221,53 @@ pub trait Driver: Send + Sync + 'static {
             )
             .to_lowercase(),
         ))
+    }
+
+    /// Starts `request` in the VM as the job `job`: it runs on whether or
+    /// not anyone is attached, and its output and exit code are kept in
+    /// the VM until the VM goes, so a control plane that restarted
+    /// attaches again ([`Driver::attach_job`]). Starting a job that exists
+    /// already is `Ok` and starts nothing.
+    async fn start_job(&self, id: VmId, job: &str, request: &ExecRequest) -> Result<()> {
+        let _ = (id, job, request);
+        Err(DriverError::Unsupported(
+            format!("the {:?} driver has no jobs", self.kind()).to_lowercase(),
+        ))
+    }
+
+    /// Follows the job `job`: streams its output to `output` from byte
+    /// `offset` of its output on (both streams, as they came), and returns
+    /// how it ended once it has. `NotFound` when the VM is gone; `Guest`
+    /// when the VM has no such job.
+    async fn attach_job(
+        &self,
+        id: VmId,
+        job: &str,
+        offset: u64,
+        output: Option<mpsc::UnboundedSender<OutputChunk>>,
+    ) -> Result<ExecResult> {
+        let _ = (id, job, offset, output);
+        Err(DriverError::Unsupported(
+            format!("the {:?} driver has no jobs", self.kind()).to_lowercase(),
+        ))
+    }
+}
+
+/// Where the pool reaches the driver of a VM: on its node. A server's
+/// embedded node, the fake nodes of a simulation and the remote nodes of
+/// a fleet all answer here.
+#[async_trait]
+pub trait Fleet: Send + Sync + 'static {
+    /// The driver of `kind` on `node` (`None`: a VM recorded before nodes
+    /// existed, run by this process's own drivers if it has any).
+    async fn driver(&self, node: Option<NodeId>, kind: DriverKind) -> Result<Arc<dyn Driver>>;
+}
+
+/// One process's drivers are a fleet of one node, whatever id is asked.
+#[async_trait]
+impl Fleet for Drivers {
+    async fn driver(&self, _node: Option<NodeId>, kind: DriverKind) -> Result<Arc<dyn Driver>> {
+        self.get(kind).cloned()
     }
 }
 

@@ -78,6 +78,7 @@ fn qemu_image() -> ImageSpec {
         kernel: Some(image.kernel.clone()),
         initrd: Some(image.initrd.clone()),
         disk: image.disk.clone(),
+        ..Default::default()
     }
 }
 
@@ -985,6 +986,7 @@ fn debian_image() -> ImageSpec {
         kernel: Some(image.kernel.clone()),
         initrd: Some(image.initrd.clone()),
         disk: image.disk.clone(),
+        ..Default::default()
     }
 }
 

@@ -98,6 +98,7 @@ fn image_spec() -> ImageSpec {
         kernel: Some(image.kernel.clone()),
         initrd: Some(image.initrd.clone()),
         disk: image.disk.clone(),
+        ..Default::default()
     }
 }
 
@@ -722,6 +723,7 @@ async fn a_debian_image_boots_with_git_and_a_compiler() {
             kernel: Some(image.kernel.clone()),
             initrd: Some(image.initrd.clone()),
             disk: Some(disk.clone()),
+            ..Default::default()
         };
         let driver = env.driver.clone();
         async move {

@@ -86,6 +86,7 @@ fn accel() -> Accel {
                     kernel: Some(image.kernel.clone()),
                     initrd: Some(image.initrd.clone()),
                     disk: None,
+                    ..Default::default()
                 })
                 .unwrap()
         }
@@ -136,6 +137,7 @@ impl Env {
                 kernel: Some(image.kernel.clone()),
                 initrd: Some(image.initrd.clone()),
                 disk,
+                ..Default::default()
             },
             network: hearth_drivers::NetworkSpec::none(),
             disk_mib: DISK_MIB,

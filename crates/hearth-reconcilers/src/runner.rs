@@ -12,8 +12,8 @@ use hearth_core::resource::{
     DriverKind, Environment, Image, Kind, POOL_CONFIG_NAME, PoolConfig, Spec, Workspace,
 };
 use hearth_drivers::{
-    Driver, DriverError, Drivers, ExecRequest, ExecResult, ImageSpec, NetworkSpec, OutputChunk,
-    Stream, VmSpec,
+    Driver, DriverError, Drivers, ExecRequest, ExecResult, Fleet, ImageSpec, NetworkSpec,
+    OutputChunk, Stream, VmSpec,
 };
 use hearth_provisioning::redact::{Redactor, TailBuffer};
 use hearth_provisioning::{
@@ -286,6 +286,10 @@ struct Read {
 /// The pool runner of one server (all tenants).
 pub struct Pool {
     store: Arc<dyn Store>,
+    /// Where each VM's driver is reached (its node).
+    fleet: Arc<dyn Fleet>,
+    /// This process's own drivers, for adoption at start (none in a fleet:
+    /// nodes report their own VMs).
     drivers: Drivers,
     options: PoolOptions,
     wake: Notify,
@@ -358,9 +362,29 @@ fn provision_plan(ws: &Workspace, env: &Environment, options: &PoolOptions) -> P
 }
 
 impl Pool {
+    /// A pool whose VMs all run on this process's own `drivers`.
     pub fn new(store: Arc<dyn Store>, drivers: Drivers, options: PoolOptions) -> Arc<Pool> {
+        Self::build(store, Arc::new(drivers.clone()), drivers, options)
+    }
+
+    /// A pool whose VMs run on the nodes of `fleet`.
+    pub fn with_fleet(
+        store: Arc<dyn Store>,
+        fleet: Arc<dyn Fleet>,
+        options: PoolOptions,
+    ) -> Arc<Pool> {
+        Self::build(store, fleet, Drivers::new(), options)
+    }
+
+    fn build(
+        store: Arc<dyn Store>,
+        fleet: Arc<dyn Fleet>,
+        drivers: Drivers,
+        options: PoolOptions,
+    ) -> Arc<Pool> {
         Arc::new(Pool {
             store,
+            fleet,
             drivers,
             options,
             wake: Notify::new(),
@@ -857,7 +881,7 @@ impl Pool {
                         tracing::info!(tenant = %tenant, vm = %record.id, workspace, agent = ?reserved_for, "booting VM");
                         self.start_boot(record, plan.clone()).await?;
                     }
-                    InsertVm::AtCapacity | InsertVm::AgentNotQueued => {}
+                    InsertVm::AtCapacity | InsertVm::AgentNotQueued | InsertVm::NodeFull => {}
                 }
             }
         }
@@ -880,14 +904,14 @@ impl Pool {
         }
     }
 
-    fn driver_for(&self, vm: &VmRecord) -> Result<Arc<dyn Driver>, PoolError> {
+    async fn driver_for(&self, vm: &VmRecord) -> Result<Arc<dyn Driver>, PoolError> {
         let kind = driver_kind(&vm.driver).ok_or_else(|| {
             PoolError::Precondition(format!(
                 "VM {} names an unknown driver {:?}",
                 vm.id, vm.driver
             ))
         })?;
-        Ok(self.drivers.get(kind)?.clone())
+        Ok(self.fleet.driver(vm.node_id, kind).await?)
     }
 
     fn track(&self, vm: VmId) -> bool {
@@ -912,7 +936,7 @@ impl Pool {
     }
 
     async fn destroy_now(&self, vm: &VmRecord, end: VmState, error: Option<&str>) {
-        let result = match self.driver_for(vm) {
+        let result = match self.driver_for(vm).await {
             Ok(driver) => driver.destroy(vm.id).await.map_err(PoolError::from),
             Err(e) => Err(e),
         };
@@ -943,7 +967,7 @@ impl Pool {
                 // Back to its provisioned state, or gone: a VM that cannot
                 // be reset (qemu, until snapshots) is destroyed and the pool
                 // refills.
-                let reset = match pool.driver_for(&vm) {
+                let reset = match pool.driver_for(&vm).await {
                     Ok(d) => d.reset(vm.id).await,
                     Err(e) => Err(DriverError::Unsupported(e.to_string())),
                 };
@@ -1023,7 +1047,11 @@ impl Pool {
     async fn boot(self: Arc<Self>, vm: VmRecord, plan: BootPlan, instance: InstanceId) {
         let started = std::time::Instant::now();
         let progress = Arc::new(Progress::default());
-        let driver = self.drivers.get(plan.driver).map_err(|e| e.to_string());
+        let driver = self
+            .fleet
+            .driver(vm.node_id, plan.driver)
+            .await
+            .map_err(|e| e.to_string());
         let outcome = match driver.and_then(|d| Ok((d, plan.image.clone()?))) {
             Ok((driver, image)) => {
                 let driver = driver.clone();
@@ -1066,7 +1094,7 @@ impl Pool {
         // What provisioning left is what every return goes back to: sealed
         // before the VM can be claimed; a VM that cannot be sealed fails.
         if summary.success && !vm.test {
-            let sealed = match self.drivers.get(plan.driver) {
+            let sealed = match self.fleet.driver(vm.node_id, plan.driver).await {
                 Ok(driver) => driver.seal(vm.id).await,
                 Err(e) => Err(e),
             };
@@ -1376,7 +1404,7 @@ impl Pool {
         merged: bool,
     ) -> Result<(ExecResult, String, String), PoolError> {
         let vm = self.store.get_vm(vm_id).await?;
-        let driver = self.driver_for(&vm)?;
+        let driver = self.driver_for(&vm).await?;
         let (env, redactor) = self
             .agent_environment(agent.tenant_id, &agent.workspace)
             .await?;

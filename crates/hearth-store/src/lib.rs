@@ -50,7 +50,7 @@ pub fn storable_text(text: &str) -> String {
 }
 
 use async_trait::async_trait;
-use hearth_core::ids::{AgentId, InstanceId, TenantId, TokenId, VmId};
+use hearth_core::ids::{AgentId, InstanceId, NodeId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::Kind;
 use std::path::Path;
@@ -230,6 +230,31 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records a VM as given, with no capacity check (tests, benchmarks and
     /// adoption use it; the pool uses [`Store::insert_vm_within_cap`]).
+    /// A node joins the fleet, or joins again under its name (its id,
+    /// state and first join kept; everything else replaced). Returns the
+    /// stored record.
+    async fn join_node(&self, node: &NodeRecord) -> Result<NodeRecord>;
+
+    /// `NotFound` when no such node joined.
+    async fn get_node(&self, id: NodeId) -> Result<NodeRecord>;
+
+    /// Every node, by name.
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
+
+    /// A node reports: its heartbeat is now (the store's clock), its
+    /// capacity as given.
+    async fn node_heartbeat(&self, id: NodeId, capacity: &NodeCapacity) -> Result<NodeRecord>;
+
+    /// An operator cordons, drains or readies a node (by name).
+    async fn set_node_state(&self, name: &str, state: NodeState) -> Result<NodeRecord>;
+
+    /// What the live VMs take of each node (one entry per node with live
+    /// VMs; `node: None` for VMs not placed).
+    async fn node_usage(&self) -> Result<Vec<NodeUsage>>;
+
+    /// A node's live VMs, oldest first.
+    async fn list_node_vms(&self, node: NodeId) -> Result<Vec<VmRecord>>;
+
     async fn insert_vm(&self, vm: &VmRecord) -> Result<()>;
 
     /// In one transaction: counts the tenant's live VMs

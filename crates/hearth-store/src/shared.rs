@@ -69,7 +69,9 @@ macro_rules! impl_store {
                 InstanceStatus, NewAgent, NewToken, ParentProblem, PoolState, Precondition,
                 PutOutcome, PutResource, Ready, ResourceRecord, Result, Store, StoreError, Tenant,
                 TokenRecord, VmRecord, VmState, WarmPoolCounts, WorkspaceState, now_millis,
+                NodeRecord, NodeState, NodeCapacity, NodeUsage,
             };
+            use ::hearth_core::ids::NodeId;
 
             type Conn = <$db as ::sqlx::Database>::Connection;
             type Tx = $crate::shared::WriteTx<$db>;
@@ -146,6 +148,32 @@ macro_rules! impl_store {
                         .bind(vm.created_at)
                         .bind(vm.updated_at)
                         .bind(&vm.setup_digest)
+                        .bind(vm.node_id.map(|n| n.to_string()))
+                        .bind(vm.cpus)
+                        .bind(vm.memory_mib)
+                        .bind(vm.task_owner.clone())
+                }
+
+                /// Whether node `node` has room for `vm` (its row locked
+                /// first, so placements on one node serialize).
+                async fn node_has_room(conn: &mut Conn, node: NodeId, vm: &VmRecord) -> Result<bool> {
+                    let id = node.to_string();
+                    ::sqlx::query(sql::LOCK_NODE).bind(&id).execute(&mut *conn).await?;
+                    let room: Option<(String, i64, i64, i64, i64)> =
+                        ::sqlx::query_as(sql::NODE_ROOM).bind(&id).fetch_optional(&mut *conn).await?;
+                    let Some((state, cpus, memory_mib, vm_slots, max_boots)) = room else {
+                        return Ok(false);
+                    };
+                    let (vms, booting, used_cpus, used_memory): (i64, i64, i64, i64) =
+                        ::sqlx::query_as(sql::ONE_NODE_USAGE.as_str())
+                            .bind(&id)
+                            .fetch_one(&mut *conn)
+                            .await?;
+                    Ok(state == "ready"
+                        && vms < vm_slots
+                        && booting < max_boots
+                        && used_cpus + vm.cpus <= cpus
+                        && used_memory + vm.memory_mib <= memory_mib)
                 }
 
                 async fn insert_vm_on<'e, E>(exec: E, vm: &VmRecord) -> Result<()>
@@ -203,6 +231,11 @@ macro_rules! impl_store {
                         .await?;
                     if live >= max_vms {
                         return Ok(InsertVm::AtCapacity);
+                    }
+                    if let Some(node) = vm.node_id
+                        && !Self::node_has_room(&mut *conn, node, vm).await?
+                    {
+                        return Ok(InsertVm::NodeFull);
                     }
                     if let Some(agent) = vm.reserved_for {
                         let reserved = ::sqlx::query(sql::RESERVE_QUEUED_AGENT)
@@ -1123,6 +1156,104 @@ macro_rules! impl_store {
                     Self::finish(tx, result).await
                 }
 
+                async fn join_node(&self, node: &NodeRecord) -> Result<NodeRecord> {
+                    let _written = self.written();
+                    let row: sql::NodeRow = ::sqlx::query_as(sql::JOIN_NODE)
+                        .bind(node.id.to_string())
+                        .bind(&node.name)
+                        .bind(&node.address)
+                        .bind(&node.ca_pem)
+                        .bind(&node.credential_hash)
+                        .bind(node.state.as_str())
+                        .bind(node.capacity.drivers.join(","))
+                        .bind(node.capacity.cpus)
+                        .bind(node.capacity.memory_mib)
+                        .bind(node.capacity.disk_mib)
+                        .bind(node.capacity.vm_slots)
+                        .bind(node.capacity.max_boots)
+                        .bind(node.joined_at)
+                        .bind(node.last_heartbeat)
+                        .bind(node.updated_at)
+                        .fetch_one(self.writer())
+                        .await?;
+                    row.try_into()
+                }
+
+                async fn get_node(&self, id: NodeId) -> Result<NodeRecord> {
+                    let row: Option<sql::NodeRow> = ::sqlx::query_as(sql::GET_NODE)
+                        .bind(id.to_string())
+                        .fetch_optional(self.reader())
+                        .await?;
+                    row.ok_or_else(|| StoreError::NotFound(format!("node {id}")))?
+                        .try_into()
+                }
+
+                async fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
+                    let rows: Vec<sql::NodeRow> = ::sqlx::query_as(sql::LIST_NODES)
+                        .fetch_all(self.reader())
+                        .await?;
+                    rows.into_iter().map(NodeRecord::try_from).collect()
+                }
+
+                async fn node_heartbeat(
+                    &self,
+                    id: NodeId,
+                    capacity: &NodeCapacity,
+                ) -> Result<NodeRecord> {
+                    let _written = self.written();
+                    let row: Option<sql::NodeRow> = ::sqlx::query_as(sql::NODE_HEARTBEAT)
+                        .bind(id.to_string())
+                        .bind(now_millis())
+                        .bind(capacity.drivers.join(","))
+                        .bind(capacity.cpus)
+                        .bind(capacity.memory_mib)
+                        .bind(capacity.disk_mib)
+                        .bind(capacity.vm_slots)
+                        .bind(capacity.max_boots)
+                        .fetch_optional(self.writer())
+                        .await?;
+                    row.ok_or_else(|| StoreError::NotFound(format!("node {id}")))?
+                        .try_into()
+                }
+
+                async fn set_node_state(&self, name: &str, state: NodeState) -> Result<NodeRecord> {
+                    let _written = self.written();
+                    let row: Option<sql::NodeRow> = ::sqlx::query_as(sql::SET_NODE_STATE)
+                        .bind(name)
+                        .bind(state.as_str())
+                        .bind(now_millis())
+                        .fetch_optional(self.writer())
+                        .await?;
+                    row.ok_or_else(|| StoreError::NotFound(format!("node {name:?}")))?
+                        .try_into()
+                }
+
+                async fn node_usage(&self) -> Result<Vec<NodeUsage>> {
+                    let rows: Vec<(Option<String>, i64, i64, i64, i64)> =
+                        ::sqlx::query_as(sql::NODE_USAGE.as_str())
+                            .fetch_all(self.reader())
+                            .await?;
+                    rows.into_iter()
+                        .map(|(node, vms, booting, cpus, memory_mib)| {
+                            Ok(NodeUsage {
+                                node: sql::parse_opt::<NodeId>("node id", node.as_deref())?,
+                                vms,
+                                booting,
+                                cpus,
+                                memory_mib,
+                            })
+                        })
+                        .collect()
+                }
+
+                async fn list_node_vms(&self, node: NodeId) -> Result<Vec<VmRecord>> {
+                    let rows: Vec<sql::VmRow> = ::sqlx::query_as(sql::LIST_NODE_VMS.as_str())
+                        .bind(node.to_string())
+                        .fetch_all(self.reader())
+                        .await?;
+                    rows.into_iter().map(VmRecord::try_from).collect()
+                }
+
                 async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
                     let _written = self.written();
                     Self::insert_vm_on(self.writer(), vm).await
@@ -1134,7 +1265,7 @@ macro_rules! impl_store {
                     max_vms: i64,
                 ) -> Result<InsertVm> {
                     let _written = self.written();
-                    if Self::LOCK_TENANT.is_none() && vm.reserved_for.is_none() {
+                    if Self::LOCK_TENANT.is_none() && vm.reserved_for.is_none() && vm.node_id.is_none() {
                         // Every write is exclusive here: the count and the
                         // insert go as one statement, one round trip.
                         // (`reserved_for` is None here.)

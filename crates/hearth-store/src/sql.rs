@@ -18,10 +18,10 @@
 use crate::secrets::SecretsKey;
 use crate::{
     AgentPhase, AgentRecord, BakeRecord, BakeState, Build, Identity, InstanceFilter,
-    InstanceRecord, InstanceStatus, Millis, OnIdle, ResourceRecord, Result, StoreError, Tenant,
-    TokenRecord, VmRecord, VmState, WorkspaceState,
+    InstanceRecord, InstanceStatus, Millis, NodeCapacity, NodeRecord, NodeState, OnIdle,
+    ResourceRecord, Result, StoreError, Tenant, TokenRecord, VmRecord, VmState, WorkspaceState,
 };
-use hearth_core::ids::{AgentId, IdentityId, InstanceId, TenantId, TokenId, VmId};
+use hearth_core::ids::{AgentId, IdentityId, InstanceId, NodeId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::Kind;
 use std::fmt::Display;
@@ -134,25 +134,27 @@ pub const FIRST_REFERRER: &str = "SELECT from_kind, from_name FROM resource_refs
 macro_rules! vm_columns {
     () => {
         "id, tenant_id, workspace, state, agent_id, driver, env_version, image_version, \
-         stale, reserved_for, test, error, created_at, updated_at, setup_digest"
+         stale, reserved_for, test, error, created_at, updated_at, setup_digest, node_id, cpus, \
+         memory_mib, task_owner"
     };
 }
 pub(crate) use vm_columns;
 
-/// `$1`…`$15` in [`vm_columns!`] order.
+/// `$1`…`$19` in [`vm_columns!`] order.
 pub const INSERT_VM: &str = concat!(
     "INSERT INTO vms (",
     vm_columns!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
 );
 
-/// [`INSERT_VM`] only while the tenant (`$2`) has fewer than `$16` live
+/// [`INSERT_VM`] only while the tenant (`$2`) has fewer than `$20` live
 /// VMs: the count and the insert as one statement, for a backend whose
 /// write transactions are exclusive anyway (SQLite). 0 rows: at capacity.
 pub static INSERT_VM_WITHIN_CAP: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "INSERT INTO vms ({}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 \
-         WHERE (SELECT count(*) FROM vms WHERE tenant_id = $2 AND state IN {}) < $16",
+        "INSERT INTO vms ({}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+         $16, $17, $18, $19 \
+         WHERE (SELECT count(*) FROM vms WHERE tenant_id = $2 AND state IN {}) < $20",
         vm_columns!(),
         in_list(VmState::LIVE.iter().map(|s| s.as_str()))
     )
@@ -554,7 +556,142 @@ fn in_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
     format!("({})", quoted.join(", "))
 }
 
+// ------------------------------------------------------------------ nodes
+
+macro_rules! node_columns {
+    () => {
+        "id, name, address, ca_pem, credential_hash, state, drivers, cpus, memory_mib, \
+         disk_mib, vm_slots, max_boots, joined_at, last_heartbeat, updated_at"
+    };
+}
+
+/// A node joins (`$1`…`$15` in [`node_columns!`] order), or joins again
+/// under its name: then its address, CA, credential, capacity and
+/// heartbeat are replaced; its id, state and first join are kept.
+pub const JOIN_NODE: &str = concat!(
+    "INSERT INTO nodes (",
+    node_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+     ON CONFLICT (name) DO UPDATE SET address = excluded.address, ca_pem = excluded.ca_pem, \
+     credential_hash = excluded.credential_hash, drivers = excluded.drivers, \
+     cpus = excluded.cpus, memory_mib = excluded.memory_mib, disk_mib = excluded.disk_mib, \
+     vm_slots = excluded.vm_slots, max_boots = excluded.max_boots, \
+     last_heartbeat = excluded.last_heartbeat, updated_at = excluded.updated_at \
+     RETURNING ",
+    node_columns!()
+);
+
+pub const GET_NODE: &str = concat!("SELECT ", node_columns!(), " FROM nodes WHERE id = $1");
+
+pub const LIST_NODES: &str = concat!("SELECT ", node_columns!(), " FROM nodes ORDER BY name");
+
+/// A heartbeat of node `$1` at `$2` with its capacity (`$3` drivers, `$4`
+/// cpus, `$5` memory, `$6` disk, `$7` slots, `$8` boots).
+pub const NODE_HEARTBEAT: &str = concat!(
+    "UPDATE nodes SET last_heartbeat = $2, drivers = $3, cpus = $4, memory_mib = $5, \
+     disk_mib = $6, vm_slots = $7, max_boots = $8 WHERE id = $1 RETURNING ",
+    node_columns!()
+);
+
+/// An operator sets node `$1`'s state to `$2` at `$3`.
+pub const SET_NODE_STATE: &str = concat!(
+    "UPDATE nodes SET state = $2, updated_at = $3 WHERE name = $1 RETURNING ",
+    node_columns!()
+);
+
+/// Takes node `$1`'s row lock (PostgreSQL; SQLite's write transactions
+/// are exclusive anyway) so that placements on one node serialize.
+pub const LOCK_NODE: &str = "UPDATE nodes SET updated_at = updated_at WHERE id = $1";
+
+/// Node `$1`'s state and capacity, for the room check of a placement.
+pub const NODE_ROOM: &str =
+    "SELECT state, cpus, memory_mib, vm_slots, max_boots FROM nodes WHERE id = $1";
+
+/// What the live VMs take of each node: (node, VMs, booting, cpus, memory).
+pub static NODE_USAGE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT node_id, count(*), \
+         coalesce(sum(CASE WHEN state IN ('booting', 'provisioning') THEN 1 ELSE 0 END), 0), \
+         coalesce(sum(cpus), 0), coalesce(sum(memory_mib), 0) \
+         FROM vms WHERE state IN {} GROUP BY node_id",
+        in_list(VmState::LIVE.iter().map(|s| s.as_str()))
+    )
+});
+
+/// [`NODE_USAGE`] of one node (`$1`).
+pub static ONE_NODE_USAGE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT count(*), \
+         coalesce(sum(CASE WHEN state IN ('booting', 'provisioning') THEN 1 ELSE 0 END), 0), \
+         coalesce(sum(cpus), 0), coalesce(sum(memory_mib), 0) \
+         FROM vms WHERE node_id = $1 AND state IN {}",
+        in_list(VmState::LIVE.iter().map(|s| s.as_str()))
+    )
+});
+
+/// Node `$1`'s live VMs, oldest first.
+pub static LIST_NODE_VMS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        concat!(
+            "SELECT ",
+            vm_columns!(),
+            " FROM vms WHERE node_id = $1 AND state IN {} ORDER BY created_at, id"
+        ),
+        in_list(VmState::LIVE.iter().map(|s| s.as_str()))
+    )
+});
+
 // ------------------------------------------------------------------- rows
+
+/// A `nodes` row as stored.
+#[derive(sqlx::FromRow)]
+pub struct NodeRow {
+    id: String,
+    name: String,
+    address: String,
+    ca_pem: String,
+    credential_hash: String,
+    state: String,
+    drivers: String,
+    cpus: i64,
+    memory_mib: i64,
+    disk_mib: i64,
+    vm_slots: i64,
+    max_boots: i64,
+    joined_at: Millis,
+    last_heartbeat: Millis,
+    updated_at: Millis,
+}
+
+impl TryFrom<NodeRow> for NodeRecord {
+    type Error = StoreError;
+    fn try_from(row: NodeRow) -> Result<NodeRecord> {
+        Ok(NodeRecord {
+            id: parse::<NodeId>("node id", &row.id)?,
+            name: row.name,
+            address: row.address,
+            ca_pem: row.ca_pem,
+            credential_hash: row.credential_hash,
+            state: parse::<NodeState>("node state", &row.state)?,
+            capacity: NodeCapacity {
+                drivers: row
+                    .drivers
+                    .split(',')
+                    .filter(|d| !d.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                cpus: row.cpus,
+                memory_mib: row.memory_mib,
+                disk_mib: row.disk_mib,
+                vm_slots: row.vm_slots,
+                max_boots: row.max_boots,
+            },
+            joined_at: row.joined_at,
+            last_heartbeat: row.last_heartbeat,
+            updated_at: row.updated_at,
+        })
+    }
+}
 
 /// A `tenants` row as stored.
 #[derive(sqlx::FromRow)]
@@ -684,6 +821,10 @@ pub struct VmRow {
     created_at: Millis,
     updated_at: Millis,
     setup_digest: String,
+    node_id: Option<String>,
+    cpus: i64,
+    memory_mib: i64,
+    task_owner: Option<String>,
 }
 
 impl TryFrom<VmRow> for VmRecord {
@@ -705,6 +846,10 @@ impl TryFrom<VmRow> for VmRecord {
             error: row.error,
             created_at: row.created_at,
             updated_at: row.updated_at,
+            node_id: parse_opt::<NodeId>("node id", row.node_id.as_deref())?,
+            cpus: row.cpus,
+            memory_mib: row.memory_mib,
+            task_owner: row.task_owner,
         })
     }
 }

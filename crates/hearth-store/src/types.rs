@@ -1,6 +1,6 @@
 //! Rows as the rest of hearth sees them.
 
-use hearth_core::ids::{AgentId, IdentityId, InstanceId, TenantId, TokenId, VmId};
+use hearth_core::ids::{AgentId, IdentityId, InstanceId, NodeId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, ResourceRef};
 use std::fmt;
@@ -188,6 +188,14 @@ pub struct VmRecord {
     pub created_at: Millis,
     /// When `state` last changed.
     pub updated_at: Millis,
+    /// The node it runs on (`None`: recorded before nodes existed, or not
+    /// placed).
+    pub node_id: Option<NodeId>,
+    /// What it takes of its node: vCPUs and memory.
+    pub cpus: i64,
+    pub memory_mib: i64,
+    /// The replica with a task (boot, destroy, return) in flight on it.
+    pub task_owner: Option<String>,
 }
 
 impl VmRecord {
@@ -217,6 +225,10 @@ impl VmRecord {
             error: None,
             created_at: now,
             updated_at: now,
+            node_id: None,
+            cpus: 0,
+            memory_mib: 0,
+            task_owner: None,
         }
     }
 }
@@ -229,6 +241,92 @@ pub enum InsertVm {
     AtCapacity,
     /// The VM was reserved for an agent that is no longer `queued`.
     AgentNotQueued,
+    /// Its node has no room left (cpus, memory, VM slots or boots in
+    /// flight), or is not `ready` any more.
+    NodeFull,
+}
+
+/// An operator's setting of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Takes new VMs.
+    Ready,
+    /// Takes no new VMs; keeps those it runs.
+    Cordoned,
+    /// Takes no new VMs; its idle VMs are replaced elsewhere.
+    Draining,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Cordoned => "cordoned",
+            NodeState::Draining => "draining",
+        }
+    }
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for NodeState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "ready" => NodeState::Ready,
+            "cordoned" => NodeState::Cordoned,
+            "draining" => NodeState::Draining,
+            other => return Err(format!("unknown node state {other:?}")),
+        })
+    }
+}
+
+/// What a node offers, as it reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct NodeCapacity {
+    /// The drivers it runs (`DriverKind` spellings: sandbox, qemu, fake).
+    pub drivers: Vec<String>,
+    pub cpus: i64,
+    pub memory_mib: i64,
+    pub disk_mib: i64,
+    /// The most VMs it runs at once.
+    pub vm_slots: i64,
+    /// The most VMs booting on it at once.
+    pub max_boots: i64,
+}
+
+/// One node's record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub name: String,
+    /// Where the control plane reaches it (`https://host:port`).
+    pub address: String,
+    /// The CA its TLS certificate is issued by (PEM).
+    pub ca_pem: String,
+    /// SHA-256 (hex) of its credential.
+    pub credential_hash: String,
+    pub state: NodeState,
+    pub capacity: NodeCapacity,
+    pub joined_at: Millis,
+    /// When it last reported, by the store's clock.
+    pub last_heartbeat: Millis,
+    pub updated_at: Millis,
+}
+
+/// What a node's live VMs take of it (from the VM records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NodeUsage {
+    pub node: Option<NodeId>,
+    pub vms: i64,
+    pub booting: i64,
+    pub cpus: i64,
+    pub memory_mib: i64,
 }
 
 /// What [`crate::Store::vm_ready`] did with a VM that finished booting.
