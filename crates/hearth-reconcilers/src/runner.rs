@@ -56,6 +56,35 @@ pub struct PoolOptions {
     /// The image store; `None`: images with artifacts cannot boot and
     /// nothing can be baked.
     pub images: Option<Arc<crate::images::ImageStoreConfig>>,
+    /// The fleet's timings (nodes' heartbeats, when a node is unreachable,
+    /// when its assigned VMs are lost).
+    pub fleet: FleetTimings,
+    /// This replica's id (what `vms.task_owner` records).
+    pub replica: String,
+}
+
+/// The fleet's timings, the same on every replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetTimings {
+    /// How often a node reports.
+    pub heartbeat: Duration,
+    /// A node that has not reported for this long is unreachable: nothing
+    /// is placed on it and its idle VMs are given up.
+    pub node_timeout: Duration,
+    /// An unreachable node's assigned VMs are lost after this long (and
+    /// the node destroys every VM it runs once it could not report for
+    /// this long).
+    pub lost_after: Duration,
+}
+
+impl Default for FleetTimings {
+    fn default() -> Self {
+        FleetTimings {
+            heartbeat: Duration::from_secs(2),
+            node_timeout: Duration::from_secs(10),
+            lost_after: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Default for PoolOptions {
@@ -67,6 +96,8 @@ impl Default for PoolOptions {
             resync: Duration::from_secs(30),
             command_timeout: Duration::from_secs(30 * 60),
             images: None,
+            fleet: FleetTimings::default(),
+            replica: uuid::Uuid::now_v7().to_string(),
         }
     }
 }
