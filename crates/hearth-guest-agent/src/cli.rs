@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 const USAGE: &str = "usage:
-  hearth-guest-agent serve (--socket PATH | --tcp ADDR:PORT) --secret-file PATH --vm-id ID
+  hearth-guest-agent serve (--socket PATH | --tcp ADDR:PORT) --secret-file PATH --vm-id ID [--jobs-dir DIR]
   hearth-guest-agent vm-init   (PID 1 of a qemu VM; also when run as PID 1 with no arguments)
   hearth-guest-agent init --vm-dir DIR --lower DIR --uid-base N [--hide PATH...] --hostname NAME [--memory-bytes N] [--cpu-quota-us N]
   hearth-guest-agent confine -- SERVER-COMMAND [ARGS...]   (started by init)
@@ -134,7 +134,7 @@ fn text(value: OsString, name: &str) -> Result<String, String> {
 }
 
 fn serve(args: &[OsString]) -> Result<i32, String> {
-    let flags = Flags::parse(args, &["socket", "tcp", "secret-file", "vm-id"])?;
+    let flags = Flags::parse(args, &["socket", "tcp", "secret-file", "vm-id", "jobs-dir"])?;
     let socket = flags.optional("socket")?.map(PathBuf::from);
     let tcp = flags
         .optional("tcp")?
@@ -148,7 +148,15 @@ fn serve(args: &[OsString]) -> Result<i32, String> {
     let vm_id = text(flags.one("vm-id")?, "vm-id")?;
     let secret = server::read_secret(&secret_file)
         .map_err(|e| format!("read the secret from {}: {e}", secret_file.display()))?;
-    let config = ServerConfig { secret, vm_id };
+    let jobs_dir = flags
+        .optional("jobs-dir")?
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(crate::jobs::DEFAULT_JOBS_DIR));
+    let config = ServerConfig {
+        secret,
+        vm_id,
+        jobs_dir,
+    };
     match (socket, tcp) {
         (Some(socket), None) => server::serve_unix(&socket, config)
             .map_err(|e| format!("serve on {}: {e}", socket.display()))?,

@@ -4,6 +4,7 @@
 //! - [`protocol`]: the request and response types, shared with the host's
 //!   client (`hearth_drivers::guest`);
 //! - [`server`]: `hearth-guest-agent serve`, the agent proper;
+//! - [`jobs`]: the server's jobs, commands that outlive their connection;
 //! - [`init`]: `hearth-guest-agent init`, PID 1 of a sandbox;
 //! - [`confine`]: `hearth-guest-agent confine`, how a sandbox's server
 //!   enters its user namespace, drops capabilities and installs seccomp;
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod confine;
 pub mod idmap;
 pub mod init;
+pub mod jobs;
 pub mod protocol;
 pub mod server;
 pub mod vminit;

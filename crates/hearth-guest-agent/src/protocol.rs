@@ -7,11 +7,17 @@
 //! - the client sends exactly one line, a [`Request`]:
 //!   `{"secret":"…","op":"health"}`,
 //!   `{"secret":"…","op":"exec","command":"…","cwd":"/home","env":{},"timeout_ms":1000}`,
-//!   `{"secret":"…","op":"write_file","path":"/home/.env","content":"…","mode":384}`;
+//!   `{"secret":"…","op":"write_file","path":"/home/.env","content":"…","mode":384}`,
+//!   `{"secret":"…","op":"job_start","job":"agent-1-0","command":"…","cwd":"/home","env":{},"timeout_ms":1000}`,
+//!   `{"secret":"…","op":"job_attach","job":"agent-1-0","offset":0}`;
 //! - the agent answers with one or more [`Response`] lines and closes the
 //!   connection: `health` → one `health` line; `write_file` → one `ok` line;
 //!   `exec` → `stdout`/`stderr` lines as output arrives, then one `exit`
-//!   line; any failure → one `error` line.
+//!   line; `job_start` → one `ok` line once the job runs (or already
+//!   existed); `job_attach` → the job's output from byte `offset` as
+//!   `stdout`/`stderr` lines, an `alive` line every few seconds without
+//!   output, then one `exit` line once the job ended (at once for a job
+//!   that already had); any failure → one `error` line.
 //!
 //! **Invariants:**
 //! - a request whose secret is wrong or missing gets exactly
@@ -20,7 +26,12 @@
 //!   character split across reads is never broken);
 //! - while an `exec` runs the client keeps its side of the connection open:
 //!   end-of-stream from the client means "gone", and the agent kills the
-//!   command's process group.
+//!   command's process group;
+//! - a job (`job_start`) is not tied to any connection: it runs on when
+//!   every client is gone, and its output and exit are kept (see
+//!   `crate::jobs`) for any later `job_attach`;
+//! - job ids are 1 to [`MAX_JOB_ID`] characters of `[A-Za-z0-9_-]`
+//!   ([`check_job_id`]): never a path.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -35,6 +46,28 @@ pub const UNAUTHORIZED: &str = "unauthorized";
 /// The longest request line the agent reads (a `write_file` carries the
 /// file's contents).
 pub const MAX_REQUEST_BYTES: usize = 64 << 20;
+
+/// The longest job id.
+pub const MAX_JOB_ID: usize = 64;
+
+/// Whether `job` is a job id: 1 to [`MAX_JOB_ID`] characters of
+/// `[A-Za-z0-9_-]`, so that it names one folder and nothing else.
+pub fn check_job_id(job: &str) -> Result<(), String> {
+    if job.is_empty() || job.len() > MAX_JOB_ID {
+        return Err(format!(
+            "job id {job:?}: must be 1 to {MAX_JOB_ID} characters"
+        ));
+    }
+    if let Some(c) = job
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(format!(
+            "job id {job:?}: {c:?} is not allowed (only letters, digits, '-' and '_')"
+        ));
+    }
+    Ok(())
+}
 
 /// One request: the shared secret and what to do.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +112,36 @@ pub enum Op {
     Exec(ExecOp),
     /// Write a file atomically; answered with [`Response::Ok`].
     WriteFile(WriteFileOp),
+    /// Start a command as a job that outlives the connection; answered
+    /// with [`Response::Ok`] (also when the job exists already: nothing
+    /// more is started).
+    JobStart(JobStartOp),
+    /// Follow a job: its output from an offset, then its exit.
+    JobAttach(JobAttachOp),
+}
+
+/// A command run as the job `job`: `/bin/sh -c command`, as root, as
+/// [`ExecOp`] runs it, but detached from any connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStartOp {
+    pub job: String,
+    pub command: String,
+    #[serde(default = "default_cwd")]
+    pub cwd: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Kill the job's process group after this long; absent = never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Follow the job `job` from byte `offset` of its output (both streams,
+/// as they came; an offset before the oldest byte kept reads from there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobAttachOp {
+    pub job: String,
+    #[serde(default)]
+    pub offset: u64,
 }
 
 /// `/bin/sh -c command`, as root.
@@ -192,6 +255,9 @@ pub enum Response {
         timed_out: bool,
     },
     Ok,
+    /// Sent while a followed job runs silently, so that the client tells a
+    /// quiet job from a dead connection.
+    Alive,
     Error {
         message: String,
     },
@@ -365,6 +431,53 @@ mod tests {
         let line =
             Request::new("s", Op::WriteFile(WriteFileOp::new("/x", b"text", 0o644))).to_line();
         assert!(!line.contains("encoding"), "{line}");
+    }
+
+    #[test]
+    fn job_requests_read_as_documented() {
+        let r: Request = serde_json::from_value(json!({
+            "secret": "s", "op": "job_start", "job": "agent-1-0", "command": "make", "timeout_ms": 9
+        }))
+        .unwrap();
+        let Op::JobStart(start) = r.op else {
+            panic!("not a job_start: {r:?}")
+        };
+        assert_eq!(
+            (start.job.as_str(), start.cwd.as_str(), start.timeout_ms),
+            ("agent-1-0", "/", Some(9))
+        );
+        let r: Request =
+            serde_json::from_value(json!({"secret": "s", "op": "job_attach", "job": "j"})).unwrap();
+        assert_eq!(
+            r.op,
+            Op::JobAttach(JobAttachOp {
+                job: "j".into(),
+                offset: 0
+            })
+        );
+        assert_eq!(Response::Alive.to_line(), "{\"type\":\"alive\"}\n");
+    }
+
+    #[test]
+    fn job_ids_are_names_never_paths() {
+        for good in ["a", "agent-0192-3", "A_b-9", &"x".repeat(MAX_JOB_ID)] {
+            assert!(check_job_id(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/etc",
+            "a b",
+            "a\0b",
+            "é",
+            &"x".repeat(MAX_JOB_ID + 1),
+        ] {
+            let e = check_job_id(bad).unwrap_err();
+            assert!(e.starts_with("job id"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

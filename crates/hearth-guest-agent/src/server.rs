@@ -14,8 +14,11 @@
 //!   process keeps them open; such processes keep running after a normal
 //!   exit (their later output is read and dropped, so they never die of
 //!   SIGPIPE);
-//! - `write_file` is atomic: readers see the old file or the whole new one.
+//! - `write_file` is atomic: readers see the old file or the whole new one;
+//! - a job (`job_start`) is followed by a thread of the server, never by a
+//!   connection: clients come and go, the job runs on ([`crate::jobs`]).
 
+use crate::jobs::Jobs;
 use crate::protocol::{
     BASE_PATH, ExecOp, MAX_REQUEST_BYTES, Op, Request, Response, UNAUTHORIZED, WriteFileOp,
     secrets_match,
@@ -61,6 +64,8 @@ pub struct ServerConfig {
     pub secret: String,
     /// Exported to every command as `HEARTH_VM_ID`.
     pub vm_id: String,
+    /// Where jobs keep their output and exit ([`crate::jobs`]).
+    pub jobs_dir: std::path::PathBuf,
 }
 
 impl fmt::Debug for ServerConfig {
@@ -68,6 +73,7 @@ impl fmt::Debug for ServerConfig {
         f.debug_struct("ServerConfig")
             .field("secret", &"***")
             .field("vm_id", &self.vm_id)
+            .field("jobs_dir", &self.jobs_dir)
             .finish()
     }
 }
@@ -148,12 +154,14 @@ pub struct Server {
 struct ServerInner {
     config: ServerConfig,
     started: Instant,
+    jobs: Jobs,
 }
 
 impl Server {
     pub fn new(config: ServerConfig) -> Self {
         Server {
             inner: Arc::new(ServerInner {
+                jobs: Jobs::new(config.jobs_dir.clone()),
                 config,
                 started: Instant::now(),
             }),
@@ -237,6 +245,16 @@ impl Server {
                     let _ = send(&mut conn, &response);
                 }
                 Op::Exec(op) => exec(&mut conn, &op, &self.inner.config.vm_id),
+                Op::JobStart(op) => {
+                    let response = match self.inner.jobs.start(&op, &self.inner.config.vm_id) {
+                        Ok(()) => Response::Ok,
+                        Err(message) => Response::error(message),
+                    };
+                    let _ = send(&mut conn, &response);
+                }
+                Op::JobAttach(op) => {
+                    let _ = self.inner.jobs.attach(&mut conn, &op);
+                }
             },
         }
         conn.close();
@@ -274,7 +292,7 @@ fn read_request_line<C: Connection>(conn: &mut C) -> io::Result<Option<Vec<u8>>>
     Ok(if line.is_empty() { None } else { Some(line) })
 }
 
-fn send<W: Write>(out: &mut W, response: &Response) -> io::Result<()> {
+pub(crate) fn send<W: Write>(out: &mut W, response: &Response) -> io::Result<()> {
     out.write_all(response.to_line().as_bytes())
 }
 
@@ -287,48 +305,46 @@ fn base_env(vm_id: &str) -> [(&'static str, &str); 3] {
     ]
 }
 
-/// What the threads of an `exec` report to the connection's thread.
-enum Event {
+/// What the threads of a command report to the thread following it.
+pub(crate) enum Event {
     Output { stderr: bool, data: String },
     Closed,
     Exited(io::Result<ExitStatus>),
     ClientGone,
 }
 
-/// Runs one command and streams its output and exit to `conn`.
-fn exec<C: Connection>(conn: &mut C, op: &ExecOp, vm_id: &str) {
-    if !Path::new(&op.cwd).is_dir() {
-        let _ = send(
-            conn,
-            &Response::error(format!("cwd {}: no such folder", op.cwd)),
-        );
-        return;
+/// A helper thread's body, given the command's event channel.
+pub(crate) type Helper = Box<dyn FnOnce(mpsc::SyncSender<Event>) + Send + 'static>;
+
+/// Starts `/bin/sh -c command` in `cwd` (which must exist), in a process
+/// group of its own, with threads reading its output and reaping it, and
+/// `extra` (the exec's client watcher) beside them. Returns the group and
+/// the events; on failure nothing is left running.
+pub(crate) fn start_command(
+    command: &str,
+    cwd: &str,
+    env: &std::collections::BTreeMap<String, String>,
+    vm_id: &str,
+    extra: Option<Helper>,
+) -> Result<(Pid, mpsc::Receiver<Event>), String> {
+    if !Path::new(cwd).is_dir() {
+        return Err(format!("cwd {cwd}: no such folder"));
     }
-    let spawned = Command::new("/bin/sh")
+    let mut child = Command::new("/bin/sh")
         .arg("-c")
-        .arg(&op.command)
-        .current_dir(&op.cwd)
+        .arg(command)
+        .current_dir(cwd)
         .env_clear()
         .envs(base_env(vm_id))
-        .envs(&op.env)
+        .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(e) => {
-            let _ = send(conn, &Response::error(format!("cannot run /bin/sh: {e}")));
-            return;
-        }
-    };
+        .spawn()
+        .map_err(|e| format!("cannot run /bin/sh: {e}"))?;
     let group = Pid::from_raw(child.id() as i32);
-    let kill_group = || {
-        let _ = killpg(group, Signal::SIGKILL);
-    };
     let (tx, rx) = mpsc::sync_channel(EXEC_EVENTS);
-
     let mut helpers_ok = true;
     if let Some(stdout) = child.stdout.take() {
         helpers_ok &= spawn_helper(tx.clone(), move |tx| pump(stdout, false, &tx));
@@ -336,41 +352,60 @@ fn exec<C: Connection>(conn: &mut C, op: &ExecOp, vm_id: &str) {
     if let Some(stderr) = child.stderr.take() {
         helpers_ok &= spawn_helper(tx.clone(), move |tx| pump(stderr, true, &tx));
     }
-    match conn.clone_connection() {
-        Ok(mut watch) => {
-            helpers_ok &= spawn_helper(tx.clone(), move |tx| {
-                // Nothing more is expected from the client: end-of-stream or
-                // an error means it went away.
-                let mut buf = [0u8; 256];
-                loop {
-                    match watch.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                }
-                let _ = tx.send(Event::ClientGone);
-            })
-        }
-        Err(_) => helpers_ok = false,
+    if let Some(extra) = extra {
+        helpers_ok &= spawn_helper(tx.clone(), extra);
     }
     // The waiter owns the child, so it is reaped whatever happens here.
     let waiter_ok = spawn_helper(tx, move |tx| {
         let _ = tx.send(Event::Exited(child.wait()));
     });
     if !helpers_ok || !waiter_ok {
-        kill_group();
-        let _ = send(
-            conn,
-            &Response::error("cannot start the threads of the command"),
-        );
-        return;
+        let _ = killpg(group, Signal::SIGKILL);
+        return Err("cannot start the threads of the command".into());
     }
+    Ok((group, rx))
+}
 
+/// How a followed command ended.
+pub(crate) struct Finished {
+    pub timed_out: bool,
+    pub exited: Option<io::Result<ExitStatus>>,
+}
+
+impl Finished {
+    /// The last line of an answer about it.
+    pub(crate) fn response(self) -> Response {
+        match self.exited {
+            _ if self.timed_out => Response::Exit {
+                code: -1,
+                timed_out: true,
+            },
+            Some(Ok(status)) => Response::Exit {
+                code: exit_code(status),
+                timed_out: false,
+            },
+            Some(Err(e)) => Response::error(format!("waiting for the command: {e}")),
+            None => Response::error("the command could not be waited for"),
+        }
+    }
+}
+
+/// Follows a started command to its end: hands each piece of output to
+/// `output`, kills the group on timeout. `None` when `output` refused a
+/// piece or the client went away (the group is then killed, unless the
+/// command had exited).
+pub(crate) fn supervise(
+    group: Pid,
+    rx: &mpsc::Receiver<Event>,
+    timeout_ms: Option<u64>,
+    mut output: impl FnMut(bool, String) -> bool,
+) -> Option<Finished> {
+    let kill_group = || {
+        let _ = killpg(group, Signal::SIGKILL);
+    };
     let started = Instant::now();
     // A timeout too far away to represent is no timeout.
-    let deadline = op
-        .timeout_ms
-        .and_then(|ms| started.checked_add(Duration::from_millis(ms)));
+    let deadline = timeout_ms.and_then(|ms| started.checked_add(Duration::from_millis(ms)));
     let mut timed_out = false;
     let mut kill_deadline = None;
     let mut exited: Option<io::Result<ExitStatus>> = None;
@@ -414,16 +449,11 @@ fn exec<C: Connection>(conn: &mut C, op: &ExecOp, vm_id: &str) {
                 }
             }
             Some(Event::Output { stderr, data }) => {
-                let response = if stderr {
-                    Response::Stderr { data }
-                } else {
-                    Response::Stdout { data }
-                };
-                if send(conn, &response).is_err() {
+                if !output(stderr, data) {
                     if exited.is_none() {
                         kill_group();
                     }
-                    return;
+                    return None;
                 }
             }
             Some(Event::Closed) => open_pipes -= 1,
@@ -435,23 +465,54 @@ fn exec<C: Connection>(conn: &mut C, op: &ExecOp, vm_id: &str) {
                 if exited.is_none() {
                     kill_group();
                 }
-                return;
+                return None;
             }
         }
     }
-    let response = match exited {
-        _ if timed_out => Response::Exit {
-            code: -1,
-            timed_out: true,
-        },
-        Some(Ok(status)) => Response::Exit {
-            code: exit_code(status),
-            timed_out: false,
-        },
-        Some(Err(e)) => Response::error(format!("waiting for the command: {e}")),
-        None => Response::error("the command could not be waited for"),
+    Some(Finished { timed_out, exited })
+}
+
+/// Runs one command and streams its output and exit to `conn`.
+fn exec<C: Connection>(conn: &mut C, op: &ExecOp, vm_id: &str) {
+    let watcher: Option<Helper> = match conn.clone_connection() {
+        Ok(mut watch) => Some(Box::new(move |tx: mpsc::SyncSender<Event>| {
+            // Nothing more is expected from the client: end-of-stream or
+            // an error means it went away.
+            let mut buf = [0u8; 256];
+            loop {
+                match watch.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            let _ = tx.send(Event::ClientGone);
+        })),
+        Err(_) => {
+            let _ = send(
+                conn,
+                &Response::error("cannot start the threads of the command"),
+            );
+            return;
+        }
     };
-    let _ = send(conn, &response);
+    let (group, rx) = match start_command(&op.command, &op.cwd, &op.env, vm_id, watcher) {
+        Ok(started) => started,
+        Err(message) => {
+            let _ = send(conn, &Response::error(message));
+            return;
+        }
+    };
+    let finished = supervise(group, &rx, op.timeout_ms, |stderr, data| {
+        let response = if stderr {
+            Response::Stderr { data }
+        } else {
+            Response::Stdout { data }
+        };
+        send(conn, &response).is_ok()
+    });
+    if let Some(finished) = finished {
+        let _ = send(conn, &finished.response());
+    }
 }
 
 /// Starts a helper thread; false when the thread could not start.
@@ -585,9 +646,11 @@ mod tests {
     fn tcp_connections_are_served() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let jobs = tempfile::tempdir().unwrap();
         let server = Server::new(ServerConfig {
             secret: "s3cr3t".into(),
             vm_id: "vm".into(),
+            jobs_dir: jobs.path().to_owned(),
         });
         thread::spawn(move || server.serve_tcp(listener));
         let ask = |line: &str| {
