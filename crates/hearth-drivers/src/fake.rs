@@ -6,6 +6,14 @@
 //! Commands "run" instantly: `exit N` (or `false`) ends with that code,
 //! anything else succeeds and echoes itself on stdout. Files written are
 //! kept per VM and can be read back with [`FakeDriver::file`].
+//!
+//! Jobs are kept per VM in memory, so they survive whatever uses the
+//! driver (a new `Pool` on the same `FakeDriver` re-attaches to them). By
+//! default a job runs as an `exec` would, at once; with
+//! [`FakeDriver::hold_jobs`] it runs until the test ends it
+//! ([`FakeDriver::job_output`], [`FakeDriver::job_exit`]), and
+//! [`FakeDriver::break_attaches`] breaks every attach in progress, as a
+//! node restarting would.
 
 use crate::{
     Driver, DriverError, ExecRequest, ExecResult, GuestHealth, ObservedVm, OutputChunk, Result,
@@ -17,9 +25,9 @@ use hearth_core::resource::DriverKind;
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 /// How the fake behaves.
 #[derive(Debug, Clone, Default)]
@@ -40,6 +48,16 @@ struct FakeVm {
     execs: Vec<String>,
     /// Its processes died ([`FakeDriver::crash`]).
     crashed: bool,
+    jobs: HashMap<String, FakeJob>,
+}
+
+#[derive(Debug, Default)]
+struct FakeJob {
+    command: String,
+    /// The output, both streams as they came.
+    output: Vec<OutputChunk>,
+    exit: Option<ExecResult>,
+    attaches: usize,
 }
 
 /// An in-memory driver.
@@ -50,6 +68,11 @@ pub struct FakeDriver {
     failing_workspaces: Mutex<HashSet<String>>,
     created: AtomicU64,
     destroyed: AtomicU64,
+    hold_jobs: AtomicBool,
+    /// Bumped by [`FakeDriver::break_attaches`]: attaches begun before end.
+    attach_generation: AtomicU64,
+    /// Woken when a job changes or attaches are broken.
+    jobs_changed: Notify,
 }
 
 impl FakeDriver {
@@ -112,6 +135,124 @@ impl FakeDriver {
     }
 }
 
+impl FakeDriver {
+    /// Whether jobs started from now on run until [`FakeDriver::job_exit`]
+    /// (rather than at once).
+    pub fn hold_jobs(&self, hold: bool) {
+        self.hold_jobs.store(hold, Ordering::Relaxed);
+    }
+
+    /// The jobs of a VM: (id, command), in id order.
+    pub fn jobs(&self, id: VmId) -> Vec<(String, String)> {
+        let vms = self.vms.lock().unwrap();
+        let mut jobs: Vec<(String, String)> = vms
+            .get(&id)
+            .map(|vm| {
+                vm.jobs
+                    .iter()
+                    .map(|(job, j)| (job.clone(), j.command.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        jobs.sort();
+        jobs
+    }
+
+    /// How many attaches to a job began so far.
+    pub fn job_attaches(&self, id: VmId, job: &str) -> usize {
+        let vms = self.vms.lock().unwrap();
+        vms.get(&id)
+            .and_then(|vm| vm.jobs.get(job))
+            .map_or(0, |j| j.attaches)
+    }
+
+    /// Waits until a job has had at least `n` attaches.
+    pub async fn wait_job_attaches(&self, id: VmId, job: &str, n: usize) {
+        loop {
+            let changed = self.jobs_changed.notified();
+            if self.job_attaches(id, job) >= n {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Waits until `id` has a job and returns its id.
+    pub async fn wait_job(&self, id: VmId) -> String {
+        loop {
+            let changed = self.jobs_changed.notified();
+            if let Some((job, _)) = self.jobs(id).into_iter().next() {
+                return job;
+            }
+            changed.await;
+        }
+    }
+
+    /// A held job prints `data`.
+    pub fn job_output(&self, id: VmId, job: &str, stream: Stream, data: &str) {
+        self.with_job(id, job, |j| {
+            j.output.push(OutputChunk {
+                stream,
+                data: data.to_owned(),
+            })
+        });
+    }
+
+    /// A held job ends with `code`.
+    pub fn job_exit(&self, id: VmId, job: &str, code: i32) {
+        self.with_job(id, job, |j| {
+            j.exit = Some(ExecResult {
+                exit_code: code,
+                timed_out: false,
+            })
+        });
+    }
+
+    /// Every attach in progress ends with a connection error (the jobs
+    /// run on).
+    pub fn break_attaches(&self) {
+        self.attach_generation.fetch_add(1, Ordering::SeqCst);
+        self.jobs_changed.notify_waiters();
+    }
+
+    fn with_job(&self, id: VmId, job: &str, f: impl FnOnce(&mut FakeJob)) {
+        if let Some(j) = self
+            .vms
+            .lock()
+            .unwrap()
+            .get_mut(&id)
+            .and_then(|vm| vm.jobs.get_mut(job))
+        {
+            f(j);
+        }
+        self.jobs_changed.notify_waiters();
+    }
+}
+
+/// The output of `chunks` from byte `offset` on (never from inside a
+/// character).
+fn output_from(chunks: &[OutputChunk], offset: u64) -> Vec<OutputChunk> {
+    let mut at = 0u64;
+    let mut out = Vec::new();
+    for chunk in chunks {
+        let end = at + chunk.data.len() as u64;
+        if end > offset {
+            let mut from = offset.saturating_sub(at) as usize;
+            while !chunk.data.is_char_boundary(from) {
+                from += 1;
+            }
+            if from < chunk.data.len() {
+                out.push(OutputChunk {
+                    stream: chunk.stream,
+                    data: chunk.data[from..].to_owned(),
+                });
+            }
+        }
+        at = end;
+    }
+    out
+}
+
 fn exit_code_of(command: &str) -> i32 {
     let c = command.trim();
     if c == "false" {
@@ -151,6 +292,7 @@ impl Driver for FakeDriver {
             sealed: HashMap::new(),
             execs: Vec::new(),
             crashed: false,
+            jobs: HashMap::new(),
         };
         self.vms.lock().unwrap().insert(spec.id, vm);
         self.created.fetch_add(1, Ordering::Relaxed);
@@ -207,6 +349,81 @@ impl Driver for FakeDriver {
         let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
         vm.files.insert(path.to_owned(), (contents.to_vec(), mode));
         Ok(())
+    }
+
+    async fn start_job(&self, id: VmId, job: &str, request: &ExecRequest) -> Result<()> {
+        hearth_guest_agent::protocol::check_job_id(job).map_err(DriverError::Job)?;
+        {
+            let mut vms = self.vms.lock().unwrap();
+            let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
+            if vm.crashed {
+                return Err(DriverError::Guest(
+                    "cannot connect: Connection refused".into(),
+                ));
+            }
+            if vm.jobs.contains_key(job) {
+                return Ok(());
+            }
+            vm.execs.push(request.command.clone());
+            let mut fake = FakeJob {
+                command: request.command.clone(),
+                ..Default::default()
+            };
+            if !self.hold_jobs.load(Ordering::Relaxed) {
+                fake.output.push(OutputChunk {
+                    stream: Stream::Stdout,
+                    data: format!("{}\n", request.command),
+                });
+                fake.exit = Some(ExecResult {
+                    exit_code: exit_code_of(&request.command),
+                    timed_out: false,
+                });
+            }
+            vm.jobs.insert(job.to_owned(), fake);
+        }
+        self.jobs_changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn attach_job(
+        &self,
+        id: VmId,
+        job: &str,
+        offset: u64,
+        output: Option<mpsc::UnboundedSender<OutputChunk>>,
+    ) -> Result<ExecResult> {
+        let generation = self.attach_generation.load(Ordering::SeqCst);
+        self.with_job(id, job, |j| j.attaches += 1);
+        let mut sent = offset;
+        loop {
+            let changed = self.jobs_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let vms = self.vms.lock().unwrap();
+                let vm = vms.get(&id).ok_or(DriverError::NotFound(id))?;
+                if vm.crashed || self.attach_generation.load(Ordering::SeqCst) != generation {
+                    return Err(DriverError::Guest(
+                        "cannot read the answer: Connection reset by peer".into(),
+                    ));
+                }
+                let fake = vm
+                    .jobs
+                    .get(job)
+                    .ok_or_else(|| DriverError::Job(format!("no job {job}")))?;
+                for chunk in output_from(&fake.output, sent) {
+                    if let Some(tx) = &output {
+                        let _ = tx.send(chunk);
+                    }
+                }
+                let total: u64 = fake.output.iter().map(|c| c.data.len() as u64).sum();
+                sent = sent.max(total);
+                if let Some(exit) = fake.exit {
+                    return Ok(exit);
+                }
+            }
+            changed.await;
+        }
     }
 
     async fn seal(&self, id: VmId) -> Result<()> {
@@ -283,6 +500,59 @@ mod tests {
         assert_eq!(d.count(), 0);
         assert!(matches!(
             d.health(s.id).await,
+            Err(DriverError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn jobs_run_on_between_attaches() {
+        let d = std::sync::Arc::new(FakeDriver::new(FakeConfig::default()));
+        let s = spec("web");
+        d.create(&s).await.unwrap();
+        // At once, as an exec; starting it again starts nothing.
+        d.start_job(s.id, "quick", &ExecRequest::new("exit 3"))
+            .await
+            .unwrap();
+        d.start_job(s.id, "quick", &ExecRequest::new("exit 0"))
+            .await
+            .unwrap();
+        assert_eq!(
+            d.attach_job(s.id, "quick", 0, None).await.unwrap().exit_code,
+            3
+        );
+        assert!(matches!(
+            d.start_job(s.id, "../x", &ExecRequest::new("true")).await,
+            Err(DriverError::Job(_))
+        ));
+        // Held: output before and after a broken attach, from an offset.
+        d.hold_jobs(true);
+        d.start_job(s.id, "held", &ExecRequest::new("make"))
+            .await
+            .unwrap();
+        d.job_output(s.id, "held", Stream::Stdout, "before\n");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let attach = tokio::spawn({
+            let d = d.clone();
+            async move { d.attach_job(s.id, "held", 0, Some(tx)).await }
+        });
+        assert_eq!(rx.recv().await.unwrap().data, "before\n");
+        d.break_attaches();
+        assert!(matches!(attach.await.unwrap(), Err(DriverError::Guest(_))));
+        d.job_output(s.id, "held", Stream::Stderr, "after\n");
+        d.job_exit(s.id, "held", 7);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let end = d.attach_job(s.id, "held", 7, Some(tx)).await.unwrap();
+        assert_eq!(end.exit_code, 7);
+        let chunk = rx.recv().await.unwrap();
+        assert_eq!((chunk.stream, chunk.data.as_str()), (Stream::Stderr, "after\n"));
+        assert_eq!(d.job_attaches(s.id, "held"), 2);
+        assert!(matches!(
+            d.attach_job(s.id, "nope", 0, None).await,
+            Err(DriverError::Job(_))
+        ));
+        d.destroy(s.id).await.unwrap();
+        assert!(matches!(
+            d.attach_job(s.id, "held", 0, None).await,
             Err(DriverError::NotFound(_))
         ));
     }

@@ -17,10 +17,18 @@
 //!   (so a real agent kills the command); lines that are not UTF-8 or not
 //!   an answer end it the same way, without quoting them;
 //! - every failure is a [`DriverError::Guest`] naming what went wrong; an
-//!   agent's `error` line becomes its message.
+//!   agent's `error` line becomes its message, except for jobs: the
+//!   agent's own refusal of a job (no such job, a bad id, a job lost) is
+//!   [`DriverError::Job`], which retrying cannot mend, while a broken
+//!   connection stays `Guest`, after which attaching again continues;
+//! - a followed job's answer may be silent for at most
+//!   [`JOB_IDLE_TIMEOUT`] (the agent sends `alive` lines), so a dead
+//!   connection is noticed even when the job prints nothing.
 
 use crate::{DriverError, ExecRequest, ExecResult, GuestHealth, OutputChunk, Result, Stream};
-use hearth_guest_agent::protocol::{ExecOp, Op, Request, Response, WriteFileOp};
+use hearth_guest_agent::protocol::{
+    ExecOp, JobAttachOp, JobStartOp, Op, Request, Response, WriteFileOp,
+};
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -37,6 +45,10 @@ pub const WRITE_FILE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How much longer than its own timeout an `exec` may take before the
 /// client gives up on the agent.
 pub const EXEC_MARGIN: Duration = Duration::from_secs(30);
+/// How long starting a job may take, connection included.
+pub const JOB_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a followed job's answer may go without a line.
+pub const JOB_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest answer line read from an agent, newline included. A real
 /// agent's lines are far shorter: it sends at most 16 KiB of output per
 /// line, which JSON escaping can make at most six times longer.
@@ -59,6 +71,14 @@ impl<S: AsyncRead + Unpin> Answer<S> {
     /// The next answer line; an `error` line, the end of the stream, or a
     /// line past a bound is an error.
     async fn next(&mut self) -> Result<Response> {
+        match self.next_line().await? {
+            Response::Error { message } => Err(guest(message)),
+            response => Ok(response),
+        }
+    }
+
+    /// The next answer line, an `error` line included.
+    async fn next_line(&mut self) -> Result<Response> {
         let mut line = Vec::new();
         let n = (&mut self.reader)
             .take(MAX_LINE_BYTES as u64)
@@ -86,19 +106,16 @@ impl<S: AsyncRead + Unpin> Answer<S> {
                 "the answer to {} passed its limit of {} MiB: connection dropped{}",
                 self.what,
                 self.limit >> 20,
-                if self.what == "exec" {
-                    " (the command is killed)"
-                } else {
-                    ""
+                match self.what {
+                    "exec" => " (the command is killed)",
+                    "job_attach" => " (the job runs on: attach again from where it stopped)",
+                    _ => "",
                 }
             )));
         }
         let line = std::str::from_utf8(&line)
             .map_err(|_| guest("bad answer from the guest agent: not UTF-8"))?;
-        match Response::from_line(line).map_err(guest)? {
-            Response::Error { message } => Err(guest(message)),
-            response => Ok(response),
-        }
+        Response::from_line(line).map_err(guest)
     }
 }
 
@@ -159,6 +176,8 @@ where
             Op::Exec(_) => (self.max_exec_output, "exec"),
             Op::Health => (MAX_LINE_BYTES as u64, "a health check"),
             Op::WriteFile(_) => (MAX_LINE_BYTES as u64, "write_file"),
+            Op::JobStart(_) => (MAX_LINE_BYTES as u64, "job_start"),
+            Op::JobAttach(_) => (self.max_exec_output, "job_attach"),
         };
         let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, (self.connect)())
             .await
@@ -229,6 +248,74 @@ where
             }
         })
         .await
+    }
+
+    /// Starts `request` as the job `job` (nothing when it exists); returns
+    /// once it runs. Its timeout is the job's own: the agent kills it then.
+    pub async fn start_job(&self, job: &str, request: &ExecRequest) -> Result<()> {
+        let op = Op::JobStart(JobStartOp {
+            job: job.to_owned(),
+            command: request.command.clone(),
+            cwd: request.cwd.clone(),
+            env: request.env.clone(),
+            timeout_ms: Some(u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX)),
+        });
+        bounded(JOB_START_TIMEOUT, "job_start", async {
+            let mut lines = self.send(op).await?;
+            match lines.next_line().await? {
+                Response::Ok => Ok(()),
+                Response::Error { message } => Err(DriverError::Job(message)),
+                other => Err(guest(format!("unexpected answer to job_start: {other:?}"))),
+            }
+        })
+        .await
+    }
+
+    /// Follows the job `job` from byte `offset` of its output, streaming
+    /// it to `output` (when given, and while its receiver listens), until
+    /// it ends.
+    pub async fn attach_job(
+        &self,
+        job: &str,
+        offset: u64,
+        output: Option<mpsc::UnboundedSender<OutputChunk>>,
+    ) -> Result<ExecResult> {
+        let op = Op::JobAttach(JobAttachOp {
+            job: job.to_owned(),
+            offset,
+        });
+        let mut lines = tokio::time::timeout(JOB_START_TIMEOUT, self.send(op))
+            .await
+            .map_err(|_| guest(format!("job_attach: no answer within {JOB_START_TIMEOUT:?}")))??;
+        loop {
+            let line = tokio::time::timeout(JOB_IDLE_TIMEOUT, lines.next_line())
+                .await
+                .map_err(|_| {
+                    guest(format!(
+                        "job_attach: the agent sent nothing for {JOB_IDLE_TIMEOUT:?}"
+                    ))
+                })??;
+            let (stream, data) = match line {
+                Response::Stdout { data } => (Stream::Stdout, data),
+                Response::Stderr { data } => (Stream::Stderr, data),
+                Response::Alive => continue,
+                Response::Exit { code, timed_out } => {
+                    return Ok(ExecResult {
+                        exit_code: code,
+                        timed_out,
+                    });
+                }
+                Response::Error { message } => return Err(DriverError::Job(message)),
+                other => {
+                    return Err(guest(format!(
+                        "unexpected answer to job_attach: {other:?}"
+                    )));
+                }
+            };
+            if let Some(output) = &output {
+                let _ = output.send(OutputChunk { stream, data });
+            }
+        }
     }
 
     /// Writes a file atomically (parent folders created) with `mode`.

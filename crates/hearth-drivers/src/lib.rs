@@ -162,6 +162,11 @@ pub enum DriverError {
     Boot(String),
     #[error("guest agent: {0}")]
     Guest(String),
+    /// The guest agent refused a job or cannot follow it (no such job, a
+    /// bad id, a job lost with an earlier agent process): unlike a
+    /// `Guest` error, trying again cannot help.
+    #[error("job: {0}")]
+    Job(String),
     #[error("{0}")]
     Unsupported(String),
     #[error("I/O error: {0}")]
@@ -237,8 +242,11 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Follows the job `job`: streams its output to `output` from byte
     /// `offset` of its output on (both streams, as they came), and returns
-    /// how it ended once it has. `NotFound` when the VM is gone; `Guest`
-    /// when the VM has no such job.
+    /// how it ended once it has. `NotFound` when the VM is gone; `Job`
+    /// when the VM has no such job or lost it; `Guest` when the
+    /// connection broke (attaching again from the bytes received goes
+    /// on). An offset before the oldest byte the VM kept (the last 16 MiB)
+    /// reads from that byte.
     async fn attach_job(
         &self,
         id: VmId,

@@ -1318,6 +1318,20 @@ impl Driver for QemuDriver {
         self.guest(id).await?.write_file(path, contents, mode).await
     }
 
+    async fn start_job(&self, id: VmId, job: &str, request: &ExecRequest) -> Result<()> {
+        self.guest(id).await?.start_job(job, request).await
+    }
+
+    async fn attach_job(
+        &self,
+        id: VmId,
+        job: &str,
+        offset: u64,
+        output: Option<mpsc::UnboundedSender<OutputChunk>>,
+    ) -> Result<ExecResult> {
+        self.guest(id).await?.attach_job(job, offset, output).await
+    }
+
     async fn health(&self, id: VmId) -> Result<GuestHealth> {
         // While the guest boots, qemu accepts the host side of a connection
         // but its SYN to the guest goes unanswered until qemu retransmits

@@ -1102,6 +1102,20 @@ impl Driver for SandboxDriver {
         self.guest(id).await?.write_file(path, contents, mode).await
     }
 
+    async fn start_job(&self, id: VmId, job: &str, request: &ExecRequest) -> Result<()> {
+        self.guest(id).await?.start_job(job, request).await
+    }
+
+    async fn attach_job(
+        &self,
+        id: VmId,
+        job: &str,
+        offset: u64,
+        output: Option<mpsc::UnboundedSender<OutputChunk>>,
+    ) -> Result<ExecResult> {
+        self.guest(id).await?.attach_job(job, offset, output).await
+    }
+
     async fn health(&self, id: VmId) -> Result<GuestHealth> {
         self.guest(id).await?.health().await
     }
