@@ -18,7 +18,12 @@
 //!   point leaks nothing the next start cannot find;
 //! - reconcile passes are idempotent: running one twice in a row does
 //!   nothing the first did not;
-//! - the API talks to drivers only through this crate.
+//! - the API talks to drivers only through this crate;
+//! - an agent's command runs as a job in its VM (`agent-<id>-<resurrections>`),
+//!   never on a connection of this process: no agent is failed because the
+//!   control plane restarted. Adoption (and any takeover) re-attaches with
+//!   [`Pool::agent_started`]; a broken attach is retried from the bytes
+//!   received while the agent runs on a VM that exists.
 
 pub mod images;
 pub mod plan;
@@ -26,4 +31,4 @@ pub mod reaper;
 mod runner;
 pub mod status;
 
-pub use runner::{AdoptReport, FleetTimings, Pool, PoolError, PoolOptions};
+pub use runner::{AdoptReport, FleetTimings, Pool, PoolError, PoolOptions, agent_job};

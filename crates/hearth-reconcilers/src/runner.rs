@@ -112,6 +112,9 @@ pub struct AdoptReport {
     pub records_closed: usize,
     pub agents_failed: usize,
     pub agents_requeued: usize,
+    /// Agents whose command still runs as a job in their adopted VM,
+    /// followed again.
+    pub agents_reattached: usize,
 }
 
 /// Output kept of a command, at most.
@@ -1301,7 +1304,11 @@ impl Pool {
         Ok(())
     }
 
-    /// Starts an agent's command when it has one and none runs yet.
+    /// Starts an agent's command when it has one and none runs yet, as a
+    /// job in its VM (see [`Pool::follow_command`]), and records its end.
+    /// Called again for an agent whose command already runs (after a
+    /// restart of the control plane, a failover), it re-attaches to the
+    /// same job: its output goes on and its exit code is recorded.
     pub fn agent_started(self: &Arc<Self>, agent: &AgentRecord) {
         let (Some(command), Some(vm_id)) = (agent.command.clone(), agent.vm_id) else {
             return;
@@ -1312,9 +1319,9 @@ impl Pool {
         let pool = self.clone();
         let agent = agent.clone();
         tokio::spawn(async move {
-            let outcome = pool.run_command(&agent, vm_id, &command).await;
+            let outcome = pool.follow_command(&agent, vm_id, &command).await;
             let (phase, update) = match outcome {
-                Ok((result, output)) => (
+                Ok(Some((result, output))) => (
                     if result.exit_code == 0 {
                         AgentPhase::Completed
                     } else {
@@ -1326,6 +1333,13 @@ impl Pool {
                         error: result.timed_out.then(|| "the command timed out".to_owned()),
                     },
                 ),
+                // Someone else decided its fate meanwhile (killed, slept,
+                // lost with its node): nothing to record.
+                Ok(None) => {
+                    pool.commands.lock().unwrap().remove(&agent.id);
+                    pool.wake();
+                    return;
+                }
                 Err(e) => (
                     AgentPhase::Failed,
                     AgentUpdate {
@@ -1356,6 +1370,131 @@ impl Pool {
         });
     }
 
+    /// Runs an agent's command as the job `agent-<id>-<resurrections>` in
+    /// its VM (a resurrected agent runs a fresh one; starting one that runs
+    /// already starts nothing), follows it from byte 0 to its end, and
+    /// returns its end and its output's tail (both streams merged, secrets
+    /// masked, as [`Pool::exec_in_agent`] keeps them). A broken connection
+    /// (the VM's node restarting, the network) is retried with back-off,
+    /// attaching again from the bytes received, for as long as the agent
+    /// still runs on the VM and the VM exists and runs. `None`: the agent
+    /// stopped running on the VM meanwhile.
+    async fn follow_command(
+        &self,
+        agent: &AgentRecord,
+        vm_id: VmId,
+        command: &str,
+    ) -> Result<Option<(ExecResult, String)>, PoolError> {
+        let job = agent_job(agent);
+        let vm = self.store.get_vm(vm_id).await?;
+        let (env, redactor) = self
+            .agent_environment(agent.tenant_id, &agent.workspace)
+            .await?;
+        let mut request = ExecRequest {
+            timeout: AGENT_COMMAND_TIMEOUT,
+            env,
+            ..ExecRequest::new(command)
+        };
+        request
+            .env
+            .insert("HEARTH_AGENT_ID".into(), agent.id.to_string());
+        let mut retry = Retry::default();
+        loop {
+            let started = async {
+                self.driver_for(&vm)
+                    .await?
+                    .start_job(vm_id, &job, &request)
+                    .await
+                    .map_err(PoolError::from)
+            }
+            .await;
+            match started {
+                Ok(()) => break,
+                Err(e) if retryable(&e) => {
+                    tracing::warn!(agent = %agent.id, vm = %vm_id, error = %e, "cannot start the agent's job yet");
+                    if !self.still_following(agent, &vm).await? {
+                        return Ok(None);
+                    }
+                    retry.wait().await;
+                }
+                Err(e) => return Err(gone(e, vm_id)),
+            }
+        }
+        let mut tail = TailBuffer::with_limit(redactor, OUTPUT_TAIL);
+        let mut received: u64 = 0;
+        let mut retry = Retry::default();
+        loop {
+            let attached = async {
+                let driver = self.driver_for(&vm).await?;
+                let (tx, mut rx) = mpsc::unbounded_channel::<OutputChunk>();
+                let mut attach = std::pin::pin!(driver.attach_job(vm_id, &job, received, Some(tx)));
+                let mut take = |chunk: OutputChunk| {
+                    received += chunk.data.len() as u64;
+                    tail.push(&chunk.data);
+                };
+                let result = loop {
+                    tokio::select! {
+                        biased;
+                        Some(chunk) = rx.recv() => take(chunk),
+                        result = &mut attach => break result,
+                    }
+                };
+                // What the attach sent before it ended counts, and nothing
+                // after (the next attach starts from here).
+                rx.close();
+                while let Ok(chunk) = rx.try_recv() {
+                    take(chunk);
+                }
+                result.map_err(PoolError::from)
+            }
+            .await;
+            match attached {
+                Ok(result) => return Ok(Some((result, tail.text()))),
+                Err(e) if retryable(&e) => {
+                    tracing::warn!(agent = %agent.id, vm = %vm_id, received, error = %e, "the agent's job connection broke; attaching again");
+                    if !self.still_following(agent, &vm).await? {
+                        return Ok(None);
+                    }
+                    retry.wait().await;
+                }
+                Err(e) => return Err(gone(e, vm_id)),
+            }
+        }
+    }
+
+    /// Whether an agent's command is still this pool's to follow: the
+    /// agent runs on the VM, whose record is live. An `Err` says why the
+    /// agent fails: its VM is gone or its processes died.
+    async fn still_following(&self, agent: &AgentRecord, vm: &VmRecord) -> Result<bool, PoolError> {
+        let now = self.store.get_agent(agent.tenant_id, agent.id).await?;
+        if !matches!(now.phase, AgentPhase::Running | AgentPhase::Idle) || now.vm_id != Some(vm.id)
+        {
+            return Ok(false);
+        }
+        match self.store.get_vm(vm.id).await {
+            Ok(record) if record.state == VmState::Assigned => {}
+            Ok(_) | Err(StoreError::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        // What the VM's node says (when it answers: an unreachable node is
+        // waited for; losing it is the fleet's call).
+        if let Ok(driver) = self.driver_for(vm).await
+            && let Ok(observed) = driver.list().await
+        {
+            match observed.iter().find(|o| o.id == vm.id) {
+                None => return Err(gone(PoolError::Driver(DriverError::NotFound(vm.id)), vm.id)),
+                Some(o) if !o.running => {
+                    return Err(PoolError::Precondition(format!(
+                        "the processes of its VM {} died while its command ran",
+                        vm.id
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(true)
+    }
+
     /// The variables of the environment of `workspace` (what agent
     /// commands get in their process environment, as provisioning commands
     /// do) and a redactor of every secret such a command could print: those
@@ -1384,19 +1523,6 @@ impl Pool {
         };
         let redactor = secret_redactor(&env, ws.repos.iter().map(|r| r.url.as_str()));
         Ok((env, redactor))
-    }
-
-    async fn run_command(
-        &self,
-        agent: &AgentRecord,
-        vm_id: VmId,
-        command: &str,
-    ) -> Result<(ExecResult, String), PoolError> {
-        let timeout = Duration::from_secs(24 * 3600);
-        let (result, output, _) = self
-            .exec_as_agent(agent, vm_id, command, timeout, true)
-            .await?;
-        Ok((result, output))
     }
 
     /// Runs a command on an agent's VM and returns (result, stdout,
@@ -1576,8 +1702,9 @@ impl Pool {
     }
 
     /// At start: reconciles what the drivers really run with the store.
-    /// Adopts what matches, destroys what nothing knows, closes records of
-    /// VMs that are gone, fails the agents that were on them, and requeues
+    /// Adopts what matches (re-attaching to the jobs of agents whose
+    /// command runs), destroys what nothing knows, closes records of VMs
+    /// that are gone, fails the agents that were on them, and requeues
     /// agents whose cold boot was interrupted.
     pub async fn adopt(self: &Arc<Self>) -> Result<AdoptReport, PoolError> {
         let mut report = AdoptReport::default();
@@ -1608,25 +1735,10 @@ impl Pool {
                         && record.command.is_some()
                         && record.phase == AgentPhase::Running
                     {
-                        // Its command's stream died with the old process.
-                        let update = AgentUpdate {
-                            error: Some("the control plane restarted while its command ran; resurrect it to run again".into()),
-                            ..Default::default()
-                        };
-                        if self
-                            .store
-                            .transition_agent(
-                                vm.tenant_id,
-                                agent,
-                                &[AgentPhase::Running],
-                                AgentPhase::Failed,
-                                &update,
-                            )
-                            .await
-                            .is_ok()
-                        {
-                            report.agents_failed += 1;
-                        }
+                        // Its command runs on as a job in the VM: follow it
+                        // again (no agent fails because we restarted).
+                        self.agent_started(&record);
+                        report.agents_reattached += 1;
                     }
                 }
                 _ => {
@@ -1713,6 +1825,50 @@ impl Pool {
         tracing::info!(?report, "adoption done");
         self.wake();
         Ok(report)
+    }
+}
+
+/// The job an agent's command runs as: one per resurrection.
+pub fn agent_job(agent: &AgentRecord) -> String {
+    format!("agent-{}-{}", agent.id, agent.resurrections)
+}
+
+/// Longest an agent's command may run.
+const AGENT_COMMAND_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Whether a failure to reach a job may mend by itself: the connection to
+/// its VM's agent, or to its node, broke.
+fn retryable(e: &PoolError) -> bool {
+    matches!(
+        e,
+        PoolError::Driver(DriverError::Guest(_) | DriverError::Io(_))
+    )
+}
+
+/// The error an agent fails with when its job cannot be followed: a VM
+/// gone is said as such.
+fn gone(e: PoolError, vm: VmId) -> PoolError {
+    match e {
+        PoolError::Driver(DriverError::NotFound(_)) => PoolError::Precondition(format!(
+            "its VM {vm} is gone: its command's end is unknown"
+        )),
+        e => e,
+    }
+}
+
+/// Back-off between attempts to reach a job: 100 ms doubling to 5 s.
+#[derive(Debug, Default)]
+struct Retry {
+    attempts: u32,
+}
+
+impl Retry {
+    async fn wait(&mut self) {
+        let delay = Duration::from_millis(100)
+            .saturating_mul(1 << self.attempts.min(6))
+            .min(Duration::from_secs(5));
+        self.attempts += 1;
+        tokio::time::sleep(delay).await;
     }
 }
 

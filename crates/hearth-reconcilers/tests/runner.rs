@@ -496,3 +496,118 @@ async fn the_run_loop_acts_at_the_earliest_deadline_not_the_resync() {
         "nothing is due any more"
     );
 }
+
+/// Waits (passes in between) until the agent is in `phase`.
+async fn wait_phase(
+    store: &Arc<dyn Store>,
+    pool: &Arc<Pool>,
+    tenant: TenantId,
+    agent: AgentId,
+    phase: AgentPhase,
+) -> hearth_store::AgentRecord {
+    for _ in 0..500 {
+        pool.reconcile_tenant(tenant).await.unwrap();
+        let record = store.get_agent(tenant, agent).await.unwrap();
+        if record.phase == phase {
+            return record;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "agent never {phase}: {:?}",
+        store.get_agent(tenant, agent).await.unwrap()
+    );
+}
+
+impl Rig {
+    /// A queued agent of `web` that runs `command`.
+    async fn agent_running(&self, command: &str) -> AgentId {
+        let new = NewAgent {
+            id: AgentId::new(),
+            tenant_id: self.tenant,
+            workspace: "web".into(),
+            owner_id: hearth_core::ids::IdentityId::new(),
+            owner_name: "dev".into(),
+            owner_kind: IdentityKind::Developer,
+            parent_id: None,
+            on_idle: OnIdle::Sleep,
+            command: Some(command.into()),
+            build: "b".into(),
+        };
+        self.store.create_agent(&new, None).await.unwrap().id
+    }
+}
+
+/// The control plane dies (its runtime and every task with it) while an
+/// agent's command runs; a new Pool on the same database file and the
+/// same driver adopts the VM, re-attaches to the job, and records the
+/// command's end: its exit code and its whole output, nothing twice, even
+/// across an attach that breaks afterwards.
+#[test]
+fn a_command_outlives_its_pool_and_the_next_pool_records_its_end() {
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let (dir, fake, tenant, agent, vm) = first.block_on(async {
+        let r = rig(10, 0, 0).await;
+        r.fake.hold_jobs(true);
+        let agent = r.agent_running("make test").await;
+        let record = wait_phase(&r.store, &r.pool, r.tenant, agent, AgentPhase::Running).await;
+        let vm = record.vm_id.unwrap();
+        let job = r.fake.wait_job(vm).await;
+        assert_eq!(job, hearth_reconcilers::agent_job(&record));
+        r.fake.wait_job_attaches(vm, &job, 1).await;
+        r.fake
+            .job_output(vm, &job, hearth_drivers::Stream::Stdout, "before\n");
+        (r._dir, r.fake, r.tenant, agent, vm)
+    });
+    // Every task of the first control plane ends here, mid-command.
+    drop(first);
+
+    let second = tokio::runtime::Runtime::new().unwrap();
+    second.block_on(async {
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("h.db")).await.unwrap());
+        let pool = Pool::new(
+            store.clone(),
+            Drivers::new().with(fake.clone()),
+            PoolOptions::default(),
+        );
+        let running = store.get_agent(tenant, agent).await.unwrap();
+        assert_eq!(running.phase, AgentPhase::Running);
+        let job = hearth_reconcilers::agent_job(&running);
+        let report = pool.adopt().await.unwrap();
+        assert_eq!((report.adopted, report.agents_reattached), (1, 1));
+        assert_eq!(report.agents_failed, 0);
+        fake.wait_job_attaches(vm, &job, 2).await;
+        // The connection breaks (the node restarting): attached again.
+        fake.break_attaches();
+        fake.wait_job_attaches(vm, &job, 3).await;
+        fake.job_output(vm, &job, hearth_drivers::Stream::Stderr, "after\n");
+        fake.job_exit(vm, &job, 7);
+        let done = wait_phase(&store, &pool, tenant, agent, AgentPhase::Failed).await;
+        assert_eq!(done.exit_code, Some(7));
+        assert_eq!(done.output, "before\nafter\n");
+        assert_eq!(done.error, None);
+        // One job, started once: the new Pool only attached.
+        assert_eq!(fake.jobs(vm).len(), 1);
+        assert_eq!(fake.execs(vm), vec!["make test".to_owned()]);
+    });
+}
+
+/// A job whose VM disappears under it fails its agent with a reason that
+/// says so (not a retry forever).
+#[tokio::test]
+async fn an_agent_whose_vm_vanishes_mid_command_fails_saying_so() {
+    let r = rig(10, 0, 0).await;
+    r.fake.hold_jobs(true);
+    let agent = r.agent_running("sleep 100").await;
+    let record = wait_phase(&r.store, &r.pool, r.tenant, agent, AgentPhase::Running).await;
+    let vm = record.vm_id.unwrap();
+    let job = r.fake.wait_job(vm).await;
+    r.fake.wait_job_attaches(vm, &job, 1).await;
+    r.fake.destroy(vm).await.unwrap();
+    r.fake.break_attaches();
+    let failed = wait_phase(&r.store, &r.pool, r.tenant, agent, AgentPhase::Failed).await;
+    let error = failed.error.unwrap();
+    assert!(error.contains(&format!("its VM {vm} is gone")), "{error}");
+    assert_eq!(failed.exit_code, None);
+}
