@@ -908,3 +908,143 @@ async fn boot_time() {
         );
     }
 }
+
+/// Follows a job from `offset` to its end: (end, output of both streams).
+async fn attach(driver: &SandboxDriver, id: VmId, job: &str, offset: u64) -> (ExecResult, String) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let end = tokio::time::timeout(
+        Duration::from_secs(30),
+        driver.attach_job(id, job, offset, Some(tx)),
+    )
+    .await
+    .expect("the attach never ended")
+    .unwrap_or_else(|e| panic!("attach {job} from {offset}: {e}"));
+    let mut output = String::new();
+    while let Some(chunk) = rx.recv().await {
+        output.push_str(&chunk.data);
+    }
+    (end, output)
+}
+
+#[tokio::test]
+async fn a_job_outlives_its_connection_and_is_followed_again_from_any_offset() {
+    let env = Env::new();
+    let id = env.boot(256).await;
+    let job = "agent-test-0";
+    let command = "echo run >> /tmp/runs; echo before; echo oops >&2; \
+                   while [ ! -e /tmp/go ]; do sleep 0.05; done; echo after; exit 7";
+    env.driver
+        .start_job(id, job, &ExecRequest::new(command))
+        .await
+        .unwrap();
+    // Attach, read the first lines, and drop the connection mid-output.
+    {
+        let (tx, mut rx) = mpsc::unbounded_channel::<OutputChunk>();
+        let follow = env.driver.attach_job(id, job, 0, Some(tx));
+        tokio::pin!(follow);
+        let mut seen = String::new();
+        while !seen.contains("oops\n") {
+            tokio::select! {
+                chunk = rx.recv() => seen.push_str(&chunk.expect("output").data),
+                end = &mut follow => panic!("the job ended early: {end:?}"),
+            }
+        }
+    }
+    // The client is gone; the job runs on: release it, it finishes.
+    sh(&env.driver, id, "touch /tmp/go").await;
+    let (end, all) = attach(&env.driver, id, job, 0).await;
+    assert_eq!(
+        end,
+        ExecResult {
+            exit_code: 7,
+            timed_out: false
+        }
+    );
+    assert!(
+        all == "before\noops\nafter\n" || all == "oops\nbefore\nafter\n",
+        "{all:?}"
+    );
+    // From an offset: the bytes after it, and the exit again.
+    let (again, rest) = attach(&env.driver, id, job, 12).await;
+    assert_eq!((again, rest.as_str()), (end, "after\n"));
+    let (_, nothing) = attach(&env.driver, id, job, all.len() as u64).await;
+    assert_eq!(nothing, "");
+    // Starting the same job again starts nothing.
+    env.driver
+        .start_job(id, job, &ExecRequest::new(command))
+        .await
+        .unwrap();
+    assert_eq!(attach(&env.driver, id, job, 0).await.0, end);
+    assert_eq!(sh(&env.driver, id, "cat /tmp/runs").await, "run\n");
+    // The output is root's alone.
+    assert_eq!(
+        sh(&env.driver, id, "stat -c %a /run/hearth-jobs /run/hearth-jobs/agent-test-0").await,
+        "700\n700\n"
+    );
+    // An unknown job is an error naming it, which retrying cannot mend.
+    match env.driver.attach_job(id, "nope", 0, None).await {
+        Err(DriverError::Job(message)) => assert!(message.contains("nope"), "{message}"),
+        other => panic!("attach to no job: {other:?}"),
+    }
+    // A VM that is gone is NotFound.
+    env.driver.destroy(id).await.unwrap();
+    assert!(matches!(
+        env.driver.attach_job(id, job, 0, None).await,
+        Err(DriverError::NotFound(_))
+    ));
+}
+
+/// Attacks on job ids: paths out of the jobs folder, through the driver
+/// and through a raw request with the right secret, and a job request
+/// without the secret. Nothing is created or read outside the folder.
+#[tokio::test]
+async fn job_ids_that_are_paths_are_refused() {
+    let env = Env::new();
+    let id = env.boot(256).await;
+    for bad in ["../escape", "..", "a/b", "/tmp/escape", ""] {
+        match env
+            .driver
+            .start_job(id, bad, &ExecRequest::new("touch /tmp/pwned"))
+            .await
+        {
+            Err(DriverError::Job(message)) => {
+                assert!(message.starts_with("job id"), "{bad:?}: {message}")
+            }
+            other => panic!("job id {bad:?} accepted: {other:?}"),
+        }
+    }
+    let secret = fs::read_to_string(env.driver.vm_dir(id).join("secret")).unwrap();
+    let secret = secret.trim();
+    for (op, job) in [("job_start", "../escape"), ("job_attach", "../hearth")] {
+        let answer = raw_request(
+            &env.driver,
+            id,
+            &format!(
+                r#"{{"secret":"{secret}","op":"{op}","job":"{job}","command":"touch /tmp/pwned"}}"#
+            ),
+        );
+        assert_eq!(answer.len(), 1, "{answer:?}");
+        assert!(
+            answer[0].starts_with(r#"{"type":"error","message":"job id "#),
+            "{op} {job}: {answer:?}"
+        );
+    }
+    let unauthorized = raw_request(
+        &env.driver,
+        id,
+        r#"{"secret":"wrong","op":"job_start","job":"j","command":"touch /tmp/pwned"}"#,
+    );
+    assert_eq!(
+        unauthorized,
+        vec![r#"{"type":"error","message":"unauthorized"}"#.to_owned()]
+    );
+    assert_eq!(
+        sh(
+            &env.driver,
+            id,
+            "test -e /tmp/pwned || test -e /run/escape || test -e /tmp/escape || test -e /run/hearth-jobs; echo $?"
+        )
+        .await,
+        "1\n"
+    );
+}
