@@ -354,6 +354,7 @@ async fn start_pool(
         records_closed = report.records_closed,
         agents_failed = report.agents_failed,
         agents_requeued = report.agents_requeued,
+        agents_reattached = report.agents_reattached,
         "reconciled the drivers' VMs with the store"
     );
     Ok(pool)

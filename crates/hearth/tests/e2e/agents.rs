@@ -1,5 +1,6 @@
 //! Agents through the real server: the per-developer cap, sleep, wake,
-//! resurrect, commands, the reaper, 500 concurrent spawns, and crashes.
+//! resurrect, commands, the reaper, 500 concurrent spawns, crashes, and
+//! commands that run on through a restart of the server.
 
 use crate::both_backends;
 use crate::common::{Backend, Server, id, wait_until};
@@ -14,6 +15,7 @@ both_backends!(
     reaper_follows_reap_stranded_workflows,
     five_hundred_concurrent_spawns_hold_the_cap,
     kill_9_during_backfill_and_spawns_leaks_nothing,
+    agent_commands_survive_a_restart_and_a_kill_9_of_the_server,
 );
 
 const SANDBOX: &str = "driver: sandbox\nmemory: 256Mi\n";
@@ -458,5 +460,59 @@ fn kill_9_during_backfill_and_spawns_leaks_nothing(b: Backend) {
                     .is_ok_and(|c| c.contains(vm.as_str()))
             });
         assert!(!leftover, "a process of {vm} is alive");
+    }
+}
+
+/// An agent's command runs as a job in its sandbox: the server stopped
+/// (SIGTERM) or killed (kill -9) while it runs, then started again on the
+/// same data dir, re-attaches, and the agent ends with the command's exit
+/// code and its whole output, never failed by the restart. The command
+/// waits for a file that the test writes only after the restart, so it
+/// really ran across it.
+fn agent_commands_survive_a_restart_and_a_kill_9_of_the_server(b: Backend) {
+    let mut s = Server::start_with(b, FAST);
+    s.pool(10, SANDBOX, "web", "min_idle: 2\nmax_idle: 2\n");
+    assert!(wait_until(60, || s.status()["vms"]["idle"] == 2), "{}", s.status());
+    let command = "echo before; touch /tmp/started; \
+                   while [ ! -e /tmp/go ]; do sleep 0.1; done; echo after; exit 7";
+    for (round, crash) in [false, true].into_iter().enumerate() {
+        let spawned = s.spawn(
+            &s.admin_token,
+            json!({"workspace": "web", "command": command}),
+        );
+        assert_eq!(spawned.status, 201, "{}", spawned.text);
+        let agent = id(&spawned.body);
+        s.wait_agent(&agent, "running", 60);
+        let exec = |s: &Server, command: &str| {
+            s.admin()
+                .post(&format!("/v1/agents/{agent}/exec"), json!({"command": command}))
+                .body["exit_code"]
+                .as_i64()
+        };
+        assert!(
+            wait_until(30, || exec(&s, "test -e /tmp/started") == Some(0)),
+            "the command never started:\n{}",
+            s.logs_tail()
+        );
+        if crash {
+            s.kill();
+        } else {
+            assert!(s.stop().success(), "{}", s.logs_tail());
+        }
+        s.launch();
+        let back = s.admin().get(&format!("/v1/agents/{agent}")).body;
+        assert_eq!(back["phase"], "running", "after the restart: {back}");
+        assert_eq!(exec(&s, "touch /tmp/go"), Some(0));
+        let done = s.wait_agent(&agent, "failed", 60);
+        assert_eq!(done["exit_code"], 7, "{done}");
+        let output = done["output"].as_str().unwrap_or_default();
+        assert_eq!(output, "before\nafter\n", "{done}");
+        let error = done["error"].as_str().unwrap_or_default();
+        assert!(!error.contains("restarted"), "{done}");
+        assert!(
+            s.logs().matches("\"agents_reattached\":1").count() > round,
+            "adoption re-attached nothing:\n{}",
+            s.logs_tail()
+        );
     }
 }
