@@ -517,7 +517,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            d.attach_job(s.id, "quick", 0, None).await.unwrap().exit_code,
+            d.attach_job(s.id, "quick", 0, None)
+                .await
+                .unwrap()
+                .exit_code,
             3
         );
         assert!(matches!(
@@ -544,7 +547,10 @@ mod tests {
         let end = d.attach_job(s.id, "held", 7, Some(tx)).await.unwrap();
         assert_eq!(end.exit_code, 7);
         let chunk = rx.recv().await.unwrap();
-        assert_eq!((chunk.stream, chunk.data.as_str()), (Stream::Stderr, "after\n"));
+        assert_eq!(
+            (chunk.stream, chunk.data.as_str()),
+            (Stream::Stderr, "after\n")
+        );
         assert_eq!(d.job_attaches(s.id, "held"), 2);
         assert!(matches!(
             d.attach_job(s.id, "nope", 0, None).await,

@@ -286,7 +286,11 @@ where
         });
         let mut lines = tokio::time::timeout(JOB_START_TIMEOUT, self.send(op))
             .await
-            .map_err(|_| guest(format!("job_attach: no answer within {JOB_START_TIMEOUT:?}")))??;
+            .map_err(|_| {
+                guest(format!(
+                    "job_attach: no answer within {JOB_START_TIMEOUT:?}"
+                ))
+            })??;
         loop {
             let line = tokio::time::timeout(JOB_IDLE_TIMEOUT, lines.next_line())
                 .await
@@ -307,9 +311,7 @@ where
                 }
                 Response::Error { message } => return Err(DriverError::Job(message)),
                 other => {
-                    return Err(guest(format!(
-                        "unexpected answer to job_attach: {other:?}"
-                    )));
+                    return Err(guest(format!("unexpected answer to job_attach: {other:?}")));
                 }
             };
             if let Some(output) = &output {

@@ -978,7 +978,12 @@ async fn a_job_outlives_its_connection_and_is_followed_again_from_any_offset() {
     assert_eq!(sh(&env.driver, id, "cat /tmp/runs").await, "run\n");
     // The output is root's alone.
     assert_eq!(
-        sh(&env.driver, id, "stat -c %a /run/hearth-jobs /run/hearth-jobs/agent-test-0").await,
+        sh(
+            &env.driver,
+            id,
+            "stat -c %a /run/hearth-jobs /run/hearth-jobs/agent-test-0"
+        )
+        .await,
         "700\n700\n"
     );
     // An unknown job is an error naming it, which retrying cannot mend.

@@ -580,7 +580,11 @@ mod tests {
         }
         let kept = read(root.path(), 0);
         assert!(kept.ends_with("line 039\n"), "{kept}");
-        assert!(kept.len() >= 64 && kept.len() <= 64 + 2 * 18, "{} bytes kept", kept.len());
+        assert!(
+            kept.len() >= 64 && kept.len() <= 64 + 2 * 18,
+            "{} bytes kept",
+            kept.len()
+        );
         let on_disk: u64 = fs::read_dir(root.path())
             .unwrap()
             .flatten()
@@ -610,15 +614,15 @@ mod tests {
                 timed_out: false
             }
         );
-        assert!(
-            text == "out\nerr\n" || text == "err\nout\n",
-            "{text:?}"
-        );
+        assert!(text == "out\nerr\n" || text == "err\nout\n", "{text:?}");
         // Idempotent: the same id starts nothing, the first run's end stays.
         start(&jobs, "j1", "exit 0").unwrap();
         assert_eq!(attach(&jobs, "j1", 0).1, end);
         assert_eq!(attach(&jobs, "j1", 4).0.len(), 4);
-        let mode = fs::metadata(root.path().join("jobs")).unwrap().permissions().mode();
+        let mode = fs::metadata(root.path().join("jobs"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
         // A job that cannot start leaves nothing, so it may be tried again.
         let e = jobs
@@ -646,10 +650,10 @@ mod tests {
         assert_eq!(attach(&jobs, "left", 0).1, Response::error(LOST));
         // Starting it again starts nothing: the id is taken.
         start(&jobs, "left", "echo again").unwrap();
-        assert_eq!(attach(&jobs, "left", 0), (String::new(), Response::error(LOST)));
         assert_eq!(
-            attach(&jobs, "nope", 0).1,
-            Response::error("no job nope")
+            attach(&jobs, "left", 0),
+            (String::new(), Response::error(LOST))
         );
+        assert_eq!(attach(&jobs, "nope", 0).1, Response::error("no job nope"));
     }
 }

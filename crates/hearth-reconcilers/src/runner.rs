@@ -1849,9 +1849,9 @@ fn retryable(e: &PoolError) -> bool {
 /// gone is said as such.
 fn gone(e: PoolError, vm: VmId) -> PoolError {
     match e {
-        PoolError::Driver(DriverError::NotFound(_)) => PoolError::Precondition(format!(
-            "its VM {vm} is gone: its command's end is unknown"
-        )),
+        PoolError::Driver(DriverError::NotFound(_)) => {
+            PoolError::Precondition(format!("its VM {vm} is gone: its command's end is unknown"))
+        }
         e => e,
     }
 }

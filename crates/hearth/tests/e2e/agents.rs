@@ -472,7 +472,11 @@ fn kill_9_during_backfill_and_spawns_leaks_nothing(b: Backend) {
 fn agent_commands_survive_a_restart_and_a_kill_9_of_the_server(b: Backend) {
     let mut s = Server::start_with(b, FAST);
     s.pool(10, SANDBOX, "web", "min_idle: 2\nmax_idle: 2\n");
-    assert!(wait_until(60, || s.status()["vms"]["idle"] == 2), "{}", s.status());
+    assert!(
+        wait_until(60, || s.status()["vms"]["idle"] == 2),
+        "{}",
+        s.status()
+    );
     let command = "echo before; touch /tmp/started; \
                    while [ ! -e /tmp/go ]; do sleep 0.1; done; echo after; exit 7";
     for (round, crash) in [false, true].into_iter().enumerate() {
@@ -485,7 +489,10 @@ fn agent_commands_survive_a_restart_and_a_kill_9_of_the_server(b: Backend) {
         s.wait_agent(&agent, "running", 60);
         let exec = |s: &Server, command: &str| {
             s.admin()
-                .post(&format!("/v1/agents/{agent}/exec"), json!({"command": command}))
+                .post(
+                    &format!("/v1/agents/{agent}/exec"),
+                    json!({"command": command}),
+                )
                 .body["exit_code"]
                 .as_i64()
         };
