@@ -306,11 +306,18 @@ pub async fn register(
         }
         let (_, spec) = images::confine(&root, &path, driver)
             .map_err(|e| Error::invalid(format!("path: {e}")))?;
-        images::digest(&spec).map_err(|e| Error::invalid(format!("path: reading the image: {e}")))
+        let digest = images::digest(&spec)
+            .map_err(|e| Error::invalid(format!("path: reading the image: {e}")))?;
+        Ok((spec, digest))
     })
     .await
     .map_err(|e| Error::internal(e.to_string()))?;
-    let digest = checked?;
+    let (spec, digest) = checked?;
+    // Into the store by digest, so every node can fetch the image.
+    let files =
+        hearth_reconcilers::publish::publish(state.store.as_ref(), &store_config, &spec, None)
+            .await
+            .map_err(|e| ApiError::from(Error::failed_precondition(format!("path: {e}"))))?;
     if existing.is_none() {
         let spec = serde_json::json!({"driver": driver, "description": format!("prebuilt {}", input.path)});
         let put = hearth_store::PutResource {
@@ -337,6 +344,7 @@ pub async fn register(
             prebuilt: Some(input.path.clone()),
             digest,
             created_at: images::now_rfc3339(),
+            files,
         },
     )
     .await

@@ -3,7 +3,9 @@
 //!
 //! **Invariants:**
 //! - Every route but `/healthz` and `/openapi.json` authenticates first and
-//!   checks one named permission before touching the store.
+//!   checks one named permission before touching the store (the fleet's
+//!   node routes authenticate a node by its credential instead:
+//!   [`nodes::authenticate_node`]).
 //! - Every answer that is not a success is `{"code", "message"}` with the
 //!   matching HTTP status ([`error::ApiError`] is the one mapping).
 //! - The API never talks to a driver: it writes desired state and reads
@@ -19,6 +21,7 @@ pub mod edge;
 pub mod error;
 mod identities;
 mod images;
+pub mod nodes;
 pub mod openapi;
 mod pool;
 mod resources;
@@ -61,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .merge(builds::routes())
         .merge(images::routes())
         .merge(warm_pool::routes())
+        .merge(nodes::routes())
         .fallback(fallback);
     edge::harden(routes)
         .layer(

@@ -22,7 +22,8 @@ use crate::output::{
 use crate::patch::merge_patch;
 use crate::{
     AgentsCommand, AuthCommand, BuildsCommand, Command, GlobalArgs, IdentityCommand, ImageCommand,
-    InstancesCommand, PoolCommand, SpawnArgs, TenantCommand, WarmPoolCommand, WarmPoolSetArgs,
+    InstancesCommand, NodeCommand, PoolCommand, SpawnArgs, TenantCommand, WarmPoolCommand,
+    WarmPoolSetArgs,
 };
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, parse_duration};
@@ -624,6 +625,27 @@ pub fn execute(
         }
         Command::WarmPool(command) => warm_pool(global, command, ctx)?,
         Command::Instances(command) => instances(global, command, ctx)?,
+        Command::Node(NodeCommand::List) => {
+            let list: Items = connect()?.get(&["nodes"])?;
+            Printed::out(output::render_nodes(&list.items, format))
+        }
+        Command::Node(NodeCommand::Cordon { name }) => {
+            let answer: Value = connect()?.post_json(&["nodes", &name, "cordon"], &json!({}))?;
+            let message = format!("node {name} cordoned: it takes no new VMs\n");
+            Printed::out(output::answer_or_message(&answer, format, message))
+        }
+        Command::Node(NodeCommand::Uncordon { name }) => {
+            let answer: Value = connect()?.post_json(&["nodes", &name, "uncordon"], &json!({}))?;
+            let message = format!("node {name} uncordoned: it takes new VMs again\n");
+            Printed::out(output::answer_or_message(&answer, format, message))
+        }
+        Command::Node(NodeCommand::Drain { name }) => {
+            let answer: Value = connect()?.post_json(&["nodes", &name, "drain"], &json!({}))?;
+            let message = format!(
+                "node {name} draining: it takes no new VMs and its idle VMs are replaced elsewhere\n"
+            );
+            Printed::out(output::answer_or_message(&answer, format, message))
+        }
     };
     Ok(printed)
 }

@@ -99,6 +99,32 @@ pub enum Command {
     /// Bake images on the server and register prebuilt ones
     #[command(subcommand)]
     Image(ImageCommand),
+    /// List the fleet's nodes and cordon, uncordon or drain one (operators)
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+/// `hearth node ...` (operators; without one of these, `hearth node` is
+/// the node agent).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum NodeCommand {
+    /// List the nodes: state, whether they report, what their VMs take
+    List,
+    /// Take no new VMs on the node; those it runs stay
+    Cordon {
+        /// Node name
+        name: String,
+    },
+    /// Let the node take new VMs again
+    Uncordon {
+        /// Node name
+        name: String,
+    },
+    /// Take no new VMs on the node and replace its idle VMs elsewhere
+    Drain {
+        /// Node name
+        name: String,
+    },
 }
 
 /// `hearth image ...`.

@@ -358,6 +358,55 @@ pub fn render_items(
 /// The columns of `hearth tenant list`.
 pub const TENANT_COLUMNS: &[(&str, &str)] = &[("NAME", "name"), ("CREATED", "created_at")];
 
+/// `hearth node list`: a table of NAME STATE REACHABLE VMS CPUS MEMORY
+/// HEARTBEAT (what the node's VMs take of its capacity), or the answer's
+/// items with `-o json|yaml`.
+pub fn render_nodes(items: &[Value], format: Option<OutputFormat>) -> String {
+    match format.unwrap_or(OutputFormat::Table) {
+        OutputFormat::Table if items.is_empty() => "No nodes found.\n".to_owned(),
+        OutputFormat::Table => {
+            let of = |item: &Value, usage: &str, capacity: &str| {
+                format!(
+                    "{}/{}",
+                    cell(item.pointer(&format!("/usage/{usage}"))),
+                    cell(item.pointer(&format!("/capacity/{capacity}")))
+                )
+            };
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|item| {
+                    vec![
+                        cell(item.get("name")),
+                        cell(item.get("state")),
+                        match item.get("reachable") {
+                            Some(Value::Bool(true)) => "yes".to_owned(),
+                            Some(Value::Bool(false)) => "no".to_owned(),
+                            other => cell(other),
+                        },
+                        of(item, "vms", "vm_slots"),
+                        of(item, "cpus", "cpus"),
+                        format!("{}Mi", of(item, "memory_mib", "memory_mib")),
+                        cell(item.get("last_heartbeat")),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "NAME",
+                    "STATE",
+                    "REACHABLE",
+                    "VMS",
+                    "CPUS",
+                    "MEMORY",
+                    "HEARTBEAT",
+                ],
+                &rows,
+            )
+        }
+        other => render_value(&Value::Array(items.to_vec()), other),
+    }
+}
+
 /// The columns of `hearth identity list`.
 pub const IDENTITY_COLUMNS: &[(&str, &str)] = &[
     ("NAME", "name"),

@@ -33,6 +33,8 @@ pub enum Permission {
     BuildGet,
     BuildRetire,
     TenantCreate,
+    NodeRead,
+    NodeManage,
 }
 
 impl Permission {
@@ -60,6 +62,8 @@ impl Permission {
         Permission::BuildGet,
         Permission::BuildRetire,
         Permission::TenantCreate,
+        Permission::NodeRead,
+        Permission::NodeManage,
     ];
 
     /// The documented name, e.g. `pool-config.delete`.
@@ -87,6 +91,8 @@ impl Permission {
             Permission::BuildGet => "build.get",
             Permission::BuildRetire => "build.retire",
             Permission::TenantCreate => "tenant.create",
+            Permission::NodeRead => "node.read",
+            Permission::NodeManage => "node.manage",
         }
     }
 }
@@ -146,7 +152,12 @@ impl Role {
             PoolConfigGet | WorkspaceGet | EnvironmentGet | ImageGet | AgentGet
         );
         let developer = viewer || matches!(permission, AgentSpawn | AgentKill | WorkspaceUpdate);
-        let admin = !matches!(permission, TenantCreate | BuildRetire | ImageRegister);
+        // The fleet's nodes serve every tenant: only operators see or
+        // change them.
+        let admin = !matches!(
+            permission,
+            TenantCreate | BuildRetire | ImageRegister | NodeRead | NodeManage
+        );
         match self {
             Role::Viewer => viewer,
             Role::Developer => developer,
@@ -318,6 +329,14 @@ mod tests {
                 "{}",
                 e.message
             );
+        }
+    }
+
+    #[test]
+    fn only_operators_see_and_manage_nodes() {
+        for p in [Permission::NodeRead, Permission::NodeManage] {
+            assert!(!Role::Admin.allows(p), "{p}");
+            assert!(Role::Operator.allows(p), "{p}");
         }
     }
 

@@ -110,9 +110,38 @@ impl ImageStoreConfig {
             (ArtifactSource::Prebuilt, _, Some(path)) => (self.prebuilt_dir(), path.clone()),
             _ => return Err(format!("image {name:?} has an unreadable artifact record")),
         };
-        confine(&root, &relative, image.driver)
-            .map(|(_, spec)| spec)
-            .map_err(|e| format!("image {name:?}: {e}"))
+        let mut spec = match confine(&root, &relative, image.driver) {
+            Ok((_, spec)) => spec,
+            // Not on this server's disk (another replica baked it): nodes
+            // fetch the artifacts by digest, so the spec needs no path.
+            Err(_) if !artifact.files.is_empty() && !root.join(&relative).exists() => {
+                remote_spec(&artifact.files)
+            }
+            Err(e) => return Err(format!("image {name:?}: {e}")),
+        };
+        spec.digests = artifact.files.clone();
+        Ok(spec)
+    }
+}
+
+/// The spec of an image known only by its artifacts' digests. Each path
+/// is a placeholder (`artifact:<digest>`, a relative path to nothing) that
+/// the node replaces with its cached copy
+/// (`hearth node`'s `materialize`), so a driver handed the spec without it
+/// fails to find the file instead of booting something else (a sandbox
+/// with no root would boot the host's).
+pub fn remote_spec(files: &std::collections::BTreeMap<String, String>) -> ImageSpec {
+    let placeholder = |role: &str| {
+        files
+            .get(role)
+            .map(|digest| PathBuf::from(format!("artifact:{digest}")))
+    };
+    ImageSpec {
+        root_dir: placeholder("root_dir"),
+        kernel: placeholder("kernel"),
+        initrd: placeholder("initrd"),
+        disk: placeholder("disk"),
+        digests: files.clone(),
     }
 }
 
@@ -406,12 +435,17 @@ impl Pool {
             .map_err(|e| e.to_string())?;
         let tenant_dir = config.tenant_dir(job.tenant_id);
         let relative = format!("{}/{}", job.image, baked.version);
-        confine(&tenant_dir, &relative, DriverKind::Qemu)?;
+        let (_, spec) = confine(&tenant_dir, &relative, DriverKind::Qemu)?;
         let manifest = hearth_image::Manifest::read(&baked.dir).map_err(|e| e.to_string())?;
         let digest = hex::encode(Sha256::digest(
             serde_json::to_vec(&manifest.outputs).unwrap_or_default(),
         ));
         log.line(&format!("digest {digest}")).await?;
+        // Into the store by digest, so every node can fetch the image.
+        let outputs = crate::publish::manifest_digests(&baked.dir);
+        let files =
+            crate::publish::publish(store.as_ref(), &config, &spec, outputs.as_ref()).await?;
+        log.line("artifacts stored for the fleet's nodes").await?;
         let version = set_artifact(
             store.as_ref(),
             job.tenant_id,
@@ -423,6 +457,7 @@ impl Pool {
                 prebuilt: None,
                 digest,
                 created_at: now_rfc3339(),
+                files,
             },
         )
         .await?;

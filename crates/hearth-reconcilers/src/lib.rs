@@ -27,6 +27,7 @@
 
 pub mod images;
 pub mod plan;
+pub mod publish;
 pub mod reaper;
 mod runner;
 pub mod status;

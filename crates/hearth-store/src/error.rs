@@ -48,6 +48,10 @@ pub enum StoreError {
     /// key that sealed them ([`crate::secrets`]).
     #[error("{0}")]
     SecretsLocked(String),
+    /// Artifact bytes that are not what their digest names
+    /// ([`Store::put_artifact`](crate::Store::put_artifact)).
+    #[error("{0}")]
+    InvalidArtifact(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("database error")]

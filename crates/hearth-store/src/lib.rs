@@ -255,6 +255,28 @@ pub trait Store: Send + Sync + 'static {
     /// A node's live VMs, oldest first.
     async fn list_node_vms(&self, node: NodeId) -> Result<Vec<VmRecord>>;
 
+    /// Stores the artifact whose bytes `data` yields, under `digest` (its
+    /// SHA-256, lower-case hex), streamed in chunks of
+    /// [`ARTIFACT_CHUNK_BYTES`], never whole in memory. The bytes are
+    /// hashed as they are written and the marker row that makes the
+    /// artifact servable is written last, only when they hash to `digest`:
+    /// a half-written artifact (an upload that died, or read bytes that do
+    /// not match) is never served. Bytes that hash to another digest are
+    /// `InvalidArtifact`, and their chunks are dropped. An artifact already
+    /// whole is not written again. Returns the stored artifact.
+    async fn put_artifact(
+        &self,
+        digest: &str,
+        data: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    ) -> Result<Artifact>;
+
+    /// The whole artifact stored under `digest`, if there is one.
+    async fn get_artifact(&self, digest: &str) -> Result<Option<Artifact>>;
+
+    /// Chunk `seq` (from 0) of the whole artifact `digest`; `NotFound` when
+    /// the artifact is not whole or has no such chunk.
+    async fn read_artifact_chunk(&self, digest: &str, seq: i64) -> Result<Vec<u8>>;
+
     async fn insert_vm(&self, vm: &VmRecord) -> Result<()>;
 
     /// In one transaction: counts the tenant's live VMs

@@ -69,7 +69,7 @@ macro_rules! impl_store {
                 InstanceStatus, NewAgent, NewToken, ParentProblem, PoolState, Precondition,
                 PutOutcome, PutResource, Ready, ResourceRecord, Result, Store, StoreError, Tenant,
                 TokenRecord, VmRecord, VmState, WarmPoolCounts, WorkspaceState, now_millis,
-                NodeRecord, NodeState, NodeCapacity, NodeUsage,
+                NodeRecord, NodeState, NodeCapacity, NodeUsage, Artifact, ARTIFACT_CHUNK_BYTES,
             };
             use ::hearth_core::ids::NodeId;
 
@@ -1252,6 +1252,109 @@ macro_rules! impl_store {
                         .fetch_all(self.reader())
                         .await?;
                     rows.into_iter().map(VmRecord::try_from).collect()
+                }
+
+                async fn put_artifact(
+                    &self,
+                    digest: &str,
+                    data: &mut (dyn ::tokio::io::AsyncRead + Send + Unpin),
+                ) -> Result<Artifact> {
+                    use ::sha2::Digest as _;
+                    use ::tokio::io::AsyncReadExt as _;
+                    if !$crate::is_artifact_digest(digest) {
+                        return Err(StoreError::InvalidArtifact(format!(
+                            "artifact digest {digest:?} is not a SHA-256 (64 lower-case hex characters)"
+                        )));
+                    }
+                    if let Some(artifact) = self.get_artifact(digest).await? {
+                        return Ok(artifact);
+                    }
+                    let _written = self.written();
+                    let mut hasher = ::sha2::Sha256::new();
+                    let mut chunk = vec![0u8; ARTIFACT_CHUNK_BYTES];
+                    let (mut seq, mut size) = (0i64, 0i64);
+                    loop {
+                        let mut filled = 0;
+                        while filled < chunk.len() {
+                            let n = data.read(&mut chunk[filled..]).await.map_err(|e| {
+                                StoreError::InvalidArtifact(format!(
+                                    "artifact {digest}: cannot read its bytes: {e}"
+                                ))
+                            })?;
+                            if n == 0 {
+                                break;
+                            }
+                            filled += n;
+                        }
+                        if filled == 0 {
+                            break;
+                        }
+                        hasher.update(&chunk[..filled]);
+                        ::sqlx::query(sql::PUT_ARTIFACT_CHUNK)
+                            .bind(digest)
+                            .bind(seq)
+                            .bind(&chunk[..filled])
+                            .execute(self.writer())
+                            .await?;
+                        seq += 1;
+                        size += filled as i64;
+                        if filled < chunk.len() {
+                            break;
+                        }
+                    }
+                    let actual = ::hex::encode(hasher.finalize());
+                    if actual != digest {
+                        ::sqlx::query(sql::DROP_UNFINISHED_ARTIFACT)
+                            .bind(digest)
+                            .execute(self.writer())
+                            .await?;
+                        return Err(StoreError::InvalidArtifact(format!(
+                            "artifact {digest}: its bytes hash to {actual}, not to the digest given"
+                        )));
+                    }
+                    let mut tx = self.begin_write().await?;
+                    let result = async {
+                        ::sqlx::query(sql::DROP_ARTIFACT_TAIL)
+                            .bind(digest)
+                            .bind(seq)
+                            .execute(&mut *tx)
+                            .await?;
+                        ::sqlx::query(sql::FINISH_ARTIFACT)
+                            .bind(digest)
+                            .bind(size)
+                            .bind(seq)
+                            .bind(now_millis())
+                            .execute(&mut *tx)
+                            .await?;
+                        Ok(())
+                    }
+                    .await;
+                    Self::finish(tx, result).await?;
+                    self.get_artifact(digest).await?.ok_or_else(|| {
+                        StoreError::Corrupt(format!("artifact {digest} vanished once written"))
+                    })
+                }
+
+                async fn get_artifact(&self, digest: &str) -> Result<Option<Artifact>> {
+                    let row: Option<(String, i64, i64, i64)> = ::sqlx::query_as(sql::GET_ARTIFACT)
+                        .bind(digest)
+                        .fetch_optional(self.reader())
+                        .await?;
+                    Ok(row.map(|(digest, size, chunks, created_at)| Artifact {
+                        digest,
+                        size,
+                        chunks,
+                        created_at,
+                    }))
+                }
+
+                async fn read_artifact_chunk(&self, digest: &str, seq: i64) -> Result<Vec<u8>> {
+                    let data: Option<Vec<u8>> = ::sqlx::query_scalar(sql::READ_ARTIFACT_CHUNK)
+                        .bind(digest)
+                        .bind(seq)
+                        .fetch_optional(self.reader())
+                        .await?;
+                    data.ok_or_else(|| StoreError::NotFound(format!("chunk {seq} of artifact {digest}")))
                 }
 
                 async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {

@@ -1152,3 +1152,34 @@ impl TryFrom<BakeRow> for BakeRecord {
         })
     }
 }
+
+// ---------------------------------------------------------------- artifacts
+
+/// Chunk `$2` of the upload of artifact `$1` (bytes `$3`). A chunk left by
+/// an upload that died is overwritten: chunks are only served once the
+/// marker row says the whole artifact hashed to its digest.
+pub const PUT_ARTIFACT_CHUNK: &str = "INSERT INTO artifact_chunks (digest, seq, data) \
+     VALUES ($1, $2, $3) ON CONFLICT (digest, seq) DO UPDATE SET data = excluded.data";
+
+/// The marker row of artifact `$1` (`$2` size, `$3` chunks, `$4` now),
+/// written last; a concurrent upload of the same bytes that finished first
+/// keeps its row.
+pub const FINISH_ARTIFACT: &str = "INSERT INTO artifacts (digest, size, chunks, created_at) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT (digest) DO NOTHING";
+
+/// Drops the chunks of an upload of `$1` that did not hash to it, unless
+/// the artifact is whole already (then they are another upload's, good).
+pub const DROP_UNFINISHED_ARTIFACT: &str = "DELETE FROM artifact_chunks WHERE digest = $1 \
+     AND NOT EXISTS (SELECT 1 FROM artifacts WHERE digest = $1)";
+
+/// Drops chunks `$2` and beyond of `$1` (a died upload's tail past the
+/// artifact's end) before the marker row is written.
+pub const DROP_ARTIFACT_TAIL: &str = "DELETE FROM artifact_chunks WHERE digest = $1 AND seq >= $2";
+
+pub const GET_ARTIFACT: &str =
+    "SELECT digest, size, chunks, created_at FROM artifacts WHERE digest = $1";
+
+/// Chunk `$2` of the whole artifact `$1` (none while it is not whole).
+pub const READ_ARTIFACT_CHUNK: &str = "SELECT c.data FROM artifact_chunks c \
+     JOIN artifacts a ON a.digest = c.digest \
+     WHERE c.digest = $1 AND c.seq = $2 AND c.seq < a.chunks";

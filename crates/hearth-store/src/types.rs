@@ -689,3 +689,26 @@ pub struct BakeUpdate<'a> {
     pub error: Option<&'a str>,
     pub bake: Option<i64>,
 }
+
+/// The most bytes one artifact chunk holds ([`crate::Store::put_artifact`]).
+pub const ARTIFACT_CHUNK_BYTES: usize = 1 << 20;
+
+/// A whole artifact in the store: its bytes hash to `digest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Artifact {
+    /// Lower-case SHA-256 hex of its bytes.
+    pub digest: String,
+    pub size: i64,
+    /// Its chunks are numbered `0..chunks`.
+    pub chunks: i64,
+    pub created_at: Millis,
+}
+
+/// Whether `digest` is a SHA-256 as artifacts are named: 64 lower-case hex
+/// characters.
+pub fn is_artifact_digest(digest: &str) -> bool {
+    digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}

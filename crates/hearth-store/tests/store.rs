@@ -12,10 +12,11 @@ use hearth_core::ids::{AgentId, IdentityId, InstanceId, TenantId, TokenId, VmId}
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, ResourceRef};
 use hearth_store::{
-    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, BakeRecord, BakeState, BakeUpdate, Identity,
-    IdentityRefusal, InsertVm, InstanceFilter, InstanceRecord, InstanceStatus, NewAgent, NewToken,
-    OnIdle, ParentProblem, PgStore, PoolState, Precondition, PutOutcome, PutResource, Ready,
-    SqliteStore, Store, StoreError, VmRecord, VmState, WorkspaceState, now_millis,
+    ARTIFACT_CHUNK_BYTES, AgentFilter, AgentPhase, AgentRecord, AgentUpdate, BakeRecord, BakeState,
+    BakeUpdate, Identity, IdentityRefusal, InsertVm, InstanceFilter, InstanceRecord,
+    InstanceStatus, NewAgent, NewToken, OnIdle, ParentProblem, PgStore, PoolState, Precondition,
+    PutOutcome, PutResource, Ready, SqliteStore, Store, StoreError, VmRecord, VmState,
+    WorkspaceState, now_millis,
 };
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
@@ -3883,3 +3884,128 @@ async fn secrets_are_sealed_at_rest(ctx: Ctx) {
     }
 }
 both_backends!(secrets_are_sealed_at_rest);
+
+// ---------------------------------------------------------------- artifacts
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Every chunk of a whole artifact, joined.
+async fn read_whole(store: &Arc<dyn Store>, digest: &str) -> Vec<u8> {
+    let artifact = store.get_artifact(digest).await.unwrap().expect("whole");
+    let mut bytes = Vec::new();
+    for seq in 0..artifact.chunks {
+        bytes.extend(store.read_artifact_chunk(digest, seq).await.unwrap());
+    }
+    bytes
+}
+
+async fn artifacts_round_trip_in_chunks(ctx: Ctx) {
+    let store = &ctx.store;
+    // Two whole chunks and a part: the chunking's edges are crossed.
+    let bytes: Vec<u8> = (0..2 * ARTIFACT_CHUNK_BYTES + 1234)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let digest = sha256_hex(&bytes);
+    assert_eq!(store.get_artifact(&digest).await.unwrap(), None);
+
+    let stored = store
+        .put_artifact(&digest, &mut bytes.as_slice())
+        .await
+        .unwrap();
+    assert_eq!(stored.digest, digest);
+    assert_eq!(stored.size, bytes.len() as i64);
+    assert_eq!(stored.chunks, 3);
+    assert_eq!(
+        store.get_artifact(&digest).await.unwrap(),
+        Some(stored.clone())
+    );
+    assert_eq!(read_whole(store, &digest).await, bytes);
+    let e = store.read_artifact_chunk(&digest, 3).await.unwrap_err();
+    assert!(matches!(e, StoreError::NotFound(_)), "{e:?}");
+
+    // Putting it again writes nothing and answers the stored one.
+    let again = store
+        .put_artifact(&digest, &mut bytes.as_slice())
+        .await
+        .unwrap();
+    assert_eq!(again, stored);
+
+    // Another store on the same database (another replica) serves it.
+    let other = ctx.open_again().await;
+    assert_eq!(read_whole(&other, &digest).await, bytes);
+
+    // An empty artifact is whole with no chunk.
+    let empty = sha256_hex(b"");
+    let stored = store.put_artifact(&empty, &mut &b""[..]).await.unwrap();
+    assert_eq!((stored.size, stored.chunks), (0, 0));
+}
+both_backends!(artifacts_round_trip_in_chunks);
+
+async fn artifacts_that_do_not_hash_to_their_digest_are_never_served(ctx: Ctx) {
+    let store = &ctx.store;
+    let bytes = vec![42u8; ARTIFACT_CHUNK_BYTES + 10];
+    let digest = sha256_hex(&bytes);
+    let mut tampered = bytes.clone();
+    tampered[ARTIFACT_CHUNK_BYTES + 3] ^= 1;
+
+    let e = store
+        .put_artifact(&digest, &mut tampered.as_slice())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::InvalidArtifact(_)), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "artifact {digest}: its bytes hash to {}, not to the digest given",
+            sha256_hex(&tampered)
+        )
+    );
+    assert_eq!(store.get_artifact(&digest).await.unwrap(), None);
+    let e = store.read_artifact_chunk(&digest, 0).await.unwrap_err();
+    assert!(matches!(e, StoreError::NotFound(_)), "{e:?}");
+
+    // An upload that died half-way (chunks but no marker row) is not
+    // served either, and a later full upload replaces its chunks.
+    ctx.execute_raw(&format!(
+        "INSERT INTO artifact_chunks (digest, seq, data) VALUES ('{digest}', 0, {}), \
+         ('{digest}', 7, {})",
+        match ctx.name() {
+            "sqlite" => "x'00'",
+            _ => "'\\x00'::bytea",
+        },
+        match ctx.name() {
+            "sqlite" => "x'01'",
+            _ => "'\\x01'::bytea",
+        },
+    ))
+    .await;
+    assert!(store.read_artifact_chunk(&digest, 0).await.is_err());
+    let stored = store
+        .put_artifact(&digest, &mut bytes.as_slice())
+        .await
+        .unwrap();
+    assert_eq!(stored.chunks, 2);
+    assert_eq!(read_whole(store, &digest).await, bytes);
+    assert!(store.read_artifact_chunk(&digest, 7).await.is_err());
+
+    // A name that is not a digest is refused before anything is read.
+    for bad in [
+        "abc",
+        &digest.to_uppercase(),
+        &format!("{}g", &digest[..63]),
+    ] {
+        let e = store
+            .put_artifact(bad, &mut bytes.as_slice())
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("is not a SHA-256 (64 lower-case hex characters)"),
+            "{e}"
+        );
+    }
+}
+both_backends!(artifacts_that_do_not_hash_to_their_digest_are_never_served);

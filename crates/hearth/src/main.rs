@@ -2,6 +2,7 @@
 //! subcommand is the CLI talking to a server over HTTP.
 
 mod listener;
+mod node;
 mod secrets_key;
 mod server;
 mod tls;

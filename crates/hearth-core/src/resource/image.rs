@@ -113,6 +113,12 @@ pub struct Artifact {
     pub digest: String,
     /// RFC 3339.
     pub created_at: String,
+    /// The SHA-256 of each artifact the store holds for it, by role
+    /// (`kernel`, `initrd`, `disk`, `root_dir`: a sandbox root as a
+    /// deterministic tar): what a node fetches by digest. Empty for images
+    /// published before nodes fetched them (the server fills it in).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub files: std::collections::BTreeMap<String, String>,
 }
 
 /// Whether `name` reads as a Debian package name (lowercase letters,
@@ -208,6 +214,7 @@ mod tests {
                 prebuilt: None,
                 digest: "d".into(),
                 created_at: "t".into(),
+                files: Default::default(),
             }),
             ..parse_spec::<Image>("driver: qemu", Format::Yaml).unwrap()
         };

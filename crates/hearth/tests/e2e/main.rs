@@ -12,6 +12,7 @@ mod developer_scoping;
 mod hardening;
 mod images;
 mod network;
+mod node_cli;
 mod pool;
 mod pool_wake;
 mod provisioning;
