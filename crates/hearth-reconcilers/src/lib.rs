@@ -26,4 +26,4 @@ pub mod reaper;
 mod runner;
 pub mod status;
 
-pub use runner::{AdoptReport, FleetTimings, Pool, PoolError, PoolOptions};
+pub use runner::{AdoptReport, FleetTimings, Pool, PoolError, PoolOptions, TakeoverReport};
