@@ -527,7 +527,9 @@ impl Pool {
     pub async fn reconcile_all(self: &Arc<Self>) -> Result<(), PoolError> {
         let tenants = self.store.list_tenants().await?;
         let ids: HashSet<TenantId> = tenants.iter().map(|t| t.id).collect();
-        let led = self.lead(&tenants.iter().map(|t| t.id).collect::<Vec<_>>()).await;
+        let led = self
+            .lead(&tenants.iter().map(|t| t.id).collect::<Vec<_>>())
+            .await;
         self.unled.store(led.len() < ids.len(), Ordering::Relaxed);
         self.reads.lock().unwrap().retain(|t, _| ids.contains(t));
         self.deadlines

@@ -122,7 +122,10 @@ impl Pool {
     /// Resolves what the tenant's previous leader left (see the module
     /// doc). Safe to run while that leader still finishes a task: every
     /// write is a compare-and-set on the state or owner read here.
-    pub async fn take_over(self: &Arc<Self>, tenant: TenantId) -> Result<TakeoverReport, PoolError> {
+    pub async fn take_over(
+        self: &Arc<Self>,
+        tenant: TenantId,
+    ) -> Result<TakeoverReport, PoolError> {
         let mut report = TakeoverReport::default();
         let mine = self.in_flight();
         for vm in self.store.list_vms(tenant, false).await? {
@@ -140,7 +143,8 @@ impl Pool {
                 continue; // its task ended (or another took it) meanwhile
             }
             if matches!(vm.state, VmState::Booting | VmState::Provisioning) {
-                let error = format!("its boot was given up: replica {owner} no longer leads the tenant");
+                let error =
+                    format!("its boot was given up: replica {owner} no longer leads the tenant");
                 if !self
                     .store
                     .set_vm_state(
