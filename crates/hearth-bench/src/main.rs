@@ -5,6 +5,8 @@
 //!   by side in one run (see [`spawn`]);
 //! - `wire` compares warm claims through a TLS server and a plain-HTTP
 //!   one, kept-alive and fresh connections (see [`wire`]);
+//! - `failover` times a tenant's takeover by another replica when its
+//!   leader dies (see [`failover`]);
 //! - `boot` drives the sandbox driver alone, in this process: boot and
 //!   destroy times and the RSS of an idle sandbox (see [`boot`]).
 //!
@@ -17,6 +19,7 @@
 
 mod api;
 mod boot;
+mod failover;
 mod machine;
 mod postgres;
 mod procfs;
@@ -60,6 +63,9 @@ enum Command {
     /// Warm-claim latency through a TLS server against a plain-HTTP one
     /// (loopback), kept-alive and fresh connections, side by side.
     Wire(wire::WireArgs),
+    /// Failover time: two pools on one PostgreSQL, the leader killed, until
+    /// the other's first pass of the tenant.
+    Failover(failover::FailoverArgs),
 }
 
 /// How to start the server (shared by the commands that run one).
@@ -126,5 +132,6 @@ fn main() -> Result<()> {
         Command::Reconcile(args) => reconcile::run(args),
         Command::Throughput(args) => throughput::run(args),
         Command::Wire(args) => wire::run(args),
+        Command::Failover(args) => failover::run(args),
     }
 }

@@ -32,4 +32,6 @@ pub mod reaper;
 mod runner;
 pub mod status;
 
-pub use runner::{AdoptReport, FleetTimings, Pool, PoolError, PoolOptions, agent_job};
+pub use runner::{
+    AdoptReport, FleetTimings, Pool, PoolError, PoolOptions, TakeoverReport, agent_job,
+};

@@ -30,6 +30,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, watch};
 
+mod leads;
+pub use leads::TakeoverReport;
+
 /// What can go wrong in a pass.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -270,6 +273,9 @@ struct Pass {
     reap_setting: String,
     active_agents: Vec<AgentRecord>,
     builds: Vec<Build>,
+    /// VMs of `snapshot.vms` with a task of another replica (`task_owner`):
+    /// in flight for every pass.
+    others_tasks: Vec<VmId>,
     /// `snapshot.vms` by id, built the first time an action needs it.
     vm_index: OnceLock<HashMap<VmId, usize>>,
     /// `snapshot.workspaces` by name, likewise.
@@ -326,7 +332,21 @@ pub struct Pool {
     /// nodes report their own VMs).
     drivers: Drivers,
     options: PoolOptions,
-    wake: Notify,
+    /// Wakes this process's run loop.
+    wake: Arc<Notify>,
+    /// Wakes the task that tells the other replicas ([`Store::notify_wake`]):
+    /// one NOTIFY per burst of wakes.
+    wake_others: Arc<Notify>,
+    /// The tenants this pool leads (reconciles), each taken over when its
+    /// lead began ([`Pool::leads`]).
+    led: Mutex<HashSet<TenantId>>,
+    /// Whether the last pass left some tenant unled: the run loop then
+    /// tries to take it again within [`leads::LEAD_RETRY`].
+    unled: AtomicBool,
+    /// Passes so far, per tenant ([`Pool::passes`]).
+    pass_counts: Mutex<HashMap<TenantId, u64>>,
+    /// VMs with a task of this process (their `task_owner` is this
+    /// replica, or is being set or cleared by the task).
     in_flight: Mutex<HashSet<VmId>>,
     commands: Mutex<HashSet<AgentId>>,
     dry_run_logged: Mutex<HashSet<AgentId>>,
@@ -421,7 +441,11 @@ impl Pool {
             fleet,
             drivers,
             options,
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
+            wake_others: Arc::new(Notify::new()),
+            led: Mutex::new(HashSet::new()),
+            unled: AtomicBool::new(false),
+            pass_counts: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashSet::new()),
             commands: Mutex::new(HashSet::new()),
             dry_run_logged: Mutex::new(HashSet::new()),
@@ -441,16 +465,22 @@ impl Pool {
         self.store.clone()
     }
 
-    /// Asks for a pass as soon as possible (coalesced).
+    /// Asks for a pass as soon as possible (coalesced), here and on the
+    /// other replicas (whichever leads the tenant that changed): the NOTIFY
+    /// is sent by a task of [`Pool::run`], one per burst, never blocking
+    /// the caller.
     pub fn wake(&self) {
         self.wake.notify_one();
+        self.wake_others.notify_one();
     }
 
     /// Runs passes until `shutdown` turns true: at once when woken (every
-    /// write that changes what the planner sees wakes it), at the earliest
-    /// deadline a pass reported, and at the latest after the resync (a
-    /// safety net: nothing waits for it).
+    /// write that changes what the planner sees wakes it, on this replica
+    /// or another), at the earliest deadline a pass reported, within
+    /// [`leads::LEAD_RETRY`] while some tenant is led by no one here, and at
+    /// the latest after the resync (a safety net: nothing waits for it).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let _wakes = self.spawn_wake_tasks(shutdown.clone());
         loop {
             if let Err(e) = self.reconcile_all().await {
                 tracing::error!(error = %e, "pool pass failed");
@@ -458,7 +488,10 @@ impl Pool {
                 // retries (a store that is down is not hammered).
                 self.deadlines.lock().unwrap().clear();
             }
-            let pause = self.until_next_deadline(now_millis());
+            let mut pause = self.until_next_deadline(now_millis());
+            if self.unled.load(Ordering::Relaxed) {
+                pause = pause.min(leads::LEAD_RETRY);
+            }
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(pause) => {}
@@ -490,10 +523,17 @@ impl Pool {
         self.last_passes.lock().unwrap().get(&tenant).cloned()
     }
 
-    /// One pass over every tenant.
+    /// One pass over every tenant this pool leads: first the lead of every
+    /// tenant not led yet is tried ([`Store::lead`]), and each new one taken
+    /// over ([`Pool::take_over`]); tenants another replica leads are left to
+    /// it.
     pub async fn reconcile_all(self: &Arc<Self>) -> Result<(), PoolError> {
         let tenants = self.store.list_tenants().await?;
         let ids: HashSet<TenantId> = tenants.iter().map(|t| t.id).collect();
+        let led = self
+            .lead(&tenants.iter().map(|t| t.id).collect::<Vec<_>>())
+            .await;
+        self.unled.store(led.len() < ids.len(), Ordering::Relaxed);
         self.reads.lock().unwrap().retain(|t, _| ids.contains(t));
         self.deadlines
             .lock()
@@ -503,7 +543,7 @@ impl Pool {
             .lock()
             .unwrap()
             .retain(|t, _| ids.contains(t));
-        for tenant in tenants {
+        for tenant in tenants.into_iter().filter(|t| led.contains(&t.id)) {
             if let Err(e) = self.reconcile_tenant(tenant.id).await {
                 tracing::error!(tenant = %tenant.name, error = %e, "pool pass of a tenant failed");
             }
@@ -518,12 +558,13 @@ impl Pool {
     /// What a pass of one tenant starts from. The VMs in flight are taken
     /// first: a task still running then is left out of this pass; one
     /// finished since has written to the store, so its effect shows in the
-    /// read. Then the store's change token: when it equals the one taken
+    /// read. Tasks of other replicas are those the read's VMs record
+    /// (`task_owner`), read with each VM's state. Then the store's change token: when it equals the one taken
     /// before the tenant's last read, nothing was written since and that
     /// read is reused (with this pass's in-flight set and clock); else
     /// everything is read again.
     async fn read_pass(&self, tenant: TenantId) -> Result<Read, PoolError> {
-        let in_flight = self.in_flight();
+        let mut in_flight = self.in_flight();
         let token = match self.store.change_token().await {
             Ok(token) => Some(token),
             Err(e) => {
@@ -535,6 +576,7 @@ impl Pool {
             let mut reads = self.reads.lock().unwrap();
             match (reads.get(&tenant), &token) {
                 (Some((cached, pass)), Some(token)) if cached == token => {
+                    in_flight.extend(pass.others_tasks.iter().copied());
                     return Ok(Read {
                         pass: pass.clone(),
                         in_flight,
@@ -546,6 +588,7 @@ impl Pool {
             };
         }
         let pass = Arc::new(self.read_store(tenant).await?);
+        in_flight.extend(pass.others_tasks.iter().copied());
         if let Some(token) = token {
             self.reads
                 .lock()
@@ -676,7 +719,17 @@ impl Pool {
             || "dry_run".to_owned(),
             |c| c.reap_stranded_workflows.clone(),
         );
+        let others_tasks = vms
+            .iter()
+            .filter(|v| {
+                v.task_owner
+                    .as_deref()
+                    .is_some_and(|owner| owner != self.options.replica)
+            })
+            .map(|v| v.id)
+            .collect();
         Ok(Pass {
+            others_tasks,
             snapshot: Snapshot {
                 max_vms: config.as_ref().map(|c| i64::from(c.max_vms)),
                 stopped,
@@ -737,6 +790,14 @@ impl Pool {
             reused,
         } = self.read_pass(tenant).await?;
         let read = started.elapsed();
+        // The tenant's leader follows every running command: one started
+        // through another replica whose process died since is followed
+        // here (`agent_started` does nothing for one already followed).
+        for agent in &pass.active_agents {
+            if agent.phase == AgentPhase::Running && agent.command.is_some() {
+                self.agent_started(agent);
+            }
+        }
         let now = now_millis();
         let started = Instant::now();
         let next_reap_at = self.reap(tenant, &pass, now).await?;
@@ -757,6 +818,7 @@ impl Pool {
                 tracing::warn!(tenant = %tenant, ?action, error = %e, "pool action failed");
             }
         }
+        *self.pass_counts.lock().unwrap().entry(tenant).or_default() += 1;
         let stats = PassStats {
             read,
             reused,
@@ -910,6 +972,7 @@ impl Pool {
                 );
                 record.setup_digest = plan.setup_digest.clone();
                 record.reserved_for = *reserved_for;
+                record.task_owner = Some(self.options.replica.clone());
                 match self.store.insert_vm_within_cap(&record, max_vms).await? {
                     InsertVm::Inserted => {
                         tracing::info!(tenant = %tenant, vm = %record.id, workspace, agent = ?reserved_for, "booting VM");
@@ -948,11 +1011,39 @@ impl Pool {
         Ok(self.fleet.driver(vm.node_id, kind).await?)
     }
 
+    /// Marks a task on `vm` in this process (so no pass of this process acts
+    /// on it); [`Pool::own`] then records it in the store. False when this
+    /// process has one already.
     fn track(&self, vm: VmId) -> bool {
         self.in_flight.lock().unwrap().insert(vm)
     }
 
-    fn untrack(&self, vm: VmId) {
+    /// Records this replica as the owner of the task on `vm`
+    /// (compare-and-set from no owner, or from itself): false when another
+    /// replica's task holds it, which is then left alone.
+    async fn own(&self, vm: VmId) -> bool {
+        let me = Some(self.options.replica.as_str());
+        for from in [None, me] {
+            match self.store.set_vm_task_owner(vm, from, me).await {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(vm = %vm, error = %e, "cannot record a VM's task");
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// Ends a task: clears the store's record (compare-and-set: only while
+    /// it still names this replica; another that took over keeps its own)
+    /// before this process's, so one of them always covers the task.
+    async fn untrack(&self, vm: VmId) {
+        let me = self.options.replica.as_str();
+        if let Err(e) = self.store.set_vm_task_owner(vm, Some(me), None).await {
+            tracing::warn!(vm = %vm, error = %e, "cannot clear a VM's task; the next takeover will");
+        }
         self.in_flight.lock().unwrap().remove(&vm);
     }
 
@@ -963,8 +1054,12 @@ impl Pool {
         }
         let pool = self.clone();
         tokio::spawn(async move {
+            if !pool.own(vm.id).await {
+                pool.in_flight.lock().unwrap().remove(&vm.id);
+                return;
+            }
             pool.destroy_now(&vm, end, error.as_deref()).await;
-            pool.untrack(vm.id);
+            pool.untrack(vm.id).await;
             pool.wake();
         });
     }
@@ -996,6 +1091,10 @@ impl Pool {
         }
         let pool = self.clone();
         tokio::spawn(async move {
+            if !pool.own(vm.id).await {
+                pool.in_flight.lock().unwrap().remove(&vm.id);
+                return;
+            }
             let mut keep = to_idle;
             if keep {
                 // Back to its provisioned state, or gone: a VM that cannot
@@ -1026,7 +1125,7 @@ impl Pool {
                 }
                 Err(e) => tracing::error!(vm = %vm.id, error = %e, "cannot release a VM"),
             }
-            pool.untrack(vm.id);
+            pool.untrack(vm.id).await;
             pool.wake();
         });
     }
@@ -1055,6 +1154,7 @@ impl Pool {
             updated_at: now,
             finished_at: None,
         };
+        // The insert recorded this replica as the task's owner.
         self.track(vm.id);
         if let Err(e) = self.store.create_instance(&instance).await {
             // Nothing was created yet: close the record and let the pool retry.
@@ -1067,7 +1167,7 @@ impl Pool {
                     Some("cannot record its provisioning run"),
                 )
                 .await;
-            self.untrack(vm.id);
+            self.untrack(vm.id).await;
             return Err(e.into());
         }
         let pool = self.clone();
@@ -1206,7 +1306,7 @@ impl Pool {
                 Err(e) => tracing::error!(vm = %vm.id, error = %e, "cannot record a booted VM"),
             }
         }
-        self.untrack(vm.id);
+        self.untrack(vm.id).await;
         self.wake();
     }
 
@@ -1239,6 +1339,7 @@ impl Pool {
         );
         vm.setup_digest = plan.setup_digest.clone();
         vm.test = true;
+        vm.task_owner = Some(self.options.replica.clone());
         match self.store.insert_vm_within_cap(&vm, max_vms).await? {
             InsertVm::Inserted => {}
             _ => {
@@ -1787,40 +1888,7 @@ impl Pool {
         }
         // Agents waiting on a cold boot that no longer runs wait again.
         for tenant in self.store.list_tenants().await? {
-            let provisioning = self
-                .store
-                .list_agents(
-                    tenant.id,
-                    &AgentFilter {
-                        phases: vec![AgentPhase::Provisioning],
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            let booting: HashSet<AgentId> = self
-                .store
-                .list_vms(tenant.id, false)
-                .await?
-                .iter()
-                .filter_map(|v| v.reserved_for)
-                .collect();
-            for agent in provisioning {
-                if !booting.contains(&agent.id)
-                    && self
-                        .store
-                        .transition_agent(
-                            tenant.id,
-                            agent.id,
-                            &[AgentPhase::Provisioning],
-                            AgentPhase::Queued,
-                            &AgentUpdate::default(),
-                        )
-                        .await
-                        .is_ok()
-                {
-                    report.agents_requeued += 1;
-                }
-            }
+            report.agents_requeued += self.requeue_orphaned(tenant.id).await?;
         }
         tracing::info!(?report, "adoption done");
         self.wake();
@@ -1869,6 +1937,52 @@ impl Retry {
             .min(Duration::from_secs(5));
         self.attempts += 1;
         tokio::time::sleep(delay).await;
+    }
+}
+
+impl Pool {
+    /// Agents `provisioning` for a cold boot that no longer runs (no live VM
+    /// is reserved for them) wait again; returns how many.
+    async fn requeue_orphaned(&self, tenant: TenantId) -> Result<usize, PoolError> {
+        let provisioning = self
+            .store
+            .list_agents(
+                tenant,
+                &AgentFilter {
+                    phases: vec![AgentPhase::Provisioning],
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if provisioning.is_empty() {
+            return Ok(0);
+        }
+        let booting: HashSet<AgentId> = self
+            .store
+            .list_vms(tenant, false)
+            .await?
+            .iter()
+            .filter_map(|v| v.reserved_for)
+            .collect();
+        let mut requeued = 0;
+        for agent in provisioning {
+            if !booting.contains(&agent.id)
+                && self
+                    .store
+                    .transition_agent(
+                        tenant,
+                        agent.id,
+                        &[AgentPhase::Provisioning],
+                        AgentPhase::Queued,
+                        &AgentUpdate::default(),
+                    )
+                    .await
+                    .is_ok()
+            {
+                requeued += 1;
+            }
+        }
+        Ok(requeued)
     }
 }
 

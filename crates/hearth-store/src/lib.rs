@@ -11,6 +11,7 @@
 //!   JSON the API has already parsed and validated.
 //! - Migrations are versioned, one folder per backend, applied on open.
 
+pub mod clock;
 mod error;
 mod postgres;
 pub mod secrets;
@@ -53,6 +54,7 @@ use async_trait::async_trait;
 use hearth_core::ids::{AgentId, InstanceId, NodeId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::Kind;
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -74,6 +76,23 @@ impl ChangeToken {
         ChangeToken { writes, database }
     }
 }
+
+/// What [`Store::lead`] answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leads {
+    /// The tenants this store instance leads now (of those asked for and
+    /// those it led already).
+    pub led: HashSet<TenantId>,
+    /// Tenants it led before this call and lost since: its lock connection
+    /// died, so another replica may have led them meanwhile. Those in `led`
+    /// again were taken anew and need a takeover like any new lead.
+    pub lost: HashSet<TenantId>,
+}
+
+/// What [`Store::wakes`] delivers: a tenant another replica wrote to, or
+/// `None` when some wakes may have been missed (the listening connection
+/// was lost and is back) or the writer did not say which tenant.
+pub type Wake = Option<TenantId>;
 
 /// The store interface. Both backends pass the same test suite.
 #[async_trait]
@@ -228,8 +247,40 @@ pub trait Store: Send + Sync + 'static {
         name: &str,
     ) -> Result<ResourceRecord>;
 
-    /// Records a VM as given, with no capacity check (tests, benchmarks and
-    /// adoption use it; the pool uses [`Store::insert_vm_within_cap`]).
+    /// Takes the lead of `tenants` this instance does not lead yet and
+    /// answers every tenant it leads. One reconciler per tenant: on
+    /// PostgreSQL a session advisory lock per tenant (key in hearth's own
+    /// namespace) on one connection of its own, outside the pool, so a lead
+    /// lasts exactly as long as that session; the call is one round trip
+    /// (`pg_try_advisory_lock` over `unnest`) that also proves the session
+    /// alive. When it died, every lead is lost (answered in
+    /// [`Leads::lost`]): it connects again and starts over. An error means
+    /// nothing is led (the caller must assume every lead lost). SQLite is
+    /// one process: it leads everything it is asked for.
+    async fn lead(&self, tenants: &[TenantId]) -> Result<Leads>;
+
+    /// Tells every other store instance on the database that something of
+    /// `tenant` (or, `None`, of some tenant) changed: PostgreSQL `NOTIFY
+    /// hearth_wake`; SQLite: nothing (one process).
+    async fn notify_wake(&self, tenant: Option<TenantId>) -> Result<()>;
+
+    /// The wakes other store instances send ([`Store::notify_wake`]; never
+    /// this instance's own), from `LISTEN hearth_wake` on a connection of
+    /// its own that reconnects by itself (a [`Wake`] of `None` after each
+    /// reconnection: wakes may have been missed). The listening ends when
+    /// the receiver is dropped. SQLite: a receiver that is closed at once.
+    fn wakes(&self) -> tokio::sync::mpsc::UnboundedReceiver<Wake>;
+
+    /// Compare-and-set of a VM's `task_owner` (the replica with a task in
+    /// flight on it): only when it is `from` (`None`: no owner). Changes
+    /// nothing else. Returns whether it changed.
+    async fn set_vm_task_owner(
+        &self,
+        id: VmId,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<bool>;
+
     /// A node joins the fleet, or joins again under its name (its id,
     /// state and first join kept; everything else replaced). Returns the
     /// stored record.
@@ -277,6 +328,8 @@ pub trait Store: Send + Sync + 'static {
     /// the artifact is not whole or has no such chunk.
     async fn read_artifact_chunk(&self, digest: &str, seq: i64) -> Result<Vec<u8>>;
 
+    /// Records a VM as given, with no capacity check (tests, benchmarks and
+    /// adoption use it; the pool uses [`Store::insert_vm_within_cap`]).
     async fn insert_vm(&self, vm: &VmRecord) -> Result<()>;
 
     /// In one transaction: counts the tenant's live VMs

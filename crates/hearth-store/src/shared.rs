@@ -43,7 +43,12 @@
 //!   the store's clones), which seals and opens specs' secrets;
 //! - `async fn after_sealing(&self) -> Result<()>` — what the backend does
 //!   once older plaintext secrets were sealed, so no copy of them stays in
-//!   its files where it can.
+//!   its files where it can;
+//! - `async fn lead_tenants(&self, &[TenantId]) -> Result<Leads>`,
+//!   `async fn send_wake(&self, Option<TenantId>) -> Result<()>` and
+//!   `fn listen_wakes(&self) -> UnboundedReceiver<Wake>` — the replicas'
+//!   coordination ([`Store::lead`], [`Store::notify_wake`],
+//!   [`Store::wakes`]).
 //!
 //! **Change token.** Every write is counted once it has ended, whatever
 //! its outcome: a transaction by its [`WriteTx`] (when committed, rolled
@@ -54,6 +59,9 @@
 //! catches any write all the same (and every other writer's).
 //!
 //! [`Store::backend`]: crate::Store::backend
+//! [`Store::lead`]: crate::Store::lead
+//! [`Store::notify_wake`]: crate::Store::notify_wake
+//! [`Store::wakes`]: crate::Store::wakes
 //! [`Store::change_token`]: crate::Store::change_token
 
 macro_rules! impl_store {
@@ -1355,6 +1363,39 @@ macro_rules! impl_store {
                         .fetch_optional(self.reader())
                         .await?;
                     data.ok_or_else(|| StoreError::NotFound(format!("chunk {seq} of artifact {digest}")))
+                }
+
+                async fn lead(&self, tenants: &[TenantId]) -> Result<$crate::Leads> {
+                    self.lead_tenants(tenants).await
+                }
+
+                async fn notify_wake(&self, tenant: Option<TenantId>) -> Result<()> {
+                    self.send_wake(tenant).await
+                }
+
+                fn wakes(&self) -> ::tokio::sync::mpsc::UnboundedReceiver<$crate::Wake> {
+                    self.listen_wakes()
+                }
+
+                async fn set_vm_task_owner(
+                    &self,
+                    id: VmId,
+                    from: Option<&str>,
+                    to: Option<&str>,
+                ) -> Result<bool> {
+                    let _written = self.written();
+                    // Owners are never empty (replica ids), so '' stands
+                    // for none on both sides of the comparison.
+                    let done = ::sqlx::query(
+                        "UPDATE vms SET task_owner = $1 \
+                         WHERE id = $2 AND COALESCE(task_owner, '') = COALESCE($3, '')",
+                    )
+                    .bind(to)
+                    .bind(id.to_string())
+                    .bind(from)
+                    .execute(self.writer())
+                    .await?;
+                    Ok(done.rows_affected() == 1)
                 }
 
                 async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {

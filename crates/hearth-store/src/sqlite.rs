@@ -17,10 +17,11 @@
 //! `query_only` connection, opened on first use, only answers `PRAGMA
 //! data_version` for [`Store::change_token`](crate::Store::change_token).
 
-use crate::Result;
 use crate::secrets::Secrets;
 use crate::shared::{WriteCount, WriteTx, impl_store};
 use crate::sql::{claim_idle_vm, select_agent, select_owner, select_resource};
+use crate::{Leads, Result, Wake};
+use hearth_core::ids::TenantId;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -206,6 +207,25 @@ impl SqliteStore {
                 Err(e.into())
             }
         }
+    }
+
+    /// One process: it leads every tenant it is asked for, and never loses
+    /// a lead.
+    async fn lead_tenants(&self, tenants: &[TenantId]) -> Result<Leads> {
+        Ok(Leads {
+            led: tenants.iter().copied().collect(),
+            lost: Default::default(),
+        })
+    }
+
+    /// Nothing to tell: no other process reconciles this file.
+    async fn send_wake(&self, _tenant: Option<TenantId>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Closed at once: no other process sends wakes.
+    fn listen_wakes(&self) -> tokio::sync::mpsc::UnboundedReceiver<Wake> {
+        tokio::sync::mpsc::unbounded_channel().1
     }
 }
 

@@ -9,13 +9,8 @@ use std::str::FromStr;
 /// Milliseconds since the Unix epoch (how every timestamp is stored).
 pub type Millis = i64;
 
-/// Now, in [`Millis`].
-pub fn now_millis() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+/// Now by the store's clock (the database's), in [`Millis`].
+pub use crate::clock::now_millis;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {

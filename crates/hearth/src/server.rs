@@ -58,6 +58,10 @@ pub struct ServerArgs {
     /// The pool's slow periodic resync (it is also woken by every change).
     #[arg(long, env = "HEARTH_RESYNC", default_value = "30s", value_parser = duration)]
     resync: Duration,
+    /// This replica's name in the store (what `vms.task_owner` records for
+    /// its tasks in flight); default: a new random one each start.
+    #[arg(long, env = "HEARTH_REPLICA_ID")]
+    replica_id: Option<String>,
     /// The guest agent binary put into sandboxes (default: next to hearth).
     #[arg(long, env = "HEARTH_GUEST_AGENT")]
     guest_agent: Option<PathBuf>,
@@ -339,24 +343,39 @@ async fn start_pool(
     options.reap_after = args.reap_after;
     options.resync = args.resync;
     options.command_timeout = args.command_timeout;
+    if let Some(replica) = &args.replica_id {
+        anyhow::ensure!(
+            !replica.trim().is_empty(),
+            "--replica-id: give a name, or leave it out for a random one"
+        );
+        options.replica = replica.clone();
+    }
     store
         .register_build(&options.build)
         .await
         .map_err(|e| anyhow::anyhow!("cannot record the build: {e}"))?;
+    tracing::info!(replica = %options.replica, "pool replica");
     let pool = hearth_reconcilers::Pool::new(store.clone(), drivers, options);
-    let report = pool
-        .adopt()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot adopt the drivers' VMs: {e}"))?;
-    tracing::info!(
-        adopted = report.adopted,
-        unknown_destroyed = report.unknown_destroyed,
-        records_closed = report.records_closed,
-        agents_failed = report.agents_failed,
-        agents_requeued = report.agents_requeued,
-        agents_reattached = report.agents_reattached,
-        "reconciled the drivers' VMs with the store"
-    );
+    // What a previous leader left is resolved per tenant when this replica
+    // starts leading it (`Pool::take_over`, from the run loop), never here:
+    // on PostgreSQL other replicas may be booting right now. A SQLite store
+    // has one process, which owns every VM its drivers run: it still
+    // reconciles their listing with the store at start.
+    if store.backend() == "sqlite" {
+        let report = pool
+            .adopt()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot adopt the drivers' VMs: {e}"))?;
+        tracing::info!(
+            adopted = report.adopted,
+            unknown_destroyed = report.unknown_destroyed,
+            records_closed = report.records_closed,
+            agents_failed = report.agents_failed,
+            agents_requeued = report.agents_requeued,
+            agents_reattached = report.agents_reattached,
+            "reconciled the drivers' VMs with the store"
+        );
+    }
     Ok(pool)
 }
 
