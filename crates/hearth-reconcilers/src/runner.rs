@@ -1499,6 +1499,12 @@ impl Pool {
         request
             .env
             .insert("HEARTH_AGENT_ID".into(), agent.id.to_string());
+        // Only while the store still has it running on this VM: a stale
+        // read (a pass's cached snapshot) must never start an agent's
+        // command on a VM that was given back and handed to another.
+        if !self.still_following(agent, &vm).await? {
+            return Ok(None);
+        }
         let mut retry = Retry::default();
         loop {
             let started = async {
