@@ -17,6 +17,7 @@ mod body;
 mod builds;
 pub mod edge;
 pub mod error;
+pub mod fleet;
 mod identities;
 mod images;
 pub mod openapi;
@@ -42,6 +43,8 @@ pub struct AppState {
     /// `max_vms` of the pool config a new tenant starts with
     /// (`--default-max-vms`).
     pub default_max_vms: i32,
+    /// The join token and the embedded node (`/v1/fleet/*`).
+    pub fleet: fleet::FleetConfig,
 }
 
 /// Largest request body accepted.
@@ -61,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .merge(builds::routes())
         .merge(images::routes())
         .merge(warm_pool::routes())
+        .merge(fleet::routes())
         .fallback(fallback);
     edge::harden(routes)
         .layer(
