@@ -223,13 +223,16 @@ pub async fn run(
             };
             let timeout = (heartbeat * 3).max(Duration::from_secs(1)).min(lost / 2);
             let credential = answer.credential.as_str();
+            // A heartbeat proves the node was alive when it was sent (an
+            // answer read after a long stop proves nothing newer).
+            let sent = Instant::now();
             match link
                 .post("/v1/fleet/heartbeat", Some(credential), &request, timeout)
                 .await
             {
                 Ok((200, body)) => match serde_json::from_slice::<HeartbeatAnswer>(&body) {
                     Ok(beat) => {
-                        last_ok = Instant::now();
+                        last_ok = sent;
                         heartbeat = Duration::from_millis(beat.heartbeat_ms.max(50));
                         lost = Duration::from_millis(beat.lost_after_ms.max(100));
                         lost_after = Some(lost);

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 /// The longest a call that is not a command may take (a boot returns once
 /// launched; a destroy of a wedged VM escalates within seconds).
-const CALL_TIMEOUT: Duration = Duration::from_secs(300);
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn io(message: String) -> DriverError {
     DriverError::Io(std::io::Error::other(message))

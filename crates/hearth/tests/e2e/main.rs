@@ -12,6 +12,7 @@ mod developer_scoping;
 mod hardening;
 mod images;
 mod network;
+mod nodes;
 mod pool;
 mod pool_wake;
 mod provisioning;
