@@ -411,3 +411,113 @@ impl Driver for DefaultNodeDriver {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_drivers::fake::{FakeConfig, FakeDriver};
+    use hearth_drivers::{Drivers, ImageSpec, NetworkSpec};
+
+    /// A fake driver behind a real node listener (TLS under the node's
+    /// own CA), reached through a `RemoteDriver` as the server reaches it.
+    async fn node(
+        credential: &str,
+    ) -> (
+        tempfile::TempDir,
+        NodeClient,
+        tokio::sync::watch::Sender<bool>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let drivers = Drivers::new().with(Arc::new(FakeDriver::new(FakeConfig::default())));
+        let state = crate::node::service::NodeState::new(drivers, vec![], dir.path().join("a"));
+        state.set_credential(credential);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let listening = crate::node::listen(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            dir.path(),
+            state,
+            stop_rx,
+        )
+        .await
+        .unwrap();
+        let client = NodeClient::new(
+            "n1",
+            &listening.address,
+            &listening.ca_pem,
+            credential.to_owned(),
+        )
+        .unwrap();
+        (dir, client, stop_tx)
+    }
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: VmId::new(),
+            tenant: hearth_core::ids::TenantId::new(),
+            workspace: "web".into(),
+            cpus: 1,
+            memory_mib: 256,
+            image: ImageSpec::default(),
+            network: NetworkSpec::none(),
+            disk_mib: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn every_driver_call_crosses_and_errors_keep_their_variant() {
+        let (_dir, client, _stop) = node("hnc_secret").await;
+        let fake = RemoteDriver {
+            kind: DriverKind::Fake,
+            node: client.clone(),
+        };
+        let vm = spec();
+        fake.create(&vm).await.unwrap();
+        let listed = fake.list().await.unwrap();
+        assert_eq!(listed.iter().map(|v| v.id).collect::<Vec<_>>(), vec![vm.id]);
+        fake.write_file(vm.id, "/etc/x", b"\x00\xffbytes", 0o600)
+            .await
+            .unwrap();
+        fake.health(vm.id).await.unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let result = fake
+            .exec(vm.id, &ExecRequest::new("echo streamed"), Some(tx))
+            .await
+            .unwrap();
+        assert_eq!((result.exit_code, result.timed_out), (0, false));
+        assert_eq!(rx.recv().await.unwrap().data, "echo streamed\n");
+        fake.destroy(vm.id).await.unwrap();
+        // The runner depends on these two variants.
+        match fake.health(vm.id).await {
+            Err(DriverError::NotFound(id)) => assert_eq!(id, vm.id),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        match fake.exec(vm.id, &ExecRequest::new("true"), None).await {
+            Err(DriverError::NotFound(id)) => assert_eq!(id, vm.id),
+            other => panic!("expected NotFound from a stream, got {other:?}"),
+        }
+        let qemu = RemoteDriver {
+            kind: DriverKind::Qemu,
+            node: client.clone(),
+        };
+        assert!(
+            matches!(qemu.list().await, Err(DriverError::Unsupported(_))),
+            "a driver the node does not run is Unsupported"
+        );
+        // Another credential gets nothing.
+        let mut stranger = client;
+        stranger.credential = "hnc_other".into();
+        let stranger = RemoteDriver {
+            kind: DriverKind::Fake,
+            node: stranger,
+        };
+        match stranger.create(&spec()).await {
+            Err(DriverError::Io(e)) => assert!(e.to_string().contains("unauthorized"), "{e}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(
+            fake.list().await.unwrap().is_empty(),
+            "the stranger created nothing"
+        );
+    }
+}
