@@ -129,6 +129,9 @@ const PENDING_TOKEN_FILE: &str = "admin-token.pending";
 const SERVER_URL_FILE: &str = "server-url";
 /// The fleet's join token in the data dir (default `--join-token-file`).
 pub(crate) const JOIN_TOKEN_FILE: &str = "join-token";
+/// The embedded node's own CA and certificate (apart from the server's
+/// `tls/`, which exists only when the server serves its own CA).
+const EMBEDDED_NODE_TLS_DIR: &str = "node-tls";
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
@@ -241,7 +244,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         let listening = crate::node::listen(
             "127.0.0.1:0".parse().expect("an address"),
             None,
-            &data_dir,
+            &data_dir.join(EMBEDDED_NODE_TLS_DIR),
             state.clone(),
             stop_rx.clone(),
         )
@@ -285,7 +288,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
             records_closed = report.records_closed,
             agents_failed = report.agents_failed,
             agents_requeued = report.agents_requeued,
-            "reconciled the embedded node's VMs with the store"
+            "reconciled the drivers' VMs with the store"
         );
     } else {
         tracing::info!(join_token = %token_path.display(), "no local node: VMs run on the nodes that join");

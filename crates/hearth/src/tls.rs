@@ -161,15 +161,16 @@ pub fn fingerprint(der: &[u8]) -> String {
         .join(":")
 }
 
-/// A node's TLS: its own CA (`node-ca.pem`, `node-ca-key.pem` in
-/// `<node-data>/tls/`, apart from a server's CA in the same folder) and a
+/// A node's TLS in `dir` (`<node-data>/tls/` for `hearth node`,
+/// `<data-dir>/node-tls/` for a server's embedded node, apart from the
+/// server's own): its own CA (`node-ca.pem`, `node-ca-key.pem`) and a
 /// fresh leaf for `names` (plus loopback) on every start. Returns the
 /// config to serve with and the CA's PEM (what the node reports at join).
 pub fn node_setup(
-    data_dir: &Path,
+    dir: &Path,
     names: &[String],
 ) -> anyhow::Result<(Arc<rustls::ServerConfig>, String)> {
-    let dir = data_dir.join(TLS_DIR);
+    let dir = dir.to_path_buf();
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -226,12 +226,12 @@ pub struct Listening {
 }
 
 /// Starts the node's API on `listen` (TLS under the node's own CA in
-/// `<data-dir>/tls/`), advertised as `advertise` (default: from the bound
+/// `tls_dir`), advertised as `advertise` (default: from the bound
 /// address).
 pub async fn listen(
     listen: SocketAddr,
     advertise: Option<&str>,
-    data_dir: &Path,
+    tls_dir: &Path,
     state: Arc<service::NodeState>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Listening> {
@@ -261,7 +261,7 @@ pub async fn listen(
     if !bound.ip().is_unspecified() {
         names.push(bound.ip().to_string());
     }
-    let (tls, ca_pem) = crate::tls::node_setup(data_dir, &names)?;
+    let (tls, ca_pem) = crate::tls::node_setup(tls_dir, &names)?;
     let app = service::router(state);
     let limits = crate::listener::Limits {
         header_timeout: Duration::from_secs(10),
@@ -345,7 +345,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     let listening = listen(
         args.listen,
         args.advertise.as_deref(),
-        &data_dir,
+        &data_dir.join(crate::tls::TLS_DIR),
         state.clone(),
         stop_rx.clone(),
     )

@@ -435,7 +435,7 @@ mod tests {
         let listening = crate::node::listen(
             "127.0.0.1:0".parse().unwrap(),
             None,
-            dir.path(),
+            &dir.path().join("tls"),
             state,
             stop_rx,
         )
