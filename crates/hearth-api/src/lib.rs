@@ -19,6 +19,7 @@ mod body;
 mod builds;
 pub mod edge;
 pub mod error;
+pub mod fleet;
 mod identities;
 mod images;
 pub mod nodes;
@@ -45,6 +46,8 @@ pub struct AppState {
     /// `max_vms` of the pool config a new tenant starts with
     /// (`--default-max-vms`).
     pub default_max_vms: i32,
+    /// The join token and the embedded node (`/v1/fleet/*`).
+    pub fleet: fleet::FleetConfig,
 }
 
 /// Largest request body accepted.
@@ -65,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .merge(images::routes())
         .merge(warm_pool::routes())
         .merge(nodes::routes())
+        .merge(fleet::routes())
         .fallback(fallback);
     edge::harden(routes)
         .layer(

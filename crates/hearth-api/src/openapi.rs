@@ -8,7 +8,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::resources::{environment, image, pool_config, workspace};
-use crate::{agents, auth, builds, identities, images, nodes, pool, tenants, warm_pool};
+use crate::{agents, auth, builds, fleet, identities, images, nodes, pool, tenants, warm_pool};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,6 +30,7 @@ use crate::{agents, auth, builds, identities, images, nodes, pool, tenants, warm
         warm_pool::get_settings, warm_pool::patch_settings, warm_pool::test, warm_pool::get_workspace_instance,
         warm_pool::list_workspace_instances, warm_pool::list_instances, warm_pool::get_instance,
         nodes::list, nodes::get_one, nodes::cordon, nodes::uncordon, nodes::drain, nodes::artifact,
+        fleet::join, fleet::heartbeat,
     ),
     modifiers(&BearerAuth)
 )]
@@ -46,6 +47,15 @@ impl Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .bearer_format("hth_<id>_<secret>")
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "node",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("hnc_<node id>_<hmac>")
                     .build(),
             ),
         );

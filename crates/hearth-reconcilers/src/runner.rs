@@ -430,6 +430,18 @@ impl Pool {
         Self::build(store, fleet, Drivers::new(), options)
     }
 
+    /// A pool whose VMs run on the nodes of `fleet`; `local` are this
+    /// process's embedded node's drivers as the fleet reaches them, which
+    /// adoption at start ([`Pool::adopt`]) lists.
+    pub fn with_local_node(
+        store: Arc<dyn Store>,
+        fleet: Arc<dyn Fleet>,
+        local: Drivers,
+        options: PoolOptions,
+    ) -> Arc<Pool> {
+        Self::build(store, fleet, local, options)
+    }
+
     fn build(
         store: Arc<dyn Store>,
         fleet: Arc<dyn Fleet>,

@@ -1,4 +1,5 @@
-//! The `hearth` binary: `hearth server` runs the control plane; every other
+//! The `hearth` binary: `hearth server` runs the control plane, `hearth
+//! node` (with flags, no further subcommand) a node agent; every other
 //! subcommand is the CLI talking to a server over HTTP.
 
 mod listener;
@@ -30,7 +31,40 @@ enum Top {
     Client(hearth_cli::Command),
 }
 
+/// `hearth node <flags>`: the node agent (`hearth node list|cordon|…` are
+/// CLI commands, parsed with the rest).
+#[derive(Parser)]
+#[command(
+    name = "hearth node",
+    version,
+    about = "Run a node agent: this host's drivers, served to the control plane."
+)]
+struct NodeCli {
+    #[command(flatten)]
+    args: node::NodeArgs,
+}
+
+/// The CLI's own `hearth node …` subcommands.
+const NODE_CLIENT_COMMANDS: &[&str] = &["list", "cordon", "uncordon", "drain"];
+
 fn main() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "node")
+        && !argv
+            .get(2)
+            .and_then(|a| a.to_str())
+            .is_some_and(|a| NODE_CLIENT_COMMANDS.contains(&a))
+    {
+        let cli = NodeCli::parse_from(
+            std::iter::once(std::ffi::OsString::from("hearth node"))
+                .chain(argv[2..].iter().cloned()),
+        );
+        if let Err(e) = node::run(cli.args) {
+            eprintln!("hearth node: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = Cli::parse();
     match cli.command {
         Top::Server(args) => {

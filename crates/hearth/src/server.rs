@@ -58,33 +58,10 @@ pub struct ServerArgs {
     /// The pool's slow periodic resync (it is also woken by every change).
     #[arg(long, env = "HEARTH_RESYNC", default_value = "30s", value_parser = duration)]
     resync: Duration,
-    /// This replica's name in the store (what `vms.task_owner` records for
-    /// its tasks in flight); default: a new random one each start.
-    #[arg(long, env = "HEARTH_REPLICA_ID")]
-    replica_id: Option<String>,
-    /// The guest agent binary put into sandboxes (default: next to hearth).
-    #[arg(long, env = "HEARTH_GUEST_AGENT")]
-    guest_agent: Option<PathBuf>,
     /// Bake inputs (kernel and busybox packages, Debian trees) kept between
     /// bakes (default: `<data-dir>/images/cache`).
     #[arg(long, env = "HEARTH_IMAGE_CACHE_DIR")]
     image_cache_dir: Option<PathBuf>,
-    /// The host uid and gid of every sandbox's root; the sandboxes use the
-    /// 65536 ids from there (no real user should own any of them).
-    #[arg(long, env = "HEARTH_SANDBOX_UID_BASE", default_value_t = hearth_drivers::sandbox::DEFAULT_UID_BASE)]
-    sandbox_uid_base: u32,
-    /// The host bridge `network: egress` VMs are attached to (also the name
-    /// of hearth's nftables tables).
-    #[arg(long, env = "HEARTH_VM_BRIDGE", default_value = hearth_drivers::net::DEFAULT_BRIDGE)]
-    vm_bridge: String,
-    /// The subnet of the VM bridge; its first address is every VM's
-    /// gateway, DNS server and way to `allow_host_ports`.
-    #[arg(long, env = "HEARTH_VM_SUBNET", default_value = hearth_drivers::net::DEFAULT_SUBNET)]
-    vm_subnet: String,
-    /// Accelerator of the qemu driver: `auto` (KVM only after a probe boot
-    /// succeeds, else TCG), `kvm` or `tcg`.
-    #[arg(long, env = "HEARTH_QEMU_ACCEL", default_value = "auto")]
-    qemu_accel: String,
     /// A connection must deliver a whole request head within this long of
     /// opening (or of the first byte of a later request), else it is closed.
     #[arg(long, env = "HEARTH_HEADER_TIMEOUT", default_value = "10s", value_parser = duration)]
@@ -97,28 +74,47 @@ pub struct ServerArgs {
     #[arg(long, env = "HEARTH_MAX_CONNECTIONS", default_value_t = 1024,
         value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
-    /// Boot latency of the fake driver (simulation).
-    #[arg(long, env = "HEARTH_FAKE_BOOT_LATENCY", default_value = "0ms", value_parser = duration)]
-    fake_boot_latency: Duration,
-    /// Probability that a fake boot fails (simulation).
-    #[arg(long, env = "HEARTH_FAKE_FAILURE_RATE", default_value_t = 0.0)]
-    fake_failure_rate: f64,
     /// `max_vms` of the pool config every new tenant starts with.
     #[arg(long, env = "HEARTH_DEFAULT_MAX_VMS", default_value_t = hearth_core::resource::DEFAULT_MAX_VMS,
         value_parser = clap::value_parser!(i32).range(1..))]
     default_max_vms: i32,
     #[command(flatten)]
     tls: crate::tls::TlsArgs,
+    /// The fleet's join token: nodes join with it and their credentials
+    /// derive from it, so it is the same on every replica (default:
+    /// <data-dir>/join-token, made 0600 on first start).
+    #[arg(long, env = "HEARTH_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
+    /// Run no driver in the server: a fleet's control plane, whose VMs
+    /// all run on `hearth node`s.
+    #[arg(long, env = "HEARTH_NO_LOCAL_NODE")]
+    no_local_node: bool,
+    /// How often nodes report.
+    #[arg(long, env = "HEARTH_NODE_HEARTBEAT", default_value = "2s", value_parser = duration)]
+    node_heartbeat: Duration,
+    /// A node that has not reported for this long is unreachable.
+    #[arg(long, env = "HEARTH_NODE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    node_timeout: Duration,
+    /// An unreachable node's assigned VMs are lost after this long; a node
+    /// that could not report for this long destroys its VMs.
+    #[arg(long, env = "HEARTH_NODE_LOST_AFTER", default_value = "60s", value_parser = duration)]
+    node_lost_after: Duration,
+    /// This replica's id (what `vms.task_owner` records; default: random).
+    #[arg(long, env = "HEARTH_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// The drivers of the embedded node.
+    #[command(flatten)]
+    drivers: crate::node::DriverArgs,
 }
 
-fn duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn duration(text: &str) -> Result<Duration, String> {
     hearth_core::resource::parse_duration_ms(text)
         .map(Duration::from_millis)
         .ok_or_else(|| format!("{text:?} is not a duration such as 250ms, 90s, 15m or 2h"))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum LogFormat {
+pub(crate) enum LogFormat {
     Json,
     Pretty,
 }
@@ -131,6 +127,11 @@ const PENDING_TOKEN_FILE: &str = "admin-token.pending";
 /// The URL a CLI on this machine reaches the server at, written on every
 /// start: the admin token beside it is bound to this server.
 const SERVER_URL_FILE: &str = "server-url";
+/// The fleet's join token in the data dir (default `--join-token-file`).
+pub(crate) const JOIN_TOKEN_FILE: &str = "join-token";
+/// The embedded node's own CA and certificate (apart from the server's
+/// `tls/`, which exists only when the server serves its own CA).
+const EMBEDDED_NODE_TLS_DIR: &str = "node-tls";
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
@@ -141,7 +142,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(args))
 }
 
-fn init_logging(format: LogFormat) {
+pub(crate) fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
@@ -185,14 +186,138 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         );
     }
 
-    let pool = start_pool(&args, &store).await?;
+    let options = pool_options(&args, &store).await?;
+    // Images recorded before artifacts were kept in the store get theirs,
+    // so every node can fetch them (in the background: a large disk image
+    // takes a while, and nothing else waits for it).
+    if let Some(images) = options.images.clone() {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let published =
+                hearth_reconcilers::publish::publish_missing(store.as_ref(), &images).await;
+            if published > 0 {
+                tracing::info!(
+                    images = published,
+                    "published older images' artifacts to the store"
+                );
+            }
+        });
+    }
+    let token_path = args
+        .join_token_file
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join(JOIN_TOKEN_FILE));
+    let fleet_config = hearth_api::fleet::FleetConfig {
+        join_token: Arc::new(join_token(&token_path)?),
+        local_node: (!args.no_local_node).then(local_node_name),
+    };
+    let fleet = crate::node::remote::RemoteFleet::new(store.clone(), fleet_config.clone());
+    // The embedded node's drivers, and the same reached through the fleet
+    // (what adoption at start lists).
+    let local_drivers = match args.no_local_node {
+        true => None,
+        false => Some(crate::node::build_drivers(&args.drivers, &args.data_dir).await?),
+    };
+    let pool = match &local_drivers {
+        Some(local) => {
+            let mut through_fleet = hearth_drivers::Drivers::new();
+            for driver in local.all() {
+                through_fleet =
+                    through_fleet.with(Arc::new(crate::node::remote::DefaultNodeDriver {
+                        fleet: fleet.clone(),
+                        kind: driver.kind(),
+                    }));
+            }
+            hearth_reconcilers::Pool::with_local_node(
+                store.clone(),
+                fleet.clone(),
+                through_fleet,
+                options,
+            )
+        }
+        None => hearth_reconcilers::Pool::with_fleet(store.clone(), fleet.clone(), options),
+    };
 
     let listener = crate::listener::bind(args.listen, args.max_connections)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let runner = tokio::spawn(pool.clone().run(stop_rx));
     let url = local_url(transport.scheme, addr);
+    let app = hearth_api::router(hearth_api::AppState {
+        store: store.clone(),
+        pool: pool.clone(),
+        default_max_vms: args.default_max_vms,
+        fleet: fleet_config.clone(),
+    });
+    let mut node_tasks = Vec::new();
+    if let (Some(drivers), Some(name)) = (local_drivers, fleet_config.local_node.clone()) {
+        let data_dir = fs::canonicalize(&args.data_dir)?;
+        let state = crate::node::service::NodeState::new(
+            drivers.clone(),
+            vec![url.clone()],
+            data_dir.join("artifacts"),
+        );
+        let listening = crate::node::listen(
+            "127.0.0.1:0".parse().expect("an address"),
+            None,
+            &data_dir.join(EMBEDDED_NODE_TLS_DIR),
+            state.clone(),
+            stop_rx.clone(),
+        )
+        .await?;
+        let capacity = crate::node::CapacityArgs {
+            vm_slots: 1024,
+            max_boots: args.max_concurrent_boots.max(1) as i64,
+            ..Default::default()
+        }
+        .detect(&data_dir, &drivers);
+        let config = crate::node::agent::AgentConfig {
+            name,
+            address: listening.address.clone(),
+            ca_pem: listening.ca_pem.clone(),
+            join_token: fleet_config.join_token.to_string(),
+            capacity,
+        };
+        let (joined_tx, joined_rx) = tokio::sync::oneshot::channel();
+        node_tasks.push(tokio::spawn(crate::node::agent::run(
+            config,
+            crate::node::agent::Link::InProcess(app.clone()),
+            state,
+            drivers,
+            Some(joined_tx),
+            stop_rx.clone(),
+        )));
+        node_tasks.push(listening.task);
+        tokio::time::timeout(Duration::from_secs(60), joined_rx)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("the embedded node did not join within 60 s (see the log)")
+            })?
+            .map_err(|_| anyhow::anyhow!("the embedded node stopped before it joined"))?;
+        // On PostgreSQL other replicas may be booting right now: what a
+        // previous leader left is resolved per tenant when this replica
+        // starts leading it (`Pool::take_over`), and what the node runs by
+        // its join. A SQLite store has one process, which owns every VM:
+        // it also reconciles its embedded node's listing with the store.
+        if store.backend() == "sqlite" {
+            let report = pool
+                .adopt()
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot adopt the embedded node's VMs: {e}"))?;
+            tracing::info!(
+                adopted = report.adopted,
+                unknown_destroyed = report.unknown_destroyed,
+                records_closed = report.records_closed,
+                agents_failed = report.agents_failed,
+                agents_requeued = report.agents_requeued,
+                agents_reattached = report.agents_reattached,
+                "reconciled the drivers' VMs with the store"
+            );
+        }
+    } else {
+        tracing::info!(join_token = %token_path.display(), "no local node: VMs run on the nodes that join");
+    }
+    let runner = tokio::spawn(pool.clone().run(stop_rx));
     write_public(&args.data_dir.join(SERVER_URL_FILE), &url)?;
     match (&transport.ca_file, &transport.fingerprint) {
         (Some(ca), Some(fingerprint)) => {
@@ -208,11 +333,6 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         _ => tracing::warn!("serving plain HTTP on loopback (--plain-http): no TLS"),
     }
     tracing::info!(%addr, %url, "listening");
-    let app = hearth_api::router(hearth_api::AppState {
-        store,
-        pool,
-        default_max_vms: args.default_max_vms,
-    });
     let limits = crate::listener::Limits {
         header_timeout: args.header_timeout,
         idle_timeout: args.idle_timeout,
@@ -221,6 +341,9 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     crate::listener::serve(listener, app, limits, transport.config, shutdown_signal()).await;
     let _ = stop_tx.send(true);
     let _ = runner.await;
+    for task in node_tasks {
+        let _ = task.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -254,6 +377,7 @@ async fn image_store(
         );
     }
     let agent = args
+        .drivers
         .guest_agent
         .clone()
         .or_else(hearth_drivers::sandbox::find_agent_binary);
@@ -264,69 +388,11 @@ async fn image_store(
     )))
 }
 
-/// The drivers, the build record, adoption of what survived the last run,
-/// and the pool runner.
-async fn start_pool(
+/// The pool's options from the flags, and the build record.
+async fn pool_options(
     args: &ServerArgs,
     store: &Arc<dyn Store>,
-) -> anyhow::Result<Arc<hearth_reconcilers::Pool>> {
-    use hearth_drivers::fake::{FakeConfig, FakeDriver};
-    use hearth_drivers::sandbox::{SandboxConfig, SandboxDriver, find_agent_binary};
-    let mut drivers = hearth_drivers::Drivers::new().with(Arc::new(FakeDriver::new(FakeConfig {
-        boot_latency: args.fake_boot_latency,
-        failure_rate: args.fake_failure_rate,
-    })));
-    let net = Arc::new(
-        hearth_drivers::net::Net::new(hearth_drivers::net::NetConfig::for_bridge(
-            &args.vm_bridge,
-            hearth_drivers::net::parse_subnet(&args.vm_subnet)
-                .map_err(|e| anyhow::anyhow!("--vm-subnet: {e}"))?,
-        ))
-        .map_err(|e| anyhow::anyhow!("--vm-bridge: {e}"))?,
-    );
-    match args.guest_agent.clone().or_else(find_agent_binary) {
-        Some(agent_binary) => {
-            hearth_drivers::sandbox::check_uid_base(args.sandbox_uid_base)
-                .map_err(|e| anyhow::anyhow!("--sandbox-uid-base: {e}"))?;
-            let data_dir = fs::canonicalize(&args.data_dir)?;
-            // The sandboxes' default image, built from this host's packages
-            // (a second start finds it in a few milliseconds).
-            let images = data_dir.join("images");
-            let default_root =
-                tokio::task::spawn_blocking(move || hearth_image::base::ensure(&images))
-                    .await?
-                    .map_err(|e| tracing::warn!(error = %e, "no default sandbox image: sandboxes need an image with a root_dir"))
-                    .ok();
-            if let Some(root) = &default_root {
-                tracing::info!(image = %root.display(), "default sandbox image ready");
-            }
-            let mut config = SandboxConfig::new(data_dir.join("sandboxes"), agent_binary);
-            config.hide = vec![data_dir];
-            config.default_root = default_root;
-            config.uid_base = args.sandbox_uid_base;
-            config.net = Some(net.clone());
-            let sandbox = SandboxDriver::new(config);
-            drivers = drivers.with(Arc::new(sandbox));
-        }
-        None => tracing::warn!(
-            "no hearth-guest-agent binary found: the sandbox driver is off (set --guest-agent)"
-        ),
-    }
-    if let Some(qemu) = find_on_path(hearth_drivers::qemu::DEFAULT_QEMU_BINARY) {
-        use hearth_drivers::qemu::{Accel, QemuConfig, QemuDriver};
-        let mut config = QemuConfig::new(fs::canonicalize(&args.data_dir)?.join("qemu"));
-        config.qemu_binary = qemu;
-        config.net = Some(net.clone());
-        config.accel = match args.qemu_accel.as_str() {
-            "auto" => Accel::Auto,
-            "kvm" => Accel::Kvm,
-            "tcg" => Accel::Tcg,
-            other => anyhow::bail!("--qemu-accel {other:?}: use auto, kvm or tcg"),
-        };
-        drivers = drivers.with(Arc::new(QemuDriver::new(config)));
-    } else {
-        tracing::info!("no qemu-system-x86_64 on PATH: the qemu driver is off");
-    }
+) -> anyhow::Result<hearth_reconcilers::PoolOptions> {
     let mut options = hearth_reconcilers::PoolOptions {
         images: Some(image_store(args, store).await?),
         ..Default::default()
@@ -343,6 +409,11 @@ async fn start_pool(
     options.reap_after = args.reap_after;
     options.resync = args.resync;
     options.command_timeout = args.command_timeout;
+    options.fleet = hearth_reconcilers::FleetTimings {
+        heartbeat: args.node_heartbeat,
+        node_timeout: args.node_timeout,
+        lost_after: args.node_lost_after,
+    };
     if let Some(replica) = &args.replica_id {
         anyhow::ensure!(
             !replica.trim().is_empty(),
@@ -350,36 +421,41 @@ async fn start_pool(
         );
         options.replica = replica.clone();
     }
+    tracing::info!(replica = %options.replica, "pool replica");
     store
         .register_build(&options.build)
         .await
         .map_err(|e| anyhow::anyhow!("cannot record the build: {e}"))?;
-    tracing::info!(replica = %options.replica, "pool replica");
-    let pool = hearth_reconcilers::Pool::new(store.clone(), drivers, options);
-    // What a previous leader left is resolved per tenant when this replica
-    // starts leading it (`Pool::take_over`, from the run loop), never here:
-    // on PostgreSQL other replicas may be booting right now. A SQLite store
-    // has one process, which owns every VM its drivers run: it still
-    // reconciles their listing with the store at start.
-    if store.backend() == "sqlite" {
-        let report = pool
-            .adopt()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot adopt the drivers' VMs: {e}"))?;
-        tracing::info!(
-            adopted = report.adopted,
-            unknown_destroyed = report.unknown_destroyed,
-            records_closed = report.records_closed,
-            agents_failed = report.agents_failed,
-            agents_requeued = report.agents_requeued,
-            agents_reattached = report.agents_reattached,
-            "reconciled the drivers' VMs with the store"
-        );
-    }
-    Ok(pool)
+    Ok(options)
 }
 
-async fn shutdown_signal() {
+/// The fleet's join token: read from `path`, or made there (0600) on
+/// first start.
+fn join_token(path: &Path) -> anyhow::Result<String> {
+    match fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_owned()),
+        Ok(_) => anyhow::bail!("the join token file {} is empty", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = format!("hjt_{}", hearth_api::auth::issue_token(None).text);
+            write_secret(path, &token)?;
+            tracing::info!(path = %path.display(), "made the fleet's join token");
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read the join token {}", path.display())),
+    }
+}
+
+/// The name of a server's embedded node.
+fn local_node_name() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}-local")
+}
+
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -498,7 +574,7 @@ fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 /// The first `name` on `PATH`, or `name` itself when it is a path.
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
     if name.contains('/') {
         return Path::new(name).is_file().then(|| PathBuf::from(name));
     }

@@ -161,6 +161,55 @@ pub fn fingerprint(der: &[u8]) -> String {
         .join(":")
 }
 
+/// A node's TLS in `dir` (`<node-data>/tls/` for `hearth node`,
+/// `<data-dir>/node-tls/` for a server's embedded node, apart from the
+/// server's own): its own CA (`node-ca.pem`, `node-ca-key.pem`) and a
+/// fresh leaf for `names` (plus loopback) on every start. Returns the
+/// config to serve with and the CA's PEM (what the node reports at join).
+pub fn node_setup(
+    dir: &Path,
+    names: &[String],
+) -> anyhow::Result<(Arc<rustls::ServerConfig>, String)> {
+    let dir = dir.to_path_buf();
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let ca = own_ca_named(&dir, "node-ca.pem", "node-ca-key.pem", "hearth node CA")?;
+    let mut sans = Vec::new();
+    for name in ["localhost", "127.0.0.1", "::1"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(names.iter().cloned())
+    {
+        let san = match name.trim_matches(['[', ']']).parse::<IpAddr>() {
+            Ok(ip) => rcgen::SanType::IpAddress(ip),
+            Err(_) if is_dns_name(&name) => rcgen::SanType::DnsName(
+                name.as_str()
+                    .try_into()
+                    .map_err(|e| anyhow::anyhow!("node name {name:?}: {e}"))?,
+            ),
+            Err(_) => bail!("{name:?}: neither an IP address nor a DNS name"),
+        };
+        if !sans.contains(&san) {
+            sans.push(san);
+        }
+    }
+    let (chain, key) = issue_cert(&dir, &ca, &sans, "hearth node", "node.pem", "node-key.pem")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the node's TLS certificate and key do not go together")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let ca_pem = fs::read_to_string(dir.join("node-ca.pem"))
+        .with_context(|| format!("cannot read {}", dir.join("node-ca.pem").display()))?;
+    Ok((Arc::new(config), ca_pem))
+}
+
 /// The server's own CA: its certificate (as an issuer) and key.
 struct Ca {
     cert: rcgen::Certificate,
@@ -169,11 +218,11 @@ struct Ca {
     der: Vec<u8>,
 }
 
-fn ca_params(key: &rcgen::KeyPair) -> rcgen::CertificateParams {
+fn ca_params(key: &rcgen::KeyPair, ca_name: &str) -> rcgen::CertificateParams {
     let mut params = rcgen::CertificateParams::default();
     let mut name = rcgen::DistinguishedName::new();
     let id = hex::encode(&Sha256::digest(key.public_key_raw())[..6]);
-    name.push(rcgen::DnType::CommonName, format!("{CA_NAME} {id}"));
+    name.push(rcgen::DnType::CommonName, format!("{ca_name} {id}"));
     name.push(rcgen::DnType::OrganizationName, "hearth");
     params.distinguished_name = name;
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
@@ -192,8 +241,12 @@ fn ca_params(key: &rcgen::KeyPair) -> rcgen::CertificateParams {
 /// is rebuilt from the same name and the stored key, which is all a
 /// verifier matches a server certificate against.
 fn own_ca(dir: &Path) -> anyhow::Result<Ca> {
-    let cert_path = dir.join(CA_FILE);
-    let key_path = dir.join(CA_KEY_FILE);
+    own_ca_named(dir, CA_FILE, CA_KEY_FILE, CA_NAME)
+}
+
+fn own_ca_named(dir: &Path, cert_file: &str, key_file: &str, ca_name: &str) -> anyhow::Result<Ca> {
+    let cert_path = dir.join(cert_file);
+    let key_path = dir.join(key_file);
     if key_path.exists() {
         let pem = fs::read_to_string(&key_path)
             .with_context(|| format!("cannot read {}", key_path.display()))?;
@@ -209,14 +262,14 @@ fn own_ca(dir: &Path) -> anyhow::Result<Ca> {
         let der = CertificateDer::from_pem_file(&cert_path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", cert_path.display()))?
             .to_vec();
-        let cert = ca_params(&key).self_signed(&key)?;
+        let cert = ca_params(&key, ca_name).self_signed(&key)?;
         return Ok(Ca { cert, key, der });
     }
     let key = rcgen::KeyPair::generate()?;
-    let cert = ca_params(&key).self_signed(&key)?;
+    let cert = ca_params(&key, ca_name).self_signed(&key)?;
     write_file(&key_path, &key.serialize_pem(), 0o600)?;
     write_file(&cert_path, &cert.pem(), 0o644)?;
-    tracing::info!(path = %cert_path.display(), "made the server's own certificate authority");
+    tracing::info!(path = %cert_path.display(), name = ca_name, "made a certificate authority of its own");
     let der = cert.der().to_vec();
     Ok(Ca { cert, key, der })
 }
@@ -278,9 +331,27 @@ fn issue_server_cert(
     ca: &Ca,
     sans: &[rcgen::SanType],
 ) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    issue_cert(
+        dir,
+        ca,
+        sans,
+        "hearth server",
+        SERVER_CERT_FILE,
+        SERVER_KEY_FILE,
+    )
+}
+
+fn issue_cert(
+    dir: &Path,
+    ca: &Ca,
+    sans: &[rcgen::SanType],
+    common_name: &str,
+    cert_file: &str,
+    key_file: &str,
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let mut params = rcgen::CertificateParams::default();
     let mut name = rcgen::DistinguishedName::new();
-    name.push(rcgen::DnType::CommonName, "hearth server");
+    name.push(rcgen::DnType::CommonName, common_name);
     params.distinguished_name = name;
     params.subject_alt_names = sans.to_vec();
     params.is_ca = rcgen::IsCa::ExplicitNoCa;
@@ -292,9 +363,9 @@ fn issue_server_cert(
     params.not_after = now + time::Duration::days(825);
     let key = rcgen::KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca.cert, &ca.key)?;
-    write_file(&dir.join(SERVER_KEY_FILE), &key.serialize_pem(), 0o600)?;
+    write_file(&dir.join(key_file), &key.serialize_pem(), 0o600)?;
     write_file(
-        &dir.join(SERVER_CERT_FILE),
+        &dir.join(cert_file),
         &format!("{}{}", cert.pem(), ca.cert.pem()),
         0o644,
     )?;

@@ -13,6 +13,7 @@ mod hardening;
 mod images;
 mod network;
 mod node_cli;
+mod nodes;
 mod pool;
 mod pool_wake;
 mod provisioning;
