@@ -265,8 +265,13 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
             stop_rx.clone(),
         )
         .await?;
+        // One host, as before nodes: `max_vms` is its limit, so the
+        // embedded node offers cpus and memory without bound (a fleet's
+        // nodes report what their hosts have).
         let capacity = crate::node::CapacityArgs {
-            vm_slots: 1024,
+            cpus: Some(EMBEDDED_NODE_UNBOUNDED),
+            memory_mib: Some(EMBEDDED_NODE_UNBOUNDED),
+            vm_slots: EMBEDDED_NODE_UNBOUNDED,
             max_boots: args.max_concurrent_boots.max(1) as i64,
             ..Default::default()
         }
@@ -444,6 +449,10 @@ fn join_token(path: &Path) -> anyhow::Result<String> {
         Err(e) => Err(e).with_context(|| format!("cannot read the join token {}", path.display())),
     }
 }
+
+/// What the embedded node offers of cpus, memory (MiB) and VM slots: more
+/// than any `max_vms` asks.
+const EMBEDDED_NODE_UNBOUNDED: i64 = 1 << 30;
 
 /// The name of a server's embedded node.
 fn local_node_name() -> String {
