@@ -276,7 +276,27 @@ fn reaper_follows_reap_stranded_workflows(b: Backend) {
 fn five_hundred_concurrent_spawns_hold_the_cap(b: Backend) {
     // The fake driver: this is about claims and the cap, through the real
     // server, store and HTTP, at a size this machine cannot run real VMs at.
-    let s = Server::start_with(b, &["--resync", "100ms", "--max-concurrent-boots", "50"]);
+    let s = Server::start_with(b, FIVE_HUNDRED);
+    five_hundred_spawns(&s, &[&s]);
+}
+
+const FIVE_HUNDRED: &[&str] = &["--resync", "100ms", "--max-concurrent-boots", "50"];
+
+/// The same 500 spawns, half through each of two replicas on one
+/// PostgreSQL database: the second has no node of its own and reaches the
+/// first one's embedded node.
+#[test]
+fn five_hundred_concurrent_spawns_on_two_replicas_hold_the_cap() {
+    let first = Server::start_with(Backend::Postgres, FIVE_HUNDRED);
+    let mut extra = FIVE_HUNDRED.to_vec();
+    extra.push("--no-local-node");
+    let second = Server::replica_of(&first, &extra);
+    five_hundred_spawns(&first, &[&first, &second]);
+}
+
+/// 500 spawns from 25 threads spread over `replicas`, against a pool of
+/// 100 warm fake VMs under max_vms 150 seeded through `s`.
+fn five_hundred_spawns(s: &Server, replicas: &[&Server]) {
     s.pool(
         150,
         "driver: fake\n",
@@ -289,7 +309,7 @@ fn five_hundred_concurrent_spawns_hold_the_cap(b: Backend) {
         s.status()
     );
     let token = s.admin_token.clone();
-    let url = s.url.clone();
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
     // Sample the VM count while the spawns run.
     let stop = Arc::new(AtomicBool::new(false));
     let max_seen = Arc::new(AtomicI64::new(0));
@@ -308,8 +328,9 @@ fn five_hundred_concurrent_spawns_hold_the_cap(b: Backend) {
     };
     let results = Arc::new(Mutex::new(Vec::new()));
     let threads: Vec<_> = (0..25)
-        .map(|_| {
-            let (url, token, results) = (url.clone(), token.clone(), results.clone());
+        .map(|t| {
+            let url = urls[t % urls.len()].clone();
+            let (token, results) = (token.clone(), results.clone());
             std::thread::spawn(move || {
                 let api = crate::common::Api {
                     base: url,

@@ -184,6 +184,48 @@ impl Server {
         server
     }
 
+    /// Another replica of `first`'s control plane: a data dir of its own
+    /// with the same secrets key and join token, on the same PostgreSQL
+    /// database, with `first`'s admin token.
+    pub fn replica_of(first: &Server, extra: &[&str]) -> Server {
+        let url = first
+            .database_url()
+            .expect("replicas share a PostgreSQL database")
+            .to_owned();
+        let data_dir = tempfile::tempdir().unwrap();
+        for file in ["secrets.key", "join-token"] {
+            let from = first.data_dir.path().join(file);
+            let to = data_dir.path().join(file);
+            std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+        }
+        let mut args = vec!["--database-url".to_owned(), url];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut server = Server {
+            backend: Backend::Postgres,
+            data_dir,
+            database: None,
+            url: String::new(),
+            admin_token: first.admin_token.clone(),
+            ca: None,
+            child: None,
+            logs: Default::default(),
+            stdout: Default::default(),
+            extra: args,
+        };
+        server.launch();
+        server
+    }
+
+    /// Whether its process runs (not killed or stopped by the test).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn database_url(&self) -> Option<&str> {
         self.database.as_ref().map(|d| d.url.as_str())
     }
@@ -192,20 +234,17 @@ impl Server {
     pub fn launch(&mut self) {
         assert!(self.child.is_none(), "already running");
         let mut cmd = Command::new(binary());
-        cmd.args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--data-dir",
-        ])
-        .arg(self.data_dir.path())
-        .env("RUST_LOG", "info")
-        .env_remove("HEARTH_DATABASE_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.arg("server");
+        if !self.extra.iter().any(|a| a == "--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--log-format", "json", "--data-dir"])
+            .arg(self.data_dir.path())
+            .env("RUST_LOG", "info")
+            .env_remove("HEARTH_DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         if let Some(url) = self.database_url() {
             cmd.args(["--database-url", url]);
         }

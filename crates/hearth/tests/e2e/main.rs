@@ -9,6 +9,7 @@ mod auth;
 mod cli;
 mod conformance;
 mod developer_scoping;
+mod fleet;
 mod hardening;
 mod images;
 mod network;
