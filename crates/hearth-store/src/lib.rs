@@ -130,6 +130,13 @@ pub trait Store: Send + Sync + 'static {
     /// in progress in it).
     async fn change_token(&self) -> Result<ChangeToken>;
 
+    /// Names the replica this store serves where the database shows its
+    /// sessions (PostgreSQL: the lead connection's `application_name`,
+    /// `hearth-lead <replica>`); nothing elsewhere.
+    fn name_replica(&self, replica: &str) {
+        let _ = replica;
+    }
+
     /// On an empty store (no tenant at all), creates the first tenant, its
     /// pool config (`pool_config`, the spec of the `default` singleton), an
     /// `operator` developer identity in it and that identity's token, in one

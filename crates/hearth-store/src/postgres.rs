@@ -49,6 +49,15 @@ pub const LEAD_LOCK_NAMESPACE: i32 = 0x6865_6172;
 /// What the lead connection calls itself (`pg_stat_activity`).
 pub const LEAD_APPLICATION_NAME: &str = "hearth-lead";
 
+/// The lead connection's name for `replica` (PostgreSQL keeps 63 bytes).
+fn lead_application_name(replica: &str) -> String {
+    let mut name = format!("{LEAD_APPLICATION_NAME} {replica}");
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
+}
+
 /// Longest the lead query may take before the session is taken for dead
 /// (a partitioned connection would otherwise hang a pass).
 const LEAD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,6 +82,10 @@ pub struct PgStore {
     lead: Arc<tokio::sync::Mutex<LeadSession>>,
     /// Names this instance in its wakes, so it never wakes itself.
     origin: Arc<str>,
+    /// The replica this instance serves, in its lead connection's name
+    /// (`hearth-lead <replica>` in `pg_stat_activity`): who reconciles
+    /// which tenant is visible to an operator (and a test).
+    replica: Arc<std::sync::Mutex<String>>,
     /// Measures the clock while any clone lives.
     _clock: Arc<AbortOnDrop>,
 }
@@ -161,6 +174,7 @@ impl PgStore {
             secrets: Arc::default(),
             lead: Arc::default(),
             origin: uuid::Uuid::new_v4().simple().to_string().into(),
+            replica: Arc::new(std::sync::Mutex::new(String::new())),
             _clock: Arc::new(AbortOnDrop(resync)),
         })
     }
@@ -179,12 +193,18 @@ impl PgStore {
             .connect_options()
             .as_ref()
             .clone()
-            .application_name(LEAD_APPLICATION_NAME)
+            .application_name(&lead_application_name(
+                &self.replica.lock().expect("replica name lock"),
+            ))
             .options([
                 ("tcp_keepalives_idle", "5"),
                 ("tcp_keepalives_interval", "2"),
                 ("tcp_keepalives_count", "3"),
             ])
+    }
+
+    fn set_replica_name(&self, replica: &str) {
+        *self.replica.lock().expect("replica name lock") = replica.to_owned();
     }
 
     async fn lead_tenants(&self, tenants: &[TenantId]) -> Result<Leads> {

@@ -1365,6 +1365,10 @@ macro_rules! impl_store {
                     data.ok_or_else(|| StoreError::NotFound(format!("chunk {seq} of artifact {digest}")))
                 }
 
+                fn name_replica(&self, replica: &str) {
+                    self.set_replica_name(replica);
+                }
+
                 async fn lead(&self, tenants: &[TenantId]) -> Result<$crate::Leads> {
                     self.lead_tenants(tenants).await
                 }

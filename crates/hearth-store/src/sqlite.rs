@@ -211,6 +211,8 @@ impl SqliteStore {
 
     /// One process: it leads every tenant it is asked for, and never loses
     /// a lead.
+    fn set_replica_name(&self, _replica: &str) {}
+
     async fn lead_tenants(&self, tenants: &[TenantId]) -> Result<Leads> {
         Ok(Leads {
             led: tenants.iter().copied().collect(),

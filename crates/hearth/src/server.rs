@@ -427,6 +427,7 @@ async fn pool_options(
         options.replica = replica.clone();
     }
     tracing::info!(replica = %options.replica, "pool replica");
+    store.name_replica(&options.replica);
     store
         .register_build(&options.build)
         .await

@@ -478,8 +478,8 @@ impl Fleet {
              AND a.datname = current_database()",
         );
         names.iter().find_map(|n| {
-            let k = n.rsplit('r').next()?.parse::<usize>().ok()?;
-            (k < self.replicas.len() && n.ends_with(&format!("r{k}"))).then_some(k)
+            let k = n.strip_prefix("hearth-lead r")?.parse::<usize>().ok()?;
+            (k < self.replicas.len()).then_some(k)
         })
     }
 
