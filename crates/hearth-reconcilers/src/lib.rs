@@ -21,6 +21,7 @@
 //! - the API talks to drivers only through this crate.
 
 pub mod images;
+pub mod placement;
 pub mod plan;
 pub mod reaper;
 mod runner;

@@ -13,13 +13,26 @@
 //! - at the cap, idle VMs above their workspace's `min_idle` give way to
 //!   queued agents and to backfill below `min_idle` ([`Reason::GiveWay`]);
 //! - over the cap (a lowered `max_vms`), idle VMs are destroyed until the
-//!   tenant is within it ([`Reason::OverCap`]), and once within it stays so.
+//!   tenant is within it ([`Reason::OverCap`]), and once within it stays so;
+//! - nodes ([`Snapshot::nodes`]): a VM on an *unreachable* node (no
+//!   heartbeat for `node_timeout_ms`) is given up ([`Action::GiveUp`]: its
+//!   record closed, no driver call, the node fences it when it returns)
+//!   unless an agent holds it; a held one is lost ([`Action::Lose`]) once
+//!   the node has been silent for `lost_after_ms`. Given-up and lost VMs no
+//!   longer count toward `min_idle` nor the cap, so the pool backfills at
+//!   once. A *draining* node's idle VMs are destroyed
+//!   ([`Reason::NodeDraining`]) and do not count toward `min_idle`, its
+//!   boots do not either, and its returned VMs are destroyed, not reused.
+//!   These are the only actions on a VM in flight (its task's driver calls
+//!   to an unreachable node cannot finish it).
 //!
 //! [`plan_with_deadline`] says when the clock alone changes the plan, so the
 //! runner passes again then rather than at the resync.
 
-use hearth_core::ids::{AgentId, VmId};
-use hearth_store::{AgentPhase, AgentRecord, Millis, VmRecord, VmState, WorkspaceState};
+use hearth_core::ids::{AgentId, NodeId, VmId};
+use hearth_store::{
+    AgentPhase, AgentRecord, Millis, NodeState, VmRecord, VmState, WorkspaceState,
+};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
@@ -37,6 +50,11 @@ pub struct Settings {
     pub backoff_max_ms: Millis,
     /// After this many consecutive failed boots a workspace is hard-limited.
     pub hard_limit_failures: i64,
+    /// A node silent for longer is unreachable (the fleet's `node_timeout`).
+    pub node_timeout_ms: Millis,
+    /// An unreachable node's assigned VMs are lost once it has been silent
+    /// for longer (the fleet's `lost_after`).
+    pub lost_after_ms: Millis,
 }
 
 impl Default for Settings {
@@ -48,6 +66,8 @@ impl Default for Settings {
             backoff_base_ms: 5_000,
             backoff_max_ms: 5 * 60 * 1000,
             hard_limit_failures: 5,
+            node_timeout_ms: 10_000,
+            lost_after_ms: 60_000,
         }
     }
 }
@@ -69,6 +89,15 @@ pub struct WorkspaceView {
     pub state: WorkspaceState,
 }
 
+/// One node as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub state: NodeState,
+    /// Its last heartbeat, by the store's clock.
+    pub last_heartbeat: Millis,
+}
+
 /// Everything the planner needs of one tenant, read at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -85,6 +114,10 @@ pub struct Snapshot {
     pub holders: HashMap<AgentId, (AgentPhase, Option<VmId>)>,
     /// VMs a task of this server is working on right now.
     pub in_flight: HashSet<VmId>,
+    /// The nodes VMs run on. A VM whose node is not here (none recorded,
+    /// or a pool of this process's own drivers) is planned as always
+    /// reachable on a ready node.
+    pub nodes: HashMap<NodeId, NodeView>,
 }
 
 /// Why a VM is destroyed.
@@ -109,6 +142,8 @@ pub enum Reason {
     GiveWay,
     /// The tenant has more live VMs than `max_vms` (it was lowered).
     OverCap,
+    /// Idle on a node that is draining: replaced elsewhere.
+    NodeDraining,
 }
 
 /// One thing to do.
@@ -133,6 +168,36 @@ pub enum Action {
     MarkStale { workspace: String },
     /// A queued agent that cannot be served (its workspace is gone or hard-limited).
     FailAgent { agent: AgentId, error: String },
+    /// Close the record of a VM on an unreachable node (compare-and-set
+    /// from `from`) as `destroyed` with `error`, without a driver call: the
+    /// node destroys it when it reports again (fencing). An agent it was
+    /// booting for waits again.
+    GiveUp {
+        vm: VmId,
+        from: VmState,
+        error: String,
+    },
+    /// An assigned VM whose node has been silent past `lost_after_ms`: its
+    /// record closed with `error`, its agent failed with `agent_error`.
+    Lose {
+        vm: VmId,
+        agent: Option<AgentId>,
+        error: String,
+        agent_error: String,
+    },
+}
+
+/// What a given-up VM's record says.
+pub fn unreachable_error(node: &str) -> String {
+    format!("node {node} is unreachable")
+}
+
+/// What a lost VM's record says, and what its agent's says.
+pub fn lost_errors(node: &str) -> (String, String) {
+    (
+        format!("lost: node {node} stopped answering"),
+        format!("its VM was lost: node {node} stopped answering"),
+    )
 }
 
 /// Whether a VM was built from another environment or image version, or
@@ -246,7 +311,22 @@ pub fn plan_with_deadline(
     now: Millis,
     settings: &Settings,
 ) -> (Vec<Action>, Option<Millis>) {
-    let (mut actions, room, deadline) = plan_base(snap, in_flight, now, settings);
+    plan_with_nodes(snap, in_flight, &snap.nodes, now, settings)
+}
+
+/// [`plan_with_deadline`] with the nodes given apart from the snapshot (a
+/// snapshot kept between passes is planned with each pass's fresh read of
+/// the nodes: their heartbeats move on while the tenant's rows do not;
+/// `snap.nodes` is not read). A node's `last_heartbeat + node_timeout_ms`
+/// and `+ lost_after_ms` are deadlines.
+pub fn plan_with_nodes(
+    snap: &Snapshot,
+    in_flight: &HashSet<VmId>,
+    nodes: &HashMap<NodeId, NodeView>,
+    now: Millis,
+    settings: &Settings,
+) -> (Vec<Action>, Option<Millis>) {
+    let (mut actions, room, deadline) = plan_base(snap, in_flight, nodes, now, settings);
     if let Some(room) = room {
         make_room(snap, &mut actions, room);
     }
@@ -260,7 +340,7 @@ pub fn next_deadline(
     now: Millis,
     settings: &Settings,
 ) -> Option<Millis> {
-    plan_base(snap, in_flight, now, settings).2
+    plan_base(snap, in_flight, &snap.nodes, now, settings).2
 }
 
 /// Keeps in `next` the earliest of the moments after `now` it is given.
@@ -296,6 +376,10 @@ struct Room {
     deficits: Vec<(usize, usize, usize)>,
     /// Boots planned this pass.
     boots: i64,
+    /// VMs given up or lost this pass (no longer live), and how many of
+    /// them were `draining`.
+    gone: i64,
+    gone_draining: i64,
 }
 
 /// The cap's rules on top of [`plan_base`]: a tenant over `max_vms`
@@ -318,7 +402,8 @@ fn make_room(snap: &Snapshot, actions: &mut Vec<Action>, mut room: Room) {
         .vms
         .iter()
         .filter(|v| v.state == VmState::Draining)
-        .count() as i64;
+        .count() as i64
+        - room.gone_draining;
     let mut leaving = draining
         + actions
             .iter()
@@ -327,7 +412,7 @@ fn make_room(snap: &Snapshot, actions: &mut Vec<Action>, mut room: Room) {
                     || matches!(a, Action::Return { to_idle: false, .. })
             })
             .count() as i64;
-    let live = snap.vms.len() as i64;
+    let live = snap.vms.len() as i64 - room.gone;
     let boots = room.boots;
     let over = |leaving: i64| live - leaving + boots - max_vms;
     // Over the cap, a VM let go of is not kept warm.
@@ -530,6 +615,7 @@ impl<F: Fn(&Room, usize) -> Option<Ratio>> Picker<F> {
 fn plan_base(
     snap: &Snapshot,
     in_flight: &HashSet<VmId>,
+    nodes: &HashMap<NodeId, NodeView>,
     now: Millis,
     settings: &Settings,
 ) -> (Vec<Action>, Option<Room>, Option<Millis>) {
@@ -553,14 +639,23 @@ fn plan_base(
     let workspace = |name: &str| by_name.get(name).copied();
     let n = snap.workspaces.len();
 
-    let live = snap.vms.len() as i64;
+    // Whether an agent still holds a VM (running or idle on it).
+    let held = |vm: &VmRecord| {
+        let holder = vm.agent_id.and_then(|a| snap.holders.get(&a));
+        matches!(holder, Some((phase, Some(on))) if *on == vm.id
+            && matches!(phase, AgentPhase::Running | AgentPhase::Idle))
+    };
+    let (on, gone, gone_draining) = on_nodes(snap, nodes, &held, now, settings, &mut actions, &mut deadline);
+    let on_node = |i: usize| on.get(i).copied().unwrap_or(OnNode::Here);
+
+    let live = snap.vms.len() as i64 - gone;
     let mut capacity = snap.max_vms.map_or(0, |m| (m - live).max(0));
     let mut booting = 0;
     // Boots under way per workspace: a workspace whose boots fail probes
     // with one at a time.
     let mut booting_in = vec![0usize; n];
-    for vm in &snap.vms {
-        if matches!(vm.state, VmState::Booting | VmState::Provisioning) {
+    for (i, vm) in snap.vms.iter().enumerate() {
+        if matches!(vm.state, VmState::Booting | VmState::Provisioning) && on_node(i) != OnNode::Gone {
             booting += 1;
             if let Some(w) = workspace(&vm.workspace) {
                 booting_in[w] += 1;
@@ -569,12 +664,6 @@ fn plan_base(
     }
     let probing = |w: usize, booting_in: &[usize]| {
         snap.workspaces[w].state.consecutive_failures > 0 && booting_in[w] > 0
-    };
-    // Whether an agent still holds a VM (running or idle on it).
-    let held = |vm: &VmRecord| {
-        let holder = vm.agent_id.and_then(|a| snap.holders.get(&a));
-        matches!(holder, Some((phase, Some(on))) if *on == vm.id
-            && matches!(phase, AgentPhase::Running | AgentPhase::Idle))
     };
     let is_in_flight = |vm: &VmRecord| !in_flight.is_empty() && in_flight.contains(&vm.id);
 
@@ -589,8 +678,16 @@ fn plan_base(
     let mut stale_marks = Vec::new();
     for (i, vm) in snap.vms.iter().enumerate() {
         let w = workspace(&vm.workspace);
+        let here = match on_node(i) {
+            OnNode::Gone => continue,
+            OnNode::Here => true,
+            // What a draining node runs is not counted as warm.
+            OnNode::Draining => false,
+        };
         if is_in_flight(vm) {
-            if let Some(w) = w {
+            if let Some(w) = w
+                && here
+            {
                 if matches!(vm.state, VmState::Booting | VmState::Provisioning)
                     && vm.reserved_for.is_none()
                     && !vm.test
@@ -629,6 +726,7 @@ fn plan_base(
                     earliest(&mut deadline, at, now);
                     if vm.reserved_for.is_none()
                         && !vm.test
+                        && here
                         && let Some(w) = w
                     {
                         booting_free[w] += 1;
@@ -639,6 +737,14 @@ fn plan_base(
             VmState::Assigned => {}
             VmState::Idle => {
                 if vm.test {
+                    continue;
+                }
+                if !here {
+                    actions.push(Action::Destroy {
+                        vm: vm.id,
+                        from: VmState::Idle,
+                        reason: Reason::NodeDraining,
+                    });
                     continue;
                 }
                 if let Some(w) = w {
@@ -688,13 +794,18 @@ fn plan_base(
 
     // Returns: an assigned VM whose agent let go goes back warm while its
     // workspace is under max_idle, else it is destroyed.
-    for vm in &snap.vms {
-        if vm.state != VmState::Assigned || is_in_flight(vm) || held(vm) {
+    for (i, vm) in snap.vms.iter().enumerate() {
+        if vm.state != VmState::Assigned
+            || is_in_flight(vm)
+            || held(vm)
+            || on_node(i) == OnNode::Gone
+        {
             continue;
         }
         let to_idle = match workspace(&vm.workspace) {
             Some(w)
                 if !snap.stopped
+                    && on_node(i) == OnNode::Here
                     && !is_stale(vm, &snap.workspaces[w])
                     && idle_in(w, &returning) < snap.workspaces[w].max_idle =>
             {
@@ -956,8 +1067,101 @@ fn plan_base(
         waiting,
         deficits,
         boots: boots_planned,
+        gone,
+        gone_draining,
     };
     (actions, Some(room), deadline)
+}
+
+/// Where a VM runs, as far as the plan goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnNode {
+    /// A node that is reachable and not draining (or none known).
+    Here,
+    /// A reachable node that is draining.
+    Draining,
+    /// Given up or lost this pass: no longer live.
+    Gone,
+}
+
+/// Per VM (as `snap.vms`), where it runs; plans the give-ups and losses of
+/// VMs on unreachable nodes and takes the nodes' deadlines. Returns the
+/// fates (empty when no node is known: every VM is [`OnNode::Here`]), how
+/// many VMs are gone and how many of those were `draining`.
+fn on_nodes(
+    snap: &Snapshot,
+    nodes: &HashMap<NodeId, NodeView>,
+    held: &dyn Fn(&VmRecord) -> bool,
+    now: Millis,
+    settings: &Settings,
+    actions: &mut Vec<Action>,
+    deadline: &mut Option<Millis>,
+) -> (Vec<OnNode>, i64, i64) {
+    if nodes.is_empty() {
+        return (Vec::new(), 0, 0);
+    }
+    let (mut gone, mut gone_draining) = (0, 0);
+    let mut on = Vec::with_capacity(snap.vms.len());
+    for vm in &snap.vms {
+        let Some(node) = vm.node_id.and_then(|id| nodes.get(&id)) else {
+            on.push(OnNode::Here);
+            continue;
+        };
+        let live = VmState::LIVE.contains(&vm.state);
+        let silent = now - node.last_heartbeat;
+        let fate = if silent <= settings.node_timeout_ms {
+            if live {
+                earliest(
+                    deadline,
+                    node.last_heartbeat
+                        .saturating_add(settings.node_timeout_ms)
+                        .saturating_add(1),
+                    now,
+                );
+            }
+            match node.state {
+                NodeState::Draining => OnNode::Draining,
+                NodeState::Ready | NodeState::Cordoned => OnNode::Here,
+            }
+        } else if !live {
+            OnNode::Here
+        } else if vm.state == VmState::Assigned && held(vm) {
+            if silent > settings.lost_after_ms {
+                let (error, agent_error) = lost_errors(&node.name);
+                actions.push(Action::Lose {
+                    vm: vm.id,
+                    agent: vm.agent_id,
+                    error,
+                    agent_error,
+                });
+                OnNode::Gone
+            } else {
+                earliest(
+                    deadline,
+                    node.last_heartbeat
+                        .saturating_add(settings.lost_after_ms)
+                        .saturating_add(1),
+                    now,
+                );
+                OnNode::Here
+            }
+        } else {
+            actions.push(Action::GiveUp {
+                vm: vm.id,
+                from: vm.state,
+                error: unreachable_error(&node.name),
+            });
+            OnNode::Gone
+        };
+        if fate == OnNode::Gone {
+            gone += 1;
+            if vm.state == VmState::Draining {
+                gone_draining += 1;
+            }
+        }
+        on.push(fate);
+    }
+    (on, gone, gone_draining)
 }
 /// The back-off state after one more failed boot.
 pub fn after_failure(
@@ -1644,7 +1848,10 @@ mod tests {
         let mut next = s.clone();
         for action in actions {
             match action {
-                Action::Destroy { vm, .. } | Action::Return { vm, to_idle: false } => {
+                Action::Destroy { vm, .. }
+                | Action::Return { vm, to_idle: false }
+                | Action::GiveUp { vm, .. }
+                | Action::Lose { vm, .. } => {
                     next.vms.retain(|v| v.id != *vm);
                 }
                 Action::Return { vm, to_idle: true } => {
@@ -2361,7 +2568,7 @@ mod tests {
         fn the_linear_planner_decides_as_the_reference((s, settings, now) in arb_rich_snapshot()) {
             // The reference predates the cap's rules (make_room): it is
             // compared with the plan before them.
-            let base = plan_base(&s, &s.in_flight, now, &settings).0;
+            let base = plan_base(&s, &s.in_flight, &s.nodes, now, &settings).0;
             // The deadline comes with the plan, and the clock changes
             // nothing before it (nothing ever, without one).
             let (planned, due) = plan_with_deadline(&s, &s.in_flight, now, &settings);
