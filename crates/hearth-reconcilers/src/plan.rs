@@ -2596,4 +2596,239 @@ mod tests {
             prop_assert_eq!(plan_with_in_flight(&bare, &s.in_flight, now, &settings), new);
         }
     }
+
+    // ------------------------------------------------------------ nodes
+
+    fn node(state: NodeState, silent_ms: Millis) -> (NodeId, NodeView) {
+        let id = NodeId::new();
+        let view = NodeView {
+            name: format!("n-{}", &id.to_string()[..8]),
+            state,
+            last_heartbeat: NOW - silent_ms,
+        };
+        (id, view)
+    }
+
+    fn on(mut v: VmRecord, node: NodeId) -> VmRecord {
+        v.node_id = Some(node);
+        v
+    }
+
+    fn given_up(actions: &[Action]) -> Vec<VmId> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::GiveUp { vm, .. } => Some(*vm),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_unreachable_nodes_idle_vms_are_given_up_and_backfilled_at_once() {
+        let settings = Settings::default();
+        let (gone_id, gone) = node(NodeState::Ready, settings.node_timeout_ms + 1);
+        let (ok_id, ok) = node(NodeState::Ready, 0);
+        let a = on(vm("web", VmState::Idle), gone_id);
+        let b = on(vm("web", VmState::Idle), gone_id);
+        let c = on(vm("web", VmState::Idle), ok_id);
+        let mut booting = on(vm("web", VmState::Booting), gone_id);
+        let agent = AgentId::new();
+        booting.reserved_for = Some(agent);
+        // At the cap (4 of 4): the given-up VMs free their slots at once.
+        let mut s = snap(4, vec![ws("web", 3, 5)], vec![a.clone(), b.clone(), c, booting.clone()]);
+        s.nodes = [(gone_id, gone.clone()), (ok_id, ok)].into();
+        let actions = plan(&s, NOW, &settings);
+        let mut up = given_up(&actions);
+        up.sort();
+        let mut want = vec![a.id, b.id, booting.id];
+        want.sort();
+        assert_eq!(up, want);
+        let error = actions.iter().find_map(|x| match x {
+            Action::GiveUp { vm, from, error } if *vm == booting.id => Some((*from, error.clone())),
+            _ => None,
+        });
+        assert_eq!(
+            error,
+            Some((VmState::Booting, format!("node {} is unreachable", gone.name)))
+        );
+        // min_idle 3, one warm left on a reachable node: two boots now.
+        assert_eq!(boots(&actions, "web"), 2);
+        assert!(destroys(&actions).is_empty(), "no driver call to an unreachable node");
+        // Just before the timeout, nothing is given up; the timeout is a deadline.
+        let mut fresh = s.clone();
+        fresh.nodes.get_mut(&gone_id).unwrap().last_heartbeat = NOW;
+        fresh.nodes.get_mut(&ok_id).unwrap().last_heartbeat = NOW + 5_000;
+        let (actions, due) = plan_with_deadline(&fresh, &HashSet::new(), NOW, &settings);
+        assert!(given_up(&actions).is_empty());
+        let due = due.unwrap();
+        assert_eq!(due, NOW + settings.node_timeout_ms + 1);
+        assert!(given_up(&plan(&fresh, due - 1, &settings)).is_empty());
+        assert_eq!(given_up(&plan(&fresh, due, &settings)).len(), 3);
+    }
+
+    #[test]
+    fn a_held_vm_on_an_unreachable_node_is_lost_only_after_lost_after() {
+        let settings = Settings::default();
+        let (id, mut view) = node(NodeState::Ready, settings.node_timeout_ms + 1);
+        let mut held = on(vm("web", VmState::Assigned), id);
+        let agent = AgentId::new();
+        held.agent_id = Some(agent);
+        let mut s = snap(4, vec![ws("web", 0, 5)], vec![held.clone()]);
+        s.holders.insert(agent, (AgentPhase::Running, Some(held.id)));
+        s.nodes = [(id, view.clone())].into();
+        let (actions, due) = plan_with_deadline(&s, &HashSet::new(), NOW, &settings);
+        assert!(actions.is_empty(), "{actions:?}");
+        let lost_at = view.last_heartbeat + settings.lost_after_ms + 1;
+        assert_eq!(due, Some(lost_at));
+        let actions = plan(&s, lost_at, &settings);
+        let (error, agent_error) = lost_errors(&view.name);
+        assert_eq!(
+            actions,
+            vec![Action::Lose {
+                vm: held.id,
+                agent: Some(agent),
+                error,
+                agent_error: agent_error.clone(),
+            }]
+        );
+        assert!(agent_error.contains("its VM was lost") && agent_error.contains(&view.name));
+        // Let go of before then: given up (not returned through the driver).
+        s.holders.insert(agent, (AgentPhase::Completed, Some(held.id)));
+        assert_eq!(given_up(&plan(&s, NOW, &settings)), vec![held.id]);
+        // The node came back: nothing happens to it.
+        view.last_heartbeat = NOW;
+        s.nodes = [(id, view)].into();
+        s.holders.insert(agent, (AgentPhase::Running, Some(held.id)));
+        assert!(plan(&s, NOW, &settings).is_empty());
+    }
+
+    #[test]
+    fn a_draining_nodes_idle_vms_are_replaced_and_its_returns_destroyed() {
+        let settings = Settings::default();
+        let (drain_id, drain) = node(NodeState::Draining, 0);
+        let (cordon_id, cordon) = node(NodeState::Cordoned, 0);
+        let idle = on(vm("web", VmState::Idle), drain_id);
+        let kept = on(vm("web", VmState::Idle), cordon_id);
+        let booting = on(vm("web", VmState::Booting), drain_id);
+        let mut returned = on(vm("web", VmState::Assigned), drain_id);
+        returned.agent_id = Some(AgentId::new());
+        let mut s = snap(
+            10,
+            vec![ws("web", 2, 5)],
+            vec![idle.clone(), kept, booting, returned.clone()],
+        );
+        s.nodes = [(drain_id, drain), (cordon_id, cordon)].into();
+        let actions = plan(&s, NOW, &settings);
+        assert_eq!(destroys(&actions), vec![(idle.id, Reason::NodeDraining)]);
+        assert!(actions.contains(&Action::Return {
+            vm: returned.id,
+            to_idle: false
+        }));
+        // The cordoned node's VM counts, the draining node's do not: one boot.
+        assert_eq!(boots(&actions, "web"), 1);
+    }
+
+    /// [`arb_rich_snapshot`] with its VMs spread over three nodes (or
+    /// none), each ready, cordoned or draining, and silent for a while, past
+    /// the node timeout, or past lost_after.
+    fn arb_fleet_snapshot() -> impl Strategy<Value = (Snapshot, Settings, Millis)> {
+        let nodes = prop::collection::vec((0u8..3, 0usize..3), 3);
+        (
+            arb_rich_snapshot(),
+            nodes,
+            prop::collection::vec(0usize..4, 60),
+        )
+            .prop_map(|((mut s, settings, now), specs, placed)| {
+                let ids: Vec<NodeId> = specs
+                    .iter()
+                    .map(|&(state, silent)| {
+                        let state =
+                            [NodeState::Ready, NodeState::Cordoned, NodeState::Draining][state as usize];
+                        let silent = [1000, settings.node_timeout_ms + 1, settings.lost_after_ms + 1][silent];
+                        let (id, view) = node(state, silent);
+                        s.nodes.insert(id, view);
+                        id
+                    })
+                    .collect();
+                for (v, &n) in s.vms.iter_mut().zip(&placed) {
+                    v.node_id = ids.get(n).copied();
+                }
+                (s, settings, now)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn nodes_are_planned_by_their_invariants((s, settings, now) in arb_fleet_snapshot()) {
+            let (actions, due) = plan_with_deadline(&s, &s.in_flight, now, &settings);
+            let vm = |id: VmId| s.vms.iter().find(|v| v.id == id).unwrap();
+            let node_of = |v: &VmRecord| v.node_id.and_then(|n| s.nodes.get(&n));
+            let silent = |v: &VmRecord| node_of(v).map_or(0, |n| now - n.last_heartbeat);
+            let unreachable = |v: &VmRecord| silent(v) > settings.node_timeout_ms;
+            let held = |v: &VmRecord| {
+                let holder = v.agent_id.and_then(|a| s.holders.get(&a));
+                matches!(holder, Some((phase, Some(on))) if *on == v.id
+                    && matches!(phase, AgentPhase::Running | AgentPhase::Idle))
+            };
+            let mut gone = HashSet::new();
+            for a in &actions {
+                match a {
+                    Action::GiveUp { vm: id, from, .. } => {
+                        let v = vm(*id);
+                        prop_assert!(unreachable(v), "given up on a reachable node");
+                        prop_assert!(!(v.state == VmState::Assigned && held(v)), "a held VM is never given up");
+                        prop_assert_eq!(v.state, *from);
+                        prop_assert!(gone.insert(*id));
+                    }
+                    Action::Lose { vm: id, agent, .. } => {
+                        let v = vm(*id);
+                        prop_assert!(silent(v) > settings.lost_after_ms);
+                        prop_assert!(v.state == VmState::Assigned && held(v));
+                        prop_assert_eq!(*agent, v.agent_id);
+                        prop_assert!(gone.insert(*id));
+                    }
+                    // No driver call to an unreachable node, and a
+                    // draining node's idle VMs go for that reason only.
+                    Action::Destroy { vm: id, .. } | Action::Return { vm: id, .. } => {
+                        let v = vm(*id);
+                        prop_assert!(!unreachable(v), "{:?} on an unreachable node", a);
+                        if let Action::Destroy { reason: Reason::NodeDraining, .. } = a {
+                            prop_assert_eq!(node_of(v).map(|n| n.state), Some(NodeState::Draining));
+                            prop_assert!(v.state == VmState::Idle && !s.in_flight.contains(id));
+                        }
+                        if let Action::Return { to_idle: true, .. } = a {
+                            prop_assert_ne!(node_of(v).map(|n| n.state), Some(NodeState::Draining));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            // Every VM on an unreachable node is given up but for held
+            // ones, which are lost after lost_after.
+            for v in &s.vms {
+                if unreachable(v) && v.state.is_live() {
+                    let lost = silent(v) > settings.lost_after_ms;
+                    let expected = !(v.state == VmState::Assigned && held(v)) || lost;
+                    prop_assert_eq!(gone.contains(&v.id), expected, "{:?}", v.state);
+                }
+            }
+            // Never beyond the cap, counting what is gone as gone.
+            let boots = actions.iter().filter(|a| matches!(a, Action::Boot { .. })).count() as i64;
+            let live = s.vms.iter().filter(|v| v.state.is_live()).count() as i64 - gone.len() as i64;
+            let room_made = actions.iter().filter(|a| matches!(a, Action::Destroy { reason: Reason::Stale, .. })).count() as i64;
+            if let Some(max) = s.max_vms && boots > 0 {
+                prop_assert!(live + boots - room_made <= max);
+            }
+            // The clock changes nothing before the deadline.
+            let before = due.map_or(now + 1_000_000_000, |d| d - 1);
+            prop_assert!(due.is_none_or(|d| d > now));
+            prop_assert_eq!(plan(&s, before, &settings), actions.clone());
+            // The nodes given apart are the ones planned with.
+            let mut bare = s.clone();
+            bare.nodes.clear();
+            prop_assert_eq!(plan_with_nodes(&bare, &s.in_flight, &s.nodes, now, &settings).0, actions);
+        }
+    }
 }
