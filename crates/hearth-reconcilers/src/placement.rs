@@ -170,7 +170,10 @@ mod tests {
         let full = node("full", 256, 10);
         let nodes = vec![cordoned, draining, silent, qemu_only, full];
         for _ in 0..100 {
-            assert_eq!(choose(&nodes, &HashMap::new(), &need(&none), &mut rng), None);
+            assert_eq!(
+                choose(&nodes, &HashMap::new(), &need(&none), &mut rng),
+                None
+            );
         }
         // A heartbeat exactly node_timeout old is still reachable.
         let mut last = node("last", 8192, 10);
@@ -217,7 +220,9 @@ mod tests {
     fn placements_spread_over_the_fleet() {
         let none = HashSet::new();
         let mut rng = StdRng::seed_from_u64(3);
-        let nodes: Vec<_> = (0..10).map(|i| node(&format!("n{i}"), 100 * 512, 1000)).collect();
+        let nodes: Vec<_> = (0..10)
+            .map(|i| node(&format!("n{i}"), 100 * 512, 1000))
+            .collect();
         let mut usage = HashMap::new();
         for _ in 0..500 {
             let chosen = choose(&nodes, &usage, &need(&none), &mut rng).unwrap();

@@ -30,9 +30,7 @@
 //! runner passes again then rather than at the resync.
 
 use hearth_core::ids::{AgentId, NodeId, VmId};
-use hearth_store::{
-    AgentPhase, AgentRecord, Millis, NodeState, VmRecord, VmState, WorkspaceState,
-};
+use hearth_store::{AgentPhase, AgentRecord, Millis, NodeState, VmRecord, VmState, WorkspaceState};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
@@ -645,7 +643,15 @@ fn plan_base(
         matches!(holder, Some((phase, Some(on))) if *on == vm.id
             && matches!(phase, AgentPhase::Running | AgentPhase::Idle))
     };
-    let (on, gone, gone_draining) = on_nodes(snap, nodes, &held, now, settings, &mut actions, &mut deadline);
+    let (on, gone, gone_draining) = on_nodes(
+        snap,
+        nodes,
+        &held,
+        now,
+        settings,
+        &mut actions,
+        &mut deadline,
+    );
     let on_node = |i: usize| on.get(i).copied().unwrap_or(OnNode::Here);
 
     let live = snap.vms.len() as i64 - gone;
@@ -655,7 +661,9 @@ fn plan_base(
     // with one at a time.
     let mut booting_in = vec![0usize; n];
     for (i, vm) in snap.vms.iter().enumerate() {
-        if matches!(vm.state, VmState::Booting | VmState::Provisioning) && on_node(i) != OnNode::Gone {
+        if matches!(vm.state, VmState::Booting | VmState::Provisioning)
+            && on_node(i) != OnNode::Gone
+        {
             booting += 1;
             if let Some(w) = workspace(&vm.workspace) {
                 booting_in[w] += 1;
@@ -2636,7 +2644,11 @@ mod tests {
         let agent = AgentId::new();
         booting.reserved_for = Some(agent);
         // At the cap (4 of 4): the given-up VMs free their slots at once.
-        let mut s = snap(4, vec![ws("web", 3, 5)], vec![a.clone(), b.clone(), c, booting.clone()]);
+        let mut s = snap(
+            4,
+            vec![ws("web", 3, 5)],
+            vec![a.clone(), b.clone(), c, booting.clone()],
+        );
         s.nodes = [(gone_id, gone.clone()), (ok_id, ok)].into();
         let actions = plan(&s, NOW, &settings);
         let mut up = given_up(&actions);
@@ -2650,11 +2662,17 @@ mod tests {
         });
         assert_eq!(
             error,
-            Some((VmState::Booting, format!("node {} is unreachable", gone.name)))
+            Some((
+                VmState::Booting,
+                format!("node {} is unreachable", gone.name)
+            ))
         );
         // min_idle 3, one warm left on a reachable node: two boots now.
         assert_eq!(boots(&actions, "web"), 2);
-        assert!(destroys(&actions).is_empty(), "no driver call to an unreachable node");
+        assert!(
+            destroys(&actions).is_empty(),
+            "no driver call to an unreachable node"
+        );
         // Just before the timeout, nothing is given up; the timeout is a deadline.
         let mut fresh = s.clone();
         fresh.nodes.get_mut(&gone_id).unwrap().last_heartbeat = NOW;
@@ -2675,7 +2693,8 @@ mod tests {
         let agent = AgentId::new();
         held.agent_id = Some(agent);
         let mut s = snap(4, vec![ws("web", 0, 5)], vec![held.clone()]);
-        s.holders.insert(agent, (AgentPhase::Running, Some(held.id)));
+        s.holders
+            .insert(agent, (AgentPhase::Running, Some(held.id)));
         s.nodes = [(id, view.clone())].into();
         let (actions, due) = plan_with_deadline(&s, &HashSet::new(), NOW, &settings);
         assert!(actions.is_empty(), "{actions:?}");
@@ -2694,12 +2713,14 @@ mod tests {
         );
         assert!(agent_error.contains("its VM was lost") && agent_error.contains(&view.name));
         // Let go of before then: given up (not returned through the driver).
-        s.holders.insert(agent, (AgentPhase::Completed, Some(held.id)));
+        s.holders
+            .insert(agent, (AgentPhase::Completed, Some(held.id)));
         assert_eq!(given_up(&plan(&s, NOW, &settings)), vec![held.id]);
         // The node came back: nothing happens to it.
         view.last_heartbeat = NOW;
         s.nodes = [(id, view)].into();
-        s.holders.insert(agent, (AgentPhase::Running, Some(held.id)));
+        s.holders
+            .insert(agent, (AgentPhase::Running, Some(held.id)));
         assert!(plan(&s, NOW, &settings).is_empty());
     }
 
@@ -2743,9 +2764,13 @@ mod tests {
                 let ids: Vec<NodeId> = specs
                     .iter()
                     .map(|&(state, silent)| {
-                        let state =
-                            [NodeState::Ready, NodeState::Cordoned, NodeState::Draining][state as usize];
-                        let silent = [1000, settings.node_timeout_ms + 1, settings.lost_after_ms + 1][silent];
+                        let state = [NodeState::Ready, NodeState::Cordoned, NodeState::Draining]
+                            [state as usize];
+                        let silent = [
+                            1000,
+                            settings.node_timeout_ms + 1,
+                            settings.lost_after_ms + 1,
+                        ][silent];
                         let (id, view) = node(state, silent);
                         s.nodes.insert(id, view);
                         id

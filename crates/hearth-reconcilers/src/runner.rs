@@ -909,8 +909,7 @@ impl Pool {
                 node_timeout_ms: self.options.settings.node_timeout_ms,
                 exclude: &excluded,
             };
-            let Some(node) = placement::choose(&placer.nodes, usage, &need, &mut placer.rng)
-            else {
+            let Some(node) = placement::choose(&placer.nodes, usage, &need, &mut placer.rng) else {
                 tracing::debug!(vm = %vm.id, workspace = %vm.workspace, "no node has room");
                 return Ok(InsertVm::NodeFull);
             };
