@@ -5,6 +5,9 @@
 //!   by side in one run (see [`spawn`]);
 //! - `wire` compares warm claims through a TLS server and a plain-HTTP
 //!   one, kept-alive and fresh connections (see [`wire`]);
+//! - `fleet` runs the pool over simulated nodes (fake drivers) in this
+//!   process: placement cost, fill, backfill after a node loss (see
+//!   [`fleet`]);
 //! - `boot` drives the sandbox driver alone, in this process: boot and
 //!   destroy times and the RSS of an idle sandbox (see [`boot`]).
 //!
@@ -17,6 +20,7 @@
 
 mod api;
 mod boot;
+mod fleet;
 mod machine;
 mod postgres;
 mod procfs;
@@ -57,6 +61,9 @@ enum Command {
     /// Sustained warm-claim throughput through a real server (fake driver)
     /// against the raw store running the same claim statement, side by side.
     Throughput(throughput::ThroughputArgs),
+    /// The pool over 100 simulated nodes and 10,000 VMs, in this process:
+    /// placement cost, fill time, backfill after a node loss.
+    Fleet(fleet::FleetArgs),
     /// Warm-claim latency through a TLS server against a plain-HTTP one
     /// (loopback), kept-alive and fresh connections, side by side.
     Wire(wire::WireArgs),
@@ -126,5 +133,6 @@ fn main() -> Result<()> {
         Command::Reconcile(args) => reconcile::run(args),
         Command::Throughput(args) => throughput::run(args),
         Command::Wire(args) => wire::run(args),
+        Command::Fleet(args) => fleet::run(args),
     }
 }
