@@ -376,12 +376,15 @@ async fn measure(args: &FleetArgs, kind: StoreKind, store: Arc<dyn Store>) -> Re
         .filter_map(|u| u.node.map(|n| (n, u)))
         .collect();
     let none = HashSet::new();
+    // The clock of the nodes' last reports (they stopped with the pool):
+    // every node but the lost one reachable, however long this takes.
+    let reported = listed.iter().map(|n| n.last_heartbeat).max().unwrap_or(0);
     let need = placement::Need {
         driver: "fake",
         cpus: 1,
         memory_mib: 512,
-        now: now_millis(),
-        node_timeout_ms: 10_000,
+        now: reported,
+        node_timeout_ms: sim_timings().node_timeout.as_millis() as i64,
         exclude: &none,
     };
     let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(7);
@@ -400,10 +403,6 @@ async fn measure(args: &FleetArgs, kind: StoreKind, store: Arc<dyn Store>) -> Re
         let mut vm = VmRecord::booting(VmId::new(), t, "placed", "fake", 1, 0);
         vm.cpus = 1;
         vm.memory_mib = 512;
-        let need = placement::Need {
-            now: now_millis(),
-            ..need.clone()
-        };
         let Some(node) = placement::choose(&listed, &usage, &need, &mut rng) else {
             bail!("the fleet is full");
         };
