@@ -7,6 +7,9 @@
 //!   one, kept-alive and fresh connections (see [`wire`]);
 //! - `failover` times a tenant's takeover by another replica when its
 //!   leader dies (see [`failover`]);
+//! - `fleet` runs the pool over simulated nodes (fake drivers) in this
+//!   process: placement cost, fill, backfill after a node loss (see
+//!   [`fleet`]);
 //! - `boot` drives the sandbox driver alone, in this process: boot and
 //!   destroy times and the RSS of an idle sandbox (see [`boot`]).
 //!
@@ -20,6 +23,7 @@
 mod api;
 mod boot;
 mod failover;
+mod fleet;
 mod machine;
 mod postgres;
 mod procfs;
@@ -60,6 +64,9 @@ enum Command {
     /// Sustained warm-claim throughput through a real server (fake driver)
     /// against the raw store running the same claim statement, side by side.
     Throughput(throughput::ThroughputArgs),
+    /// The pool over 100 simulated nodes and 10,000 VMs, in this process:
+    /// placement cost, fill time, backfill after a node loss.
+    Fleet(fleet::FleetArgs),
     /// Warm-claim latency through a TLS server against a plain-HTTP one
     /// (loopback), kept-alive and fresh connections, side by side.
     Wire(wire::WireArgs),
@@ -133,5 +140,6 @@ fn main() -> Result<()> {
         Command::Throughput(args) => throughput::run(args),
         Command::Wire(args) => wire::run(args),
         Command::Failover(args) => failover::run(args),
+        Command::Fleet(args) => fleet::run(args),
     }
 }

@@ -15,7 +15,9 @@
 //!   calls happen between them;
 //! - a VM record exists (`booting`) before the driver creates the VM, and is
 //!   only marked `destroyed` after the driver destroyed it, so a crash at any
-//!   point leaks nothing the next start cannot find;
+//!   point leaks nothing the next start cannot find — but for VMs of an
+//!   unreachable node, whose records are closed with no driver call: the
+//!   node destroys them itself (fencing) when it reports again;
 //! - reconcile passes are idempotent: running one twice in a row does
 //!   nothing the first did not;
 //! - the API talks to drivers only through this crate;
@@ -26,6 +28,7 @@
 //!   received while the agent runs on a VM that exists.
 
 pub mod images;
+pub mod placement;
 pub mod plan;
 pub mod publish;
 pub mod reaper;

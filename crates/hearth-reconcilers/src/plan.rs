@@ -13,13 +13,24 @@
 //! - at the cap, idle VMs above their workspace's `min_idle` give way to
 //!   queued agents and to backfill below `min_idle` ([`Reason::GiveWay`]);
 //! - over the cap (a lowered `max_vms`), idle VMs are destroyed until the
-//!   tenant is within it ([`Reason::OverCap`]), and once within it stays so.
+//!   tenant is within it ([`Reason::OverCap`]), and once within it stays so;
+//! - nodes ([`Snapshot::nodes`]): a VM on an *unreachable* node (no
+//!   heartbeat for `node_timeout_ms`) is given up ([`Action::GiveUp`]: its
+//!   record closed, no driver call, the node fences it when it returns)
+//!   unless an agent holds it; a held one is lost ([`Action::Lose`]) once
+//!   the node has been silent for `lost_after_ms`. Given-up and lost VMs no
+//!   longer count toward `min_idle` nor the cap, so the pool backfills at
+//!   once. A *draining* node's idle VMs are destroyed
+//!   ([`Reason::NodeDraining`]) and do not count toward `min_idle`, its
+//!   boots do not either, and its returned VMs are destroyed, not reused.
+//!   These are the only actions on a VM in flight (its task's driver calls
+//!   to an unreachable node cannot finish it).
 //!
 //! [`plan_with_deadline`] says when the clock alone changes the plan, so the
 //! runner passes again then rather than at the resync.
 
-use hearth_core::ids::{AgentId, VmId};
-use hearth_store::{AgentPhase, AgentRecord, Millis, VmRecord, VmState, WorkspaceState};
+use hearth_core::ids::{AgentId, NodeId, VmId};
+use hearth_store::{AgentPhase, AgentRecord, Millis, NodeState, VmRecord, VmState, WorkspaceState};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
@@ -37,6 +48,11 @@ pub struct Settings {
     pub backoff_max_ms: Millis,
     /// After this many consecutive failed boots a workspace is hard-limited.
     pub hard_limit_failures: i64,
+    /// A node silent for longer is unreachable (the fleet's `node_timeout`).
+    pub node_timeout_ms: Millis,
+    /// An unreachable node's assigned VMs are lost once it has been silent
+    /// for longer (the fleet's `lost_after`).
+    pub lost_after_ms: Millis,
 }
 
 impl Default for Settings {
@@ -48,6 +64,8 @@ impl Default for Settings {
             backoff_base_ms: 5_000,
             backoff_max_ms: 5 * 60 * 1000,
             hard_limit_failures: 5,
+            node_timeout_ms: 10_000,
+            lost_after_ms: 60_000,
         }
     }
 }
@@ -69,6 +87,15 @@ pub struct WorkspaceView {
     pub state: WorkspaceState,
 }
 
+/// One node as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub state: NodeState,
+    /// Its last heartbeat, by the store's clock.
+    pub last_heartbeat: Millis,
+}
+
 /// Everything the planner needs of one tenant, read at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -85,6 +112,10 @@ pub struct Snapshot {
     pub holders: HashMap<AgentId, (AgentPhase, Option<VmId>)>,
     /// VMs a task of this server is working on right now.
     pub in_flight: HashSet<VmId>,
+    /// The nodes VMs run on. A VM whose node is not here (none recorded,
+    /// or a pool of this process's own drivers) is planned as always
+    /// reachable on a ready node.
+    pub nodes: HashMap<NodeId, NodeView>,
 }
 
 /// Why a VM is destroyed.
@@ -109,6 +140,8 @@ pub enum Reason {
     GiveWay,
     /// The tenant has more live VMs than `max_vms` (it was lowered).
     OverCap,
+    /// Idle on a node that is draining: replaced elsewhere.
+    NodeDraining,
 }
 
 /// One thing to do.
@@ -133,6 +166,36 @@ pub enum Action {
     MarkStale { workspace: String },
     /// A queued agent that cannot be served (its workspace is gone or hard-limited).
     FailAgent { agent: AgentId, error: String },
+    /// Close the record of a VM on an unreachable node (compare-and-set
+    /// from `from`) as `destroyed` with `error`, without a driver call: the
+    /// node destroys it when it reports again (fencing). An agent it was
+    /// booting for waits again.
+    GiveUp {
+        vm: VmId,
+        from: VmState,
+        error: String,
+    },
+    /// An assigned VM whose node has been silent past `lost_after_ms`: its
+    /// record closed with `error`, its agent failed with `agent_error`.
+    Lose {
+        vm: VmId,
+        agent: Option<AgentId>,
+        error: String,
+        agent_error: String,
+    },
+}
+
+/// What a given-up VM's record says.
+pub fn unreachable_error(node: &str) -> String {
+    format!("node {node} is unreachable")
+}
+
+/// What a lost VM's record says, and what its agent's says.
+pub fn lost_errors(node: &str) -> (String, String) {
+    (
+        format!("lost: node {node} stopped answering"),
+        format!("its VM was lost: node {node} stopped answering"),
+    )
 }
 
 /// Whether a VM was built from another environment or image version, or
@@ -246,7 +309,22 @@ pub fn plan_with_deadline(
     now: Millis,
     settings: &Settings,
 ) -> (Vec<Action>, Option<Millis>) {
-    let (mut actions, room, deadline) = plan_base(snap, in_flight, now, settings);
+    plan_with_nodes(snap, in_flight, &snap.nodes, now, settings)
+}
+
+/// [`plan_with_deadline`] with the nodes given apart from the snapshot (a
+/// snapshot kept between passes is planned with each pass's fresh read of
+/// the nodes: their heartbeats move on while the tenant's rows do not;
+/// `snap.nodes` is not read). A node's `last_heartbeat + node_timeout_ms`
+/// and `+ lost_after_ms` are deadlines.
+pub fn plan_with_nodes(
+    snap: &Snapshot,
+    in_flight: &HashSet<VmId>,
+    nodes: &HashMap<NodeId, NodeView>,
+    now: Millis,
+    settings: &Settings,
+) -> (Vec<Action>, Option<Millis>) {
+    let (mut actions, room, deadline) = plan_base(snap, in_flight, nodes, now, settings);
     if let Some(room) = room {
         make_room(snap, &mut actions, room);
     }
@@ -260,7 +338,7 @@ pub fn next_deadline(
     now: Millis,
     settings: &Settings,
 ) -> Option<Millis> {
-    plan_base(snap, in_flight, now, settings).2
+    plan_base(snap, in_flight, &snap.nodes, now, settings).2
 }
 
 /// Keeps in `next` the earliest of the moments after `now` it is given.
@@ -296,6 +374,10 @@ struct Room {
     deficits: Vec<(usize, usize, usize)>,
     /// Boots planned this pass.
     boots: i64,
+    /// VMs given up or lost this pass (no longer live), and how many of
+    /// them were `draining`.
+    gone: i64,
+    gone_draining: i64,
 }
 
 /// The cap's rules on top of [`plan_base`]: a tenant over `max_vms`
@@ -318,7 +400,8 @@ fn make_room(snap: &Snapshot, actions: &mut Vec<Action>, mut room: Room) {
         .vms
         .iter()
         .filter(|v| v.state == VmState::Draining)
-        .count() as i64;
+        .count() as i64
+        - room.gone_draining;
     let mut leaving = draining
         + actions
             .iter()
@@ -327,7 +410,7 @@ fn make_room(snap: &Snapshot, actions: &mut Vec<Action>, mut room: Room) {
                     || matches!(a, Action::Return { to_idle: false, .. })
             })
             .count() as i64;
-    let live = snap.vms.len() as i64;
+    let live = snap.vms.len() as i64 - room.gone;
     let boots = room.boots;
     let over = |leaving: i64| live - leaving + boots - max_vms;
     // Over the cap, a VM let go of is not kept warm.
@@ -530,6 +613,7 @@ impl<F: Fn(&Room, usize) -> Option<Ratio>> Picker<F> {
 fn plan_base(
     snap: &Snapshot,
     in_flight: &HashSet<VmId>,
+    nodes: &HashMap<NodeId, NodeView>,
     now: Millis,
     settings: &Settings,
 ) -> (Vec<Action>, Option<Room>, Option<Millis>) {
@@ -553,14 +637,33 @@ fn plan_base(
     let workspace = |name: &str| by_name.get(name).copied();
     let n = snap.workspaces.len();
 
-    let live = snap.vms.len() as i64;
+    // Whether an agent still holds a VM (running or idle on it).
+    let held = |vm: &VmRecord| {
+        let holder = vm.agent_id.and_then(|a| snap.holders.get(&a));
+        matches!(holder, Some((phase, Some(on))) if *on == vm.id
+            && matches!(phase, AgentPhase::Running | AgentPhase::Idle))
+    };
+    let (on, gone, gone_draining) = on_nodes(
+        snap,
+        nodes,
+        &held,
+        now,
+        settings,
+        &mut actions,
+        &mut deadline,
+    );
+    let on_node = |i: usize| on.get(i).copied().unwrap_or(OnNode::Here);
+
+    let live = snap.vms.len() as i64 - gone;
     let mut capacity = snap.max_vms.map_or(0, |m| (m - live).max(0));
     let mut booting = 0;
     // Boots under way per workspace: a workspace whose boots fail probes
     // with one at a time.
     let mut booting_in = vec![0usize; n];
-    for vm in &snap.vms {
-        if matches!(vm.state, VmState::Booting | VmState::Provisioning) {
+    for (i, vm) in snap.vms.iter().enumerate() {
+        if matches!(vm.state, VmState::Booting | VmState::Provisioning)
+            && on_node(i) != OnNode::Gone
+        {
             booting += 1;
             if let Some(w) = workspace(&vm.workspace) {
                 booting_in[w] += 1;
@@ -569,12 +672,6 @@ fn plan_base(
     }
     let probing = |w: usize, booting_in: &[usize]| {
         snap.workspaces[w].state.consecutive_failures > 0 && booting_in[w] > 0
-    };
-    // Whether an agent still holds a VM (running or idle on it).
-    let held = |vm: &VmRecord| {
-        let holder = vm.agent_id.and_then(|a| snap.holders.get(&a));
-        matches!(holder, Some((phase, Some(on))) if *on == vm.id
-            && matches!(phase, AgentPhase::Running | AgentPhase::Idle))
     };
     let is_in_flight = |vm: &VmRecord| !in_flight.is_empty() && in_flight.contains(&vm.id);
 
@@ -589,8 +686,16 @@ fn plan_base(
     let mut stale_marks = Vec::new();
     for (i, vm) in snap.vms.iter().enumerate() {
         let w = workspace(&vm.workspace);
+        let here = match on_node(i) {
+            OnNode::Gone => continue,
+            OnNode::Here => true,
+            // What a draining node runs is not counted as warm.
+            OnNode::Draining => false,
+        };
         if is_in_flight(vm) {
-            if let Some(w) = w {
+            if let Some(w) = w
+                && here
+            {
                 if matches!(vm.state, VmState::Booting | VmState::Provisioning)
                     && vm.reserved_for.is_none()
                     && !vm.test
@@ -629,6 +734,7 @@ fn plan_base(
                     earliest(&mut deadline, at, now);
                     if vm.reserved_for.is_none()
                         && !vm.test
+                        && here
                         && let Some(w) = w
                     {
                         booting_free[w] += 1;
@@ -639,6 +745,14 @@ fn plan_base(
             VmState::Assigned => {}
             VmState::Idle => {
                 if vm.test {
+                    continue;
+                }
+                if !here {
+                    actions.push(Action::Destroy {
+                        vm: vm.id,
+                        from: VmState::Idle,
+                        reason: Reason::NodeDraining,
+                    });
                     continue;
                 }
                 if let Some(w) = w {
@@ -688,13 +802,18 @@ fn plan_base(
 
     // Returns: an assigned VM whose agent let go goes back warm while its
     // workspace is under max_idle, else it is destroyed.
-    for vm in &snap.vms {
-        if vm.state != VmState::Assigned || is_in_flight(vm) || held(vm) {
+    for (i, vm) in snap.vms.iter().enumerate() {
+        if vm.state != VmState::Assigned
+            || is_in_flight(vm)
+            || held(vm)
+            || on_node(i) == OnNode::Gone
+        {
             continue;
         }
         let to_idle = match workspace(&vm.workspace) {
             Some(w)
                 if !snap.stopped
+                    && on_node(i) == OnNode::Here
                     && !is_stale(vm, &snap.workspaces[w])
                     && idle_in(w, &returning) < snap.workspaces[w].max_idle =>
             {
@@ -956,8 +1075,101 @@ fn plan_base(
         waiting,
         deficits,
         boots: boots_planned,
+        gone,
+        gone_draining,
     };
     (actions, Some(room), deadline)
+}
+
+/// Where a VM runs, as far as the plan goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnNode {
+    /// A node that is reachable and not draining (or none known).
+    Here,
+    /// A reachable node that is draining.
+    Draining,
+    /// Given up or lost this pass: no longer live.
+    Gone,
+}
+
+/// Per VM (as `snap.vms`), where it runs; plans the give-ups and losses of
+/// VMs on unreachable nodes and takes the nodes' deadlines. Returns the
+/// fates (empty when no node is known: every VM is [`OnNode::Here`]), how
+/// many VMs are gone and how many of those were `draining`.
+fn on_nodes(
+    snap: &Snapshot,
+    nodes: &HashMap<NodeId, NodeView>,
+    held: &dyn Fn(&VmRecord) -> bool,
+    now: Millis,
+    settings: &Settings,
+    actions: &mut Vec<Action>,
+    deadline: &mut Option<Millis>,
+) -> (Vec<OnNode>, i64, i64) {
+    if nodes.is_empty() {
+        return (Vec::new(), 0, 0);
+    }
+    let (mut gone, mut gone_draining) = (0, 0);
+    let mut on = Vec::with_capacity(snap.vms.len());
+    for vm in &snap.vms {
+        let Some(node) = vm.node_id.and_then(|id| nodes.get(&id)) else {
+            on.push(OnNode::Here);
+            continue;
+        };
+        let live = VmState::LIVE.contains(&vm.state);
+        let silent = now - node.last_heartbeat;
+        let fate = if silent <= settings.node_timeout_ms {
+            if live {
+                earliest(
+                    deadline,
+                    node.last_heartbeat
+                        .saturating_add(settings.node_timeout_ms)
+                        .saturating_add(1),
+                    now,
+                );
+            }
+            match node.state {
+                NodeState::Draining => OnNode::Draining,
+                NodeState::Ready | NodeState::Cordoned => OnNode::Here,
+            }
+        } else if !live {
+            OnNode::Here
+        } else if vm.state == VmState::Assigned && held(vm) {
+            if silent > settings.lost_after_ms {
+                let (error, agent_error) = lost_errors(&node.name);
+                actions.push(Action::Lose {
+                    vm: vm.id,
+                    agent: vm.agent_id,
+                    error,
+                    agent_error,
+                });
+                OnNode::Gone
+            } else {
+                earliest(
+                    deadline,
+                    node.last_heartbeat
+                        .saturating_add(settings.lost_after_ms)
+                        .saturating_add(1),
+                    now,
+                );
+                OnNode::Here
+            }
+        } else {
+            actions.push(Action::GiveUp {
+                vm: vm.id,
+                from: vm.state,
+                error: unreachable_error(&node.name),
+            });
+            OnNode::Gone
+        };
+        if fate == OnNode::Gone {
+            gone += 1;
+            if vm.state == VmState::Draining {
+                gone_draining += 1;
+            }
+        }
+        on.push(fate);
+    }
+    (on, gone, gone_draining)
 }
 /// The back-off state after one more failed boot.
 pub fn after_failure(
@@ -1644,7 +1856,10 @@ mod tests {
         let mut next = s.clone();
         for action in actions {
             match action {
-                Action::Destroy { vm, .. } | Action::Return { vm, to_idle: false } => {
+                Action::Destroy { vm, .. }
+                | Action::Return { vm, to_idle: false }
+                | Action::GiveUp { vm, .. }
+                | Action::Lose { vm, .. } => {
                     next.vms.retain(|v| v.id != *vm);
                 }
                 Action::Return { vm, to_idle: true } => {
@@ -2361,7 +2576,7 @@ mod tests {
         fn the_linear_planner_decides_as_the_reference((s, settings, now) in arb_rich_snapshot()) {
             // The reference predates the cap's rules (make_room): it is
             // compared with the plan before them.
-            let base = plan_base(&s, &s.in_flight, now, &settings).0;
+            let base = plan_base(&s, &s.in_flight, &s.nodes, now, &settings).0;
             // The deadline comes with the plan, and the clock changes
             // nothing before it (nothing ever, without one).
             let (planned, due) = plan_with_deadline(&s, &s.in_flight, now, &settings);
@@ -2387,6 +2602,258 @@ mod tests {
             let mut bare = s.clone();
             bare.in_flight.clear();
             prop_assert_eq!(plan_with_in_flight(&bare, &s.in_flight, now, &settings), new);
+        }
+    }
+
+    // ------------------------------------------------------------ nodes
+
+    fn node(state: NodeState, silent_ms: Millis) -> (NodeId, NodeView) {
+        let id = NodeId::new();
+        let view = NodeView {
+            name: format!("n-{}", &id.to_string()[..8]),
+            state,
+            last_heartbeat: NOW - silent_ms,
+        };
+        (id, view)
+    }
+
+    fn on(mut v: VmRecord, node: NodeId) -> VmRecord {
+        v.node_id = Some(node);
+        v
+    }
+
+    fn given_up(actions: &[Action]) -> Vec<VmId> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::GiveUp { vm, .. } => Some(*vm),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_unreachable_nodes_idle_vms_are_given_up_and_backfilled_at_once() {
+        let settings = Settings::default();
+        let (gone_id, gone) = node(NodeState::Ready, settings.node_timeout_ms + 1);
+        let (ok_id, ok) = node(NodeState::Ready, 0);
+        let a = on(vm("web", VmState::Idle), gone_id);
+        let b = on(vm("web", VmState::Idle), gone_id);
+        let c = on(vm("web", VmState::Idle), ok_id);
+        let mut booting = on(vm("web", VmState::Booting), gone_id);
+        let agent = AgentId::new();
+        booting.reserved_for = Some(agent);
+        // At the cap (4 of 4): the given-up VMs free their slots at once.
+        let mut s = snap(
+            4,
+            vec![ws("web", 3, 5)],
+            vec![a.clone(), b.clone(), c, booting.clone()],
+        );
+        s.nodes = [(gone_id, gone.clone()), (ok_id, ok)].into();
+        let actions = plan(&s, NOW, &settings);
+        let mut up = given_up(&actions);
+        up.sort();
+        let mut want = vec![a.id, b.id, booting.id];
+        want.sort();
+        assert_eq!(up, want);
+        let error = actions.iter().find_map(|x| match x {
+            Action::GiveUp { vm, from, error } if *vm == booting.id => Some((*from, error.clone())),
+            _ => None,
+        });
+        assert_eq!(
+            error,
+            Some((
+                VmState::Booting,
+                format!("node {} is unreachable", gone.name)
+            ))
+        );
+        // min_idle 3, one warm left on a reachable node: two boots now.
+        assert_eq!(boots(&actions, "web"), 2);
+        assert!(
+            destroys(&actions).is_empty(),
+            "no driver call to an unreachable node"
+        );
+        // Just before the timeout, nothing is given up; the timeout is a deadline.
+        let mut fresh = s.clone();
+        fresh.nodes.get_mut(&gone_id).unwrap().last_heartbeat = NOW;
+        fresh.nodes.get_mut(&ok_id).unwrap().last_heartbeat = NOW + 5_000;
+        let (actions, due) = plan_with_deadline(&fresh, &HashSet::new(), NOW, &settings);
+        assert!(given_up(&actions).is_empty());
+        let due = due.unwrap();
+        assert_eq!(due, NOW + settings.node_timeout_ms + 1);
+        assert!(given_up(&plan(&fresh, due - 1, &settings)).is_empty());
+        assert_eq!(given_up(&plan(&fresh, due, &settings)).len(), 3);
+    }
+
+    #[test]
+    fn a_held_vm_on_an_unreachable_node_is_lost_only_after_lost_after() {
+        let settings = Settings::default();
+        let (id, mut view) = node(NodeState::Ready, settings.node_timeout_ms + 1);
+        let mut held = on(vm("web", VmState::Assigned), id);
+        let agent = AgentId::new();
+        held.agent_id = Some(agent);
+        let mut s = snap(4, vec![ws("web", 0, 5)], vec![held.clone()]);
+        s.holders
+            .insert(agent, (AgentPhase::Running, Some(held.id)));
+        s.nodes = [(id, view.clone())].into();
+        let (actions, due) = plan_with_deadline(&s, &HashSet::new(), NOW, &settings);
+        assert!(actions.is_empty(), "{actions:?}");
+        let lost_at = view.last_heartbeat + settings.lost_after_ms + 1;
+        assert_eq!(due, Some(lost_at));
+        let actions = plan(&s, lost_at, &settings);
+        let (error, agent_error) = lost_errors(&view.name);
+        assert_eq!(
+            actions,
+            vec![Action::Lose {
+                vm: held.id,
+                agent: Some(agent),
+                error,
+                agent_error: agent_error.clone(),
+            }]
+        );
+        assert!(agent_error.contains("its VM was lost") && agent_error.contains(&view.name));
+        // Let go of before then: given up (not returned through the driver).
+        s.holders
+            .insert(agent, (AgentPhase::Completed, Some(held.id)));
+        assert_eq!(given_up(&plan(&s, NOW, &settings)), vec![held.id]);
+        // The node came back: nothing happens to it.
+        view.last_heartbeat = NOW;
+        s.nodes = [(id, view)].into();
+        s.holders
+            .insert(agent, (AgentPhase::Running, Some(held.id)));
+        assert!(plan(&s, NOW, &settings).is_empty());
+    }
+
+    #[test]
+    fn a_draining_nodes_idle_vms_are_replaced_and_its_returns_destroyed() {
+        let settings = Settings::default();
+        let (drain_id, drain) = node(NodeState::Draining, 0);
+        let (cordon_id, cordon) = node(NodeState::Cordoned, 0);
+        let idle = on(vm("web", VmState::Idle), drain_id);
+        let kept = on(vm("web", VmState::Idle), cordon_id);
+        let booting = on(vm("web", VmState::Booting), drain_id);
+        let mut returned = on(vm("web", VmState::Assigned), drain_id);
+        returned.agent_id = Some(AgentId::new());
+        let mut s = snap(
+            10,
+            vec![ws("web", 2, 5)],
+            vec![idle.clone(), kept, booting, returned.clone()],
+        );
+        s.nodes = [(drain_id, drain), (cordon_id, cordon)].into();
+        let actions = plan(&s, NOW, &settings);
+        assert_eq!(destroys(&actions), vec![(idle.id, Reason::NodeDraining)]);
+        assert!(actions.contains(&Action::Return {
+            vm: returned.id,
+            to_idle: false
+        }));
+        // The cordoned node's VM counts, the draining node's do not: one boot.
+        assert_eq!(boots(&actions, "web"), 1);
+    }
+
+    /// [`arb_rich_snapshot`] with its VMs spread over three nodes (or
+    /// none), each ready, cordoned or draining, and silent for a while, past
+    /// the node timeout, or past lost_after.
+    fn arb_fleet_snapshot() -> impl Strategy<Value = (Snapshot, Settings, Millis)> {
+        let nodes = prop::collection::vec((0u8..3, 0usize..3), 3);
+        (
+            arb_rich_snapshot(),
+            nodes,
+            prop::collection::vec(0usize..4, 60),
+        )
+            .prop_map(|((mut s, settings, now), specs, placed)| {
+                let ids: Vec<NodeId> = specs
+                    .iter()
+                    .map(|&(state, silent)| {
+                        let state = [NodeState::Ready, NodeState::Cordoned, NodeState::Draining]
+                            [state as usize];
+                        let silent = [
+                            1000,
+                            settings.node_timeout_ms + 1,
+                            settings.lost_after_ms + 1,
+                        ][silent];
+                        let (id, view) = node(state, silent);
+                        s.nodes.insert(id, view);
+                        id
+                    })
+                    .collect();
+                for (v, &n) in s.vms.iter_mut().zip(&placed) {
+                    v.node_id = ids.get(n).copied();
+                }
+                (s, settings, now)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn nodes_are_planned_by_their_invariants((s, settings, now) in arb_fleet_snapshot()) {
+            let (actions, due) = plan_with_deadline(&s, &s.in_flight, now, &settings);
+            let vm = |id: VmId| s.vms.iter().find(|v| v.id == id).unwrap();
+            let node_of = |v: &VmRecord| v.node_id.and_then(|n| s.nodes.get(&n));
+            let silent = |v: &VmRecord| node_of(v).map_or(0, |n| now - n.last_heartbeat);
+            let unreachable = |v: &VmRecord| silent(v) > settings.node_timeout_ms;
+            let held = |v: &VmRecord| {
+                let holder = v.agent_id.and_then(|a| s.holders.get(&a));
+                matches!(holder, Some((phase, Some(on))) if *on == v.id
+                    && matches!(phase, AgentPhase::Running | AgentPhase::Idle))
+            };
+            let mut gone = HashSet::new();
+            for a in &actions {
+                match a {
+                    Action::GiveUp { vm: id, from, .. } => {
+                        let v = vm(*id);
+                        prop_assert!(unreachable(v), "given up on a reachable node");
+                        prop_assert!(!(v.state == VmState::Assigned && held(v)), "a held VM is never given up");
+                        prop_assert_eq!(v.state, *from);
+                        prop_assert!(gone.insert(*id));
+                    }
+                    Action::Lose { vm: id, agent, .. } => {
+                        let v = vm(*id);
+                        prop_assert!(silent(v) > settings.lost_after_ms);
+                        prop_assert!(v.state == VmState::Assigned && held(v));
+                        prop_assert_eq!(*agent, v.agent_id);
+                        prop_assert!(gone.insert(*id));
+                    }
+                    // No driver call to an unreachable node, and a
+                    // draining node's idle VMs go for that reason only.
+                    Action::Destroy { vm: id, .. } | Action::Return { vm: id, .. } => {
+                        let v = vm(*id);
+                        prop_assert!(!unreachable(v), "{:?} on an unreachable node", a);
+                        if let Action::Destroy { reason: Reason::NodeDraining, .. } = a {
+                            prop_assert_eq!(node_of(v).map(|n| n.state), Some(NodeState::Draining));
+                            prop_assert!(v.state == VmState::Idle && !s.in_flight.contains(id));
+                        }
+                        if let Action::Return { to_idle: true, .. } = a {
+                            prop_assert_ne!(node_of(v).map(|n| n.state), Some(NodeState::Draining));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            // Every VM on an unreachable node is given up but for held
+            // ones, which are lost after lost_after.
+            for v in &s.vms {
+                if unreachable(v) && v.state.is_live() {
+                    let lost = silent(v) > settings.lost_after_ms;
+                    let expected = !(v.state == VmState::Assigned && held(v)) || lost;
+                    prop_assert_eq!(gone.contains(&v.id), expected, "{:?}", v.state);
+                }
+            }
+            // Never beyond the cap, counting what is gone as gone.
+            let boots = actions.iter().filter(|a| matches!(a, Action::Boot { .. })).count() as i64;
+            let live = s.vms.iter().filter(|v| v.state.is_live()).count() as i64 - gone.len() as i64;
+            let room_made = actions.iter().filter(|a| matches!(a, Action::Destroy { reason: Reason::Stale, .. })).count() as i64;
+            if let Some(max) = s.max_vms && boots > 0 {
+                prop_assert!(live + boots - room_made <= max);
+            }
+            // The clock changes nothing before the deadline.
+            let before = due.map_or(now + 1_000_000_000, |d| d - 1);
+            prop_assert!(due.is_none_or(|d| d > now));
+            prop_assert_eq!(plan(&s, before, &settings), actions.clone());
+            // The nodes given apart are the ones planned with.
+            let mut bare = s.clone();
+            bare.nodes.clear();
+            prop_assert_eq!(plan_with_nodes(&bare, &s.in_flight, &s.nodes, now, &settings).0, actions);
         }
     }
 }

@@ -3,11 +3,12 @@
 //! timer is the safety net); also owns adoption at start, the agents'
 //! commands, flush/nuke/up, and the reaper pass.
 
-use crate::plan::{self, Action, Reason, Settings, Snapshot, WorkspaceView};
+use crate::placement;
+use crate::plan::{self, Action, NodeView, Reason, Settings, Snapshot, WorkspaceView};
 use crate::reaper;
 use crate::status::{self, PassStats, PoolStatus};
 use hearth_core::ids::InstanceId;
-use hearth_core::ids::{AgentId, TenantId, VmId};
+use hearth_core::ids::{AgentId, NodeId, TenantId, VmId};
 use hearth_core::resource::{
     DriverKind, Environment, Image, Kind, POOL_CONFIG_NAME, PoolConfig, Spec, Workspace,
 };
@@ -20,8 +21,8 @@ use hearth_provisioning::{
     Command, ProvisionPlan, Recorder, RepoPlan, Step, StepStatus, Summary, secret_redactor,
 };
 use hearth_store::{
-    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Build, ChangeToken, InsertVm, Millis, Ready,
-    Store, StoreError, VmRecord, VmState, WorkspaceState, now_millis,
+    AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Build, ChangeToken, InsertVm, Millis,
+    NodeRecord, NodeUsage, Ready, Store, StoreError, VmRecord, VmState, WorkspaceState, now_millis,
 };
 use hearth_store::{InstanceRecord, InstanceStatus};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -118,6 +119,21 @@ pub struct AdoptReport {
     /// Agents whose command still runs as a job in their adopted VM,
     /// followed again.
     pub agents_reattached: usize,
+}
+
+/// How many nodes a boot tries when the store finds the chosen one full.
+const PLACEMENT_TRIES: usize = 3;
+
+/// A pass's placement state: the nodes read at its start, and what their
+/// live VMs take, updated with each boot it places.
+struct Placer {
+    nodes: Vec<NodeRecord>,
+    views: HashMap<NodeId, NodeView>,
+    /// Read at the pass's first boot.
+    usage: Option<HashMap<NodeId, NodeUsage>>,
+    /// The pass's clock (the store's).
+    now: Millis,
+    rng: rand::rngs::StdRng,
 }
 
 /// Output kept of a command, at most.
@@ -331,6 +347,9 @@ pub struct Pool {
     /// This process's own drivers, for adoption at start (none in a fleet:
     /// nodes report their own VMs).
     drivers: Drivers,
+    /// Built from this process's own drivers ([`Pool::new`]): one node,
+    /// always reachable, not in the store; VMs are not placed.
+    local: bool,
     options: PoolOptions,
     /// Wakes this process's run loop.
     wake: Arc<Notify>,
@@ -417,17 +436,20 @@ fn provision_plan(ws: &Workspace, env: &Environment, options: &PoolOptions) -> P
 
 impl Pool {
     /// A pool whose VMs all run on this process's own `drivers`.
+    /// Its VMs record no node: this process is the one node, always
+    /// reachable, with the room its drivers have (tests, benchmarks).
     pub fn new(store: Arc<dyn Store>, drivers: Drivers, options: PoolOptions) -> Arc<Pool> {
-        Self::build(store, Arc::new(drivers.clone()), drivers, options)
+        Self::build(store, Arc::new(drivers.clone()), drivers, true, options)
     }
 
-    /// A pool whose VMs run on the nodes of `fleet`.
+    /// A pool whose VMs run on the nodes of `fleet`: every boot is placed
+    /// on a node of the store ([`placement::choose`]).
     pub fn with_fleet(
         store: Arc<dyn Store>,
         fleet: Arc<dyn Fleet>,
         options: PoolOptions,
     ) -> Arc<Pool> {
-        Self::build(store, fleet, Drivers::new(), options)
+        Self::build(store, fleet, Drivers::new(), false, options)
     }
 
     /// A pool whose VMs run on the nodes of `fleet`; `local` are this
@@ -439,19 +461,25 @@ impl Pool {
         local: Drivers,
         options: PoolOptions,
     ) -> Arc<Pool> {
-        Self::build(store, fleet, local, options)
+        Self::build(store, fleet, local, false, options)
     }
 
     fn build(
         store: Arc<dyn Store>,
         fleet: Arc<dyn Fleet>,
         drivers: Drivers,
-        options: PoolOptions,
+        local: bool,
+        mut options: PoolOptions,
     ) -> Arc<Pool> {
+        // The fleet's timings are the one source; the planner reads them
+        // in its settings.
+        options.settings.node_timeout_ms = options.fleet.node_timeout.as_millis() as Millis;
+        options.settings.lost_after_ms = options.fleet.lost_after.as_millis() as Millis;
         Arc::new(Pool {
             store,
             fleet,
             drivers,
+            local,
             options,
             wake: Arc::new(Notify::new()),
             wake_others: Arc::new(Notify::new()),
@@ -750,6 +778,7 @@ impl Pool {
                 queued,
                 holders,
                 in_flight: HashSet::new(),
+                nodes: HashMap::new(),
             },
             boot_plans,
             reap_mode: config
@@ -801,6 +830,9 @@ impl Pool {
             in_flight,
             reused,
         } = self.read_pass(tenant).await?;
+        // The nodes are read fresh every pass (not kept with the read):
+        // their heartbeats move on while the tenant's rows do not.
+        let mut placer = self.placer().await?;
         let read = started.elapsed();
         // The tenant's leader follows every running command: one started
         // through another replica whose process died since is followed
@@ -811,12 +843,18 @@ impl Pool {
             }
         }
         let now = now_millis();
+        placer.now = now;
         let started = Instant::now();
         let next_reap_at = self.reap(tenant, &pass, now).await?;
         let reap = started.elapsed();
         let started = Instant::now();
-        let (actions, due) =
-            plan::plan_with_deadline(&pass.snapshot, &in_flight, now, &self.options.settings);
+        let (actions, due) = plan::plan_with_nodes(
+            &pass.snapshot,
+            &in_flight,
+            &placer.views,
+            now,
+            &self.options.settings,
+        );
         // The clock is read fresh each pass (a reused read too), so a pass
         // at the deadline acts even when nothing was written.
         let deadline = [due, next_reap_at].into_iter().flatten().min();
@@ -826,7 +864,7 @@ impl Pool {
         let planned = started.elapsed();
         let started = Instant::now();
         for action in &actions {
-            if let Err(e) = self.execute(tenant, &pass, action).await {
+            if let Err(e) = self.execute(tenant, &pass, action, &mut placer).await {
                 tracing::warn!(tenant = %tenant, ?action, error = %e, "pool action failed");
             }
         }
@@ -886,11 +924,94 @@ impl Pool {
         Ok(finding.next_reap_at)
     }
 
+    /// What placing this pass's boots needs: the nodes (read now), what
+    /// their VMs take (read at the first boot), the planner's view of them.
+    async fn placer(&self) -> Result<Placer, PoolError> {
+        let nodes = if self.local {
+            Vec::new()
+        } else {
+            self.store.list_nodes().await?
+        };
+        let views = nodes
+            .iter()
+            .map(|n| {
+                let view = NodeView {
+                    name: n.name.clone(),
+                    state: n.state,
+                    last_heartbeat: n.last_heartbeat,
+                };
+                (n.id, view)
+            })
+            .collect();
+        Ok(Placer {
+            nodes,
+            views,
+            usage: None,
+            now: now_millis(),
+            rng: rand::SeedableRng::from_entropy(),
+        })
+    }
+
+    /// Places `vm` on a node with room and records it within the cap: a
+    /// node whose room check fails in the store (another placer filled it)
+    /// is left out and another tried, a few times. `NodeFull` when no node
+    /// has room (the pass after a heartbeat or a VM's end tries again).
+    /// A local pool records no node.
+    async fn place_and_insert(
+        &self,
+        vm: &mut VmRecord,
+        max_vms: i64,
+        placer: &mut Placer,
+    ) -> Result<InsertVm, PoolError> {
+        if self.local {
+            return Ok(self.store.insert_vm_within_cap(vm, max_vms).await?);
+        }
+        if placer.usage.is_none() {
+            let usage = self.store.node_usage().await?;
+            placer.usage = Some(
+                usage
+                    .into_iter()
+                    .filter_map(|u| u.node.map(|n| (n, u)))
+                    .collect(),
+            );
+        }
+        let mut excluded = HashSet::new();
+        for _ in 0..PLACEMENT_TRIES {
+            let usage = placer.usage.as_mut().expect("read above");
+            let need = placement::Need {
+                driver: &vm.driver,
+                cpus: vm.cpus,
+                memory_mib: vm.memory_mib,
+                now: placer.now,
+                node_timeout_ms: self.options.settings.node_timeout_ms,
+                exclude: &excluded,
+            };
+            let Some(node) = placement::choose(&placer.nodes, usage, &need, &mut placer.rng) else {
+                tracing::debug!(vm = %vm.id, workspace = %vm.workspace, "no node has room");
+                return Ok(InsertVm::NodeFull);
+            };
+            vm.node_id = Some(node);
+            match self.store.insert_vm_within_cap(vm, max_vms).await? {
+                InsertVm::Inserted => {
+                    placement::record(usage, node, vm.cpus, vm.memory_mib);
+                    return Ok(InsertVm::Inserted);
+                }
+                InsertVm::NodeFull => {
+                    excluded.insert(node);
+                }
+                other => return Ok(other),
+            }
+        }
+        vm.node_id = None;
+        Ok(InsertVm::NodeFull)
+    }
+
     async fn execute(
         self: &Arc<Self>,
         tenant: TenantId,
         pass: &Pass,
         action: &Action,
+        placer: &mut Placer,
     ) -> Result<(), PoolError> {
         let snap = &pass.snapshot;
         match action {
@@ -985,12 +1106,64 @@ impl Pool {
                 record.setup_digest = plan.setup_digest.clone();
                 record.reserved_for = *reserved_for;
                 record.task_owner = Some(self.options.replica.clone());
-                match self.store.insert_vm_within_cap(&record, max_vms).await? {
+                record.cpus = i64::from(plan.cpus);
+                record.memory_mib = plan.memory_mib as i64;
+                match self.place_and_insert(&mut record, max_vms, placer).await? {
                     InsertVm::Inserted => {
                         tracing::info!(tenant = %tenant, vm = %record.id, workspace, agent = ?reserved_for, "booting VM");
                         self.start_boot(record, plan.clone()).await?;
                     }
                     InsertVm::AtCapacity | InsertVm::AgentNotQueued | InsertVm::NodeFull => {}
+                }
+            }
+            Action::GiveUp { vm, from, error } => {
+                let Some(record) = pass.vm(*vm).cloned() else {
+                    return Ok(());
+                };
+                // No driver call: the node is not answering. It destroys
+                // the VM itself when it reports again (fencing).
+                if self
+                    .store
+                    .set_vm_state(*vm, &[*from], VmState::Destroyed, Some(error))
+                    .await?
+                {
+                    tracing::warn!(tenant = %tenant, vm = %vm, workspace = %record.workspace, node = ?record.node_id, %error, "VM given up");
+                    self.requeue_reserved(tenant, &record).await;
+                }
+            }
+            Action::Lose {
+                vm,
+                agent,
+                error,
+                agent_error,
+            } => {
+                if !self
+                    .store
+                    .set_vm_state(*vm, &[VmState::Assigned], VmState::Destroyed, Some(error))
+                    .await?
+                {
+                    return Ok(());
+                }
+                tracing::warn!(tenant = %tenant, vm = %vm, agent = ?agent, %error, "assigned VM lost");
+                if let Some(agent) = agent {
+                    let update = AgentUpdate {
+                        error: Some(agent_error.clone()),
+                        ..Default::default()
+                    };
+                    match self
+                        .store
+                        .transition_agent(
+                            tenant,
+                            *agent,
+                            &[AgentPhase::Running, AgentPhase::Idle],
+                            AgentPhase::Failed,
+                            &update,
+                        )
+                        .await
+                    {
+                        Ok(_) | Err(StoreError::Conflict(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
         }
@@ -1274,6 +1447,17 @@ impl Pool {
                 summary.error.as_deref().unwrap_or("unknown error")
             );
             tracing::warn!(vm = %vm.id, workspace = %vm.workspace, instance = %instance, test = vm.test, %error, "provisioning failed");
+            // Given up meanwhile (its node stopped answering): the failure
+            // is the node's, not the workspace's, and its agent was
+            // re-queued with the give-up (it may be booting elsewhere now).
+            if vm.node_id.is_some()
+                && let Ok(now) = self.store.get_vm(vm.id).await
+                && !now.state.is_live()
+            {
+                self.untrack(vm.id).await;
+                self.wake();
+                return;
+            }
             // The back-off is recorded while the VM still counts as booting:
             // a pass woken in between (every write wakes one) would else see
             // neither and boot again at once.
@@ -1352,8 +1536,17 @@ impl Pool {
         vm.setup_digest = plan.setup_digest.clone();
         vm.test = true;
         vm.task_owner = Some(self.options.replica.clone());
-        match self.store.insert_vm_within_cap(&vm, max_vms).await? {
+        vm.cpus = i64::from(plan.cpus);
+        vm.memory_mib = plan.memory_mib as i64;
+        let mut placer = self.placer().await?;
+        match self.place_and_insert(&mut vm, max_vms, &mut placer).await? {
             InsertVm::Inserted => {}
+            InsertVm::NodeFull => {
+                return Err(PoolError::Precondition(
+                    "no node has room for a test boot (cpus, memory, VM slots, boots in flight)"
+                        .into(),
+                ));
+            }
             _ => {
                 return Err(PoolError::Precondition(format!(
                     "the tenant is at max_vms ({max_vms}): a test boot needs a free slot"

@@ -208,7 +208,8 @@ pub static COUNT_LIVE_VMS: LazyLock<String> = LazyLock::new(|| {
 
 /// The VM claim as one compare-and-set statement: `$1` tenant, `$2`
 /// workspace, `$3` agent, `$4` now. Fresh VMs before stale ones, then
-/// oldest first; test VMs never. The argument is the locking clause of the
+/// oldest first; test VMs never, nor VMs of a draining node (they are
+/// being replaced elsewhere). The argument is the locking clause of the
 /// inner select (`"FOR UPDATE SKIP LOCKED"` on PostgreSQL, `""` on SQLite,
 /// whose single writer serializes claims anyway); the outer
 /// `state = 'idle'` makes the update a no-op if the row changed meanwhile.
@@ -218,6 +219,8 @@ macro_rules! claim_idle_vm {
             "UPDATE vms SET state = 'assigned', agent_id = $3, reserved_for = NULL, updated_at = $4 \
              WHERE id = (SELECT id FROM vms \
                          WHERE tenant_id = $1 AND workspace = $2 AND state = 'idle' AND test = 0 \
+                         AND (node_id IS NULL OR node_id NOT IN \
+                              (SELECT id FROM nodes WHERE state = 'draining')) \
                          ORDER BY stale, created_at, id LIMIT 1 ",
             $lock,
             ") AND state = 'idle' AND test = 0 RETURNING ",
@@ -608,11 +611,12 @@ pub const NODE_ROOM: &str =
     "SELECT state, cpus, memory_mib, vm_slots, max_boots FROM nodes WHERE id = $1";
 
 /// What the live VMs take of each node: (node, VMs, booting, cpus, memory).
+/// The sums are cast: PostgreSQL's `sum` of a BIGINT is a NUMERIC.
 pub static NODE_USAGE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT node_id, count(*), \
-         coalesce(sum(CASE WHEN state IN ('booting', 'provisioning') THEN 1 ELSE 0 END), 0), \
-         coalesce(sum(cpus), 0), coalesce(sum(memory_mib), 0) \
+         CAST(coalesce(sum(CASE WHEN state IN ('booting', 'provisioning') THEN 1 ELSE 0 END), 0) AS BIGINT), \
+         CAST(coalesce(sum(cpus), 0) AS BIGINT), CAST(coalesce(sum(memory_mib), 0) AS BIGINT) \
          FROM vms WHERE state IN {} GROUP BY node_id",
         in_list(VmState::LIVE.iter().map(|s| s.as_str()))
     )
@@ -622,8 +626,8 @@ pub static NODE_USAGE: LazyLock<String> = LazyLock::new(|| {
 pub static ONE_NODE_USAGE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT count(*), \
-         coalesce(sum(CASE WHEN state IN ('booting', 'provisioning') THEN 1 ELSE 0 END), 0), \
-         coalesce(sum(cpus), 0), coalesce(sum(memory_mib), 0) \
+         CAST(coalesce(sum(CASE WHEN state IN ('booting', 'provisioning') THEN 1 ELSE 0 END), 0) AS BIGINT), \
+         CAST(coalesce(sum(cpus), 0) AS BIGINT), CAST(coalesce(sum(memory_mib), 0) AS BIGINT) \
          FROM vms WHERE node_id = $1 AND state IN {}",
         in_list(VmState::LIVE.iter().map(|s| s.as_str()))
     )

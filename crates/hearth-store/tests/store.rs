@@ -1420,6 +1420,130 @@ async fn list_live_vms_spans_tenants(ctx: Ctx) {
     );
 }
 
+both_backends!(a_full_or_unready_node_refuses_a_vm);
+async fn a_full_or_unready_node_refuses_a_vm(ctx: Ctx) {
+    use hearth_core::ids::NodeId;
+    use hearth_store::{NodeCapacity, NodeRecord, NodeState};
+    let s = &ctx.store;
+    let (t, _admin) = tenant_with_admin(s, "acme").await;
+    let now = now_millis();
+    let node = s
+        .join_node(&NodeRecord {
+            id: NodeId::new(),
+            name: "n1".into(),
+            address: "https://127.0.0.1:7071".into(),
+            ca_pem: String::new(),
+            credential_hash: String::new(),
+            state: NodeState::Ready,
+            capacity: NodeCapacity {
+                drivers: vec!["fake".into()],
+                cpus: 4,
+                memory_mib: 2048,
+                disk_mib: 0,
+                vm_slots: 3,
+                max_boots: 2,
+            },
+            joined_at: now,
+            last_heartbeat: now,
+            updated_at: now,
+        })
+        .await
+        .unwrap();
+    let placed = |cpus: i64, memory_mib: i64| {
+        let mut v = VmRecord::booting(VmId::new(), t, "web", "fake", 1, 1);
+        v.node_id = Some(node.id);
+        v.cpus = cpus;
+        v.memory_mib = memory_mib;
+        v
+    };
+    // Memory: 2048 MiB, 1536 asked then 1024 more: refused.
+    let first = placed(1, 1536);
+    assert_eq!(
+        s.insert_vm_within_cap(&first, 100).await.unwrap(),
+        InsertVm::Inserted
+    );
+    assert_eq!(s.get_vm(first.id).await.unwrap().node_id, Some(node.id));
+    let refused = placed(1, 1024);
+    assert_eq!(
+        s.insert_vm_within_cap(&refused, 100).await.unwrap(),
+        InsertVm::NodeFull
+    );
+    assert!(matches!(
+        s.get_vm(refused.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // cpus: 4, 1 used, 4 more asked: refused.
+    assert_eq!(
+        s.insert_vm_within_cap(&placed(4, 1), 100).await.unwrap(),
+        InsertVm::NodeFull
+    );
+    // Boots in flight: 2 at most.
+    assert_eq!(
+        s.insert_vm_within_cap(&placed(1, 1), 100).await.unwrap(),
+        InsertVm::Inserted
+    );
+    assert_eq!(
+        s.insert_vm_within_cap(&placed(1, 1), 100).await.unwrap(),
+        InsertVm::NodeFull
+    );
+    assert!(
+        s.set_vm_state(first.id, &[VmState::Booting], VmState::Idle, None)
+            .await
+            .unwrap()
+    );
+    let third = placed(1, 1);
+    assert_eq!(
+        s.insert_vm_within_cap(&third, 100).await.unwrap(),
+        InsertVm::Inserted
+    );
+    // VM slots: 3.
+    assert!(
+        s.set_vm_state(third.id, &[VmState::Booting], VmState::Idle, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.insert_vm_within_cap(&placed(0, 0), 100).await.unwrap(),
+        InsertVm::NodeFull
+    );
+    let usage = s.node_usage().await.unwrap();
+    let mine = usage.iter().find(|u| u.node == Some(node.id)).unwrap();
+    assert_eq!(
+        (mine.vms, mine.booting, mine.cpus, mine.memory_mib),
+        (3, 1, 3, 1538)
+    );
+    // A dead VM frees its room; a cordoned node takes nothing even then.
+    assert!(
+        s.set_vm_state(third.id, &[VmState::Idle], VmState::Destroyed, None)
+            .await
+            .unwrap()
+    );
+    s.set_node_state("n1", NodeState::Cordoned).await.unwrap();
+    assert_eq!(
+        s.insert_vm_within_cap(&placed(0, 0), 100).await.unwrap(),
+        InsertVm::NodeFull
+    );
+    s.set_node_state("n1", NodeState::Ready).await.unwrap();
+    assert_eq!(
+        s.insert_vm_within_cap(&placed(0, 0), 100).await.unwrap(),
+        InsertVm::Inserted
+    );
+    // A node nobody joined has no room.
+    let mut nowhere = placed(0, 0);
+    nowhere.node_id = Some(NodeId::new());
+    assert_eq!(
+        s.insert_vm_within_cap(&nowhere, 100).await.unwrap(),
+        InsertVm::NodeFull
+    );
+    // A draining node's idle VMs are not claimed: they are being replaced.
+    s.set_node_state("n1", NodeState::Draining).await.unwrap();
+    let agent = AgentId::new();
+    assert_eq!(s.claim_idle_vm(t, "web", agent).await.unwrap(), None);
+    s.set_node_state("n1", NodeState::Ready).await.unwrap();
+    let claimed = s.claim_idle_vm(t, "web", agent).await.unwrap().unwrap();
+    assert_eq!(claimed.id, first.id);
+}
+
 both_backends!(insert_within_cap_counts_live_vms);
 async fn insert_within_cap_counts_live_vms(ctx: Ctx) {
     let s = &ctx.store;
