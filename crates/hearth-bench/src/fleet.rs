@@ -170,6 +170,16 @@ struct Run {
     /// Warm VMs per node after the fill: min and max.
     per_node_min: i64,
     per_node_max: i64,
+    /// PostgreSQL: the leader's death with every VM warm.
+    failover: Option<Failover>,
+}
+
+#[derive(Debug, Serialize)]
+struct Failover {
+    /// A's session ended → B leads the tenant (ms).
+    lead_ms: f64,
+    /// → B's first pass of the tenant done (ms).
+    first_pass_ms: f64,
 }
 
 pub fn run(args: FleetArgs) -> Result<()> {
@@ -193,7 +203,13 @@ pub fn run(args: FleetArgs) -> Result<()> {
                 Some(db) => Arc::new(PgStore::connect(&db.url).await?),
                 None => Arc::new(SqliteStore::open(&dir.path().join("hearth.db")).await?),
             };
-            measure(&args, kind, store).await
+            measure(
+                &args,
+                kind,
+                store,
+                database.as_ref().map(|db| db.url.as_str()),
+            )
+            .await
         });
         drop(database);
         runs.push(result?);
@@ -235,7 +251,14 @@ async fn put(
     Ok(())
 }
 
-async fn measure(args: &FleetArgs, kind: StoreKind, store: Arc<dyn Store>) -> Result<Run> {
+/// `postgres`: the database's URL, where a second replica joins for the
+/// failover measure.
+async fn measure(
+    args: &FleetArgs,
+    kind: StoreKind,
+    store: Arc<dyn Store>,
+    postgres: Option<&str>,
+) -> Result<Run> {
     let name = format!("{kind:?}").to_lowercase();
     eprintln!("[fleet] {name}: {} nodes, {} VMs", args.nodes, args.vms);
     let token = NewToken {
@@ -292,6 +315,7 @@ async fn measure(args: &FleetArgs, kind: StoreKind, store: Arc<dyn Store>) -> Re
             .collect(),
     });
     let pool = sim_pool(store.clone(), fleet.clone(), args.vms);
+    store.name_replica(&pool.options().replica);
 
     // The nodes report until the end, but for those made silent.
     let silent: Arc<Mutex<HashSet<NodeId>>> = Arc::default();
@@ -316,7 +340,8 @@ async fn measure(args: &FleetArgs, kind: StoreKind, store: Arc<dyn Store>) -> Re
         })
     };
     let started = Instant::now();
-    let runner = tokio::spawn(pool.clone().run(stopped.clone()));
+    let (stop_a, stopped_a) = tokio::sync::watch::channel(false);
+    let runner = tokio::spawn(pool.clone().run(stopped_a));
     let warm = |store: Arc<dyn Store>| async move {
         let vms = store.list_vms(t, false).await?;
         anyhow::Ok(vms)
@@ -363,8 +388,58 @@ async fn measure(args: &FleetArgs, kind: StoreKind, store: Arc<dyn Store>) -> Re
     eprintln!(
         "[fleet] {name}: {lost_vms} VMs of a lost node back in {backfill_ms:.0} ms after its timeout"
     );
+    // The leading replica dies with 10,000 VMs in its tenant: a second
+    // replica (its own store instance, the same fleet) follows; A stops and
+    // PostgreSQL ends its lead session, as with a kill -9; timed until B
+    // leads, and until B's first pass (the takeover and a read of every VM).
+    let failover = match postgres {
+        Some(url) => {
+            let b_store: Arc<dyn Store> = Arc::new(PgStore::connect(url).await?);
+            let b = sim_pool(b_store.clone(), fleet.clone(), args.vms);
+            b_store.name_replica(&b.options().replica);
+            let (stop_b, stopped_b) = tokio::sync::watch::channel(false);
+            let runner_b = tokio::spawn(b.clone().run(stopped_b));
+            // B settles into its retry rhythm, never leading meanwhile.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if b.leads().contains(&t) || !pool.leads().contains(&t) {
+                bail!("A should lead and B follow");
+            }
+            let _ = stop_a.send(true);
+            let _ = runner.await;
+            let died = Instant::now();
+            end_lead_session(url, &pool.options().replica).await?;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !b.leads().contains(&t) {
+                if Instant::now() > deadline {
+                    bail!("B never led");
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let lead_ms = died.elapsed().as_secs_f64() * 1e3;
+            while b.passes(t) == 0 {
+                if Instant::now() > deadline {
+                    bail!("B never passed");
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let first_pass_ms = died.elapsed().as_secs_f64() * 1e3;
+            eprintln!(
+                "[fleet] {name}: failover: B leads {lead_ms:.0} ms, first pass {first_pass_ms:.0} ms after A's session ended"
+            );
+            let _ = stop_b.send(true);
+            let _ = runner_b.await;
+            Some(Failover {
+                lead_ms,
+                first_pass_ms,
+            })
+        }
+        None => {
+            let _ = stop_a.send(true);
+            let _ = runner.await;
+            None
+        }
+    };
     let _ = stop.send(true);
-    let _ = runner.await;
     let _ = heartbeats.await;
 
     // Placement alone, over the fleet as it is now.
@@ -429,17 +504,36 @@ async fn measure(args: &FleetArgs, kind: StoreKind, store: Arc<dyn Store>) -> Re
         backfill_ms,
         per_node_min,
         per_node_max,
+        failover,
     })
+}
+
+/// Ends replica `replica`'s lead session from the database's side (what
+/// its death does: PostgreSQL frees the advisory locks with the session).
+async fn end_lead_session(url: &str, replica: &str) -> Result<()> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = $1",
+    )
+    .bind(format!("hearth-lead {replica}"))
+    .fetch_all(&mut conn)
+    .await?;
+    if !ended.iter().any(|e| *e) {
+        bail!("no lead session of {replica} to end");
+    }
+    Ok(())
 }
 
 fn render(report: &FleetReport) -> String {
     let mut out = format!(
-        "## fleet: {} nodes, {} VMs, {} workspaces\n\n| store | choose p50 / p99 (µs) | placed insert p50 / p99 (ms) | fill (s) | VMs per node (min–max) | lost node's VMs | backfill after its timeout (ms) |\n|---|---|---|---|---|---|---|\n",
+        "## fleet: {} nodes, {} VMs, {} workspaces\n\n| store | choose p50 / p99 (µs) | placed insert p50 / p99 (ms) | fill (s) | VMs per node (min–max) | lost node's VMs | backfill after its timeout (ms) | failover: leads / first pass (ms) |\n|---|---|---|---|---|---|---|---|\n",
         report.nodes, report.vms, report.workspaces
     );
     for r in &report.runs {
         out.push_str(&format!(
-            "| {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} | {}–{} | {} | {:.0} |\n",
+            "| {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} | {}–{} | {} | {:.0} | {} |\n",
             r.store,
             r.choose_us.p50,
             r.choose_us.p99,
@@ -449,7 +543,11 @@ fn render(report: &FleetReport) -> String {
             r.per_node_min,
             r.per_node_max,
             r.lost_vms,
-            r.backfill_ms
+            r.backfill_ms,
+            r.failover.as_ref().map_or("–".to_owned(), |f| format!(
+                "{:.0} / {:.0}",
+                f.lead_ms, f.first_pass_ms
+            ))
         ));
     }
     out
