@@ -252,10 +252,19 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     let mut node_tasks = Vec::new();
     if let (Some(drivers), Some(name)) = (local_drivers, fleet_config.local_node.clone()) {
         let data_dir = fs::canonicalize(&args.data_dir)?;
+        // The embedded node fetches artifacts from this server over
+        // loopback: it trusts this server's CA, or the operator's chain.
+        let ca = match (&transport.ca_file, &args.tls.tls_cert) {
+            (Some(ca), _) | (None, Some(ca)) => Some(
+                fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?,
+            ),
+            (None, None) => None,
+        };
         let state = crate::node::service::NodeState::new(
             drivers.clone(),
             vec![url.clone()],
             data_dir.join("artifacts"),
+            crate::node::control_plane_client(ca.as_deref(), None)?,
         );
         let listening = crate::node::listen(
             "127.0.0.1:0".parse().expect("an address"),

@@ -51,6 +51,32 @@ pub struct DriverArgs {
     pub fake_failure_rate: f64,
 }
 
+/// A client of the control plane's servers, trusting only the CAs of
+/// `ca_pem` (a PEM bundle: one CA per replica, or one for all) when given,
+/// else the system's roots. `total`: the longest a whole request may take
+/// (joins and heartbeats); `None` for artifacts, which may be large: then
+/// only a read that stalls for a minute fails.
+pub fn control_plane_client(
+    ca_pem: Option<&[u8]>,
+    total: Option<Duration>,
+) -> anyhow::Result<reqwest::Client> {
+    let mut http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(60));
+    if let Some(total) = total {
+        http = http.timeout(total);
+    }
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)?;
+        anyhow::ensure!(!certs.is_empty(), "no certificate in the CA bundle");
+        http = http.tls_built_in_root_certs(false);
+        for cert in certs {
+            http = http.add_root_certificate(cert);
+        }
+    }
+    Ok(http.use_rustls_tls().build()?)
+}
+
 /// The flags of `hearth node`.
 #[derive(clap::Args, Debug)]
 pub struct NodeArgs {
@@ -322,24 +348,19 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
             .into_string()
             .map_err(|_| anyhow::anyhow!("the host name is not UTF-8: set --name"))?,
     };
-    let mut http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30));
-    if let Some(ca) = &args.ca {
-        let pem = fs::read(ca).with_context(|| format!("cannot read --ca {}", ca.display()))?;
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .with_context(|| format!("--ca {}: not a PEM certificate", ca.display()))?;
-        http = http
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(cert);
-    }
-    let http = http.use_rustls_tls().build()?;
+    let ca = match &args.ca {
+        Some(ca) => Some(fs::read(ca).with_context(|| format!("cannot read --ca {}", ca.display()))?),
+        None => None,
+    };
+    let http = control_plane_client(ca.as_deref(), Some(Duration::from_secs(30)))
+        .with_context(|| "--ca: not a PEM bundle of certificates")?;
     let drivers = build_drivers(&args.drivers, &data_dir).await?;
     let capacity = args.capacity.detect(&data_dir, &drivers);
     let state = service::NodeState::new(
         drivers.clone(),
         args.servers.clone(),
         data_dir.join("artifacts"),
+        control_plane_client(ca.as_deref(), None)?,
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let listening = listen(

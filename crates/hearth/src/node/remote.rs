@@ -429,7 +429,12 @@ mod tests {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let drivers = Drivers::new().with(Arc::new(FakeDriver::new(FakeConfig::default())));
-        let state = crate::node::service::NodeState::new(drivers, vec![], dir.path().join("a"));
+        let state = crate::node::service::NodeState::new(
+            drivers,
+            vec![],
+            dir.path().join("a"),
+            reqwest::Client::new(),
+        );
         state.set_credential(credential);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let listening = crate::node::listen(

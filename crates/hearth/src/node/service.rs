@@ -51,13 +51,19 @@ pub struct NodeState {
 }
 
 impl NodeState {
-    pub fn new(drivers: Drivers, servers: Vec<String>, cache: PathBuf) -> Arc<NodeState> {
+    /// `http` reaches the servers for artifacts (trusting their CA).
+    pub fn new(
+        drivers: Drivers,
+        servers: Vec<String>,
+        cache: PathBuf,
+        http: reqwest::Client,
+    ) -> Arc<NodeState> {
         Arc::new(NodeState {
             drivers,
             credential: RwLock::new(None),
             servers,
             cache,
-            http: reqwest::Client::new(),
+            http,
         })
     }
 
