@@ -593,9 +593,14 @@ fn refine(doc: &mut Value) {
     {
         let h = "[0-9a-fA-F]";
         let hyphenated = format!("{h}{{8}}-{h}{{4}}-{h}{{4}}-{h}{{4}}-{h}{{12}}");
-        doc["components"]["schemas"]["SpawnRequest"]["properties"]["parent"]["pattern"] = json!(
-            format!("^({h}{{32}}|{hyphenated}|\\{{{hyphenated}\\}}|urn:uuid:{hyphenated})$")
-        );
+        let uuid = format!("^({h}{{32}}|{hyphenated}|\\{{{hyphenated}\\}}|urn:uuid:{hyphenated})$");
+        doc["components"]["schemas"]["SpawnRequest"]["properties"]["parent"]["pattern"] =
+            json!(uuid);
+        // The VMs a node reports are VM ids.
+        for schema in ["JoinRequest", "HeartbeatRequest"] {
+            doc["components"]["schemas"][schema]["properties"]["vms"]["items"] =
+                json!({"type": "string", "pattern": uuid});
+        }
     }
     // The reaper field's older name is read too (never with the new one).
     for schema in ["PoolConfig", "PoolConfigPatch"] {
