@@ -255,9 +255,9 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         // The embedded node fetches artifacts from this server over
         // loopback: it trusts this server's CA, or the operator's chain.
         let ca = match (&transport.ca_file, &args.tls.tls_cert) {
-            (Some(ca), _) | (None, Some(ca)) => Some(
-                fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?,
-            ),
+            (Some(ca), _) | (None, Some(ca)) => {
+                Some(fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?)
+            }
             (None, None) => None,
         };
         let state = crate::node::service::NodeState::new(

@@ -349,7 +349,9 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("the host name is not UTF-8: set --name"))?,
     };
     let ca = match &args.ca {
-        Some(ca) => Some(fs::read(ca).with_context(|| format!("cannot read --ca {}", ca.display()))?),
+        Some(ca) => {
+            Some(fs::read(ca).with_context(|| format!("cannot read --ca {}", ca.display()))?)
+        }
         None => None,
     };
     let http = control_plane_client(ca.as_deref(), Some(Duration::from_secs(30)))
