@@ -296,6 +296,46 @@ fn a_node_runs_the_pool_refuses_strangers_and_fences(b: Backend) {
         "{done}"
     );
 
+    // A VM's hostile workload cannot reach the node's API nor the control
+    // plane: not on loopback, not through its gateway (the ports exist:
+    // the test itself reaches both from the host).
+    let port_of = |url: &str| {
+        url.rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches('/')
+            .to_owned()
+    };
+    let (node_port, server_port) = (port_of(&node.address), port_of(&s.url));
+    let gateway = crate::common::vm_gateway();
+    let targets: Vec<String> = [&node_port, &server_port]
+        .iter()
+        .flat_map(|p| [format!("127.0.0.1/{p}"), format!("{gateway}/{p}")])
+        .collect();
+    for port in [&node_port, &server_port] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_ok(),
+            "the host reaches 127.0.0.1:{port}"
+        );
+    }
+    let probe = targets
+        .iter()
+        .map(|t| {
+            format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{t}' 2>/dev/null && echo reached-{t};")
+        })
+        .collect::<String>();
+    let attack = s.spawn(
+        &s.admin_token,
+        json!({"workspace": "web", "command": format!("command -v bash timeout && {probe} echo probed")}),
+    );
+    let done = s.wait_agent(&id(&attack.body), "completed", 90);
+    let output = done["output"].as_str().unwrap_or_default();
+    assert!(output.contains("probed"), "the probe ran: {done}");
+    assert!(
+        !output.contains("reached-"),
+        "a VM reached the node's or the server's API: {output}"
+    );
+
     // The node's API: its own credential or nothing.
     let node_id = query(&s, "SELECT id FROM nodes WHERE name = 'n1'");
     let vms = format!("{}/v1/node/sandbox/vms", node.address);
