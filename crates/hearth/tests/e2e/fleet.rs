@@ -671,12 +671,17 @@ fn a_node_killed_or_cut_off_is_replaced_and_fenced() {
                 .contains(&format!("n{victim}"))),
             "round {round}: n{victim} still reachable"
         );
+        // Its idle VMs are given up (they stop counting at once), and the
+        // pool is whole again on the others.
+        assert!(
+            wait_until(30, || fleet.idle_on(victim) == 0),
+            "round {round}: n{victim}'s idle VMs were not given up"
+        );
         fleet.wait_idle(
             6,
             60,
             &format!("round {round}: backfill after n{victim} died"),
         );
-        assert_eq!(fleet.idle_on(victim), 0, "round {round}");
         fleet.nodes[victim].launch();
         assert!(
             wait_until(30, || fleet.reachable_nodes().len() == 3),
@@ -775,4 +780,132 @@ fn restarting_every_server_while_agents_run_fails_no_agent() {
         }
         fleet.check(&spawned, &format!("round {round} (restart)"));
     }
+}
+
+#[test]
+fn pool_behaviours_hold_across_nodes() {
+    if !require_root() {
+        return;
+    }
+    let mut fleet = Fleet::start(2, 3);
+    fleet.pool(8, 4);
+    fleet.wait_idle(4, 120, "first fill");
+    let idle_ids = |fleet: &Fleet| -> BTreeSet<String> {
+        fleet
+            .query("SELECT id FROM vms WHERE state = 'idle'")
+            .into_iter()
+            .collect()
+    };
+    let nodes_used = |fleet: &Fleet| {
+        fleet.count("SELECT count(DISTINCT node_id) FROM vms WHERE state IN ('idle', 'assigned')")
+    };
+    assert!(nodes_used(&fleet) >= 2, "warm VMs spread over the nodes");
+    let (one, two) = (fleet.replicas[0].admin(), fleet.replicas[1].admin());
+    let mut spawned = Vec::new();
+
+    // A warm claim through one replica, exec through the other, and the
+    // VM back to the pool (reset on its node) once the agent finishes.
+    let agent = fleet.spawn(json!({"workspace": "web"}));
+    let running = fleet.wait_agent(&agent, "running", 30);
+    spawned.push(agent.clone());
+    let r = two.post(
+        &format!("/v1/agents/{agent}/exec"),
+        json!({"command": "echo mine > /tmp/mark; cat /tmp/mark"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["stdout"], "mine\n", "{}", r.body);
+    let r = one.post(
+        &format!("/v1/agents/{agent}/finish"),
+        json!({"status": "completed"}),
+    );
+    assert!(r.status < 300, "{}", r.text);
+    let vm = running["vm"].as_str().unwrap().to_owned();
+    assert!(
+        wait_until(60, || fleet.count(&format!(
+            "SELECT count(*) FROM vms WHERE id = '{vm}' AND state = 'idle'"
+        )) == 1),
+        "the returned VM is warm again on its node"
+    );
+    let again = fleet.spawn(json!({"workspace": "web"}));
+    fleet.wait_agent(&again, "running", 30);
+    spawned.push(again.clone());
+    let r = one.post(
+        &format!("/v1/agents/{again}/exec"),
+        json!({"command": "cat /tmp/mark 2>/dev/null || echo clean"}),
+    );
+    assert_eq!(
+        r.body["stdout"], "clean\n",
+        "a reset VM keeps nothing: {}",
+        r.body
+    );
+    fleet.wait_idle(4, 60, "backfill after the claims");
+
+    // Flush through the other replica: every idle VM replaced.
+    let before = idle_ids(&fleet);
+    let r = two.post("/v1/pool/flush", json!({}));
+    assert!(r.status < 300, "{}", r.text);
+    assert!(
+        wait_until(90, || {
+            let now = idle_ids(&fleet);
+            now.len() >= 4 && now.is_disjoint(&before)
+        }),
+        "flush replaced every idle VM: {:?}",
+        idle_ids(&fleet)
+    );
+
+    // A changed environment: the warm VMs roll over to fresh ones.
+    let before = idle_ids(&fleet);
+    let r = one.put_yaml(
+        "/v1/environments/dev",
+        "driver: sandbox\nnetwork: none\ncpus: 1\nmemory: 300Mi\n",
+    );
+    assert!(r.status < 300, "{}", r.text);
+    assert!(
+        wait_until(120, || {
+            let now = idle_ids(&fleet);
+            now.len() >= 4
+                && now.is_disjoint(&before)
+                && fleet.count("SELECT count(*) FROM vms WHERE state = 'idle' AND stale = 1") == 0
+        }),
+        "the pool rolled over to the new environment: {:?}",
+        fleet
+            .query("SELECT concat(id, ' ', state, ' ', stale) FROM vms WHERE state <> 'destroyed'")
+    );
+    assert!(nodes_used(&fleet) >= 2, "the fresh VMs spread too");
+
+    // Past the cap, spawns queue; nothing exceeds max_vms on any node.
+    let burst: Vec<String> = (0..10)
+        .map(|_| fleet.spawn(json!({"workspace": "web"})))
+        .collect();
+    spawned.extend(burst.iter().cloned());
+    assert!(
+        wait_until(60, || fleet
+            .count("SELECT count(*) FROM agents WHERE phase = 'running'")
+            == 8),
+        "the cap's worth of agents run"
+    );
+    assert!(
+        fleet.count("SELECT count(*) FROM agents WHERE phase = 'queued'") >= 3,
+        "the rest queue"
+    );
+    fleet.check(&spawned, "at the cap");
+
+    // Nuke through one replica: every agent ended, every VM gone from
+    // every node; up refills.
+    let r = one.post("/v1/pool/flush", json!({"nuke": true}));
+    assert!(r.status < 300, "{}", r.text);
+    assert!(
+        wait_until(60, || fleet.nodes.iter().all(|n| n.sandboxes().is_empty())),
+        "a nuke leaves no VM on any node"
+    );
+    assert_eq!(
+        fleet.count(
+            "SELECT count(*) FROM agents WHERE phase IN ('queued', 'provisioning', 'running', 'idle')"
+        ),
+        0
+    );
+    let r = two.post("/v1/pool/up", json!({}));
+    assert!(r.status < 300, "{}", r.text);
+    fleet.wait_idle(4, 120, "up after the nuke");
+    fleet.check(&spawned, "after up");
 }
