@@ -266,6 +266,12 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
             data_dir.join("artifacts"),
             crate::node::control_plane_client(ca.as_deref(), None)?,
         );
+        // The image store's files are on this host: the embedded node uses
+        // them where they are rather than a second copy fetched through the
+        // store (a debian disk is gigabytes).
+        state
+            .shares_host
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let listening = crate::node::listen(
             "127.0.0.1:0".parse().expect("an address"),
             None,

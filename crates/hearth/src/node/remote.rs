@@ -34,6 +34,8 @@ struct NodeClient {
     ca_pem: String,
     credential: String,
     http: reqwest::Client,
+    /// The server's own embedded node (on this host: image paths cross).
+    embedded: bool,
 }
 
 impl NodeClient {
@@ -55,6 +57,7 @@ impl NodeClient {
             ca_pem: ca_pem.to_owned(),
             credential,
             http,
+            embedded: false,
         })
     }
 }
@@ -162,7 +165,7 @@ impl Driver for RemoteDriver {
 
     async fn create(&self, spec: &VmSpec) -> Result<()> {
         let mut spec = spec.clone();
-        if !spec.image.digests.is_empty() {
+        if !spec.image.digests.is_empty() && !self.node.embedded {
             // The node fetches them by digest: no path of this host crosses.
             spec.image.root_dir = None;
             spec.image.kernel = None;
@@ -330,7 +333,9 @@ impl RemoteFleet {
             return Ok(c.clone());
         }
         let credential = hearth_api::fleet::node_credential(&self.config.join_token, node);
-        let client = NodeClient::new(&record.name, &record.address, &record.ca_pem, credential)?;
+        let mut client =
+            NodeClient::new(&record.name, &record.address, &record.ca_pem, credential)?;
+        client.embedded = self.config.local_node.as_deref() == Some(record.name.as_str());
         clients.insert(node, client.clone());
         Ok(client)
     }

@@ -48,6 +48,11 @@ pub struct NodeState {
     pub cache: PathBuf,
     /// The client artifacts are fetched with.
     pub http: reqwest::Client,
+    /// The node runs inside the server's own process (the embedded node):
+    /// the image store's files are on this very host, and the paths the
+    /// server sends are used as they are. A node of its own takes no path
+    /// from the control plane: it fetches every artifact by digest.
+    pub shares_host: std::sync::atomic::AtomicBool,
 }
 
 impl NodeState {
@@ -64,6 +69,7 @@ impl NodeState {
             servers,
             cache,
             http,
+            shares_host: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -280,7 +286,23 @@ async fn create(
 ) -> Result<StatusCode, Failure> {
     let driver = driver(&state, &kind)?;
     let mut spec: VmSpec = parse(&body)?;
-    if !spec.image.digests.is_empty() {
+    let on_this_host = state.shares_host.load(std::sync::atomic::Ordering::Relaxed)
+        && spec.image.digests.keys().all(|role| {
+            let path = match role.as_str() {
+                "root_dir" => &spec.image.root_dir,
+                "kernel" => &spec.image.kernel,
+                "initrd" => &spec.image.initrd,
+                "disk" => &spec.image.disk,
+                _ => &None,
+            };
+            path.as_ref().is_some_and(|p| p.exists())
+        });
+    if !spec.image.digests.is_empty() && !on_this_host {
+        // Only what the digests name, fetched and checked here.
+        spec.image.root_dir = None;
+        spec.image.kernel = None;
+        spec.image.initrd = None;
+        spec.image.disk = None;
         let credential = state.credential().unwrap_or_default();
         // The credential reads `hnc_<node id>_<secret>`.
         let node_id = credential
