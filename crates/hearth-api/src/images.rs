@@ -66,7 +66,8 @@ pub struct BakeList {
 pub struct LogQuery {
     /// Byte offset into the log to read from (the previous answer's
     /// `next_log_offset`); default 0.
-    pub log_offset: Option<u64>,
+    #[param(minimum = 0)]
+    pub log_offset: Option<i64>,
 }
 
 /// What an operator registers.
@@ -228,7 +229,9 @@ pub async fn get_one(
         Ok(_) | Err(hearth_store::StoreError::NotFound(_)) => return Err(missing()),
         Err(e) => return Err(e.into()),
     };
-    Ok(Json(view(&job, Some(query.log_offset.unwrap_or(0)))))
+    let offset = u64::try_from(query.log_offset.unwrap_or(0))
+        .map_err(|_| Error::invalid("log_offset: a byte offset is 0 or more"))?;
+    Ok(Json(view(&job, Some(offset))))
 }
 
 /// Registers a prebuilt image an operator put under the image store's
