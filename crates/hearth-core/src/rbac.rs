@@ -35,6 +35,11 @@ pub enum Permission {
     TenantCreate,
     NodeRead,
     NodeManage,
+    EventRead,
+    WebhookGet,
+    WebhookUpdate,
+    WebhookDelete,
+    MetricsRead,
 }
 
 impl Permission {
@@ -64,6 +69,11 @@ impl Permission {
         Permission::TenantCreate,
         Permission::NodeRead,
         Permission::NodeManage,
+        Permission::EventRead,
+        Permission::WebhookGet,
+        Permission::WebhookUpdate,
+        Permission::WebhookDelete,
+        Permission::MetricsRead,
     ];
 
     /// The documented name, e.g. `pool-config.delete`.
@@ -93,6 +103,11 @@ impl Permission {
             Permission::TenantCreate => "tenant.create",
             Permission::NodeRead => "node.read",
             Permission::NodeManage => "node.manage",
+            Permission::EventRead => "event.read",
+            Permission::WebhookGet => "webhook.get",
+            Permission::WebhookUpdate => "webhook.update",
+            Permission::WebhookDelete => "webhook.delete",
+            Permission::MetricsRead => "metrics.read",
         }
     }
 }
@@ -149,14 +164,14 @@ impl Role {
         use Permission::*;
         let viewer = matches!(
             permission,
-            PoolConfigGet | WorkspaceGet | EnvironmentGet | ImageGet | AgentGet
+            PoolConfigGet | WorkspaceGet | EnvironmentGet | ImageGet | AgentGet | EventRead
         );
         let developer = viewer || matches!(permission, AgentSpawn | AgentKill | WorkspaceUpdate);
-        // The fleet's nodes serve every tenant: only operators see or
-        // change them.
+        // The fleet's nodes and the server's metrics span every tenant:
+        // only operators see or change them.
         let admin = !matches!(
             permission,
-            TenantCreate | BuildRetire | ImageRegister | NodeRead | NodeManage
+            TenantCreate | BuildRetire | ImageRegister | NodeRead | NodeManage | MetricsRead
         );
         match self {
             Role::Viewer => viewer,

@@ -313,6 +313,25 @@ pub trait Store: Send + Sync + 'static {
     /// A node's live VMs, oldest first.
     async fn list_node_vms(&self, node: NodeId) -> Result<Vec<VmRecord>>;
 
+    // ---- events (the log of every lifecycle change; see `EventKind`)
+
+    /// Appends `events` to `tenant`'s log in one transaction of their own,
+    /// for changes that are not a store write (a flush's result, a step a
+    /// driver ran). Changes the store writes append theirs in the same
+    /// transaction as the change.
+    async fn append_events(&self, tenant: TenantId, events: &[NewEvent]) -> Result<()>;
+
+    /// `tenant`'s events after `filter.after`, oldest first, at most
+    /// `filter.limit` (at most [`EVENT_PAGE_MAX`]). Ids grow in commit
+    /// order within a tenant: a reader that saw id N never later finds an
+    /// unseen event below N.
+    async fn list_events(&self, tenant: TenantId, filter: &EventFilter)
+    -> Result<Vec<EventRecord>>;
+
+    /// Deletes every tenant's events older than `before` (the retention
+    /// window); returns how many.
+    async fn prune_events(&self, before: Millis) -> Result<u64>;
+
     /// Stores the artifact whose bytes `data` yields, under `digest` (its
     /// SHA-256, lower-case hex), streamed in chunks of
     /// [`ARTIFACT_CHUNK_BYTES`], never whole in memory. The bytes are

@@ -379,6 +379,11 @@ impl PgStore {
     /// agents, resources) do not wait on it.
     const LOCK_TENANT: Option<&'static str> =
         Some("SELECT id FROM tenants WHERE id = $1 FOR NO KEY UPDATE");
+    /// Orders a tenant's events by commit: the transaction appending them
+    /// holds this lock (`$1`: tenant id) until it ends, so ids taken after
+    /// it commit after it ("hevt" namespace, two-key form).
+    const LOCK_EVENTS: Option<&'static str> =
+        Some("SELECT pg_advisory_xact_lock(1751479924, hashtext($1))::text");
     /// Serializes `create_agent`'s cap check per owner (see
     /// [`LOCK_TENANT`](Self::LOCK_TENANT) for `NO KEY UPDATE`).
     const SELECT_OWNER_FOR_CAP: &'static str = concat!(select_owner!(), " FOR NO KEY UPDATE");

@@ -22,6 +22,9 @@
 //! - `const LOCK_TENANT: Option<&'static str>` — a statement (`$1`: tenant
 //!   id) that serializes `insert_vm_within_cap`'s count-then-insert for one
 //!   tenant, if the write transaction is not exclusive already;
+//! - `const LOCK_EVENTS: Option<&'static str>` — a statement (`$1`: tenant
+//!   id) held until the transaction ends that makes a tenant's event ids
+//!   commit in order, if the write transaction is not exclusive already;
 //! - `const SELECT_OWNER_FOR_CAP: &'static str` —
 //!   [`sql::select_owner!`](crate::sql::select_owner) plus a row lock where
 //!   the backend has row locks, so `create_agent`'s cap check serializes
@@ -219,6 +222,39 @@ macro_rules! impl_store {
                         .on_unique(|| StoreError::AlreadyExists(format!("a VM for agent {agent}")))?
                         .map(VmRecord::try_from)
                         .transpose()
+                }
+
+                /// Appends `events` to `tenant`'s log inside the caller's
+                /// transaction (so they commit, or vanish, with the change
+                /// they describe), holding the tenant's event lock first
+                /// where the backend needs one for commit order. Call it as
+                /// late in the transaction as possible: the lock is held
+                /// until the transaction ends.
+                async fn append_events_on(
+                    conn: &mut Conn,
+                    tenant: TenantId,
+                    events: &[$crate::NewEvent],
+                ) -> Result<()> {
+                    if events.is_empty() {
+                        return Ok(());
+                    }
+                    let tenant = tenant.to_string();
+                    if let Some(lock) = Self::LOCK_EVENTS {
+                        ::sqlx::query(lock).bind(&tenant).execute(&mut *conn).await?;
+                    }
+                    let at = now_millis();
+                    for event in events {
+                        ::sqlx::query(sql::INSERT_EVENT)
+                            .bind(&tenant)
+                            .bind(at)
+                            .bind(event.kind.as_str())
+                            .bind(&event.subject)
+                            .bind(event.actor.as_deref())
+                            .bind(event.data.to_string())
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
                 }
 
                 async fn insert_vm_within_cap_tx(
@@ -1363,6 +1399,57 @@ macro_rules! impl_store {
                         .fetch_optional(self.reader())
                         .await?;
                     data.ok_or_else(|| StoreError::NotFound(format!("chunk {seq} of artifact {digest}")))
+                }
+
+                async fn append_events(
+                    &self,
+                    tenant: TenantId,
+                    events: &[$crate::NewEvent],
+                ) -> Result<()> {
+                    if events.is_empty() {
+                        return Ok(());
+                    }
+                    let mut tx = self.begin_write().await?;
+                    let result = Self::append_events_on(&mut tx, tenant, events).await;
+                    Self::finish(tx, result).await
+                }
+
+                async fn list_events(
+                    &self,
+                    tenant: TenantId,
+                    filter: &$crate::EventFilter,
+                ) -> Result<Vec<$crate::EventRecord>> {
+                    let limit = match filter.limit {
+                        n if n <= 0 => $crate::EVENT_PAGE_MAX,
+                        n => n.min($crate::EVENT_PAGE_MAX),
+                    };
+                    let mut query = sql::LIST_EVENTS.to_owned();
+                    if !filter.kinds.is_empty() {
+                        // Placeholders $4.. for the kinds, before ORDER BY.
+                        let list: Vec<String> =
+                            (0..filter.kinds.len()).map(|i| format!("${}", i + 4)).collect();
+                        query = query.replace(
+                            " ORDER BY",
+                            &format!(" AND kind IN ({}) ORDER BY", list.join(", ")),
+                        );
+                    }
+                    let mut q = ::sqlx::query_as::<_, sql::EventRow>(&query)
+                        .bind(tenant.to_string())
+                        .bind(filter.after.unwrap_or(0))
+                        .bind(limit);
+                    for kind in &filter.kinds {
+                        q = q.bind(kind.as_str());
+                    }
+                    sql::decode_all(q.fetch_all(self.reader()).await?)
+                }
+
+                async fn prune_events(&self, before: $crate::Millis) -> Result<u64> {
+                    let _written = self.written();
+                    let done = ::sqlx::query(sql::PRUNE_EVENTS)
+                        .bind(before)
+                        .execute(self.writer())
+                        .await?;
+                    Ok(done.rows_affected())
                 }
 
                 fn name_replica(&self, replica: &str) {

@@ -1187,3 +1187,46 @@ pub const GET_ARTIFACT: &str =
 pub const READ_ARTIFACT_CHUNK: &str = "SELECT c.data FROM artifact_chunks c \
      JOIN artifacts a ON a.digest = c.digest \
      WHERE c.digest = $1 AND c.seq = $2 AND c.seq < a.chunks";
+
+// ---------------------------------------------------------------- events
+
+/// Appends one event: `$1` tenant, `$2` at, `$3` kind, `$4` subject,
+/// `$5` actor, `$6` data (JSON text).
+pub const INSERT_EVENT: &str = "INSERT INTO events (tenant_id, at, kind, subject, actor, data) \
+     VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// Events of tenant `$1` after id `$2`, oldest first, at most `$3`.
+pub const LIST_EVENTS: &str = "SELECT id, tenant_id, at, kind, subject, actor, data FROM events \
+     WHERE tenant_id = $1 AND id > $2 ORDER BY id LIMIT $3";
+
+/// Events older than `$1` (ms).
+pub const PRUNE_EVENTS: &str = "DELETE FROM events WHERE at < $1";
+
+/// An `events` row as stored (data still JSON text).
+#[derive(sqlx::FromRow)]
+pub struct EventRow {
+    id: i64,
+    tenant_id: String,
+    at: Millis,
+    kind: String,
+    subject: String,
+    actor: Option<String>,
+    data: String,
+}
+
+impl TryFrom<EventRow> for crate::EventRecord {
+    type Error = StoreError;
+    fn try_from(row: EventRow) -> Result<crate::EventRecord> {
+        Ok(crate::EventRecord {
+            id: row.id,
+            tenant_id: parse("event tenant id", &row.tenant_id)?,
+            at: row.at,
+            kind: crate::EventKind::parse(&row.kind)
+                .ok_or_else(|| StoreError::Corrupt(format!("event kind {:?}", row.kind)))?,
+            subject: row.subject,
+            actor: row.actor,
+            data: serde_json::from_str(&row.data)
+                .map_err(|e| StoreError::Corrupt(format!("event {} data: {e}", row.id)))?,
+        })
+    }
+}

@@ -148,6 +148,8 @@ impl SqliteStore {
     const CLAIM_IDLE_VM: &'static str = claim_idle_vm!("");
     /// None: `BEGIN IMMEDIATE` already serializes every write transaction.
     const LOCK_TENANT: Option<&'static str> = None;
+    /// None: the one writer commits events in id order already.
+    const LOCK_EVENTS: Option<&'static str> = None;
     /// No row locks; the write transaction holds the file's lock.
     const SELECT_OWNER_FOR_CAP: &'static str = select_owner!();
     /// No row locks; the write transaction holds the file's lock.

@@ -3,6 +3,7 @@
 use hearth_core::ids::{AgentId, IdentityId, InstanceId, NodeId, TenantId, TokenId, VmId};
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, ResourceRef};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
@@ -707,3 +708,201 @@ pub fn is_artifact_digest(digest: &str) -> bool {
             .bytes()
             .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
+
+/// What an event says happened (`events.kind`): `<family>.<what>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventKind {
+    #[serde(rename = "vm.booting")]
+    VmBooting,
+    #[serde(rename = "vm.ready")]
+    VmReady,
+    #[serde(rename = "vm.assigned")]
+    VmAssigned,
+    #[serde(rename = "vm.returned")]
+    VmReturned,
+    #[serde(rename = "vm.destroyed")]
+    VmDestroyed,
+    #[serde(rename = "vm.failed")]
+    VmFailed,
+    #[serde(rename = "agent.queued")]
+    AgentQueued,
+    #[serde(rename = "agent.provisioning")]
+    AgentProvisioning,
+    #[serde(rename = "agent.running")]
+    AgentRunning,
+    #[serde(rename = "agent.idle")]
+    AgentIdle,
+    #[serde(rename = "agent.sleeping")]
+    AgentSleeping,
+    #[serde(rename = "agent.completed")]
+    AgentCompleted,
+    #[serde(rename = "agent.failed")]
+    AgentFailed,
+    #[serde(rename = "agent.killed")]
+    AgentKilled,
+    #[serde(rename = "instance.step")]
+    InstanceStep,
+    #[serde(rename = "instance.ready")]
+    InstanceReady,
+    #[serde(rename = "instance.failed")]
+    InstanceFailed,
+    #[serde(rename = "resource.written")]
+    ResourceWritten,
+    #[serde(rename = "resource.deleted")]
+    ResourceDeleted,
+    #[serde(rename = "workspace.backing_off")]
+    WorkspaceBackingOff,
+    #[serde(rename = "workspace.hard_limited")]
+    WorkspaceHardLimited,
+    #[serde(rename = "workspace.recovered")]
+    WorkspaceRecovered,
+    #[serde(rename = "pool.flushed")]
+    PoolFlushed,
+    #[serde(rename = "pool.nuked")]
+    PoolNuked,
+    #[serde(rename = "pool.up")]
+    PoolUp,
+}
+
+impl EventKind {
+    /// Every kind, in the order the docs list them.
+    pub const ALL: &'static [EventKind] = &[
+        EventKind::VmBooting,
+        EventKind::VmReady,
+        EventKind::VmAssigned,
+        EventKind::VmReturned,
+        EventKind::VmDestroyed,
+        EventKind::VmFailed,
+        EventKind::AgentQueued,
+        EventKind::AgentProvisioning,
+        EventKind::AgentRunning,
+        EventKind::AgentIdle,
+        EventKind::AgentSleeping,
+        EventKind::AgentCompleted,
+        EventKind::AgentFailed,
+        EventKind::AgentKilled,
+        EventKind::InstanceStep,
+        EventKind::InstanceReady,
+        EventKind::InstanceFailed,
+        EventKind::ResourceWritten,
+        EventKind::ResourceDeleted,
+        EventKind::WorkspaceBackingOff,
+        EventKind::WorkspaceHardLimited,
+        EventKind::WorkspaceRecovered,
+        EventKind::PoolFlushed,
+        EventKind::PoolNuked,
+        EventKind::PoolUp,
+    ];
+
+    /// Its name as stored and as the API spells it (`vm.ready`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::VmBooting => "vm.booting",
+            EventKind::VmReady => "vm.ready",
+            EventKind::VmAssigned => "vm.assigned",
+            EventKind::VmReturned => "vm.returned",
+            EventKind::VmDestroyed => "vm.destroyed",
+            EventKind::VmFailed => "vm.failed",
+            EventKind::AgentQueued => "agent.queued",
+            EventKind::AgentProvisioning => "agent.provisioning",
+            EventKind::AgentRunning => "agent.running",
+            EventKind::AgentIdle => "agent.idle",
+            EventKind::AgentSleeping => "agent.sleeping",
+            EventKind::AgentCompleted => "agent.completed",
+            EventKind::AgentFailed => "agent.failed",
+            EventKind::AgentKilled => "agent.killed",
+            EventKind::InstanceStep => "instance.step",
+            EventKind::InstanceReady => "instance.ready",
+            EventKind::InstanceFailed => "instance.failed",
+            EventKind::ResourceWritten => "resource.written",
+            EventKind::ResourceDeleted => "resource.deleted",
+            EventKind::WorkspaceBackingOff => "workspace.backing_off",
+            EventKind::WorkspaceHardLimited => "workspace.hard_limited",
+            EventKind::WorkspaceRecovered => "workspace.recovered",
+            EventKind::PoolFlushed => "pool.flushed",
+            EventKind::PoolNuked => "pool.nuked",
+            EventKind::PoolUp => "pool.up",
+        }
+    }
+
+    /// The kind named `name`, if there is one.
+    pub fn parse(name: &str) -> Option<EventKind> {
+        EventKind::ALL.iter().copied().find(|k| k.as_str() == name)
+    }
+
+    /// The kind of the event an agent entering `phase` makes.
+    pub fn of_agent_phase(phase: AgentPhase) -> EventKind {
+        match phase {
+            AgentPhase::Queued => EventKind::AgentQueued,
+            AgentPhase::Provisioning => EventKind::AgentProvisioning,
+            AgentPhase::Running => EventKind::AgentRunning,
+            AgentPhase::Idle => EventKind::AgentIdle,
+            AgentPhase::Sleeping => EventKind::AgentSleeping,
+            AgentPhase::Completed => EventKind::AgentCompleted,
+            AgentPhase::Failed => EventKind::AgentFailed,
+            AgentPhase::Killed => EventKind::AgentKilled,
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An event to append to a tenant's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub kind: EventKind,
+    /// What changed: `vm/<id>`, `agent/<id>`, `instance/<id>`,
+    /// `workspace/<name>`, `<kind>/<name>` for resources, `pool/default`.
+    pub subject: String,
+    /// The identity that caused it, when an identity did.
+    pub actor: Option<String>,
+    /// Details of the kind (a JSON object).
+    pub data: serde_json::Value,
+}
+
+impl NewEvent {
+    pub fn new(kind: EventKind, subject: impl Into<String>, data: serde_json::Value) -> NewEvent {
+        NewEvent {
+            kind,
+            subject: subject.into(),
+            actor: None,
+            data,
+        }
+    }
+
+    pub fn by(mut self, actor: impl Into<String>) -> NewEvent {
+        self.actor = Some(actor.into());
+        self
+    }
+}
+
+/// One event of a tenant's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    /// Increases in commit order within the tenant: the cursor.
+    pub id: i64,
+    pub tenant_id: TenantId,
+    pub at: Millis,
+    pub kind: EventKind,
+    pub subject: String,
+    pub actor: Option<String>,
+    pub data: serde_json::Value,
+}
+
+/// Which events [`crate::Store::list_events`] returns.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventFilter {
+    /// Only events with a larger id (the cursor of the last one seen).
+    pub after: Option<i64>,
+    /// Only these kinds (all when empty).
+    pub kinds: Vec<EventKind>,
+    /// At most this many, oldest first (a store default when 0).
+    pub limit: i64,
+}
+
+/// How many events one [`crate::Store::list_events`] call returns at most.
+pub const EVENT_PAGE_MAX: i64 = 1000;

@@ -4133,3 +4133,75 @@ async fn artifacts_that_do_not_hash_to_their_digest_are_never_served(ctx: Ctx) {
     }
 }
 both_backends!(artifacts_that_do_not_hash_to_their_digest_are_never_served);
+
+// ---------------------------------------------------------------- events
+
+both_backends!(events_are_listed_in_order_by_tenant_and_kind);
+async fn events_are_listed_in_order_by_tenant_and_kind(ctx: Ctx) {
+    use hearth_store::{EventFilter, EventKind, NewEvent};
+    let store = &ctx.store;
+    let a = tenant(store, "ev-a").await;
+    let b = tenant(store, "ev-b").await;
+    store
+        .append_events(
+            a,
+            &[
+                NewEvent::new(EventKind::VmBooting, "vm/1", json!({"workspace": "w"})),
+                NewEvent::new(EventKind::VmReady, "vm/1", json!({})).by("alice"),
+            ],
+        )
+        .await
+        .unwrap();
+    store
+        .append_events(
+            b,
+            &[NewEvent::new(EventKind::PoolUp, "pool/default", json!({}))],
+        )
+        .await
+        .unwrap();
+    store
+        .append_events(
+            a,
+            &[NewEvent::new(EventKind::VmDestroyed, "vm/1", json!({}))],
+        )
+        .await
+        .unwrap();
+    let all = store.list_events(a, &EventFilter::default()).await.unwrap();
+    let kinds: Vec<EventKind> = all.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::VmBooting,
+            EventKind::VmReady,
+            EventKind::VmDestroyed
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(all[1].actor.as_deref(), Some("alice"));
+    assert_eq!(all[0].data, json!({"workspace": "w"}));
+    let after = store
+        .list_events(
+            a,
+            &EventFilter {
+                after: Some(all[0].id),
+                kinds: vec![EventKind::VmDestroyed, EventKind::VmBooting],
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].kind, EventKind::VmDestroyed);
+    let other = store.list_events(b, &EventFilter::default()).await.unwrap();
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].kind, EventKind::PoolUp);
+    // Retention: everything is older than a moment from now.
+    assert_eq!(store.prune_events(now_millis() + 1000).await.unwrap(), 4);
+    assert!(
+        store
+            .list_events(a, &EventFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
