@@ -19,6 +19,7 @@ mod body;
 mod builds;
 pub mod edge;
 pub mod error;
+pub mod events;
 pub mod fleet;
 mod identities;
 mod images;
