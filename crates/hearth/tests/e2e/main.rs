@@ -15,6 +15,7 @@ mod images;
 mod network;
 mod node_cli;
 mod nodes;
+mod pass_status;
 mod pool;
 mod pool_wake;
 mod provisioning;
