@@ -7,6 +7,7 @@ mod common;
 mod agents;
 mod auth;
 mod cli;
+mod completions;
 mod conformance;
 mod developer_scoping;
 mod fleet;
