@@ -1,6 +1,7 @@
 //! hearth's reconcilers: the pool (backfill, scale down, idle timeout,
 //! stale replacement, claims for queued agents, returns), the agents'
-//! commands, and the reaper of stranded workflows.
+//! commands, the reaper of stranded workflows, and the status of each
+//! reconcile pass ([`pass`]).
 //!
 //! The shape follows Coder's prebuilds and Oxide's background tasks: the
 //! arithmetic is a pure [`plan::plan`] from a snapshot to actions; the

@@ -1,6 +1,7 @@
 //! The `hearth` binary: `hearth server` runs the control plane, `hearth
-//! node` (with flags, no further subcommand) a node agent; every other
-//! subcommand is the CLI talking to a server over HTTP.
+//! node` (with flags, no further subcommand) a node agent; `hearth
+//! completions` prints a shell completion script; every other subcommand
+//! is the CLI talking to a server over HTTP.
 
 mod completions;
 mod listener;
