@@ -589,6 +589,38 @@ fn refine(doc: &mut Value) {
             }}
         }
     });
+    // ---- pass status (the tenant's last reconcile pass)
+    {
+        let wakes: Vec<&str> = hearth_reconcilers::pass::Wake::ALL
+            .iter()
+            .map(|w| w.as_str())
+            .collect();
+        let actions = counts(&hearth_reconcilers::pass::ACTION_KINDS);
+        doc["components"]["schemas"]["PoolStatus"]["properties"]["pass"] = json!({
+            "description": "The tenant's last reconcile pass (`null` before the first): the answering replica's own when it leads the tenant (`source: live`), else the last one the leader kept in the store, which it does for passes that acted, failed or took the lead over (`source: stored`).",
+            "oneOf": [{"type": "null"}, {
+                "type": "object",
+                "required": ["replica", "iteration", "woken_by", "started_at", "duration_ms", "reused_snapshot", "actions", "errors", "last_error", "totals", "source"],
+                "properties": {
+                    "replica": {"type": "string", "description": "The replica that ran it"},
+                    "iteration": {"type": "integer", "minimum": 1, "description": "Its number among that replica's passes of the tenant"},
+                    "woken_by": {"type": "string", "enum": wakes},
+                    "started_at": {"type": "string", "format": "date-time"},
+                    "duration_ms": {"type": "number", "minimum": 0},
+                    "reused_snapshot": {"type": "boolean"},
+                    "actions": actions,
+                    "errors": count,
+                    "last_error": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["iteration", "at", "message"], "properties": {
+                        "iteration": {"type": "integer"}, "at": {"type": "string", "format": "date-time"}, "message": {"type": "string"}
+                    }}]},
+                    "totals": {"type": "object", "required": ["actions", "errors", "wakes"], "properties": {
+                        "actions": actions, "errors": count, "wakes": counts(&wakes)
+                    }},
+                    "source": {"type": "string", "enum": ["live", "stored"]}
+                }
+            }]
+        });
+    }
     // A parent is an agent id in one of the forms `uuid` parses.
     {
         let h = "[0-9a-fA-F]";

@@ -88,6 +88,9 @@ pub struct Context<'a> {
     /// Whether stdout is a terminal (`warm-pool test --watch` then redraws
     /// its list of steps in place).
     pub stdout_is_tty: bool,
+    /// Whether stderr is a terminal (progress bars are then drawn on it:
+    /// [`crate::progress`]).
+    pub stderr_is_tty: bool,
 }
 
 /// Parses a kind as `hearth get KIND` names it (aliases included).
@@ -482,7 +485,7 @@ pub fn execute(
             name,
             rootfs,
             kernel_package,
-        }) => bake_image(&connect()?, &name, rootfs, kernel_package)?,
+        }) => bake_image(&connect()?, &name, rootfs, kernel_package, ctx)?,
         Command::Image(ImageCommand::Register {
             name,
             path,
@@ -888,16 +891,35 @@ fn warm_pool(
             if redraw {
                 (ctx.progress)(&output::test_started_message(&instance.id));
             }
+            // A bar on stderr when stdout is not the list redrawn in place.
+            let bar = (!redraw
+                && crate::progress::enabled(ctx.stderr_is_tty, (ctx.env)("TERM").as_deref()))
+            .then(|| crate::progress::Steps::start(&instance.id));
+            if let Some(bar) = &bar {
+                bar.update(&instance);
+            }
             let id = instance.id;
             let started = Instant::now();
-            let (answer, instance) = watch_instance(
+            let watched = watch_instance(
                 answer,
                 timeout.expect("parsed above"),
                 &timeout_text,
                 &mut live,
                 Watching {
                     fetch: &mut || {
-                        client.get(&["workspaces", &workspace, "warm-pool", "instances", &id])
+                        let answer: Value = client.get(&[
+                            "workspaces",
+                            &workspace,
+                            "warm-pool",
+                            "instances",
+                            &id,
+                        ])?;
+                        if let (Some(bar), Ok(view)) =
+                            (&bar, InstanceView::from_answer(WHAT, &answer))
+                        {
+                            bar.update(&view);
+                        }
+                        Ok(answer)
                     },
                     sleep: &mut std::thread::sleep,
                     elapsed: &|| started.elapsed(),
@@ -908,7 +930,11 @@ fn warm_pool(
                         }
                     },
                 },
-            )?;
+            );
+            if let Some(bar) = bar {
+                bar.finish();
+            }
+            let (answer, instance) = watched?;
             Ok(test_printed(&answer, &instance, format))
         }
     }
@@ -1012,13 +1038,14 @@ fn login(global: &GlobalArgs, ctx: &Context<'_>) -> anyhow::Result<Printed> {
 const BAKE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Bakes the image on the server: creates or updates its recipe when asked,
-/// starts a job, prints its log on stderr as it grows, and ends with the
-/// job's outcome.
+/// starts a job, prints its log on stderr as it grows (above a spinner when
+/// stderr is a terminal), and ends with the job's outcome.
 fn bake_image(
     client: &Client,
     name: &str,
     rootfs: Option<String>,
     kernel_package: Option<String>,
+    ctx: &Context<'_>,
 ) -> anyhow::Result<Printed> {
     if let Some(r) = &rootfs
         && !matches!(r.as_str(), "minimal" | "debian")
@@ -1047,15 +1074,35 @@ fn bake_image(
     let job: Value = client.post_json(&["images", name, "bakes"], &json!({}))?;
     let id = job["id"].as_str().unwrap_or_default().to_owned();
     eprintln!("bake {id} of image/{name} queued");
+    let mut bar = crate::progress::enabled(ctx.stderr_is_tty, (ctx.env)("TERM").as_deref())
+        .then(|| crate::progress::Bake::start(name, &id));
+    let followed = follow_bake(client, name, &id, &mut bar);
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    followed
+}
+
+/// Follows a bake job until it ends: its log on stderr (through the
+/// spinner when there is one), then its outcome.
+fn follow_bake(
+    client: &Client,
+    name: &str,
+    id: &str,
+    bar: &mut Option<crate::progress::Bake>,
+) -> anyhow::Result<Printed> {
     let mut offset = 0u64;
     loop {
         let offset_text = offset.to_string();
         let job: Value = client.get_query(
-            &["images", name, "bakes", &id],
+            &["images", name, "bakes", id],
             &[("log_offset", &offset_text)],
         )?;
         if let Some(log) = job["log"].as_str() {
-            eprint!("{log}");
+            match bar {
+                Some(bar) => bar.log(log),
+                None => eprint!("{log}"),
+            }
         }
         offset = job["next_log_offset"].as_u64().unwrap_or(offset);
         match job["state"].as_str() {
@@ -1183,6 +1230,7 @@ mod tests {
             vm_id_file: &dir.path().join("no-vm-id"),
             progress: &|_| panic!("no progress before local errors"),
             stdout_is_tty: false,
+            stderr_is_tty: false,
         };
         let global = GlobalArgs::default();
         let run = |command: Command| {
@@ -1300,6 +1348,7 @@ mod tests {
                 vm_id_file: &vm_id_file,
                 progress: &|_| panic!("no progress on a VM"),
                 stdout_is_tty: false,
+                stderr_is_tty: false,
             };
             [
                 PoolCommand::Status,
@@ -1714,6 +1763,7 @@ mod tests {
             vm_id_file: &dir.path().join("vm-id"),
             progress: &|line| progress.borrow_mut().push(line.to_owned()),
             stdout_is_tty,
+            stderr_is_tty: false,
         };
         let result = execute(&global, command, &ctx).map_err(|e| crate::error::error_line(&e));
         (result, progress.into_inner())

@@ -11,7 +11,8 @@
 //! Modules: [`config`] finds and merges settings, [`patch`] turns `--set`
 //! into a merge patch, [`output`] renders answers, [`live`] draws the steps
 //! of a provisioning run while `warm-pool test --watch` waits, [`client`]
-//! speaks HTTP, [`error`] formats failures; `commands` glues them together
+//! speaks HTTP, [`progress`] draws bars on stderr while a bake or a test
+//! boot runs, [`error`] formats failures; `commands` glues them together
 //! per command.
 
 pub mod client;
@@ -21,6 +22,7 @@ pub mod error;
 pub mod live;
 pub mod output;
 pub mod patch;
+pub mod progress;
 
 pub use output::OutputFormat;
 
@@ -450,6 +452,7 @@ pub enum IdentityCommand {
 pub fn run(global: GlobalArgs, command: Command) -> i32 {
     let env = |name: &str| std::env::var(name).ok();
     let stdout_is_tty = std::io::stdout().is_terminal();
+    let stderr_is_tty = std::io::stderr().is_terminal();
     let progress = |line: &str| write_ignoring_closed_pipe(&mut std::io::stdout().lock(), line);
     let result = std::env::current_dir()
         .map_err(|e| anyhow::anyhow!("cannot read the current directory: {e}"))
@@ -461,6 +464,7 @@ pub fn run(global: GlobalArgs, command: Command) -> i32 {
                 vm_id_file: std::path::Path::new(commands::VM_ID_FILE),
                 progress: &progress,
                 stdout_is_tty,
+                stderr_is_tty,
             };
             commands::execute(&global, command, &ctx)
         });

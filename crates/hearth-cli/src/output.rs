@@ -444,6 +444,47 @@ pub struct PoolStatus {
     pub workspaces: Vec<WorkspaceStatus>,
     #[serde(default)]
     pub reaper: Option<Reaper>,
+    /// The tenant's last reconcile pass (absent from older servers).
+    #[serde(default)]
+    pub pass: Option<PassSummary>,
+}
+
+/// What `hearth pool status` shows of the last reconcile pass (the JSON
+/// has more: totals, the last error's time, where it came from).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PassSummary {
+    pub replica: String,
+    pub iteration: u64,
+    pub woken_by: String,
+    pub duration_ms: f64,
+    /// Actions by kind.
+    #[serde(default)]
+    pub actions: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub errors: u64,
+}
+
+/// `Pass: 12 (replica r1, woken by api, 3.2ms): 2 boot, 1 destroy; 0 errors`.
+fn pass_line(p: &PassSummary) -> String {
+    let acted: Vec<String> = p
+        .actions
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(kind, n)| format!("{n} {kind}"))
+        .collect();
+    let acted = if acted.is_empty() {
+        "no actions".to_owned()
+    } else {
+        acted.join(", ")
+    };
+    format!(
+        "Pass: {} (replica {}, woken by {}, {:.1}ms): {acted}; {}\n",
+        p.iteration,
+        p.replica,
+        p.woken_by,
+        p.duration_ms,
+        plural(p.errors as i64, "error", "errors")
+    )
 }
 
 /// The pool's VMs by state.
@@ -599,6 +640,9 @@ pub fn pool_status_text(s: &PoolStatus) -> String {
             plural(r.stranded, "stranded workflow", "stranded workflows")
         )),
         None => out.push_str("Reaper: -\n"),
+    }
+    if let Some(pass) = &s.pass {
+        out.push_str(&pass_line(pass));
     }
     for ws in &s.workspaces {
         out.push_str(&format!(
@@ -1891,6 +1935,31 @@ Reaper: enabled (1 stranded workflow)
             "{text}"
         );
         assert!(!text.contains(" \n"), "no trailing blanks: {text:?}");
+    }
+
+    #[test]
+    fn pool_status_with_its_last_pass() {
+        let mut answer = status_answer(json!(30), json!([]));
+        answer["pass"] = json!({"replica": "r1", "iteration": 12, "woken_by": "api",
+            "started_at": "2026-12-01T17:00:00.000Z", "duration_ms": 3.24, "reused_snapshot": false,
+            "actions": {"assign": 0, "boot": 2, "destroy": 1}, "errors": 1, "last_error": null,
+            "totals": {"actions": {}, "errors": 1, "wakes": {}}, "source": "live"});
+        assert_eq!(
+            render_pool_status(&answer, None).unwrap(),
+            format!(
+                "{POOL_HEADER}Pass: 12 (replica r1, woken by api, 3.2ms): 2 boot, 1 destroy; 1 error\n"
+            )
+        );
+        answer["pass"]["actions"] = json!({"boot": 0});
+        answer["pass"]["errors"] = json!(0);
+        assert!(
+            render_pool_status(&answer, None)
+                .unwrap()
+                .ends_with("\nPass: 12 (replica r1, woken by api, 3.2ms): no actions; 0 errors\n")
+        );
+        // `null` before the first pass: no line.
+        answer["pass"] = Value::Null;
+        assert_eq!(render_pool_status(&answer, None).unwrap(), POOL_HEADER);
     }
 
     #[test]

@@ -363,7 +363,7 @@ impl Pool {
             let (state, log, error, bake) = match outcome {
                 Ok((bake, version)) => {
                     tracing::info!(tenant = %job.tenant_id, image = %job.image, bake, version, "image baked");
-                    pool.wake();
+                    pool.wake_for(crate::pass::Wake::Task);
                     let log = format!(
                         "image {} is now bake {bake} (resource version {version})\n",
                         job.image

@@ -1,6 +1,7 @@
 //! hearth's reconcilers: the pool (backfill, scale down, idle timeout,
 //! stale replacement, claims for queued agents, returns), the agents'
-//! commands, and the reaper of stranded workflows.
+//! commands, the reaper of stranded workflows, and the status of each
+//! reconcile pass ([`pass`]).
 //!
 //! The shape follows Coder's prebuilds and Oxide's background tasks: the
 //! arithmetic is a pure [`plan::plan`] from a snapshot to actions; the
@@ -28,6 +29,7 @@
 //!   received while the agent runs on a VM that exists.
 
 pub mod images;
+pub mod pass;
 pub mod placement;
 pub mod plan;
 pub mod publish;

@@ -3,6 +3,7 @@
 //! timer is the safety net); also owns adoption at start, the agents'
 //! commands, flush/nuke/up, and the reaper pass.
 
+use crate::pass::{self, Wake};
 use crate::placement;
 use crate::plan::{self, Action, NodeView, Reason, Settings, Snapshot, WorkspaceView};
 use crate::reaper;
@@ -379,6 +380,9 @@ pub struct Pool {
     /// would change its plan (an idle timeout, a boot timeout, a back-off
     /// ending, a reaper deadline): [`Pool::run`] passes again then.
     deadlines: Mutex<HashMap<TenantId, Millis>>,
+    /// What woke the passes and what each tenant's last one did
+    /// ([`Pool::pass_status`]).
+    passes: Arc<pass::Tracker>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -493,6 +497,7 @@ impl Pool {
             last_passes: Mutex::new(HashMap::new()),
             reads: Mutex::new(HashMap::new()),
             deadlines: Mutex::new(HashMap::new()),
+            passes: Arc::new(pass::Tracker::default()),
         })
     }
 
@@ -510,6 +515,12 @@ impl Pool {
     /// is sent by a task of [`Pool::run`], one per burst, never blocking
     /// the caller.
     pub fn wake(&self) {
+        self.wake_for(Wake::Api);
+    }
+
+    /// [`Pool::wake`], saying why (what the pass status shows).
+    pub fn wake_for(&self, cause: Wake) {
+        self.passes.woken(cause);
         self.wake.notify_one();
         self.wake_others.notify_one();
     }
@@ -521,7 +532,9 @@ impl Pool {
     /// the latest after the resync (a safety net: nothing waits for it).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let _wakes = self.spawn_wake_tasks(shutdown.clone());
+        let mut cause = Wake::Start;
         loop {
+            self.passes.set_round(cause);
             if let Err(e) = self.reconcile_all().await {
                 tracing::error!(error = %e, "pool pass failed");
                 // Its deadlines are of passes that did not run: the resync
@@ -532,14 +545,30 @@ impl Pool {
             if self.unled.load(Ordering::Relaxed) {
                 pause = pause.min(leads::LEAD_RETRY);
             }
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(pause) => {}
+            cause = tokio::select! {
+                // A wake's cause is recorded before it notifies; one seen
+                // by an earlier timer's round is told by nothing newer.
+                _ = self.wake.notified() => self.passes.take_woken().unwrap_or(Wake::Api),
+                _ = tokio::time::sleep(pause) => self.timer_cause(),
                 _ = shutdown.changed() => break,
-            }
+            };
             if *shutdown.borrow() {
                 break;
             }
+        }
+    }
+
+    /// What a round of passes the run loop's timer started is for: a
+    /// deadline that is due, else the retry of leads, else the resync.
+    fn timer_cause(&self) -> Wake {
+        let earliest = self.deadlines.lock().unwrap().values().min().copied();
+        // A few milliseconds' slack: the timer and the store's clock differ.
+        if earliest.is_some_and(|at| at <= now_millis() + 5) {
+            Wake::Deadline
+        } else if self.unled.load(Ordering::Relaxed) {
+            Wake::LeadRetry
+        } else {
+            Wake::Resync
         }
     }
 
@@ -563,6 +592,44 @@ impl Pool {
         self.last_passes.lock().unwrap().get(&tenant).cloned()
     }
 
+    /// The tenant's last pass as `pool status` shows it: this replica's own
+    /// when it leads the tenant and has passed it, else the last one its
+    /// leader kept in the store (see [`pass`]'s module doc for why the two
+    /// may differ).
+    pub async fn pass_status(
+        &self,
+        tenant: TenantId,
+    ) -> Result<Option<pass::PassStatus>, PoolError> {
+        if self.led.lock().unwrap().contains(&tenant)
+            && let Some(live) = self.passes.last(tenant)
+        {
+            return Ok(Some(live));
+        }
+        let Some(kept) = self.store.get_reconcile_pass(tenant).await? else {
+            return Ok(None);
+        };
+        let mut status: pass::PassStatus = serde_json::from_value(kept.status).map_err(|e| {
+            PoolError::Store(StoreError::Corrupt(format!("stored pass status: {e}")))
+        })?;
+        status.source = pass::PassSource::Stored;
+        Ok(Some(status))
+    }
+
+    /// Keeps a pass in the store for the other replicas' `pool status`
+    /// (a failure is logged: the pass itself stands).
+    async fn keep_pass(&self, tenant: TenantId, started_at: Millis, status: &pass::PassStatus) {
+        let record = hearth_store::ReconcilePassRecord {
+            tenant_id: tenant,
+            replica: status.replica.clone(),
+            iteration: status.iteration as i64,
+            started_at,
+            status: serde_json::to_value(status).unwrap_or_default(),
+        };
+        if let Err(e) = self.store.put_reconcile_pass(&record).await {
+            tracing::warn!(tenant = %tenant, error = %e, "cannot keep the pass status");
+        }
+    }
+
     /// One pass over every tenant this pool leads: first the lead of every
     /// tenant not led yet is tried ([`Store::lead`]), and each new one taken
     /// over ([`Pool::take_over`]); tenants another replica leads are left to
@@ -583,6 +650,7 @@ impl Pool {
             .lock()
             .unwrap()
             .retain(|t, _| ids.contains(t));
+        self.passes.retain(&ids);
         for tenant in tenants.into_iter().filter(|t| led.contains(&t.id)) {
             if let Err(e) = self.reconcile_tenant(tenant.id).await {
                 tracing::error!(tenant = %tenant.name, error = %e, "pool pass of a tenant failed");
@@ -796,6 +864,7 @@ impl Pool {
     /// The tenant's pool status.
     pub async fn status(&self, tenant: TenantId) -> Result<PoolStatus, PoolError> {
         let pass = self.read_pass(tenant).await?.pass;
+        let pass_status = self.pass_status(tenant).await?;
         let finding = reaper::find(
             pass.reap_mode,
             &pass.active_agents,
@@ -803,24 +872,59 @@ impl Pool {
             now_millis(),
             self.reap_after_ms(),
         );
-        Ok(status::compute(
+        let mut status = status::compute(
             &pass.snapshot,
             now_millis(),
             self.options.settings.boot_timeout_ms,
             &pass.reap_setting,
             finding.stranded.len(),
-        ))
+        );
+        status.pass = pass_status;
+        Ok(status)
     }
 
     fn reap_after_ms(&self) -> Millis {
         self.options.reap_after.as_millis() as Millis
     }
 
-    /// One pass over one tenant: plan, then act.
-    #[tracing::instrument(level = "debug", skip(self), fields(tenant = %tenant))]
+    /// One pass over one tenant: plan, then act; its status recorded
+    /// ([`Pool::pass_status`]) and kept in the store when worth it
+    /// ([`pass::PassStatus::worth_keeping`]).
     pub async fn reconcile_tenant(
         self: &Arc<Self>,
         tenant: TenantId,
+    ) -> Result<Vec<Action>, PoolError> {
+        let begun = self.passes.begin(tenant, now_millis());
+        let mut errors = Vec::new();
+        let mut reused = false;
+        let result = self.pass_tenant(tenant, &mut errors, &mut reused).await;
+        if let Err(e) = &result {
+            errors.push(e.to_string());
+        }
+        let status = self.passes.finish(
+            tenant,
+            &self.options.replica,
+            begun,
+            pass::Outcome {
+                reused_snapshot: reused,
+                actions: result.as_deref().unwrap_or_default(),
+                errors,
+            },
+        );
+        if status.worth_keeping() {
+            self.keep_pass(tenant, begun.started_at, &status).await;
+        }
+        result
+    }
+
+    /// The pass of [`Pool::reconcile_tenant`]; each failed action's error
+    /// is added to `errors`.
+    #[tracing::instrument(level = "debug", skip(self, errors, reused_snapshot), fields(tenant = %tenant))]
+    async fn pass_tenant(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        errors: &mut Vec<String>,
+        reused_snapshot: &mut bool,
     ) -> Result<Vec<Action>, PoolError> {
         let started = Instant::now();
         // A pass that fails leaves no deadline: the resync retries it.
@@ -830,6 +934,7 @@ impl Pool {
             in_flight,
             reused,
         } = self.read_pass(tenant).await?;
+        *reused_snapshot = reused;
         // The nodes are read fresh every pass (not kept with the read):
         // their heartbeats move on while the tenant's rows do not.
         let mut placer = self.placer().await?;
@@ -866,6 +971,7 @@ impl Pool {
         for action in &actions {
             if let Err(e) = self.execute(tenant, &pass, action, &mut placer).await {
                 tracing::warn!(tenant = %tenant, ?action, error = %e, "pool action failed");
+                errors.push(e.to_string());
             }
         }
         *self.pass_counts.lock().unwrap().entry(tenant).or_default() += 1;
@@ -1245,7 +1351,7 @@ impl Pool {
             }
             pool.destroy_now(&vm, end, error.as_deref()).await;
             pool.untrack(vm.id).await;
-            pool.wake();
+            pool.wake_for(Wake::Task);
         });
     }
 
@@ -1311,7 +1417,7 @@ impl Pool {
                 Err(e) => tracing::error!(vm = %vm.id, error = %e, "cannot release a VM"),
             }
             pool.untrack(vm.id).await;
-            pool.wake();
+            pool.wake_for(Wake::Task);
         });
     }
 
@@ -1455,7 +1561,7 @@ impl Pool {
                 && !now.state.is_live()
             {
                 self.untrack(vm.id).await;
-                self.wake();
+                self.wake_for(Wake::Task);
                 return;
             }
             // The back-off is recorded while the VM still counts as booting:
@@ -1503,7 +1609,7 @@ impl Pool {
             }
         }
         self.untrack(vm.id).await;
-        self.wake();
+        self.wake_for(Wake::Task);
     }
 
     /// Starts a warm-pool test boot of a workspace: one VM provisioned like
@@ -1643,7 +1749,7 @@ impl Pool {
                 // lost with its node): nothing to record.
                 Ok(None) => {
                     pool.commands.lock().unwrap().remove(&agent.id);
-                    pool.wake();
+                    pool.wake_for(Wake::Task);
                     return;
                 }
                 Err(e) => (
@@ -1672,7 +1778,7 @@ impl Pool {
                 }
             }
             pool.commands.lock().unwrap().remove(&agent.id);
-            pool.wake();
+            pool.wake_for(Wake::Task);
         });
     }
 
@@ -1990,7 +2096,7 @@ impl Pool {
         if was {
             self.store.set_pool_stopped(tenant, false).await?;
         }
-        self.wake();
+        self.wake_for(Wake::PoolUp);
         Ok(was)
     }
 
@@ -2102,7 +2208,7 @@ impl Pool {
             report.agents_requeued += self.requeue_orphaned(tenant.id).await?;
         }
         tracing::info!(?report, "adoption done");
-        self.wake();
+        self.wake_for(Wake::Start);
         Ok(report)
     }
 }

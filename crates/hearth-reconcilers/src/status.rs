@@ -21,6 +21,9 @@ pub struct PoolStatus {
     pub configuration: Configuration,
     pub workspaces: Vec<WorkspaceStatus>,
     pub reaper: ReaperStatus,
+    /// The tenant's last reconcile pass (`null` before the first).
+    #[serde(default)]
+    pub pass: Option<crate::pass::PassStatus>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -249,6 +252,7 @@ pub fn compute(
             mode: reaper_mode.into(),
             stranded,
         },
+        pass: None,
     }
 }
 

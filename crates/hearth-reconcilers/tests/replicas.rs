@@ -10,6 +10,7 @@ use hearth_core::resource::{Kind, ResourceRef};
 use hearth_drivers::Driver;
 use hearth_drivers::Drivers;
 use hearth_drivers::fake::{FakeConfig, FakeDriver};
+use hearth_reconcilers::pass::{PassSource, Wake};
 use hearth_reconcilers::{Pool, PoolOptions};
 use hearth_store::{
     AgentPhase, NewAgent, NewToken, OnIdle, PgStore, Precondition, PutResource, Store, VmState,
@@ -224,6 +225,21 @@ async fn only_the_leader_reconciles_and_a_write_on_the_other_wakes_it() {
         assert_eq!(b.pool.passes(t), 0, "B reconciled a tenant A leads");
         assert_eq!(fake.totals().0, 2, "a VM was booted twice");
         check_invariants(store.as_ref(), t, 4, &fake).await;
+        // B shows A's pass status, as A kept it: the passes that booted.
+        let live = a.pool.pass_status(t).await.unwrap().expect("A's pass");
+        assert_eq!(
+            (live.replica.as_str(), live.source),
+            ("replica-a", PassSource::Live)
+        );
+        let kept = b.pool.pass_status(t).await.unwrap().expect("A's kept pass");
+        assert_eq!(
+            (kept.replica.as_str(), kept.source),
+            ("replica-a", PassSource::Stored)
+        );
+        assert_eq!(kept.totals.actions["boot"], 2, "{kept:?}");
+        assert!(kept.iteration <= live.iteration);
+        // The pass that took the lead over (and the one its wake asked for).
+        assert!(kept.totals.wakes["takeover"] >= 1, "{kept:?}");
 
         // A write through B (its API) wakes A's pass, and nothing else
         // would: A's resync is an hour away and it has no deadline due.
@@ -237,6 +253,14 @@ async fn only_the_leader_reconciles_and_a_write_on_the_other_wakes_it() {
         .await;
         assert!(a.pool.passes(t) > before);
         assert_eq!(b.pool.passes(t), 0);
+        // The pass that booted it was woken by B's NOTIFY, and B shows it.
+        let kept = b.pool.pass_status(t).await.unwrap().expect("A's kept pass");
+        assert_eq!(kept.totals.actions["boot"], 3, "{kept:?}");
+        assert_eq!(
+            (kept.woken_by, kept.actions["boot"]),
+            (Wake::Replica, 1),
+            "{kept:?}"
+        );
         // An agent spawned through B is claimed at once (one statement).
         let agent = b_store.spawn_agent(&new_agent(t), None).await.unwrap();
         assert_eq!(agent.phase, AgentPhase::Running);

@@ -578,6 +578,16 @@ pub trait Store: Send + Sync + 'static {
     /// start: a bake that was running when the server died never ends by
     /// itself). Returns how many.
     async fn fail_active_bakes(&self, reason: &str) -> Result<u64>;
+
+    // ---- pass status (reconcile passes)
+
+    /// Keeps `pass` as its tenant's last reconcile pass, over the one
+    /// before (one statement). Like every write, it moves the change token:
+    /// the leader calls it only for passes worth showing elsewhere.
+    async fn put_reconcile_pass(&self, pass: &ReconcilePassRecord) -> Result<()>;
+
+    /// The tenant's last reconcile pass kept, if any.
+    async fn get_reconcile_pass(&self, tenant: TenantId) -> Result<Option<ReconcilePassRecord>>;
 }
 
 /// Opens the store a URL names, applying migrations: `postgres://…` or

@@ -2032,6 +2032,36 @@ macro_rules! impl_store {
                         .await?;
                     Ok(done.rows_affected())
                 }
+
+                // ---- pass status (reconcile passes)
+
+                async fn put_reconcile_pass(
+                    &self,
+                    pass: &$crate::ReconcilePassRecord,
+                ) -> Result<()> {
+                    let _written = self.written();
+                    ::sqlx::query(sql::PUT_RECONCILE_PASS)
+                        .bind(pass.tenant_id.to_string())
+                        .bind(&pass.replica)
+                        .bind(pass.iteration)
+                        .bind(pass.started_at)
+                        .bind(pass.status.to_string())
+                        .execute(self.writer())
+                        .await?;
+                    Ok(())
+                }
+
+                async fn get_reconcile_pass(
+                    &self,
+                    tenant: TenantId,
+                ) -> Result<Option<$crate::ReconcilePassRecord>> {
+                    ::sqlx::query_as::<_, sql::ReconcilePassRow>(sql::GET_RECONCILE_PASS)
+                        .bind(tenant.to_string())
+                        .fetch_optional(self.reader())
+                        .await?
+                        .map(TryInto::try_into)
+                        .transpose()
+                }
             }
         };
     };

@@ -1230,3 +1230,41 @@ impl TryFrom<EventRow> for crate::EventRecord {
         })
     }
 }
+
+// ---------------------------------------------------------------- pass status
+
+/// Writes the last pass of tenant `$1` over the one before: `$2` replica,
+/// `$3` iteration, `$4` started at, `$5` status (JSON text).
+pub const PUT_RECONCILE_PASS: &str = "INSERT INTO reconcile_passes \
+     (tenant_id, replica, iteration, started_at, status) VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (tenant_id) DO UPDATE SET replica = excluded.replica, \
+     iteration = excluded.iteration, started_at = excluded.started_at, status = excluded.status";
+
+/// The last pass kept of tenant `$1`.
+pub const GET_RECONCILE_PASS: &str = "SELECT tenant_id, replica, iteration, started_at, status \
+     FROM reconcile_passes WHERE tenant_id = $1";
+
+/// A `reconcile_passes` row as stored (status still JSON text).
+#[derive(sqlx::FromRow)]
+pub struct ReconcilePassRow {
+    tenant_id: String,
+    replica: String,
+    iteration: i64,
+    started_at: Millis,
+    status: String,
+}
+
+impl TryFrom<ReconcilePassRow> for crate::ReconcilePassRecord {
+    type Error = StoreError;
+    fn try_from(row: ReconcilePassRow) -> Result<crate::ReconcilePassRecord> {
+        Ok(crate::ReconcilePassRecord {
+            tenant_id: parse("reconcile pass tenant id", &row.tenant_id)?,
+            replica: row.replica,
+            iteration: row.iteration,
+            started_at: row.started_at,
+            status: serde_json::from_str(&row.status).map_err(|e| {
+                StoreError::Corrupt(format!("reconcile pass of {}: {e}", row.tenant_id))
+            })?,
+        })
+    }
+}

@@ -906,3 +906,20 @@ pub struct EventFilter {
 
 /// How many events one [`crate::Store::list_events`] call returns at most.
 pub const EVENT_PAGE_MAX: i64 = 1000;
+
+// ---- pass status (reconcile passes)
+
+/// The last reconcile pass of a tenant its leader kept in the store
+/// ([`crate::Store::put_reconcile_pass`]), for the replicas that do not lead
+/// it. The store keeps `status` as the reconcilers wrote it (their
+/// `PassStatus` as JSON) and reads nothing inside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReconcilePassRecord {
+    pub tenant_id: TenantId,
+    /// The replica that ran the pass.
+    pub replica: String,
+    /// The pass's number on that replica.
+    pub iteration: i64,
+    pub started_at: Millis,
+    pub status: serde_json::Value,
+}

@@ -4205,3 +4205,38 @@ async fn events_are_listed_in_order_by_tenant_and_kind(ctx: Ctx) {
             .is_empty()
     );
 }
+
+// ---------------------------------------------------------------- pass status
+
+both_backends!(reconcile_passes_are_kept_one_per_tenant);
+async fn reconcile_passes_are_kept_one_per_tenant(ctx: Ctx) {
+    let store = &ctx.store;
+    let a = tenant(store, "pass-a").await;
+    let b = tenant(store, "pass-b").await;
+    assert_eq!(store.get_reconcile_pass(a).await.unwrap(), None);
+    let pass = |tenant, replica: &str, iteration| hearth_store::ReconcilePassRecord {
+        tenant_id: tenant,
+        replica: replica.into(),
+        iteration,
+        started_at: 1_000 + iteration,
+        status: json!({"iteration": iteration, "actions": {"boot": 2}}),
+    };
+    let before = store.change_token().await.unwrap();
+    store.put_reconcile_pass(&pass(a, "r1", 3)).await.unwrap();
+    assert_ne!(
+        store.change_token().await.unwrap(),
+        before,
+        "keeping a pass is a write like any other"
+    );
+    store.put_reconcile_pass(&pass(b, "r1", 1)).await.unwrap();
+    // A later pass (another replica's, after a takeover) replaces it.
+    store.put_reconcile_pass(&pass(a, "r2", 7)).await.unwrap();
+    assert_eq!(
+        store.get_reconcile_pass(a).await.unwrap(),
+        Some(pass(a, "r2", 7))
+    );
+    assert_eq!(
+        store.get_reconcile_pass(b).await.unwrap(),
+        Some(pass(b, "r1", 1))
+    );
+}

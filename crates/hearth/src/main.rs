@@ -1,14 +1,16 @@
 //! The `hearth` binary: `hearth server` runs the control plane, `hearth
-//! node` (with flags, no further subcommand) a node agent; every other
-//! subcommand is the CLI talking to a server over HTTP.
+//! node` (with flags, no further subcommand) a node agent; `hearth
+//! completions` prints a shell completion script; every other subcommand
+//! is the CLI talking to a server over HTTP.
 
+mod completions;
 mod listener;
 mod node;
 mod secrets_key;
 mod server;
 mod tls;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// hearth: a warm VM pool for AI coding-agent sandboxes.
 #[derive(Parser)]
@@ -27,6 +29,8 @@ struct Cli {
 enum Top {
     /// Run the control plane (API, store, reconcilers).
     Server(Box<server::ServerArgs>),
+    /// Print the shell completion script (bash, zsh or fish) to stdout
+    Completions(completions::CompletionsArgs),
     #[command(flatten)]
     Client(hearth_cli::Command),
 }
@@ -70,6 +74,12 @@ fn main() {
         Top::Server(args) => {
             if let Err(e) = server::run(*args) {
                 eprintln!("hearth server: {e:#}");
+                std::process::exit(1);
+            }
+        }
+        Top::Completions(args) => {
+            if let Err(e) = completions::print(args.shell, &mut Cli::command()) {
+                eprintln!("hearth completions: {e}");
                 std::process::exit(1);
             }
         }

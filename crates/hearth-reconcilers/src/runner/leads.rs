@@ -26,6 +26,7 @@
 //! connections not) changes nothing the takeover changed.
 
 use super::{Pool, PoolError};
+use crate::pass::Wake;
 use hearth_core::ids::{TenantId, VmId};
 use hearth_provisioning::Summary;
 use hearth_store::{AgentFilter, AgentPhase, InstanceFilter, InstanceStatus, VmState};
@@ -104,6 +105,7 @@ impl Pool {
                 match self.take_over(tenant).await {
                     Ok(report) => {
                         tracing::info!(tenant = %tenant, replica = %self.options.replica, ?report, "leading a tenant");
+                        self.passes.took_over(tenant);
                     }
                     Err(e) => {
                         // Not led until a takeover succeeds: the next pass
@@ -184,7 +186,7 @@ impl Pool {
             self.agent_started(agent);
             report.commands_resumed += 1;
         }
-        self.wake();
+        self.wake_for(Wake::Takeover);
         Ok(report)
     }
 
@@ -234,6 +236,7 @@ impl Pool {
         });
         let mut wakes = self.store.wakes();
         let wake = self.wake.clone();
+        let passes = self.passes.clone();
         let mut stop = shutdown;
         let listen = tokio::spawn(async move {
             loop {
@@ -241,7 +244,10 @@ impl Pool {
                     woken = wakes.recv() => match woken {
                         // Only this process's loop: a wake from another
                         // replica is never sent on again.
-                        Some(_) => wake.notify_one(),
+                        Some(_) => {
+                            passes.woken(Wake::Replica);
+                            wake.notify_one();
+                        }
                         None => return,
                     },
                     _ = stop.changed() => return,

@@ -50,8 +50,8 @@ fn developer_cap_counts_active_top_level_agents(b: Backend) {
         (out.code, out.stderr.trim_end()),
         (1, format!("RESOURCE_EXHAUSTED: {message}").as_str())
     );
-    // Rejected before any VM is touched.
-    std::thread::sleep(std::time::Duration::from_millis(400));
+    // Rejected before any VM is touched: passes after it boot nothing.
+    s.wait_passes(3);
     assert_eq!(
         s.admin().get("/v1/vms?all=true").body["items"]
             .as_array()

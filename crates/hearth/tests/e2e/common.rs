@@ -409,6 +409,39 @@ impl Server {
         r.body
     }
 
+    /// The admin tenant's last reconcile pass as `pool status` shows it
+    /// (`null` before the first).
+    pub fn pass(&self) -> Value {
+        self.status()["pass"].clone()
+    }
+
+    /// Waits until the admin tenant's pass iteration is past `n` (panics
+    /// after `secs`); answers that pass. What a test waits on instead of
+    /// sleeping: a pass past `n` began after the one numbered `n`.
+    pub fn wait_pass_past(&self, n: u64, secs: u64) -> Value {
+        let mut last = Value::Null;
+        let ok = wait_until(secs, || {
+            last = self.pass();
+            last["iteration"].as_u64().is_some_and(|i| i > n)
+        });
+        assert!(
+            ok,
+            "the pass iteration never passed {n}: {last}\n{}",
+            self.logs_tail()
+        );
+        last
+    }
+
+    /// Waits until `k` whole passes of the admin tenant began and ended
+    /// after this call: to show that nothing happens, the planner must have
+    /// had `k` chances to act (with the test's `--resync`, a pass runs at
+    /// least that often).
+    pub fn wait_passes(&self, k: u64) -> Value {
+        let now = self.pass()["iteration"].as_u64().unwrap_or(0);
+        // The pass running at `now` may have begun before the call.
+        self.wait_pass_past(now + k, 30)
+    }
+
     /// The tenant's VMs (JSON list).
     pub fn vms(&self) -> Vec<Value> {
         let r = self.admin().get("/v1/vms");

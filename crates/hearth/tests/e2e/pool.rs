@@ -151,7 +151,7 @@ fn spawn_waits_queued_at_max_vms(b: Backend) {
     let second = s.spawn(&s.admin_token, json!({"workspace": "web"}));
     let second_id = second.body["id"].as_str().unwrap().to_owned();
     assert_eq!(second.body["phase"], "queued");
-    std::thread::sleep(std::time::Duration::from_millis(800));
+    s.wait_passes(3);
     let st = s.status();
     assert_eq!(
         (count(&st, "total"), st["queued"].as_i64()),
@@ -296,7 +296,7 @@ fn hard_cap_is_shared_between_workspaces(b: Backend) {
     // Spawns beyond the cap wait; the cap holds.
     let r = s.spawn(&s.admin_token, json!({"workspace": "web"}));
     assert_eq!(r.body["phase"], "running");
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    s.wait_passes(3);
     assert!(count(&s.status(), "total") <= 3);
     assert_eq!(s.sandboxes().len() as i64, count(&s.status(), "total"));
 }
@@ -410,7 +410,7 @@ fn nuke_ends_everything_and_stops_the_pool(b: Backend) {
     );
     let st = s.status();
     assert_eq!(st["status"], "stopped");
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    s.wait_passes(3);
     assert_eq!(
         count(&s.status(), "total"),
         0,
@@ -484,7 +484,7 @@ fn failing_boots_back_off_then_hard_limit(b: Backend) {
             .count()
     };
     let n = failed_boots();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    s.wait_passes(3);
     assert_eq!(failed_boots(), n, "a hard-limited workspace stops booting");
     assert!(
         s.sandboxes().is_empty(),

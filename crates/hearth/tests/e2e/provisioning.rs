@@ -394,6 +394,7 @@ fn the_cli_watches_a_test_boot(b: Backend) {
         "",
     );
     assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stderr, "", "no progress bar without a terminal");
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert!(lines[0].starts_with("✓ create_vm"), "{out:?}");
     assert!(
@@ -426,4 +427,71 @@ fn the_cli_watches_a_test_boot(b: Backend) {
     );
     let out = s.cli(t, &["--workspace", "web", "instances", "list"], "");
     assert_eq!(out.stdout.lines().count(), 3, "{out:?}");
+
+    // On a terminal (a pseudo-terminal `script` gives it): with `-o json`,
+    // stdout is not redrawn, so the bar of steps is drawn on stderr; the
+    // list redrawn in place has no bar.
+    s.cli(
+        t,
+        &[
+            "--workspace",
+            "web",
+            "warm-pool",
+            "set",
+            "--setup",
+            "hello=echo hi",
+        ],
+        "",
+    );
+    let (code, screen) = in_terminal(
+        &s,
+        &[
+            "--workspace",
+            "web",
+            "warm-pool",
+            "test",
+            "--watch",
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{screen}");
+    assert!(screen.contains(" steps "), "a bar of steps: {screen:?}");
+    assert!(screen.contains("\"status\": \"ready\""), "{screen:?}");
+    let (code, screen) = in_terminal(&s, &["--workspace", "web", "warm-pool", "test", "--watch"]);
+    assert_eq!(code, Some(0), "{screen}");
+    assert!(
+        screen.contains("\x1b[2K✓ create_vm"),
+        "redrawn in place: {screen:?}"
+    );
+    assert!(
+        !screen.contains(" steps "),
+        "no bar under the list: {screen:?}"
+    );
+}
+
+/// Runs the CLI against `s` as its admin under a pseudo-terminal (`script`),
+/// `TERM=xterm`; answers its exit code and everything the terminal got.
+fn in_terminal(s: &Server, args: &[&str]) -> (Option<i32>, String) {
+    let command = std::iter::once(crate::common::binary())
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", &command, "/dev/null"])
+        .current_dir(dir.path())
+        .env("TERM", "xterm")
+        .env("HEARTH_SERVER", &s.url)
+        .env("HEARTH_TOKEN", &s.admin_token)
+        .env_remove("HEARTH_WORKSPACE")
+        .stdin(std::process::Stdio::null());
+    if let Some(ca) = crate::common::trusted_ca(&s.url) {
+        cmd.env("HEARTH_CA", ca);
+    }
+    let out = cmd.output().expect("script (util-linux) runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
