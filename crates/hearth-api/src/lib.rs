@@ -28,6 +28,7 @@ pub mod openapi;
 mod pool;
 mod resources;
 mod tenants;
+pub mod ui;
 mod warm_pool;
 
 use axum::Router;
@@ -70,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .merge(warm_pool::routes())
         .merge(nodes::routes())
         .merge(fleet::routes())
+        .merge(ui::routes())
         .fallback(fallback);
     edge::harden(routes)
         .layer(

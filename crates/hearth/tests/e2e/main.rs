@@ -8,6 +8,7 @@ mod agents;
 mod auth;
 mod cli;
 mod conformance;
+mod dashboard;
 mod developer_scoping;
 mod fleet;
 mod hardening;
