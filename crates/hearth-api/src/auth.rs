@@ -90,7 +90,7 @@ impl FromRequestParts<AppState> for Caller {
         let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
             if let Some(session) = crate::ui::session_cookie(&parts.headers) {
                 let session = crate::ui::authenticate_session(state, &session).await?;
-                crate::ui::check_csrf(&parts.method, &parts.headers, &session)?;
+                crate::ui::check_csrf(&parts.method, &parts.headers, &parts.uri, &session)?;
                 return Ok(Caller {
                     identity: session.token.identity,
                 });

@@ -25,7 +25,7 @@ use crate::auth::authenticate_token;
 use crate::{ApiError, AppState};
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -64,13 +64,16 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/ui", get(index))
         .route("/ui/", get(index))
-        .route("/ui/app.js", get(|| asset("text/javascript; charset=utf-8", APP_JS)))
-        .route("/ui/app.css", get(|| asset("text/css; charset=utf-8", APP_CSS)))
-        .route("/ui/favicon.svg", get(|| asset("image/svg+xml", FAVICON)))
         .route(
-            "/ui/session",
-            get(current).post(sign_in).delete(sign_out),
+            "/ui/app.js",
+            get(|| asset("text/javascript; charset=utf-8", APP_JS)),
         )
+        .route(
+            "/ui/app.css",
+            get(|| asset("text/css; charset=utf-8", APP_CSS)),
+        )
+        .route("/ui/favicon.svg", get(|| asset("image/svg+xml", FAVICON)))
+        .route("/ui/session", get(current).post(sign_in).delete(sign_out))
         .layer(middleware::from_fn(security_headers))
 }
 
@@ -139,20 +142,21 @@ fn info(session: &UiSession) -> SessionInfo {
 }
 
 /// Signs in with a token: opens a session and sets its cookie.
-#[utoipa::path(post, path = "/ui/session", tag = "dashboard", request_body = SignIn,
+#[utoipa::path(post, path = "/ui/session", tag = "dashboard", operation_id = "sign_in", request_body = SignIn,
     responses((status = 201, description = "Signed in; the session cookie is set", body = SessionInfo),
               (status = 400, body = hearth_core::Error), (status = 401, body = hearth_core::Error),
               (status = 403, body = hearth_core::Error)))]
 pub async fn sign_in(
     State(state): State<AppState>,
+    uri: Uri,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     // A page of another origin must not sign a browser in either (login
     // CSRF: the victim would act as the attacker's identity).
-    check_origin(&headers)?;
-    let request: SignIn = serde_json::from_slice(&body)
-        .map_err(|e| Error::invalid(format!("sign-in body: {e}")))?;
+    check_origin(&headers, &uri)?;
+    let request: SignIn =
+        serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("sign-in body: {e}")))?;
     let token = authenticate_token(&state, &request.token).await?;
     let id = random_hex();
     let csrf_token = random_hex();
@@ -188,7 +192,7 @@ pub async fn sign_in(
 }
 
 /// The current session (its CSRF token for the page).
-#[utoipa::path(get, path = "/ui/session", tag = "dashboard",
+#[utoipa::path(get, path = "/ui/session", tag = "dashboard", operation_id = "get_ui_session",
     responses((status = 200, body = SessionInfo), (status = 401, body = hearth_core::Error)))]
 pub async fn current(
     State(state): State<AppState>,
@@ -204,16 +208,17 @@ pub async fn current(
 }
 
 /// Signs out: deletes the session and clears its cookie.
-#[utoipa::path(delete, path = "/ui/session", tag = "dashboard",
+#[utoipa::path(delete, path = "/ui/session", tag = "dashboard", operation_id = "sign_out",
     responses((status = 204, description = "Signed out"), (status = 401, body = hearth_core::Error),
               (status = 403, body = hearth_core::Error)))]
 pub async fn sign_out(
     State(state): State<AppState>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = session_cookie(&headers).ok_or_else(|| Error::unauthenticated("not signed in"))?;
     let session = authenticate_session(&state, &id).await?;
-    check_csrf(&Method::DELETE, &headers, &session)?;
+    check_csrf(&Method::DELETE, &headers, &uri, &session)?;
     state
         .store
         .delete_ui_session(&Sha256::digest(id.as_bytes()))
@@ -265,16 +270,19 @@ fn denied(message: impl Into<String>) -> ApiError {
     ApiError(Error::new(ErrorCode::PermissionDenied, message))
 }
 
-/// Refuses a request whose `Origin` is another than this server's (its
-/// `Host`), or that the browser marks as cross-site. A request without
-/// either header (not from a browser page) passes.
-fn check_origin(headers: &HeaderMap) -> Result<(), ApiError> {
+/// Refuses a request whose `Origin` is another than this server's (the
+/// authority it was sent to: `Host` in HTTP/1.1, `:authority` in HTTP/2),
+/// or that the browser marks as cross-site. A request without either
+/// header (not from a browser page) passes.
+fn check_origin(headers: &HeaderMap, uri: &Uri) -> Result<(), ApiError> {
     if headers
         .get("sec-fetch-site")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|site| site.eq_ignore_ascii_case("cross-site"))
     {
-        return Err(denied("cross-site request refused by the dashboard session"));
+        return Err(denied(
+            "cross-site request refused by the dashboard session",
+        ));
     }
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
@@ -283,6 +291,7 @@ fn check_origin(headers: &HeaderMap) -> Result<(), ApiError> {
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or("");
     let authority = origin
         .strip_prefix("https://")
@@ -301,6 +310,7 @@ fn check_origin(headers: &HeaderMap) -> Result<(), ApiError> {
 pub(crate) fn check_csrf(
     method: &Method,
     headers: &HeaderMap,
+    uri: &Uri,
     session: &UiSession,
 ) -> Result<(), ApiError> {
     if method == Method::GET || method == Method::HEAD {
@@ -311,16 +321,12 @@ pub(crate) fn check_csrf(
             "a request signed in by the dashboard's session cookie must carry its X-Hearth-CSRF header",
         ));
     };
-    if !bool::from(
-        presented
-            .as_bytes()
-            .ct_eq(session.csrf_token.as_bytes()),
-    ) {
+    if !bool::from(presented.as_bytes().ct_eq(session.csrf_token.as_bytes())) {
         return Err(denied(
             "the X-Hearth-CSRF header does not match the dashboard session",
         ));
     }
-    check_origin(headers)
+    check_origin(headers, uri)
 }
 
 #[cfg(test)]
@@ -345,9 +351,18 @@ mod tests {
 
     #[test]
     fn origin_must_be_the_servers_own() {
-        let ok = headers(&[("host", "127.0.0.1:7070"), ("origin", "https://127.0.0.1:7070")]);
-        assert!(check_origin(&ok).is_ok());
-        assert!(check_origin(&headers(&[("host", "127.0.0.1:7070")])).is_ok());
+        let ok = headers(&[
+            ("host", "127.0.0.1:7070"),
+            ("origin", "https://127.0.0.1:7070"),
+        ]);
+        assert!(check_origin(&ok, &Uri::from_static("/v1/x")).is_ok());
+        assert!(
+            check_origin(
+                &headers(&[("host", "127.0.0.1:7070")]),
+                &Uri::from_static("/")
+            )
+            .is_ok()
+        );
         for bad in [
             "https://evil.example",
             "https://127.0.0.1:7071",
@@ -355,11 +370,17 @@ mod tests {
             "https://127.0.0.1:7070.evil.example",
         ] {
             let h = headers(&[("host", "127.0.0.1:7070"), ("origin", bad)]);
-            let e = check_origin(&h).unwrap_err();
+            let e = check_origin(&h, &Uri::from_static("/")).unwrap_err();
             assert_eq!(e.0.code, ErrorCode::PermissionDenied, "{bad}");
             assert!(e.0.message.contains("cross-origin"), "{}", e.0.message);
         }
         let h = headers(&[("sec-fetch-site", "cross-site")]);
-        assert!(check_origin(&h).is_err());
+        assert!(check_origin(&h, &Uri::from_static("/")).is_err());
+        // HTTP/2 names the authority in the URI, not in a Host header.
+        let h2 = headers(&[("origin", "https://127.0.0.1:7070")]);
+        let uri = Uri::from_static("https://127.0.0.1:7070/v1/x");
+        assert!(check_origin(&h2, &uri).is_ok());
+        let other = Uri::from_static("https://127.0.0.1:7071/v1/x");
+        assert!(check_origin(&h2, &other).is_err());
     }
 }

@@ -65,7 +65,8 @@ function message(node, text) {
 
 function can(permission) { return state.permissions.has(permission); }
 
-function short(id) { return id ? String(id).slice(0, 8) : "—"; }
+// Ids are UUIDv7: their head is a timestamp shared by neighbours, their tail random.
+function short(id) { return id ? String(id).slice(-8) : "—"; }
 
 function when(text) {
   if (!text) return "—";
@@ -496,7 +497,7 @@ async function instances() {
   $("instance-rows").replaceChildren(...(rows.length ? rows : [emptyRow(6, "No instances.")]));
   if (!state.selectedInstance) return;
   const one = await api("GET", `/v1/instances/${encodeURIComponent(state.selectedInstance)}`);
-  if (one.ok) $("instance-detail").replaceChildren(...stepView(one.body));
+  if (one.ok) $("instance-detail").replaceChildren(...stepView(one.body).filter(Boolean));
 }
 
 function duration(step) {

@@ -95,11 +95,9 @@ impl Browser {
         );
         let client = rt
             .block_on(
-                ClientBuilder::new(
-                    hyper_util::client::legacy::connect::HttpConnector::new(),
-                )
-                .capabilities(caps)
-                .connect(&format!("http://127.0.0.1:{port}")),
+                ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+                    .capabilities(caps)
+                    .connect(&format!("http://127.0.0.1:{port}")),
             )
             .expect("a Chromium session starts");
         Browser {
@@ -127,7 +125,10 @@ impl Browser {
 
     /// The text of the first element `css` matches ("" when none does).
     fn text(&self, css: &str) -> String {
-        let found = self.rt.block_on(self.c().find_all(Locator::Css(css))).unwrap();
+        let found = self
+            .rt
+            .block_on(self.c().find_all(Locator::Css(css)))
+            .unwrap();
         match found.first() {
             Some(e) => self.rt.block_on(e.text()).unwrap_or_default(),
             None => String::new(),
@@ -136,7 +137,10 @@ impl Browser {
 
     /// Whether an element `css` matches is shown.
     fn displayed(&self, css: &str) -> bool {
-        let found = self.rt.block_on(self.c().find_all(Locator::Css(css))).unwrap();
+        let found = self
+            .rt
+            .block_on(self.c().find_all(Locator::Css(css)))
+            .unwrap();
         found
             .first()
             .is_some_and(|e| self.rt.block_on(e.is_displayed()).unwrap_or(false))
@@ -176,7 +180,10 @@ impl Browser {
             last = self.text(css);
             ok(&last)
         });
-        assert!(done, "{css} never showed what was awaited; last text: {last:?}");
+        assert!(
+            done,
+            "{css} never showed what was awaited; last text: {last:?}"
+        );
         last
     }
 
@@ -196,7 +203,15 @@ impl Browser {
         self.wait_text("#sign-in h1", 20, |t| t == "Sign in");
         self.fill("#token", token);
         self.click("#sign-in-form button[type=submit]");
-        self.wait_text("#identity", 20, |t| t.starts_with(who));
+        let shown = wait_until(20, || self.text("#identity").starts_with(who));
+        if !shown {
+            self.screenshot("sign-in-failed");
+            let cookies = self.rt.block_on(self.c().get_all_cookies());
+            panic!(
+                "signing in as {who} failed: the page says {:?}; cookies {cookies:?}",
+                self.text("#sign-in-error"),
+            );
+        }
     }
 }
 
@@ -279,7 +294,7 @@ fn dashboard_drives_the_pool() {
     b.wait_text(idle, 20, |t| !t.is_empty());
     b.wait_text(idle, 90, |t| t == "2");
     assert_eq!(
-        b.text(".ws[data-workspace=web] .counts"),
+        b.text(".ws[data-workspace=web] .counts").replace('\n', " "),
         "2 idle / min_idle 2 · max_idle 3 0 booting 0 assigned 0 stale 0 queued max_vms 8"
     );
     assert_eq!(idle_vms(&server, "web").len(), 2);
@@ -296,11 +311,20 @@ fn dashboard_drives_the_pool() {
     b.click("#spawn-form button[type=submit]");
     b.wait_text("#agent-detail h2 .badge", 60, |t| t == "completed");
     let output = b.text("#agent-detail [data-field=output]");
-    assert!(output.starts_with("hello from the agent\non "), "{output:?}");
-    let agents = api.get("/v1/agents").body["items"].as_array().unwrap().clone();
+    assert!(
+        output.starts_with("hello from the agent\non "),
+        "{output:?}"
+    );
+    let agents = api.get("/v1/agents").body["items"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert_eq!(agents.len(), 1);
     assert_eq!(agents[0]["phase"], "completed");
-    assert_eq!(agents[0]["output"].as_str().unwrap().trim_end(), output.trim_end());
+    assert_eq!(
+        agents[0]["output"].as_str().unwrap().trim_end(),
+        output.trim_end()
+    );
     b.screenshot("agents");
 
     // Hostile output is shown as text and runs nothing.
@@ -326,7 +350,11 @@ fn dashboard_drives_the_pool() {
         "",
     );
     assert_ne!(cli.code, 0);
-    assert!(cli.stderr.contains("max_vms must be positive"), "{}", cli.stderr);
+    assert!(
+        cli.stderr.contains("max_vms must be positive"),
+        "{}",
+        cli.stderr
+    );
     assert_eq!(
         api.get("/v1/pool-config/default").body["spec"]["max_vms"],
         8
@@ -343,7 +371,8 @@ fn dashboard_drives_the_pool() {
     b.click("#flush");
     let result = b.wait_text("#flush-result", 20, |t| !t.is_empty());
     assert!(
-        result.starts_with("Flushed ") && result.ends_with(" warm VMs — pool will replenish with fresh ones"),
+        result.starts_with("Flushed ")
+            && result.ends_with(" warm VMs — pool will replenish with fresh ones"),
         "{result}"
     );
     b.click("nav a[data-view=vms]");
@@ -372,11 +401,21 @@ fn dashboard_drives_the_pool() {
     );
     assert_eq!(
         steps,
-        json!(["create_vm", "ensure_server", "set_env_vars", "project_setup", "warm_pool_setup"])
+        json!([
+            "create_vm",
+            "ensure_server",
+            "set_env_vars",
+            "project_setup",
+            "warm_pool_setup"
+        ])
     );
     b.screenshot("instances");
 
-    assert_eq!(b.js("return window.__same_page"), json!(42), "the page reloaded");
+    assert_eq!(
+        b.js("return window.__same_page"),
+        json!(42),
+        "the page reloaded"
+    );
 }
 
 /// A viewer is offered no spawn, kill, flush, test boot or edit; the
@@ -403,11 +442,16 @@ fn viewer_is_offered_only_what_it_may_do() {
     assert_eq!(headers["x-content-type-options"], "nosniff");
     let page = answer.text().unwrap();
     assert!(!page.contains("<script>"), "no inline script");
-    assert!(!page.contains("http://") && !page.contains("https://"), "nothing from elsewhere");
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "nothing from elsewhere"
+    );
 
     let b = Browser::start();
     b.sign_in(&server, &viewer, "vera");
-    b.wait_text(".ws[data-workspace=web] [data-count=idle]", 90, |t| t == "1");
+    b.wait_text(".ws[data-workspace=web] [data-count=idle]", 90, |t| {
+        t == "1"
+    });
     assert!(!b.displayed("#flush"), "a viewer is offered flush");
     assert_eq!(
         b.js("return document.querySelectorAll('[data-action=flush-workspace]').length"),
@@ -417,7 +461,10 @@ fn viewer_is_offered_only_what_it_may_do() {
     b.wait_text("#agent-rows", 20, |t| t.contains("No agents"));
     assert!(!b.displayed("#spawn-form"), "a viewer is offered spawn");
     b.click("nav a[data-view=instances]");
-    assert!(!b.displayed("#test-form"), "a viewer is offered a test boot");
+    assert!(
+        !b.displayed("#test-form"),
+        "a viewer is offered a test boot"
+    );
     b.click("nav a[data-view=config]");
     b.wait_text("#ws-rows", 20, |t| t.contains("web"));
     assert!(!b.displayed("#pool-form button[type=submit]"));
@@ -472,7 +519,11 @@ fn session_cookie_is_safe_against_csrf(backend: Backend) {
     assert_eq!(info["identity"], "admin");
 
     // The cookie authenticates reads of the API.
-    let who = http.get(url("/v1/whoami")).header("cookie", &cookie).send().unwrap();
+    let who = http
+        .get(url("/v1/whoami"))
+        .header("cookie", &cookie)
+        .send()
+        .unwrap();
     assert_eq!(who.status(), 200);
     assert_eq!(who.json::<Value>().unwrap()["identity"], "admin");
 
@@ -488,7 +539,10 @@ fn session_cookie_is_safe_against_csrf(backend: Backend) {
             req = req.header(*k, *v);
         }
         let r = req.send().unwrap();
-        (r.status().as_u16(), r.json::<Value>().unwrap_or(Value::Null))
+        (
+            r.status().as_u16(),
+            r.json::<Value>().unwrap_or(Value::Null),
+        )
     };
     let (status, body) = patch(&[("origin", "https://evil.example")]);
     assert_eq!(status, 403, "{body}");
@@ -559,7 +613,11 @@ fn session_cookie_is_safe_against_csrf(backend: Backend) {
         .send()
         .unwrap();
     assert_eq!(out.status(), 204);
-    let after = http.get(url("/v1/whoami")).header("cookie", &cookie).send().unwrap();
+    let after = http
+        .get(url("/v1/whoami"))
+        .header("cookie", &cookie)
+        .send()
+        .unwrap();
     assert_eq!(after.status(), 401);
     assert_eq!(after.json::<Value>().unwrap()["code"], "UNAUTHENTICATED");
 
@@ -572,11 +630,21 @@ fn session_cookie_is_safe_against_csrf(backend: Backend) {
         .unwrap();
     assert_eq!(signed.status(), 201);
     let bob = cookie_of(&signed);
-    let ok = http.get(url("/v1/whoami")).header("cookie", &bob).send().unwrap();
+    let ok = http
+        .get(url("/v1/whoami"))
+        .header("cookie", &bob)
+        .send()
+        .unwrap();
     assert_eq!(ok.status(), 200);
-    let r = server.admin().request("DELETE", "/v1/identities/bob", None, None);
+    let r = server
+        .admin()
+        .request("DELETE", "/v1/identities/bob", None, None);
     assert!(r.status < 300, "{}", r.text);
-    let ended = http.get(url("/v1/whoami")).header("cookie", &bob).send().unwrap();
+    let ended = http
+        .get(url("/v1/whoami"))
+        .header("cookie", &bob)
+        .send()
+        .unwrap();
     assert_eq!(ended.status(), 401);
 }
 
