@@ -512,7 +512,7 @@ const STEP_ICON = { pending: "○", running: "◐", succeeded: "●", success: "
 function stepView(i) {
   const steps = (i.steps || []).map((s) => el("li", { "data-step": s.name },
     el("div", { class: "head" },
-      el("span", { text: STEP_ICON[s.status] || "·" }),
+      el("span", { class: `icon ${String(s.status).replace(/[^a-z_]/g, "")}`, text: STEP_ICON[s.status] || "·" }),
       el("b", { class: "mono", text: s.name }),
       badge(s.status),
       el("span", { class: "dur", text: duration(s) })),
