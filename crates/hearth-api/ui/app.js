@@ -291,7 +291,7 @@ async function overview() {
   const live = s.vms.total;
   $("summary").replaceChildren(
     stat("VMs", live, maxVms ? `of max_vms ${maxVms}` : "no max_vms", "total",
-      maxVms ? bar([[live, "assigned"]], maxVms, []) : null),
+      maxVms ? bar([[s.vms.active, "assigned"], [s.vms.idle, "idle"], [s.vms.booting, "booting"]], maxVms, []) : null),
     stat("Active", s.vms.active, "running agents", "active"),
     stat("Idle", s.vms.idle, "warm, ready to claim", "idle"),
     stat("Booting", s.vms.booting, "starting up", "booting"),
@@ -299,7 +299,10 @@ async function overview() {
     stat("Queued", s.queued, "spawns waiting for capacity", "queued"),
     stat("Reaper", s.reaper.stranded, `stranded · ${s.reaper.mode}`, "stranded"),
   );
-  const rows = s.workspaces.map((w) => workspaceRow(w, maxVms));
+  // One scale for every workspace, so their bars compare at a glance.
+  const scale = Math.max(1, ...s.workspaces.map((w) =>
+    Math.max(w.min_idle, w.max_idle, w.idle + w.booting + w.active + w.stale)));
+  const rows = s.workspaces.map((w) => workspaceRow(w, maxVms, scale));
   $("workspaces").replaceChildren(...(rows.length ? rows : [el("p", { class: "muted", text: "No workspaces yet." })]));
 }
 
@@ -328,8 +331,7 @@ function bar(segments, scale, marks, thin) {
   return node;
 }
 
-function workspaceRow(w, maxVms) {
-  const scale = Math.max(w.min_idle, w.max_idle, w.idle + w.booting + w.active + w.stale, 1);
+function workspaceRow(w, maxVms, scale) {
   const marks = [[w.min_idle, "min", `min_idle ${w.min_idle}`]];
   if (w.max_idle !== w.min_idle) marks.push([w.max_idle, "max", `max_idle ${w.max_idle}`]);
   const count = (key, value, label) =>

@@ -298,7 +298,7 @@ fn dashboard_drives_the_pool() {
         "2 idle / min_idle 2 · max_idle 3 0 booting 0 assigned 0 stale 0 queued max_vms 8"
     );
     assert_eq!(idle_vms(&server, "web").len(), 2);
-    b.screenshot("overview");
+    b.screenshot("overview-filled");
 
     // Spawn an agent and see it run and its output.
     b.click("nav a[data-view=agents]");
@@ -390,6 +390,29 @@ fn dashboard_drives_the_pool() {
         "flushed VMs {before:?} are still in {live:?}"
     );
     b.screenshot("vms");
+
+    // At a glance: a workspace whose setup fails backs off (its error
+    // shown as text), and a long agent holds a VM of web.
+    let r = api.put_yaml(
+        "/v1/workspaces/broken",
+        "environment: dev\nmin_idle: 1\nwarm_pool:\n  setup_commands:\n    - name: install\n      command: echo installing; exit 3\n",
+    );
+    assert!(r.status < 300, "{}", r.text);
+    let long = server.spawn(
+        &server.admin_token,
+        json!({"workspace": "web", "command": "sleep 600"}),
+    );
+    assert_eq!(long.status, 201, "{}", long.text);
+    b.click("nav a[data-view=overview]");
+    b.wait_text(".ws[data-workspace=broken] .badge", 90, |t| {
+        t == "backing_off" || t == "hard_limited"
+    });
+    let error = b.text(".ws[data-workspace=broken] .err");
+    assert!(error.contains("failed boot(s)"), "{error}");
+    b.wait_text(".ws[data-workspace=web] [data-count=assigned]", 60, |t| {
+        t == "1"
+    });
+    b.screenshot("overview");
 
     // A test boot, its steps watched live until ready.
     b.click("nav a[data-view=instances]");
