@@ -33,6 +33,7 @@ const state = {
   timer: null,
   pending: null,
   workspaces: [],
+  armed: null,              // {key, until}: a destructive button awaiting its second click
 };
 
 // ---------------------------------------------------------------- DOM
@@ -124,7 +125,7 @@ function items(body) {
 async function start() {
   $("sign-in-form").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", signOut);
-  $("flush").addEventListener("click", (e) => armed(e.currentTarget, "Confirm flush", () => flush(null)));
+  $("flush").addEventListener("click", (e) => armed("flush", e.currentTarget, "Confirm flush", () => flush(null)));
   $("spawn-form").addEventListener("submit", spawn);
   $("test-form").addEventListener("submit", testBoot);
   $("pool-form").addEventListener("submit", savePool);
@@ -338,10 +339,11 @@ function workspaceRow(w, maxVms, scale) {
     el("span", {}, el("b", { "data-count": key, text: value }), ` ${label}`);
   const actions = el("div", { class: "actions" });
   if (can("pool-config.delete")) {
+    const key = `flush/${w.name}`;
     actions.append(el("button", {
-      type: "button", class: "danger small", "data-action": "flush-workspace",
-      onclick: (e) => armed(e.currentTarget, "Confirm", () => flush(w.name)),
-    }, "Flush"));
+      type: "button", class: "danger small", "data-action": "flush-workspace", "data-label": "Flush",
+      onclick: (e) => armed(key, e.currentTarget, "Confirm", () => flush(w.name)),
+    }, armedLabel(key, "Flush", "Confirm")));
   }
   return el("div", { class: "ws", "data-workspace": w.name },
     el("div", {},
@@ -362,23 +364,31 @@ function workspaceRow(w, maxVms, scale) {
       : null);
 }
 
-/** A destructive button acts on a second click within 4 s. */
-function armed(button, confirmText, action) {
-  if (button.dataset.armed === "1") {
-    button.dataset.armed = "";
-    button.textContent = button.dataset.label;
+/**
+ * A destructive button acts on a second click within 4 s. The armed state
+ * is kept by key, not on the button, so a re-render between the two
+ * clicks (the page refreshes every few seconds) keeps it.
+ */
+function armed(key, button, confirmText, action) {
+  if (state.armed && state.armed.key === key && Date.now() < state.armed.until) {
+    state.armed = null;
+    button.textContent = button.getAttribute("data-label") || button.textContent;
     action();
     return;
   }
-  button.dataset.label = button.textContent;
-  button.dataset.armed = "1";
+  state.armed = { key, until: Date.now() + 4000 };
+  if (!button.getAttribute("data-label")) button.setAttribute("data-label", button.textContent);
   button.textContent = confirmText;
   setTimeout(() => {
-    if (button.dataset.armed === "1") {
-      button.dataset.armed = "";
-      button.textContent = button.dataset.label;
+    if (!state.armed || state.armed.key !== key || Date.now() >= state.armed.until) {
+      button.textContent = button.getAttribute("data-label");
     }
-  }, 4000);
+  }, 4100);
+}
+
+/** The label of a re-rendered destructive button: armed or not. */
+function armedLabel(key, label, confirmText) {
+  return state.armed && state.armed.key === key && Date.now() < state.armed.until ? confirmText : label;
 }
 
 async function flush(workspace) {
@@ -426,9 +436,9 @@ async function agents() {
   const rows = list.map((a) => {
     const kill = can("agent.kill") && !TERMINAL.has(a.phase)
       ? el("button", {
-        type: "button", class: "danger small", "data-action": "kill",
-        onclick: (e) => { e.stopPropagation(); armed(e.currentTarget, "Confirm", () => killAgent(a.id)); },
-      }, "Kill")
+        type: "button", class: "danger small", "data-action": "kill", "data-label": "Kill",
+        onclick: (e) => { e.stopPropagation(); armed(`kill/${a.id}`, e.currentTarget, "Confirm", () => killAgent(a.id)); },
+      }, armedLabel(`kill/${a.id}`, "Kill", "Confirm"))
       : null;
     return el("tr", {
       class: `selectable${a.id === state.selectedAgent ? " selected" : ""}`, "data-agent": a.id,

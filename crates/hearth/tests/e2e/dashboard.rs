@@ -414,6 +414,31 @@ fn dashboard_drives_the_pool() {
     });
     b.screenshot("overview");
 
+    // Kill the long agent from its row (a second click confirms).
+    let long_id = crate::common::id(&long.body);
+    b.click("nav a[data-view=agents]");
+    let kill = format!("tr[data-agent='{long_id}'] [data-action=kill]");
+    b.wait_text(&kill, 20, |t| t == "Kill");
+    b.click(&kill);
+    b.wait_text(&kill, 5, |t| t == "Confirm");
+    b.click(&kill);
+    b.wait_text(
+        &format!("tr[data-agent='{long_id}'] [data-field=phase]"),
+        60,
+        |t| t == "killed",
+    );
+    assert_eq!(
+        api.get(&format!("/v1/agents/{long_id}")).body["phase"],
+        "killed"
+    );
+    assert_eq!(
+        b.js(&format!(
+            "return document.querySelectorAll(\"{kill}\").length"
+        )),
+        json!(0),
+        "a killed agent is offered kill"
+    );
+
     // A test boot, its steps watched live until ready.
     b.click("nav a[data-view=instances]");
     b.wait_text("#test-workspace", 20, |t| t.contains("web"));
@@ -448,6 +473,12 @@ fn viewer_is_offered_only_what_it_may_do() {
     let server = Server::start(Backend::Sqlite);
     server.pool(4, ENV, "web", "min_idle: 1\n");
     let viewer = server.identity("vera", "viewer");
+    let running = server.spawn(
+        &server.admin_token,
+        json!({"workspace": "web", "command": "sleep 600"}),
+    );
+    assert_eq!(running.status, 201, "{}", running.text);
+    let running = crate::common::id(&running.body);
 
     let answer = http_client(&server.url)
         .get(format!("{}/ui", server.url))
@@ -481,7 +512,16 @@ fn viewer_is_offered_only_what_it_may_do() {
         json!(0)
     );
     b.click("nav a[data-view=agents]");
-    b.wait_text("#agent-rows", 20, |t| t.contains("No agents"));
+    b.wait_text(
+        &format!("tr[data-agent='{running}'] [data-field=phase]"),
+        60,
+        |t| t == "running",
+    );
+    assert_eq!(
+        b.js("return document.querySelectorAll('[data-action=kill]').length"),
+        json!(0),
+        "a viewer is offered kill"
+    );
     assert!(!b.displayed("#spawn-form"), "a viewer is offered spawn");
     b.click("nav a[data-view=instances]");
     assert!(
