@@ -464,6 +464,20 @@ fn dashboard_drives_the_pool() {
         json!(42),
         "the page reloaded"
     );
+
+    // Sign-out ends the session: a reload asks to sign in again.
+    b.click("#sign-out");
+    b.wait_text("#sign-in h1", 20, |t| t == "Sign in");
+    b.goto(&format!("{}/ui", server.url));
+    // The sign-in form starts hidden: it shows once the page has asked
+    // for its session and been refused.
+    assert!(wait_until(20, || b.displayed("#sign-in")));
+    assert!(!b.displayed("#app"));
+    let cookies = b.rt.block_on(b.c().get_all_cookies()).unwrap();
+    assert!(
+        cookies.iter().all(|c| c.name() != "__Host-hearth_session"),
+        "sign-out left the cookie: {cookies:?}"
+    );
 }
 
 /// A viewer is offered no spawn, kill, flush, test boot or edit; the
@@ -683,6 +697,28 @@ fn session_cookie_is_safe_against_csrf(backend: Backend) {
         .unwrap();
     assert_eq!(after.status(), 401);
     assert_eq!(after.json::<Value>().unwrap()["code"], "UNAUTHENTICATED");
+
+    // A session never outlives its token: the cookie's Max-Age and the
+    // session's expiry stop at the token's (1 h, under the 12 h cap).
+    let r = server.admin().post(
+        "/v1/identities",
+        json!({"name": "tim", "role": "viewer", "expires_in": "1h"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    let short = http
+        .post(url("/ui/session"))
+        .json(&json!({ "token": r.body["token"] }))
+        .send()
+        .unwrap();
+    assert_eq!(short.status(), 201);
+    let set = short.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let max_age: i64 = set
+        .split("; ")
+        .find_map(|p| p.strip_prefix("Max-Age="))
+        .unwrap_or_else(|| panic!("no Max-Age in {set}"))
+        .parse()
+        .unwrap();
+    assert!((3500..=3600).contains(&max_age), "{set}");
 
     // Deleting an identity ends its sessions.
     let token = server.identity("bob", "developer");
