@@ -1,4 +1,5 @@
-//! Bearer tokens and the caller they identify.
+//! Bearer tokens and the caller they identify (a dashboard session cookie
+//! stands for the token it was opened with: [`crate::ui`]).
 //!
 //! A token reads `hth_<id>_<secret>`: the id (a UUID, hex) finds the stored
 //! row, the secret (32 random bytes, hex) is only ever stored as its SHA-256
@@ -84,14 +85,22 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                Error::unauthenticated(
-                    "missing bearer token: pass --token, set HEARTH_TOKEN or run hearth auth login",
-                )
-            })?
+        // A bearer token wins over a cookie: a browser never sends one on
+        // its own, so a request that carries it is not a forged one.
+        let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+            if let Some(session) = crate::ui::session_cookie(&parts.headers) {
+                let session = crate::ui::authenticate_session(state, &session).await?;
+                crate::ui::check_csrf(&parts.method, &parts.headers, &parts.uri, &session)?;
+                return Ok(Caller {
+                    identity: session.token.identity,
+                });
+            }
+            return Err(Error::unauthenticated(
+                "missing bearer token: pass --token, set HEARTH_TOKEN or run hearth auth login",
+            )
+            .into());
+        };
+        let header = header
             .to_str()
             .map_err(|_| Error::unauthenticated("malformed Authorization header"))?;
         // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` works.
@@ -102,23 +111,34 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| {
                 Error::unauthenticated("the Authorization header must be `Bearer <token>`")
             })?;
-        let (id, secret) =
-            parse_token(text.trim()).ok_or_else(|| Error::unauthenticated("malformed token"))?;
-        let presented = Sha256::digest(secret.as_bytes());
-        let record = state.store.find_token(id).await?;
-        let Some(record) = record else {
-            return Err(Error::unauthenticated("unknown token").into());
-        };
-        if !bool::from(presented.as_slice().ct_eq(&record.secret_sha256)) {
-            return Err(Error::unauthenticated("unknown token").into());
-        }
-        if record.expires_at.is_some_and(|at| at <= now_millis()) {
-            return Err(Error::unauthenticated("token expired: ask an admin for a new one").into());
-        }
+        let record = authenticate_token(state, text).await?;
         Ok(Caller {
             identity: record.identity,
         })
     }
+}
+
+/// The stored token `text` names, when its secret matches and it has not
+/// expired (`UNAUTHENTICATED` otherwise): the one check of a presented
+/// token, for the bearer header and the dashboard's sign-in alike.
+pub(crate) async fn authenticate_token(
+    state: &AppState,
+    text: &str,
+) -> Result<hearth_store::TokenRecord, ApiError> {
+    let (id, secret) =
+        parse_token(text.trim()).ok_or_else(|| Error::unauthenticated("malformed token"))?;
+    let presented = Sha256::digest(secret.as_bytes());
+    let record = state.store.find_token(id).await?;
+    let Some(record) = record else {
+        return Err(Error::unauthenticated("unknown token").into());
+    };
+    if !bool::from(presented.as_slice().ct_eq(&record.secret_sha256)) {
+        return Err(Error::unauthenticated("unknown token").into());
+    }
+    if record.expires_at.is_some_and(|at| at <= now_millis()) {
+        return Err(Error::unauthenticated("token expired: ask an admin for a new one").into());
+    }
+    Ok(record)
 }
 
 /// Who the caller is.

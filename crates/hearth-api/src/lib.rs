@@ -5,7 +5,10 @@
 //! - Every route but `/healthz` and `/openapi.json` authenticates first and
 //!   checks one named permission before touching the store (the fleet's
 //!   node routes authenticate a node by its credential instead:
-//!   [`nodes::authenticate_node`]).
+//!   [`nodes::authenticate_node`]; the dashboard's page and its sign-in,
+//!   [`ui`], take no caller: the sign-in checks the token it is given).
+//!   A caller is a bearer token or the dashboard's session cookie, which
+//!   stands for the token it was opened with.
 //! - Every answer that is not a success is `{"code", "message"}` with the
 //!   matching HTTP status ([`error::ApiError`] is the one mapping).
 //! - The API never talks to a driver: it writes desired state and reads
@@ -28,6 +31,7 @@ pub mod openapi;
 mod pool;
 mod resources;
 mod tenants;
+pub mod ui;
 mod warm_pool;
 
 use axum::Router;
@@ -70,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .merge(warm_pool::routes())
         .merge(nodes::routes())
         .merge(fleet::routes())
+        .merge(ui::routes())
         .fallback(fallback);
     edge::harden(routes)
         .layer(

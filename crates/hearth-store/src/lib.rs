@@ -579,6 +579,21 @@ pub trait Store: Send + Sync + 'static {
     /// itself). Returns how many.
     async fn fail_active_bakes(&self, reason: &str) -> Result<u64>;
 
+    // ---- dashboard sessions (H4)
+
+    /// Opens a dashboard session for `session.token`, recording the token's
+    /// identity and tenant with it, and forgets expired sessions. Fails
+    /// with `NotFound` when the token is gone.
+    async fn create_ui_session(&self, session: &NewUiSession) -> Result<()>;
+
+    /// The live session whose id hashes to `id_sha256`: `None` when it is
+    /// unknown or expired, or its token is gone, expired, or no longer the
+    /// identity's and tenant's it was opened for.
+    async fn find_ui_session(&self, id_sha256: &[u8]) -> Result<Option<UiSession>>;
+
+    /// Ends a session (signing out); true when there was one.
+    async fn delete_ui_session(&self, id_sha256: &[u8]) -> Result<bool>;
+
     // ---- pass status (reconcile passes)
 
     /// Keeps `pass` as its tenant's last reconcile pass, over the one

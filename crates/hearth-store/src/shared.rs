@@ -2062,6 +2062,54 @@ macro_rules! impl_store {
                         .map(TryInto::try_into)
                         .transpose()
                 }
+
+                // ---- dashboard sessions (H4)
+
+                async fn create_ui_session(
+                    &self,
+                    session: &$crate::NewUiSession,
+                ) -> Result<()> {
+                    let _written = self.written();
+                    let now = now_millis();
+                    ::sqlx::query(sql::PRUNE_UI_SESSIONS)
+                        .bind(now)
+                        .execute(self.writer())
+                        .await?;
+                    let done = ::sqlx::query(sql::INSERT_UI_SESSION)
+                        .bind(session.id_sha256.as_slice())
+                        .bind(session.token.to_string())
+                        .bind(now)
+                        .bind(session.expires_at)
+                        .bind(session.csrf_token.as_str())
+                        .execute(self.writer())
+                        .await?;
+                    if done.rows_affected() == 0 {
+                        return Err(StoreError::NotFound("token".into()));
+                    }
+                    Ok(())
+                }
+
+                async fn find_ui_session(
+                    &self,
+                    id_sha256: &[u8],
+                ) -> Result<Option<$crate::UiSession>> {
+                    ::sqlx::query_as::<_, sql::UiSessionRow>(sql::FIND_UI_SESSION)
+                        .bind(id_sha256)
+                        .bind(now_millis())
+                        .fetch_optional(self.reader())
+                        .await?
+                        .map($crate::UiSession::try_from)
+                        .transpose()
+                }
+
+                async fn delete_ui_session(&self, id_sha256: &[u8]) -> Result<bool> {
+                    let _written = self.written();
+                    let done = ::sqlx::query(sql::DELETE_UI_SESSION)
+                        .bind(id_sha256)
+                        .execute(self.writer())
+                        .await?;
+                    Ok(done.rows_affected() > 0)
+                }
             }
         };
     };

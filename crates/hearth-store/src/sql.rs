@@ -1268,3 +1268,52 @@ impl TryFrom<ReconcilePassRow> for crate::ReconcilePassRecord {
         })
     }
 }
+
+// ---- dashboard sessions (H4)
+
+/// Opens a session: `$1` id hash, `$2` token id, `$3` created at, `$4`
+/// expires at, `$5` CSRF token. The identity and tenant are the token's
+/// own at this moment; nothing is inserted when the token is unknown.
+pub const INSERT_UI_SESSION: &str = "INSERT INTO ui_sessions \
+     (id_sha256, token_id, identity_id, tenant_id, csrf_token, created_at, expires_at) \
+     SELECT $1, t.id, i.id, i.tenant_id, $5, $3, $4 \
+     FROM tokens t JOIN identities i ON i.id = t.identity_id WHERE t.id = $2";
+
+/// The live session whose id hashes to `$1` at time `$2`, with its token
+/// and identity: only while the session and its token are unexpired and
+/// the token still belongs to the identity and tenant it was opened for.
+pub const FIND_UI_SESSION: &str = "SELECT s.csrf_token, s.expires_at AS session_expires_at, \
+            t.id AS token_id, t.secret_sha256, t.expires_at, \
+            i.id, i.tenant_id, i.name, i.kind, i.role, i.created_at \
+     FROM ui_sessions s \
+     JOIN tokens t ON t.id = s.token_id \
+     JOIN identities i ON i.id = t.identity_id \
+     WHERE s.id_sha256 = $1 AND s.expires_at > $2 \
+       AND (t.expires_at IS NULL OR t.expires_at > $2) \
+       AND i.id = s.identity_id AND i.tenant_id = s.tenant_id";
+
+/// Ends the session whose id hashes to `$1`.
+pub const DELETE_UI_SESSION: &str = "DELETE FROM ui_sessions WHERE id_sha256 = $1";
+
+/// Forgets sessions expired at `$1`.
+pub const PRUNE_UI_SESSIONS: &str = "DELETE FROM ui_sessions WHERE expires_at <= $1";
+
+/// A session joined with its token and identity ([`FIND_UI_SESSION`]).
+#[derive(sqlx::FromRow)]
+pub struct UiSessionRow {
+    csrf_token: String,
+    session_expires_at: Millis,
+    #[sqlx(flatten)]
+    token: TokenRow,
+}
+
+impl TryFrom<UiSessionRow> for crate::UiSession {
+    type Error = StoreError;
+    fn try_from(row: UiSessionRow) -> Result<crate::UiSession> {
+        Ok(crate::UiSession {
+            token: TokenRecord::try_from(row.token)?,
+            csrf_token: row.csrf_token,
+            expires_at: row.session_expires_at,
+        })
+    }
+}

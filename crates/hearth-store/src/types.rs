@@ -907,6 +907,32 @@ pub struct EventFilter {
 /// How many events one [`crate::Store::list_events`] call returns at most.
 pub const EVENT_PAGE_MAX: i64 = 1000;
 
+// ---- dashboard sessions (H4)
+
+/// A dashboard session to open ([`crate::Store::create_ui_session`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewUiSession {
+    /// SHA-256 of the session id the browser holds; the id is never stored.
+    pub id_sha256: Vec<u8>,
+    /// The token the session was opened with (its identity and tenant are
+    /// recorded with it).
+    pub token: TokenId,
+    /// What a state-changing request with the cookie must repeat in its
+    /// `X-Hearth-CSRF` header.
+    pub csrf_token: String,
+    /// When the session ends; never later than the token's own expiry.
+    pub expires_at: Millis,
+}
+
+/// A live dashboard session: who it signs in, and its CSRF token.
+#[derive(Debug, Clone)]
+pub struct UiSession {
+    /// The token the session stands for, with its identity.
+    pub token: TokenRecord,
+    pub csrf_token: String,
+    pub expires_at: Millis,
+}
+
 // ---- pass status (reconcile passes)
 
 /// The last reconcile pass of a tenant its leader kept in the store

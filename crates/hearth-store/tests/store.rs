@@ -4240,3 +4240,84 @@ async fn reconcile_passes_are_kept_one_per_tenant(ctx: Ctx) {
         Some(pass(b, "r1", 1))
     );
 }
+
+// ---- dashboard sessions (H4)
+
+fn session_of(token: TokenId, csrf: &str, expires_at: i64) -> hearth_store::NewUiSession {
+    hearth_store::NewUiSession {
+        id_sha256: uuid::Uuid::new_v4().as_bytes().repeat(2),
+        token,
+        csrf_token: csrf.into(),
+        expires_at,
+    }
+}
+
+/// A session is found by its id's hash while it and its token live; it
+/// ends on sign-out, on its own expiry, on its token's expiry and when its
+/// identity (and so its token) is deleted.
+async fn ui_sessions_follow_their_token(ctx: Ctx) {
+    let s = &ctx.store;
+    let acme = tenant(s, "acme").await;
+    s.create_identity(acme, "bob", IdentityKind::Developer, Role::Viewer, None)
+        .await
+        .unwrap();
+    let bob_token = token();
+    s.create_token(acme, "bob", &bob_token, Role::Operator)
+        .await
+        .unwrap();
+    let later = hearth_store::now_millis() + 3_600_000;
+
+    let live = session_of(bob_token.id, "csrf-1", later);
+    s.create_ui_session(&live).await.unwrap();
+    let found = s.find_ui_session(&live.id_sha256).await.unwrap().unwrap();
+    assert_eq!(found.csrf_token, "csrf-1");
+    assert_eq!(found.expires_at, later);
+    assert_eq!(found.token.id, bob_token.id);
+    assert_eq!(found.token.identity.name, "bob");
+    assert_eq!(found.token.identity.tenant_id, acme);
+    // Another hash finds nothing.
+    assert!(s.find_ui_session(&[7; 32]).await.unwrap().is_none());
+
+    // An expired session is not honoured.
+    let old = session_of(bob_token.id, "csrf-2", hearth_store::now_millis() - 1);
+    s.create_ui_session(&old).await.unwrap();
+    assert!(s.find_ui_session(&old.id_sha256).await.unwrap().is_none());
+
+    // Sign-out ends it, once.
+    assert!(s.delete_ui_session(&live.id_sha256).await.unwrap());
+    assert!(s.find_ui_session(&live.id_sha256).await.unwrap().is_none());
+    assert!(!s.delete_ui_session(&live.id_sha256).await.unwrap());
+
+    // An unknown token opens no session.
+    let err = s
+        .create_ui_session(&session_of(TokenId::new(), "x", later))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+
+    // A session never outlives its token's expiry.
+    s.create_identity(acme, "eve", IdentityKind::Developer, Role::Viewer, None)
+        .await
+        .unwrap();
+    let short = NewToken {
+        expires_at: Some(hearth_store::now_millis() - 1),
+        ..token()
+    };
+    s.create_token(acme, "eve", &short, Role::Operator)
+        .await
+        .unwrap();
+    let eve = session_of(short.id, "csrf-3", later);
+    s.create_ui_session(&eve).await.unwrap();
+    assert!(s.find_ui_session(&eve.id_sha256).await.unwrap().is_none());
+
+    // Deleting the identity deletes its token and so its sessions.
+    let again = session_of(bob_token.id, "csrf-4", later);
+    s.create_ui_session(&again).await.unwrap();
+    assert!(s.find_ui_session(&again.id_sha256).await.unwrap().is_some());
+    s.delete_identity(acme, "bob", Role::Operator)
+        .await
+        .unwrap();
+    assert!(s.find_ui_session(&again.id_sha256).await.unwrap().is_none());
+    assert!(!s.delete_ui_session(&again.id_sha256).await.unwrap());
+}
+both_backends!(ui_sessions_follow_their_token);

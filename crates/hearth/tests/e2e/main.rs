@@ -9,6 +9,7 @@ mod auth;
 mod cli;
 mod completions;
 mod conformance;
+mod dashboard;
 mod developer_scoping;
 mod fleet;
 mod hardening;
