@@ -29,6 +29,7 @@ mod pool;
 mod resources;
 mod tenants;
 mod warm_pool;
+pub mod webhooks;
 
 use axum::Router;
 use axum::http::{Method, Uri};
@@ -49,6 +50,8 @@ pub struct AppState {
     pub default_max_vms: i32,
     /// The join token and the embedded node (`/v1/fleet/*`).
     pub fleet: fleet::FleetConfig,
+    /// What webhooks may reach (`--webhook-allow-private`).
+    pub webhooks: webhooks::WebhookPolicy,
 }
 
 /// Largest request body accepted.
@@ -70,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .merge(warm_pool::routes())
         .merge(nodes::routes())
         .merge(fleet::routes())
+        .merge(webhooks::routes())
         .fallback(fallback);
     edge::harden(routes)
         .layer(
