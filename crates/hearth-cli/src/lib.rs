@@ -102,6 +102,41 @@ pub enum Command {
     /// List the fleet's nodes and cordon, uncordon or drain one (operators)
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Manage webhooks: endpoints sent your tenant's events, signed
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
+}
+
+/// `hearth webhook ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum WebhookCommand {
+    /// Create a webhook; prints its signing secret, once
+    Create {
+        /// Webhook name
+        name: String,
+        /// Where events are POSTed (https://...)
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// Only events of this kind (vm.ready) or family (vm); repeat for
+        /// more (default: every kind)
+        #[arg(long = "type", value_name = "TYPE")]
+        types: Vec<String>,
+    },
+    /// List the webhooks of your tenant
+    List,
+    /// Delete a webhook and its delivery log
+    Delete {
+        /// Webhook name
+        name: String,
+    },
+    /// Show a webhook's delivery log, newest first: every attempt
+    Deliveries {
+        /// Webhook name
+        name: String,
+        /// At most this many attempts
+        #[arg(long, default_value_t = 50, value_name = "N")]
+        limit: u32,
+    },
 }
 
 /// `hearth node ...` (operators; without one of these, `hearth node` is
