@@ -665,6 +665,39 @@ mod tests {
     }
 
     #[test]
+    fn webhook_commands_parse() {
+        let cli = parse(&[
+            "webhook",
+            "create",
+            "ci",
+            "--url",
+            "https://h/x",
+            "--type",
+            "vm",
+            "--type",
+            "pool",
+        ]);
+        assert!(matches!(
+            cli.command,
+            Top::Client(Command::Webhook(WebhookCommand::Create { ref name, ref url, ref types }))
+                if name == "ci" && url == "https://h/x" && types == &["vm", "pool"]
+        ));
+        assert!(
+            Cli::try_parse_from(["hearth", "webhook", "create", "ci"]).is_err(),
+            "--url is required"
+        );
+        assert!(matches!(
+            parse(&["webhook", "deliveries", "ci"]).command,
+            Top::Client(Command::Webhook(WebhookCommand::Deliveries {
+                limit: 50,
+                ..
+            }))
+        ));
+        parse(&["webhook", "list"]);
+        parse(&["webhook", "delete", "ci"]);
+    }
+
+    #[test]
     fn pool_agent_and_build_commands_parse() {
         let cli = parse(&["pool", "flush", "--nuke", "--workspace", "web"]);
         assert_eq!(cli.global.workspace.as_deref(), Some("web"));
