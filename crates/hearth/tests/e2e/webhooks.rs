@@ -6,7 +6,9 @@
 //! Attacks (SSRF): without `--webhook-allow-private`, URLs naming
 //! loopback, private and metadata addresses, or a host resolving to
 //! loopback, are refused at create time, and one written behind the API's
-//! back is refused at connect: the target gets nothing.
+//! back is refused at connect: the target gets nothing. Two replicas on
+//! one PostgreSQL database deliver each event once, in order, and the
+//! second takes over when the lease holder stops.
 //!
 //! Events are appended through a second store on the server's database,
 //! as the server's own changes append theirs; one test
@@ -680,4 +682,114 @@ fn webhooks_never_reach_inside_addresses() {
         "the inside target was reached: {:?}",
         target.hits()
     );
+}
+
+/// Two replicas on one PostgreSQL database, both running the delivery
+/// worker: every event reaches the receiver exactly once (no crash in
+/// between, so at-least-once is exactly once here), in order; when the
+/// replica holding the webhook's lease stops, the other takes it over and
+/// goes on from the cursor.
+#[test]
+fn two_replicas_deliver_each_event_once_in_order() {
+    let mut first = Server::start_with(
+        Backend::Postgres,
+        &["--webhook-allow-private", "--replica-id", "r1"],
+    );
+    let mut second = Server::replica_of(
+        &first,
+        &[
+            "--webhook-allow-private",
+            "--replica-id",
+            "r2",
+            "--no-local-node",
+        ],
+    );
+    let receiver = Receiver::start(Answers::FailFirst(0));
+    let made = create(&first.admin(), "ci", &receiver.url, &[]);
+    assert_eq!(made.status, 201, "{}", made.text);
+    let secret = made.body["secret"].as_str().unwrap().to_owned();
+    let store = second_store(&first);
+    let tenant = tenant_of(&store, &admin_tenant(&first));
+    let burst = |from: usize, n: usize| {
+        // Appended from several threads at once, as concurrent changes are.
+        std::thread::scope(|scope| {
+            for i in from..from + n {
+                let store = store.clone();
+                scope.spawn(move || {
+                    append(
+                        &store,
+                        tenant,
+                        &[NewEvent::new(
+                            EventKind::VmReady,
+                            format!("vm/{i}"),
+                            json!({"i": i}),
+                        )],
+                    )
+                });
+            }
+        });
+    };
+    let received_ids = || -> Vec<i64> {
+        receiver
+            .hits()
+            .iter()
+            .map(|h| {
+                serde_json::from_slice::<Value>(&h.body).unwrap()["id"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    burst(0, 20);
+    assert!(
+        wait_until(60, || receiver.hits().len() >= 20),
+        "{:?}",
+        received_ids()
+    );
+    let database = first.database_url().unwrap().to_owned();
+    let lease_owner = || -> String {
+        block_on(async {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&database).await.unwrap();
+            sqlx::query_scalar::<_, Option<String>>("SELECT lease_owner FROM webhooks")
+                .fetch_one(&mut c)
+                .await
+                .unwrap()
+                .unwrap_or_default()
+        })
+    };
+    let holder = lease_owner();
+    assert!(holder == "r1" || holder == "r2", "{holder:?}");
+    // The holder stops (and gives its lease up); the other goes on.
+    let (stopped, other) = if holder == "r1" {
+        (&mut first, "r2")
+    } else {
+        (&mut second, "r1")
+    };
+    assert!(stopped.stop().success());
+    burst(20, 20);
+    assert!(
+        wait_until(60, || receiver.hits().len() >= 40),
+        "{:?}",
+        received_ids()
+    );
+    assert_eq!(lease_owner(), other);
+    let ids = received_ids();
+    assert_eq!(ids.len(), 40, "a duplicate: {ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "out of order or repeated: {ids:?}"
+    );
+    let mut subjects: Vec<i64> = receiver
+        .hits()
+        .iter()
+        .map(|h| {
+            serde_json::from_slice::<Value>(&h.body).unwrap()["data"]["i"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects, (0..40).collect::<Vec<i64>>(), "every event, once");
+    assert!(receiver.hits().iter().all(|h| verifies(h, &secret)));
 }
