@@ -106,22 +106,35 @@ impl Receiver {
     }
 }
 
-/// A second store on the server's database (as another replica opens it).
-fn second_store(server: &Server) -> Arc<dyn Store> {
-    block_on(async {
-        match server.database_url() {
-            Some(url) => hearth_store::open(Some(url), server.data_dir.path())
-                .await
-                .unwrap(),
-            None => hearth_store::open(None, server.data_dir.path())
-                .await
-                .unwrap(),
-        }
-    })
+/// A second store on the server's database (as another replica opens
+/// it), with the runtime its connections live on.
+struct SecondStore {
+    store: Arc<dyn Store>,
+    runtime: tokio::runtime::Runtime,
 }
 
-fn tenant_of(store: &Arc<dyn Store>, name: &str) -> hearth_core::ids::TenantId {
-    block_on(store.list_tenants())
+impl SecondStore {
+    fn run<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+}
+
+fn second_store(server: &Server) -> Arc<SecondStore> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = server.database_url().map(str::to_owned);
+    let store = runtime
+        .block_on(hearth_store::open(url.as_deref(), server.data_dir.path()))
+        .unwrap();
+    Arc::new(SecondStore { store, runtime })
+}
+
+fn tenant_of(store: &SecondStore, name: &str) -> hearth_core::ids::TenantId {
+    store
+        .run(store.store.list_tenants())
         .unwrap()
         .into_iter()
         .find(|t| t.name == name)
@@ -134,8 +147,10 @@ fn admin_tenant(server: &Server) -> String {
     who.body["tenant"].as_str().unwrap().to_owned()
 }
 
-fn append(store: &Arc<dyn Store>, tenant: hearth_core::ids::TenantId, events: &[NewEvent]) {
-    block_on(store.append_events(tenant, events)).unwrap();
+fn append(store: &SecondStore, tenant: hearth_core::ids::TenantId, events: &[NewEvent]) {
+    store
+        .run(store.store.append_events(tenant, events))
+        .unwrap();
 }
 
 /// Checks a hit's signature as a receiver would: HMAC-SHA256 keyed with
@@ -646,14 +661,15 @@ fn webhooks_never_reach_inside_addresses() {
         ("named", format!("https://localhost:{port}/hook")),
         ("plain", format!("http://127.0.0.1:{port}/hook")),
     ] {
-        block_on(store.create_webhook(&NewWebhook {
-            tenant_id: tenant,
-            name: name.into(),
-            url,
-            secret: "whsec_test".into(),
-            kinds: vec![],
-        }))
-        .unwrap();
+        store
+            .run(store.store.create_webhook(&NewWebhook {
+                tenant_id: tenant,
+                name: name.into(),
+                url,
+                secret: "whsec_test".into(),
+                kinds: vec![],
+            }))
+            .unwrap();
     }
     append(
         &store,
