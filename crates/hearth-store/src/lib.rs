@@ -636,6 +636,10 @@ pub trait Store: Send + Sync + 'static {
         webhook: &str,
         limit: i64,
     ) -> Result<Vec<DeliveryRecord>>;
+
+    /// Deletes every delivery-log row that finished before `before` (the
+    /// log's retention window); returns how many.
+    async fn prune_webhook_deliveries(&self, before: Millis) -> Result<u64>;
 }
 
 /// Opens the store a URL names, applying migrations: `postgres://…` or

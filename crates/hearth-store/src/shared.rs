@@ -2189,6 +2189,15 @@ macro_rules! impl_store {
                         .await?;
                     sql::decode_all(rows)
                 }
+
+                async fn prune_webhook_deliveries(&self, before: $crate::Millis) -> Result<u64> {
+                    let _written = self.written();
+                    let done = ::sqlx::query(sql::PRUNE_DELIVERIES)
+                        .bind(before)
+                        .execute(self.writer())
+                        .await?;
+                    Ok(done.rows_affected())
+                }
             }
         };
     };

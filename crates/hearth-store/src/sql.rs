@@ -1310,6 +1310,9 @@ pub const LIST_DELIVERIES: &str = "SELECT id, webhook_id, event_id, kind, attemp
      status, error, outcome, next_retry_at FROM webhook_deliveries \
      WHERE webhook_id = $1 ORDER BY id DESC LIMIT $2";
 
+/// Delivery-log rows that finished before `$1` (ms).
+pub const PRUNE_DELIVERIES: &str = "DELETE FROM webhook_deliveries WHERE finished_at < $1";
+
 /// A `webhooks` row as stored (secret maybe sealed, kinds as text).
 #[derive(sqlx::FromRow)]
 pub struct WebhookRow {

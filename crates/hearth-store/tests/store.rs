@@ -4418,6 +4418,40 @@ async fn webhook_leases_let_one_replica_deliver_at_a_time(ctx: Ctx) {
         1
     );
     // Deleting drops the log.
+    assert!(
+        store_h
+            .record_delivery(
+                holder,
+                &made.id,
+                &attempt(2, 1, DeliveryOutcome::Delivered, None)
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.list_webhook_deliveries(&made.id, 0).await.unwrap().len(),
+        3
+    );
+    // Retention: attempts that finished before the window go (all
+    // finished at 2 ms here).
+    assert_eq!(s.prune_webhook_deliveries(2).await.unwrap(), 0);
+    assert_eq!(s.prune_webhook_deliveries(3).await.unwrap(), 3);
+    assert!(
+        s.list_webhook_deliveries(&made.id, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store_h
+            .record_delivery(
+                holder,
+                &made.id,
+                &attempt(3, 1, DeliveryOutcome::Delivered, None)
+            )
+            .await
+            .unwrap()
+    );
     assert!(s.delete_webhook(t, "ci").await.unwrap());
     assert!(
         s.list_webhook_deliveries(&made.id, 0)

@@ -112,6 +112,9 @@ pub struct ServerArgs {
     #[arg(long, env = "HEARTH_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=100))]
     webhook_max_attempts: u32,
+    /// How long the webhook delivery log keeps an attempt.
+    #[arg(long, env = "HEARTH_WEBHOOK_LOG_RETENTION", default_value = "7d", value_parser = duration)]
+    webhook_log_retention: Duration,
     /// The drivers of the embedded node.
     #[command(flatten)]
     drivers: crate::node::DriverArgs,
@@ -351,18 +354,20 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     } else {
         tracing::info!(join_token = %token_path.display(), "no local node: VMs run on the nodes that join");
     }
+    let mut webhook_worker = hearth_api::webhooks::deliver::WorkerConfig::new(
+        options_replica.clone(),
+        hearth_api::webhooks::WebhookPolicy {
+            allow_private: args.webhook_allow_private,
+        },
+        hearth_api::webhooks::deliver::Retry {
+            max_attempts: args.webhook_max_attempts,
+            ..Default::default()
+        },
+    );
+    webhook_worker.log_retention = args.webhook_log_retention;
     let webhooks = tokio::spawn(hearth_api::webhooks::deliver::run(
         store.clone(),
-        hearth_api::webhooks::deliver::WorkerConfig::new(
-            options_replica.clone(),
-            hearth_api::webhooks::WebhookPolicy {
-                allow_private: args.webhook_allow_private,
-            },
-            hearth_api::webhooks::deliver::Retry {
-                max_attempts: args.webhook_max_attempts,
-                ..Default::default()
-            },
-        ),
+        webhook_worker,
         stop_rx.clone(),
     ));
     let runner = tokio::spawn(pool.clone().run(stop_rx));

@@ -18,6 +18,7 @@
 //!   through a proxy, never following a redirect; at most
 //!   [`BODY_READ_MAX`] bytes of an answer are read.
 //! - The secret is never logged and never leaves but as the signature.
+//! - The delivery log keeps attempts for `log_retention` (`--webhook-log-retention`).
 
 use super::guard::{GuardedResolver, WebhookPolicy, check_addr, literal_ip};
 use crate::events::Event;
@@ -34,6 +35,9 @@ use tokio::task::JoinHandle;
 
 /// How much of a receiver's answer is read (the rest is dropped).
 pub const BODY_READ_MAX: usize = 16 * 1024;
+
+/// How often the delivery log is pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// The back-off between attempts at one event.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -151,6 +155,8 @@ pub struct WorkerConfig {
     pub lease: Duration,
     /// One attempt's limit, connect to answer.
     pub timeout: Duration,
+    /// How long the delivery log keeps an attempt.
+    pub log_retention: Duration,
 }
 
 impl WorkerConfig {
@@ -162,6 +168,7 @@ impl WorkerConfig {
             poll: Duration::from_millis(500),
             lease: Duration::from_secs(30),
             timeout: Duration::from_secs(10),
+            log_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -198,7 +205,21 @@ pub async fn run(
     let config = Arc::new(config);
     let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
     let lease_ms = config.lease.as_millis() as i64;
+    // The log is pruned at start and then hourly (by every replica: the
+    // delete is the same whoever runs it).
+    let mut prune_at = tokio::time::Instant::now();
     loop {
+        if tokio::time::Instant::now() >= prune_at {
+            prune_at += PRUNE_EVERY;
+            let before = now_millis() - config.log_retention.as_millis() as i64;
+            match store.prune_webhook_deliveries(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "webhooks: pruned the delivery log"),
+                Err(e) => {
+                    tracing::warn!(error = %crate::error::chain(&e), "webhooks: cannot prune the delivery log")
+                }
+            }
+        }
         match store.lease_webhooks(&config.replica, lease_ms).await {
             Ok(leased) => {
                 let held: std::collections::HashSet<&str> =
