@@ -33,6 +33,7 @@ mod resources;
 mod tenants;
 pub mod ui;
 mod warm_pool;
+pub mod webhooks;
 
 use axum::Router;
 use axum::http::{Method, Uri};
@@ -53,6 +54,8 @@ pub struct AppState {
     pub default_max_vms: i32,
     /// The join token and the embedded node (`/v1/fleet/*`).
     pub fleet: fleet::FleetConfig,
+    /// What webhooks may reach (`--webhook-allow-private`).
+    pub webhooks: webhooks::WebhookPolicy,
 }
 
 /// Largest request body accepted.
@@ -75,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .merge(nodes::routes())
         .merge(fleet::routes())
         .merge(ui::routes())
+        .merge(webhooks::routes())
         .fallback(fallback);
     edge::harden(routes)
         .layer(

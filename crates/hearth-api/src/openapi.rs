@@ -8,7 +8,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::resources::{environment, image, pool_config, workspace};
-use crate::{agents, auth, builds, fleet, identities, images, nodes, pool, tenants, warm_pool};
+use crate::{
+    agents, auth, builds, fleet, identities, images, nodes, pool, tenants, warm_pool, webhooks,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -33,6 +35,9 @@ use crate::{agents, auth, builds, fleet, identities, images, nodes, pool, tenant
         fleet::join, fleet::heartbeat,
         // ---- dashboard (H4)
         crate::ui::sign_in, crate::ui::current, crate::ui::sign_out,
+
+        // ---- webhooks
+        webhooks::create, webhooks::list, webhooks::get_one, webhooks::remove, webhooks::deliveries,
     ),
     modifiers(&BearerAuth)
 )]

@@ -23,7 +23,7 @@ use crate::patch::merge_patch;
 use crate::{
     AgentsCommand, AuthCommand, BuildsCommand, Command, GlobalArgs, IdentityCommand, ImageCommand,
     InstancesCommand, NodeCommand, PoolCommand, SpawnArgs, TenantCommand, WarmPoolCommand,
-    WarmPoolSetArgs,
+    WarmPoolSetArgs, WebhookCommand,
 };
 use hearth_core::rbac::{IdentityKind, Role};
 use hearth_core::resource::{Kind, parse_duration};
@@ -74,6 +74,9 @@ pub fn require_workspace(workspace: Option<String>) -> Result<String, CliError> 
 
 /// The note printed with every newly issued token.
 const TOKEN_ONCE: &str = "The token is shown only once: store it now.\n";
+/// What `webhook create` tells on stderr.
+const SECRET_ONCE: &str =
+    "The secret is shown only once: store it where the receiver verifies signatures.\n";
 
 /// The process's view of the world, passed in so commands stay testable.
 pub struct Context<'a> {
@@ -570,6 +573,45 @@ pub fn execute(
                 stderr: TOKEN_ONCE.into(),
                 exit_code: 0,
             }
+        }
+        // ---- webhooks
+        Command::Webhook(WebhookCommand::Create { name, url, types }) => {
+            let body = json!({"name": name, "url": url, "types": types});
+            let answer: Value = connect()?.post_json(&["webhooks"], &body)?;
+            Printed {
+                stdout: output::render_record(&answer, format),
+                stderr: SECRET_ONCE.into(),
+                exit_code: 0,
+            }
+        }
+        Command::Webhook(WebhookCommand::List) => {
+            let list: Items = connect()?.get(&["webhooks"])?;
+            Printed::out(output::render_items(
+                &list.items,
+                output::WEBHOOK_COLUMNS,
+                format,
+                "No webhooks found.",
+            ))
+        }
+        Command::Webhook(WebhookCommand::Delete { name }) => {
+            let answer: Value = connect()?.delete(&["webhooks", &name])?;
+            Printed::out(match format {
+                Some(_) => output::render_record(&answer, format),
+                None => output::deleted_message("webhook", &name),
+            })
+        }
+        Command::Webhook(WebhookCommand::Deliveries { name, limit }) => {
+            let limit = limit.to_string();
+            let list: Items = connect()?.get_query(
+                &["webhooks", &name, "deliveries"],
+                &[("limit", limit.as_str())],
+            )?;
+            Printed::out(output::render_items(
+                &list.items,
+                output::DELIVERY_COLUMNS,
+                format,
+                "No deliveries yet.",
+            ))
         }
         Command::Identity(IdentityCommand::List) => {
             let list: Items = connect()?.get(&["identities"])?;

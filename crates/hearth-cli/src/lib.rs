@@ -104,6 +104,41 @@ pub enum Command {
     /// List the fleet's nodes and cordon, uncordon or drain one (operators)
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Manage webhooks: endpoints sent your tenant's events, signed
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
+}
+
+/// `hearth webhook ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum WebhookCommand {
+    /// Create a webhook; prints its signing secret, once
+    Create {
+        /// Webhook name
+        name: String,
+        /// Where events are POSTed (https://...)
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// Only events of this kind (vm.ready) or family (vm); repeat for
+        /// more (default: every kind)
+        #[arg(long = "type", value_name = "TYPE")]
+        types: Vec<String>,
+    },
+    /// List the webhooks of your tenant
+    List,
+    /// Delete a webhook and its delivery log
+    Delete {
+        /// Webhook name
+        name: String,
+    },
+    /// Show a webhook's delivery log, newest first: every attempt
+    Deliveries {
+        /// Webhook name
+        name: String,
+        /// At most this many attempts
+        #[arg(long, default_value_t = 50, value_name = "N")]
+        limit: u32,
+    },
 }
 
 /// `hearth node ...` (operators; without one of these, `hearth node` is
@@ -631,6 +666,39 @@ mod tests {
             Top::Client(Command::Tenant(TenantCommand::Create { ref admin, .. })) if admin == "admin"
         ));
         assert!(Cli::try_parse_from(["hearth", "get", "ws", "-o", "xml"]).is_err());
+    }
+
+    #[test]
+    fn webhook_commands_parse() {
+        let cli = parse(&[
+            "webhook",
+            "create",
+            "ci",
+            "--url",
+            "https://h/x",
+            "--type",
+            "vm",
+            "--type",
+            "pool",
+        ]);
+        assert!(matches!(
+            cli.command,
+            Top::Client(Command::Webhook(WebhookCommand::Create { ref name, ref url, ref types }))
+                if name == "ci" && url == "https://h/x" && types == &["vm", "pool"]
+        ));
+        assert!(
+            Cli::try_parse_from(["hearth", "webhook", "create", "ci"]).is_err(),
+            "--url is required"
+        );
+        assert!(matches!(
+            parse(&["webhook", "deliveries", "ci"]).command,
+            Top::Client(Command::Webhook(WebhookCommand::Deliveries {
+                limit: 50,
+                ..
+            }))
+        ));
+        parse(&["webhook", "list"]);
+        parse(&["webhook", "delete", "ci"]);
     }
 
     #[test]

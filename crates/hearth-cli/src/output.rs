@@ -355,6 +355,28 @@ pub fn render_items(
     }
 }
 
+/// The columns of `hearth webhook list`.
+pub const WEBHOOK_COLUMNS: &[(&str, &str)] = &[
+    ("NAME", "name"),
+    ("URL", "url"),
+    ("TYPES", "types"),
+    ("ENABLED", "enabled"),
+    ("CURSOR", "cursor"),
+    ("CREATED", "created_at"),
+];
+
+/// The columns of `hearth webhook deliveries`.
+pub const DELIVERY_COLUMNS: &[(&str, &str)] = &[
+    ("EVENT", "event_id"),
+    ("KIND", "kind"),
+    ("ATTEMPT", "attempt"),
+    ("OUTCOME", "outcome"),
+    ("STATUS", "status"),
+    ("ERROR", "error"),
+    ("STARTED", "started_at"),
+    ("NEXT RETRY", "next_retry_at"),
+];
+
 /// The columns of `hearth tenant list`.
 pub const TENANT_COLUMNS: &[(&str, &str)] = &[("NAME", "name"), ("CREATED", "created_at")];
 

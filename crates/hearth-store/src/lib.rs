@@ -579,6 +579,68 @@ pub trait Store: Send + Sync + 'static {
     /// itself). Returns how many.
     async fn fail_active_bakes(&self, reason: &str) -> Result<u64>;
 
+    // ---- webhooks (per-tenant endpoints sent the tenant's events)
+    //
+    // Delivery is at least once. A replica delivers a webhook's events only
+    // while it holds the webhook's lease ([`Store::lease_webhooks`], a
+    // compare-and-set on `lease_owner`/`lease_until`), one event at a time
+    // in id order, and records each attempt with
+    // [`Store::record_delivery`], which moves the cursor only while the
+    // lease is still its own. So two replicas never deliver one webhook at
+    // once while the lease holds; a replica that dies after the receiver
+    // answered but before it recorded the attempt leaves the event to be
+    // sent again by whoever takes the lease over (receivers deduplicate on
+    // `X-Hearth-Delivery`).
+
+    /// Creates a webhook, its secret sealed with the secrets key (when the
+    /// store has one); its cursor starts at the tenant's newest event.
+    /// `Conflict` when the tenant has one of that name.
+    async fn create_webhook(&self, webhook: &NewWebhook) -> Result<WebhookRecord>;
+
+    /// `tenant`'s webhooks by name.
+    async fn list_webhooks(&self, tenant: TenantId) -> Result<Vec<WebhookRecord>>;
+
+    /// `tenant`'s webhook named `name`.
+    async fn get_webhook(&self, tenant: TenantId, name: &str) -> Result<Option<WebhookRecord>>;
+
+    /// Deletes `tenant`'s webhook named `name` and its delivery log;
+    /// whether there was one.
+    async fn delete_webhook(&self, tenant: TenantId, name: &str) -> Result<bool>;
+
+    /// Takes, or renews, the lease of every enabled webhook (of every
+    /// tenant) whose lease is free, expired or `owner`'s own, until
+    /// `now + lease_ms`, and answers them.
+    async fn lease_webhooks(&self, owner: &str, lease_ms: i64) -> Result<Vec<WebhookRecord>>;
+
+    /// Gives `owner`'s webhook leases up, so another replica takes them
+    /// over at once (at shutdown).
+    async fn release_webhooks(&self, owner: &str) -> Result<()>;
+
+    /// Records one attempt at delivering `attempt.event_id` to `webhook`,
+    /// in one transaction with the state it leaves: delivered or failed
+    /// moves the cursor to the event, retrying keeps it and remembers the
+    /// attempts and the next attempt's time. Nothing is written (`false`)
+    /// when `owner` no longer holds the lease or the cursor is already
+    /// past the event.
+    async fn record_delivery(
+        &self,
+        owner: &str,
+        webhook: &str,
+        attempt: &DeliveryAttempt,
+    ) -> Result<bool>;
+
+    /// Webhook `webhook`'s (by id) delivery log, newest first, at most
+    /// `limit` (at most [`DELIVERY_PAGE_MAX`]).
+    async fn list_webhook_deliveries(
+        &self,
+        webhook: &str,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRecord>>;
+
+    /// Deletes every delivery-log row that finished before `before` (the
+    /// log's retention window); returns how many.
+    async fn prune_webhook_deliveries(&self, before: Millis) -> Result<u64>;
+
     // ---- dashboard sessions (H4)
 
     /// Opens a dashboard session for `session.token`, recording the token's

@@ -2110,6 +2110,172 @@ macro_rules! impl_store {
                         .await?;
                     Ok(done.rows_affected() > 0)
                 }
+
+                // ---- webhooks
+
+                async fn create_webhook(
+                    &self,
+                    webhook: &$crate::NewWebhook,
+                ) -> Result<$crate::WebhookRecord> {
+                    let _written = self.written();
+                    let secret = match self.secrets().key() {
+                        Some(key) => key.seal(&webhook.secret),
+                        None => webhook.secret.clone(),
+                    };
+                    let row = ::sqlx::query_as::<_, sql::WebhookRow>(sql::INSERT_WEBHOOK)
+                        .bind(::uuid::Uuid::new_v4().simple().to_string())
+                        .bind(webhook.tenant_id.to_string())
+                        .bind(&webhook.name)
+                        .bind(&webhook.url)
+                        .bind(secret)
+                        .bind(sql::kinds_text(&webhook.kinds))
+                        .bind(now_millis())
+                        .fetch_one(self.writer())
+                        .await
+                        .on_unique(|| {
+                            StoreError::AlreadyExists(format!("webhook {:?}", webhook.name))
+                        })?;
+                    row.decode(self.secrets().key())
+                }
+
+                async fn list_webhooks(&self, tenant: TenantId) -> Result<Vec<$crate::WebhookRecord>> {
+                    let rows = ::sqlx::query_as::<_, sql::WebhookRow>(sql::LIST_WEBHOOKS)
+                        .bind(tenant.to_string())
+                        .fetch_all(self.reader())
+                        .await?;
+                    rows.into_iter().map(|r| r.decode(self.secrets().key())).collect()
+                }
+
+                async fn get_webhook(
+                    &self,
+                    tenant: TenantId,
+                    name: &str,
+                ) -> Result<Option<$crate::WebhookRecord>> {
+                    ::sqlx::query_as::<_, sql::WebhookRow>(sql::GET_WEBHOOK)
+                        .bind(tenant.to_string())
+                        .bind(name)
+                        .fetch_optional(self.reader())
+                        .await?
+                        .map(|r| r.decode(self.secrets().key()))
+                        .transpose()
+                }
+
+                async fn delete_webhook(&self, tenant: TenantId, name: &str) -> Result<bool> {
+                    let mut tx = self.begin_write().await?;
+                    let result: Result<bool> = async {
+                        let id: Option<(String,)> = ::sqlx::query_as(sql::DELETE_WEBHOOK)
+                            .bind(tenant.to_string())
+                            .bind(name)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                        let Some((id,)) = id else { return Ok(false) };
+                        ::sqlx::query(sql::DELETE_WEBHOOK_DELIVERIES)
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                        Ok(true)
+                    }
+                    .await;
+                    Self::finish(tx, result).await
+                }
+
+                async fn lease_webhooks(
+                    &self,
+                    owner: &str,
+                    lease_ms: i64,
+                ) -> Result<Vec<$crate::WebhookRecord>> {
+                    let _written = self.written();
+                    let now = now_millis();
+                    let rows = ::sqlx::query_as::<_, sql::WebhookRow>(sql::LEASE_WEBHOOKS)
+                        .bind(owner)
+                        .bind(now + lease_ms)
+                        .bind(now)
+                        .fetch_all(self.writer())
+                        .await?;
+                    rows.into_iter().map(|r| r.decode(self.secrets().key())).collect()
+                }
+
+                async fn release_webhooks(&self, owner: &str) -> Result<()> {
+                    let _written = self.written();
+                    ::sqlx::query(sql::RELEASE_WEBHOOKS)
+                        .bind(owner)
+                        .execute(self.writer())
+                        .await?;
+                    Ok(())
+                }
+
+                async fn record_delivery(
+                    &self,
+                    owner: &str,
+                    webhook: &str,
+                    attempt: &$crate::DeliveryAttempt,
+                ) -> Result<bool> {
+                    use $crate::DeliveryOutcome;
+                    let mut tx = self.begin_write().await?;
+                    let result: Result<bool> = async {
+                        let done = match attempt.outcome {
+                            DeliveryOutcome::Retrying => ::sqlx::query(sql::RECORD_WEBHOOK_RETRY)
+                                .bind(webhook)
+                                .bind(owner)
+                                .bind(attempt.event_id)
+                                .bind(attempt.attempt)
+                                .bind(attempt.next_retry_at.unwrap_or(0)),
+                            DeliveryOutcome::Delivered | DeliveryOutcome::Failed => {
+                                ::sqlx::query(sql::RECORD_WEBHOOK_DONE)
+                                    .bind(webhook)
+                                    .bind(owner)
+                                    .bind(attempt.event_id)
+                            }
+                        }
+                        .execute(&mut *tx)
+                        .await?;
+                        if done.rows_affected() == 0 {
+                            return Ok(false);
+                        }
+                        ::sqlx::query(sql::INSERT_DELIVERY)
+                            .bind(webhook)
+                            .bind(attempt.event_id)
+                            .bind(attempt.kind.as_str())
+                            .bind(attempt.attempt)
+                            .bind(attempt.started_at)
+                            .bind(attempt.finished_at)
+                            .bind(attempt.status)
+                            .bind(attempt.error.as_deref())
+                            .bind(attempt.outcome.as_str())
+                            .bind(attempt.next_retry_at)
+                            .execute(&mut *tx)
+                            .await?;
+                        Ok(true)
+                    }
+                    .await;
+                    Self::finish(tx, result).await
+                }
+
+                async fn list_webhook_deliveries(
+                    &self,
+                    webhook: &str,
+                    limit: i64,
+                ) -> Result<Vec<$crate::DeliveryRecord>> {
+                    let limit = match limit {
+                        n if n <= 0 => $crate::DELIVERY_PAGE_MAX,
+                        n => n.min($crate::DELIVERY_PAGE_MAX),
+                    };
+                    let rows = ::sqlx::query_as::<_, sql::DeliveryRow>(sql::LIST_DELIVERIES)
+                        .bind(webhook)
+                        .bind(limit)
+                        .fetch_all(self.reader())
+                        .await?;
+                    sql::decode_all(rows)
+                }
+
+                async fn prune_webhook_deliveries(&self, before: $crate::Millis) -> Result<u64> {
+                    let _written = self.written();
+                    let done = ::sqlx::query(sql::PRUNE_DELIVERIES)
+                        .bind(before)
+                        .execute(self.writer())
+                        .await?;
+                    Ok(done.rows_affected())
+                }
             }
         };
     };

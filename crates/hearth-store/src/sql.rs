@@ -1317,3 +1317,195 @@ impl TryFrom<UiSessionRow> for crate::UiSession {
         })
     }
 }
+
+// ---- webhooks
+
+/// Columns of a `webhooks` row, in [`WebhookRow`]'s order.
+macro_rules! webhook_columns {
+    () => {
+        "id, tenant_id, name, url, secret, kinds, enabled, created_at, event_cursor, attempts, next_attempt_at"
+    };
+}
+
+/// Creates a webhook whose cursor is the tenant's newest event (it is sent
+/// what happens from now on): `$1` id, `$2` tenant, `$3` name, `$4` url,
+/// `$5` secret (sealed), `$6` kinds, `$7` created_at.
+pub const INSERT_WEBHOOK: &str = concat!(
+    "INSERT INTO webhooks (id, tenant_id, name, url, secret, kinds, enabled, created_at, event_cursor) \
+     VALUES ($1, $2, $3, $4, $5, $6, 1, $7, \
+     (SELECT COALESCE(MAX(id), 0) FROM events WHERE tenant_id = $2)) RETURNING ",
+    webhook_columns!()
+);
+
+/// Tenant `$1`'s webhooks by name.
+pub const LIST_WEBHOOKS: &str = concat!(
+    "SELECT ",
+    webhook_columns!(),
+    " FROM webhooks WHERE tenant_id = $1 ORDER BY name"
+);
+
+/// Tenant `$1`'s webhook named `$2`.
+pub const GET_WEBHOOK: &str = concat!(
+    "SELECT ",
+    webhook_columns!(),
+    " FROM webhooks WHERE tenant_id = $1 AND name = $2"
+);
+
+/// Deletes tenant `$1`'s webhook named `$2`, answering its id.
+pub const DELETE_WEBHOOK: &str =
+    "DELETE FROM webhooks WHERE tenant_id = $1 AND name = $2 RETURNING id";
+
+/// Deletes the delivery log of webhook `$1`.
+pub const DELETE_WEBHOOK_DELIVERIES: &str = "DELETE FROM webhook_deliveries WHERE webhook_id = $1";
+
+/// The compare-and-set lease: replica `$1` takes (or renews) every enabled
+/// webhook whose lease is free, expired (`lease_until < $3`, now) or its
+/// own, until `$2`. On PostgreSQL two replicas racing for one row
+/// serialize on its row lock, and the second re-checks the condition
+/// against the first's write, so only one of them gets it.
+pub const LEASE_WEBHOOKS: &str = concat!(
+    "UPDATE webhooks SET lease_owner = $1, lease_until = $2 \
+     WHERE enabled = 1 AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < $3) \
+     RETURNING ",
+    webhook_columns!()
+);
+
+/// Gives replica `$1`'s leases up (at shutdown).
+pub const RELEASE_WEBHOOKS: &str =
+    "UPDATE webhooks SET lease_owner = NULL, lease_until = 0 WHERE lease_owner = $1";
+
+/// A delivered or given-up event moves webhook `$1`'s cursor to it (`$3`),
+/// only while replica `$2` holds the lease and the cursor is before it.
+pub const RECORD_WEBHOOK_DONE: &str = "UPDATE webhooks SET event_cursor = $3, attempts = 0, next_attempt_at = 0 \
+     WHERE id = $1 AND lease_owner = $2 AND event_cursor < $3";
+
+/// A failed attempt at event `$3` that will be retried: webhook `$1`
+/// remembers `$4` attempts and the next one's time `$5`, only while
+/// replica `$2` holds the lease and the cursor is before the event.
+pub const RECORD_WEBHOOK_RETRY: &str = "UPDATE webhooks SET attempts = $4, next_attempt_at = $5 \
+     WHERE id = $1 AND lease_owner = $2 AND event_cursor < $3";
+
+/// Appends one attempt to the log: `$1` webhook, `$2` event, `$3` kind,
+/// `$4` attempt, `$5` started, `$6` finished, `$7` status, `$8` error,
+/// `$9` outcome, `$10` next_retry_at.
+pub const INSERT_DELIVERY: &str = "INSERT INTO webhook_deliveries \
+     (webhook_id, event_id, kind, attempt, started_at, finished_at, status, error, outcome, next_retry_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+
+/// Webhook `$1`'s log, newest first, at most `$2`.
+pub const LIST_DELIVERIES: &str = "SELECT id, webhook_id, event_id, kind, attempt, started_at, finished_at, \
+     status, error, outcome, next_retry_at FROM webhook_deliveries \
+     WHERE webhook_id = $1 ORDER BY id DESC LIMIT $2";
+
+/// Delivery-log rows that finished before `$1` (ms).
+pub const PRUNE_DELIVERIES: &str = "DELETE FROM webhook_deliveries WHERE finished_at < $1";
+
+/// A `webhooks` row as stored (secret maybe sealed, kinds as text).
+#[derive(sqlx::FromRow)]
+pub struct WebhookRow {
+    id: String,
+    tenant_id: String,
+    name: String,
+    url: String,
+    secret: String,
+    kinds: String,
+    enabled: i32,
+    created_at: Millis,
+    event_cursor: i64,
+    attempts: i32,
+    next_attempt_at: Millis,
+}
+
+/// The stored form of a kind filter.
+pub fn kinds_text(kinds: &[crate::EventKind]) -> String {
+    kinds
+        .iter()
+        .map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl WebhookRow {
+    /// The record, its secret opened with `key` (refused when it is sealed
+    /// and no key, or another, was given).
+    pub fn decode(self, key: Option<&crate::secrets::SecretsKey>) -> Result<crate::WebhookRecord> {
+        let secret = if crate::secrets::is_sealed(&self.secret) {
+            let Some(key) = key else {
+                return Err(StoreError::SecretsLocked(format!(
+                    "webhook {:?} holds a secret sealed with a secrets key, and none was given",
+                    self.name
+                )));
+            };
+            key.open(&self.secret).ok_or_else(|| {
+                StoreError::SecretsLocked(format!(
+                    "the secret of webhook {:?} does not open with this secrets key (another key sealed it, or it was altered)",
+                    self.name
+                ))
+            })?
+        } else {
+            self.secret
+        };
+        let kinds = self
+            .kinds
+            .split(',')
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                crate::EventKind::parse(k)
+                    .ok_or_else(|| StoreError::Corrupt(format!("webhook event kind {k:?}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(crate::WebhookRecord {
+            id: self.id,
+            tenant_id: parse("webhook tenant id", &self.tenant_id)?,
+            name: self.name,
+            url: self.url,
+            secret,
+            kinds,
+            enabled: self.enabled != 0,
+            created_at: self.created_at,
+            cursor: self.event_cursor,
+            attempts: self.attempts,
+            next_attempt_at: self.next_attempt_at,
+        })
+    }
+}
+
+/// A `webhook_deliveries` row as stored.
+#[derive(sqlx::FromRow)]
+pub struct DeliveryRow {
+    id: i64,
+    webhook_id: String,
+    event_id: i64,
+    kind: String,
+    attempt: i32,
+    started_at: Millis,
+    finished_at: Millis,
+    status: Option<i32>,
+    error: Option<String>,
+    outcome: String,
+    next_retry_at: Option<Millis>,
+}
+
+impl TryFrom<DeliveryRow> for crate::DeliveryRecord {
+    type Error = StoreError;
+    fn try_from(row: DeliveryRow) -> Result<crate::DeliveryRecord> {
+        Ok(crate::DeliveryRecord {
+            id: row.id,
+            webhook_id: row.webhook_id,
+            attempt: crate::DeliveryAttempt {
+                event_id: row.event_id,
+                kind: crate::EventKind::parse(&row.kind)
+                    .ok_or_else(|| StoreError::Corrupt(format!("delivery kind {:?}", row.kind)))?,
+                attempt: row.attempt,
+                started_at: row.started_at,
+                finished_at: row.finished_at,
+                status: row.status,
+                error: row.error,
+                outcome: crate::DeliveryOutcome::parse(&row.outcome).ok_or_else(|| {
+                    StoreError::Corrupt(format!("delivery outcome {:?}", row.outcome))
+                })?,
+                next_retry_at: row.next_retry_at,
+            },
+        })
+    }
+}

@@ -907,6 +907,121 @@ pub struct EventFilter {
 /// How many events one [`crate::Store::list_events`] call returns at most.
 pub const EVENT_PAGE_MAX: i64 = 1000;
 
+// ---- webhooks (per-tenant endpoints sent the tenant's events; see
+// `Store::lease_webhooks` for the delivery semantics)
+
+/// A webhook to create ([`crate::Store::create_webhook`]).
+#[derive(Clone)]
+pub struct NewWebhook {
+    pub tenant_id: TenantId,
+    /// Unique within the tenant.
+    pub name: String,
+    pub url: String,
+    /// The HMAC-SHA256 signing key (`whsec_...`), sealed at rest.
+    pub secret: String,
+    /// The kinds it is sent (every kind when empty).
+    pub kinds: Vec<EventKind>,
+}
+
+/// A webhook as stored, its secret opened.
+#[derive(Clone, PartialEq)]
+pub struct WebhookRecord {
+    pub id: String,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub url: String,
+    /// The signing key in plaintext: never shown by the API, never logged
+    /// (`Debug` leaves it out).
+    pub secret: String,
+    /// The kinds it is sent (every kind when empty).
+    pub kinds: Vec<EventKind>,
+    pub enabled: bool,
+    pub created_at: Millis,
+    /// The id of the last event it was given (delivered or given up on).
+    pub cursor: i64,
+    /// Failed attempts at the event after the cursor.
+    pub attempts: i32,
+    /// When the next attempt may start (ms; 0: at once).
+    pub next_attempt_at: Millis,
+}
+
+impl fmt::Debug for WebhookRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookRecord")
+            .field("id", &self.id)
+            .field("tenant_id", &self.tenant_id)
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("secret", &"<hidden>")
+            .field("kinds", &self.kinds)
+            .field("enabled", &self.enabled)
+            .field("cursor", &self.cursor)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryOutcome {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// It failed; another attempt follows at `next_retry_at`.
+    Retrying,
+    /// The last allowed attempt failed: given up, the cursor moved on.
+    Failed,
+}
+
+impl DeliveryOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryOutcome::Delivered => "delivered",
+            DeliveryOutcome::Retrying => "retrying",
+            DeliveryOutcome::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<DeliveryOutcome> {
+        [
+            DeliveryOutcome::Delivered,
+            DeliveryOutcome::Retrying,
+            DeliveryOutcome::Failed,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == text)
+    }
+}
+
+/// One attempt to deliver one event to one webhook, as the log keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryAttempt {
+    pub event_id: i64,
+    pub kind: EventKind,
+    /// 1 for the first attempt at this event.
+    pub attempt: i32,
+    pub started_at: Millis,
+    pub finished_at: Millis,
+    /// The receiver's HTTP status, when it answered.
+    pub status: Option<i32>,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    pub outcome: DeliveryOutcome,
+    /// When the next attempt may start (`Retrying` only).
+    pub next_retry_at: Option<Millis>,
+}
+
+/// A row of a webhook's delivery log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryRecord {
+    pub id: i64,
+    pub webhook_id: String,
+    pub attempt: DeliveryAttempt,
+}
+
+/// How many rows [`crate::Store::list_webhook_deliveries`] returns at most.
+pub const DELIVERY_PAGE_MAX: i64 = 500;
+
 // ---- dashboard sessions (H4)
 
 /// A dashboard session to open ([`crate::Store::create_ui_session`]).

@@ -4206,6 +4206,261 @@ async fn events_are_listed_in_order_by_tenant_and_kind(ctx: Ctx) {
     );
 }
 
+// ---------------------------------------------------------------- webhooks
+
+async fn raw_webhook_secret(ctx: &Ctx, name: &str) -> String {
+    let query = "SELECT secret FROM webhooks WHERE name = $1";
+    match &ctx.backend {
+        Backend::Sqlite { store, .. } => sqlx::query_scalar(query)
+            .bind(name)
+            .fetch_one(store.read_pool())
+            .await
+            .unwrap(),
+        Backend::Postgres { store, .. } => sqlx::query_scalar(query)
+            .bind(name)
+            .fetch_one(store.pool())
+            .await
+            .unwrap(),
+    }
+}
+
+both_backends!(webhooks_are_per_tenant_with_sealed_secrets);
+/// Webhooks: names unique per tenant, the secret sealed at rest and opened
+/// on read, the cursor starting at the tenant's newest event.
+async fn webhooks_are_per_tenant_with_sealed_secrets(ctx: Ctx) {
+    use hearth_store::secrets::{SEALED_PREFIX, SecretsKey};
+    use hearth_store::{EventFilter, EventKind, NewEvent, NewWebhook};
+    let s = &ctx.store;
+    let (key, _) = SecretsKey::generate();
+    s.unlock_secrets(key).await.unwrap();
+    let a = tenant(s, "wh-a").await;
+    let b = tenant(s, "wh-b").await;
+    s.append_events(
+        a,
+        &[NewEvent::new(EventKind::PoolUp, "pool/default", json!({}))],
+    )
+    .await
+    .unwrap();
+    let newest = s.list_events(a, &EventFilter::default()).await.unwrap()[0].id;
+    let hook = |tenant, name: &str, secret: &str| NewWebhook {
+        tenant_id: tenant,
+        name: name.into(),
+        url: "https://receiver.example/hook".into(),
+        secret: secret.into(),
+        kinds: vec![EventKind::VmReady, EventKind::ResourceWritten],
+    };
+    let made = s
+        .create_webhook(&hook(a, "ci", "whsec_aaaa"))
+        .await
+        .unwrap();
+    assert_eq!(made.cursor, newest, "sent what happens from now on");
+    assert_eq!(made.secret, "whsec_aaaa");
+    assert!(made.enabled);
+    assert!(
+        !format!("{made:?}").contains("whsec_aaaa"),
+        "Debug hides it"
+    );
+    let stored = raw_webhook_secret(&ctx, "ci").await;
+    assert!(
+        stored.starts_with(SEALED_PREFIX) && !stored.contains("whsec_aaaa"),
+        "{stored}"
+    );
+    let e = s
+        .create_webhook(&hook(a, "ci", "whsec_bbbb"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::AlreadyExists(_)), "{e:?}");
+    // The same name in another tenant is another webhook.
+    let other = s
+        .create_webhook(&hook(b, "ci", "whsec_cccc"))
+        .await
+        .unwrap();
+    assert_eq!(other.cursor, 0);
+    let got = s.get_webhook(a, "ci").await.unwrap().unwrap();
+    assert_eq!(got, made);
+    assert_eq!(got.kinds, [EventKind::VmReady, EventKind::ResourceWritten]);
+    assert_eq!(s.list_webhooks(b).await.unwrap()[0].secret, "whsec_cccc");
+    // Another server without the key cannot read it.
+    let locked = ctx.open_again().await;
+    let e = locked.get_webhook(a, "ci").await.unwrap_err();
+    assert!(matches!(e, StoreError::SecretsLocked(_)), "{e:?}");
+    assert!(s.delete_webhook(a, "ci").await.unwrap());
+    assert!(!s.delete_webhook(a, "ci").await.unwrap());
+    assert!(s.get_webhook(a, "ci").await.unwrap().is_none());
+    assert_eq!(s.list_webhooks(b).await.unwrap().len(), 1);
+}
+
+both_backends!(webhook_leases_let_one_replica_deliver_at_a_time);
+/// The lease is a compare-and-set: one replica at a time; an attempt is
+/// recorded (and the cursor moved) only by the lease's holder, never
+/// backwards; the log lists attempts newest first.
+async fn webhook_leases_let_one_replica_deliver_at_a_time(ctx: Ctx) {
+    use hearth_store::{DeliveryAttempt, DeliveryOutcome, EventKind, NewWebhook};
+    let s = &ctx.store;
+    let t = tenant(s, "wh-lease").await;
+    let made = s
+        .create_webhook(&NewWebhook {
+            tenant_id: t,
+            name: "ci".into(),
+            url: "https://receiver.example/hook".into(),
+            secret: "whsec_x".into(),
+            kinds: vec![],
+        })
+        .await
+        .unwrap();
+    let other = ctx.open_again().await;
+    // Two replicas race for the lease: exactly one gets it.
+    let (one, two) = tokio::join!(
+        s.lease_webhooks("r1", 60_000),
+        other.lease_webhooks("r2", 60_000)
+    );
+    let (one, two) = (one.unwrap(), two.unwrap());
+    assert_eq!(one.len() + two.len(), 1, "{one:?} {two:?}");
+    let (holder, loser, store_h, store_l): (&str, &str, &Arc<dyn Store>, &Arc<dyn Store>) =
+        if one.len() == 1 {
+            ("r1", "r2", s, &other)
+        } else {
+            ("r2", "r1", &other, s)
+        };
+    // The holder renews; the other still gets nothing.
+    assert_eq!(
+        store_h.lease_webhooks(holder, 60_000).await.unwrap().len(),
+        1
+    );
+    assert!(
+        store_l
+            .lease_webhooks(loser, 60_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let attempt = |event_id, n, outcome, next| DeliveryAttempt {
+        event_id,
+        kind: EventKind::VmReady,
+        attempt: n,
+        started_at: 1,
+        finished_at: 2,
+        status: Some(500),
+        error: None,
+        outcome,
+        next_retry_at: next,
+    };
+    // Only the holder records.
+    assert!(
+        !store_l
+            .record_delivery(
+                loser,
+                &made.id,
+                &attempt(1, 1, DeliveryOutcome::Delivered, None)
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        store_h
+            .record_delivery(
+                holder,
+                &made.id,
+                &attempt(1, 1, DeliveryOutcome::Retrying, Some(99))
+            )
+            .await
+            .unwrap()
+    );
+    let w = s.get_webhook(t, "ci").await.unwrap().unwrap();
+    assert_eq!((w.cursor, w.attempts, w.next_attempt_at), (0, 1, 99));
+    assert!(
+        store_h
+            .record_delivery(
+                holder,
+                &made.id,
+                &attempt(1, 2, DeliveryOutcome::Delivered, None)
+            )
+            .await
+            .unwrap()
+    );
+    let w = s.get_webhook(t, "ci").await.unwrap().unwrap();
+    assert_eq!((w.cursor, w.attempts, w.next_attempt_at), (1, 0, 0));
+    // Never backwards: event 1 again is refused.
+    assert!(
+        !store_h
+            .record_delivery(
+                holder,
+                &made.id,
+                &attempt(1, 1, DeliveryOutcome::Failed, None)
+            )
+            .await
+            .unwrap()
+    );
+    let log = s.list_webhook_deliveries(&made.id, 0).await.unwrap();
+    let seen: Vec<(i32, DeliveryOutcome)> = log
+        .iter()
+        .map(|d| (d.attempt.attempt, d.attempt.outcome))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (2, DeliveryOutcome::Delivered),
+            (1, DeliveryOutcome::Retrying)
+        ]
+    );
+    assert_eq!(log[1].attempt.next_retry_at, Some(99));
+    // Released, the other replica takes it at once.
+    store_h.release_webhooks(holder).await.unwrap();
+    assert_eq!(
+        store_l.lease_webhooks(loser, 60_000).await.unwrap().len(),
+        1
+    );
+    // An expired lease is taken over too.
+    store_l.release_webhooks(loser).await.unwrap();
+    assert_eq!(store_l.lease_webhooks(loser, -1).await.unwrap().len(), 1);
+    assert_eq!(
+        store_h.lease_webhooks(holder, 60_000).await.unwrap().len(),
+        1
+    );
+    // Deleting drops the log.
+    assert!(
+        store_h
+            .record_delivery(
+                holder,
+                &made.id,
+                &attempt(2, 1, DeliveryOutcome::Delivered, None)
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.list_webhook_deliveries(&made.id, 0).await.unwrap().len(),
+        3
+    );
+    // Retention: attempts that finished before the window go (all
+    // finished at 2 ms here).
+    assert_eq!(s.prune_webhook_deliveries(2).await.unwrap(), 0);
+    assert_eq!(s.prune_webhook_deliveries(3).await.unwrap(), 3);
+    assert!(
+        s.list_webhook_deliveries(&made.id, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store_h
+            .record_delivery(
+                holder,
+                &made.id,
+                &attempt(3, 1, DeliveryOutcome::Delivered, None)
+            )
+            .await
+            .unwrap()
+    );
+    assert!(s.delete_webhook(t, "ci").await.unwrap());
+    assert!(
+        s.list_webhook_deliveries(&made.id, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 // ---------------------------------------------------------------- pass status
 
 both_backends!(reconcile_passes_are_kept_one_per_tenant);

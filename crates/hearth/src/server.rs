@@ -102,6 +102,19 @@ pub struct ServerArgs {
     /// This replica's id (what `vms.task_owner` records; default: random).
     #[arg(long, env = "HEARTH_REPLICA_ID")]
     replica_id: Option<String>,
+    // ---- webhooks
+    /// Let webhooks reach loopback, private, link-local and other inside
+    /// addresses, and plain http:// URLs (a receiver on the operator's own
+    /// network). Off by default: a tenant-named URL never reaches inside.
+    #[arg(long, env = "HEARTH_WEBHOOK_ALLOW_PRIVATE")]
+    webhook_allow_private: bool,
+    /// Attempts at one event before a webhook delivery is marked failed.
+    #[arg(long, env = "HEARTH_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    webhook_max_attempts: u32,
+    /// How long the webhook delivery log keeps an attempt.
+    #[arg(long, env = "HEARTH_WEBHOOK_LOG_RETENTION", default_value = "7d", value_parser = duration)]
+    webhook_log_retention: Duration,
     /// The drivers of the embedded node.
     #[command(flatten)]
     drivers: crate::node::DriverArgs,
@@ -187,6 +200,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     }
 
     let options = pool_options(&args, &store).await?;
+    let options_replica = options.replica.clone();
     // Images recorded before artifacts were kept in the store get theirs,
     // so every node can fetch them (in the background: a large disk image
     // takes a while, and nothing else waits for it).
@@ -248,6 +262,9 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         pool: pool.clone(),
         default_max_vms: args.default_max_vms,
         fleet: fleet_config.clone(),
+        webhooks: hearth_api::webhooks::WebhookPolicy {
+            allow_private: args.webhook_allow_private,
+        },
     });
     let mut node_tasks = Vec::new();
     if let (Some(drivers), Some(name)) = (local_drivers, fleet_config.local_node.clone()) {
@@ -337,6 +354,22 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     } else {
         tracing::info!(join_token = %token_path.display(), "no local node: VMs run on the nodes that join");
     }
+    let mut webhook_worker = hearth_api::webhooks::deliver::WorkerConfig::new(
+        options_replica.clone(),
+        hearth_api::webhooks::WebhookPolicy {
+            allow_private: args.webhook_allow_private,
+        },
+        hearth_api::webhooks::deliver::Retry {
+            max_attempts: args.webhook_max_attempts,
+            ..Default::default()
+        },
+    );
+    webhook_worker.log_retention = args.webhook_log_retention;
+    let webhooks = tokio::spawn(hearth_api::webhooks::deliver::run(
+        store.clone(),
+        webhook_worker,
+        stop_rx.clone(),
+    ));
     let runner = tokio::spawn(pool.clone().run(stop_rx));
     write_public(&args.data_dir.join(SERVER_URL_FILE), &url)?;
     match (&transport.ca_file, &transport.fingerprint) {
@@ -361,6 +394,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     crate::listener::serve(listener, app, limits, transport.config, shutdown_signal()).await;
     let _ = stop_tx.send(true);
     let _ = runner.await;
+    let _ = webhooks.await;
     for task in node_tasks {
         let _ = task.await;
     }

@@ -27,4 +27,5 @@ mod secrets_at_rest;
 mod server;
 mod stale;
 mod trust_api;
+mod webhooks;
 mod wire;
