@@ -12,6 +12,7 @@
 //! - Migrations are versioned, one folder per backend, applied on open.
 
 pub mod clock;
+mod emit;
 mod error;
 mod postgres;
 pub mod secrets;
@@ -242,16 +243,19 @@ pub trait Store: Send + Sync + 'static {
     /// Creates or replaces a resource in one transaction: checks the
     /// precondition (`Conflict`), checks every reference exists
     /// (`MissingReference`), writes the spec (bumping `version` only when
-    /// the spec changed) and replaces the resource's recorded references.
+    /// the spec changed) and replaces the resource's recorded references;
+    /// a change appends `resource.written` naming `put.actor`.
     async fn put_resource(&self, put: PutResource<'_>) -> Result<PutOutcome>;
 
-    /// Deletes a resource in one transaction. `NotFound` when absent,
-    /// `InUse` while another resource refers to it.
+    /// Deletes a resource in one transaction, with its `resource.deleted`
+    /// event naming `actor` (the identity that deleted it, when one did).
+    /// `NotFound` when absent, `InUse` while another resource refers to it.
     async fn delete_resource(
         &self,
         tenant: TenantId,
         kind: Kind,
         name: &str,
+        actor: Option<&str>,
     ) -> Result<ResourceRecord>;
 
     /// Takes the lead of `tenants` this instance does not lead yet and

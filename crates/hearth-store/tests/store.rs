@@ -279,6 +279,7 @@ async fn put(
 ) -> Result<PutOutcome, StoreError> {
     store
         .put_resource(PutResource {
+            actor: None,
             tenant,
             kind,
             name,
@@ -299,6 +300,7 @@ async fn put_at(
 ) -> Result<PutOutcome, StoreError> {
     store
         .put_resource(PutResource {
+            actor: None,
             tenant,
             kind,
             name,
@@ -421,7 +423,7 @@ async fn every_tenant_starts_with_its_pool_config(ctx: Ctx) {
 
     // A store from before: a tenant without one gets it from the backfill,
     // the others keep theirs; a second backfill changes nothing.
-    s.delete_resource(acme.id, Kind::PoolConfig, "default")
+    s.delete_resource(acme.id, Kind::PoolConfig, "default", None)
         .await
         .unwrap();
     assert_eq!(
@@ -753,7 +755,7 @@ async fn tenants_are_isolated(ctx: Ctx) {
             .is_empty()
     );
     let err = s
-        .delete_resource(b, Kind::Workspace, "web")
+        .delete_resource(b, Kind::Workspace, "web", None)
         .await
         .unwrap_err();
     assert!(
@@ -789,7 +791,9 @@ async fn tenants_are_isolated(ctx: Ctx) {
         .unwrap()
         .unwrap();
     assert_eq!(theirs.spec, json!({"tenant": "a"}));
-    s.delete_resource(b, Kind::Workspace, "web").await.unwrap();
+    s.delete_resource(b, Kind::Workspace, "web", None)
+        .await
+        .unwrap();
     assert!(
         s.get_resource(a, Kind::Workspace, "web")
             .await
@@ -993,10 +997,13 @@ async fn references_protect_their_targets(ctx: Ctx) {
     .await
     .unwrap();
 
-    let err = s.delete_resource(t, Kind::Image, "base").await.unwrap_err();
+    let err = s
+        .delete_resource(t, Kind::Image, "base", None)
+        .await
+        .unwrap_err();
     assert_in_use(err, Kind::Image, "base", Kind::Environment, "dev");
     let err = s
-        .delete_resource(t, Kind::Environment, "dev")
+        .delete_resource(t, Kind::Environment, "dev", None)
         .await
         .unwrap_err();
     assert_in_use(err, Kind::Environment, "dev", Kind::Workspace, "web");
@@ -1023,7 +1030,10 @@ async fn references_protect_their_targets(ctx: Ctx) {
         matches!(err, StoreError::MissingReference { .. }),
         "{err:?}"
     );
-    let err = s.delete_resource(t, Kind::Image, "base").await.unwrap_err();
+    let err = s
+        .delete_resource(t, Kind::Image, "base", None)
+        .await
+        .unwrap_err();
     assert_in_use(err, Kind::Image, "base", Kind::Environment, "dev");
 
     // Once the referrer moves to another image, the old one can go.
@@ -1038,7 +1048,10 @@ async fn references_protect_their_targets(ctx: Ctx) {
     )
     .await
     .unwrap();
-    let deleted = s.delete_resource(t, Kind::Image, "base").await.unwrap();
+    let deleted = s
+        .delete_resource(t, Kind::Image, "base", None)
+        .await
+        .unwrap();
     assert_eq!((deleted.kind, deleted.name.as_str()), (Kind::Image, "base"));
     assert_eq!(deleted.spec, json!({"tag": "base"}));
     assert!(
@@ -1047,7 +1060,10 @@ async fn references_protect_their_targets(ctx: Ctx) {
             .unwrap()
             .is_none()
     );
-    let err = s.delete_resource(t, Kind::Image, "slim").await.unwrap_err();
+    let err = s
+        .delete_resource(t, Kind::Image, "slim", None)
+        .await
+        .unwrap_err();
     assert_in_use(err, Kind::Image, "slim", Kind::Environment, "dev");
 
     // References are replaced even when the spec is unchanged.
@@ -1062,15 +1078,19 @@ async fn references_protect_their_targets(ctx: Ctx) {
     .await
     .unwrap();
     assert!(!same.changed);
-    s.delete_resource(t, Kind::Image, "slim").await.unwrap();
+    s.delete_resource(t, Kind::Image, "slim", None)
+        .await
+        .unwrap();
 
     // Deleting a referrer releases its targets.
-    s.delete_resource(t, Kind::Workspace, "web").await.unwrap();
-    s.delete_resource(t, Kind::Environment, "dev")
+    s.delete_resource(t, Kind::Workspace, "web", None)
+        .await
+        .unwrap();
+    s.delete_resource(t, Kind::Environment, "dev", None)
         .await
         .unwrap();
     let err = s
-        .delete_resource(t, Kind::Environment, "dev")
+        .delete_resource(t, Kind::Environment, "dev", None)
         .await
         .unwrap_err();
     assert!(
@@ -1129,7 +1149,7 @@ async fn data_survives_reopening(ctx: Ctx) {
         vec![machine.clone()]
     );
     let err = s
-        .delete_resource(acme.id, Kind::Image, "base")
+        .delete_resource(acme.id, Kind::Image, "base", None)
         .await
         .unwrap_err();
     assert_in_use(err, Kind::Image, "base", Kind::Environment, "dev");
@@ -3701,6 +3721,7 @@ async fn change_token_moves_with_every_write(ctx: Ctx) {
     // A transaction.
     let spec = json!({"driver": "fake"});
     s.put_resource(PutResource {
+        actor: None,
         tenant: t,
         kind: Kind::Environment,
         name: "dev",
@@ -3977,7 +3998,7 @@ async fn secrets_are_sealed_at_rest(ctx: Ctx) {
         env2
     );
     let deleted = s
-        .delete_resource(t, Kind::Environment, "dev")
+        .delete_resource(t, Kind::Environment, "dev", None)
         .await
         .unwrap();
     assert_eq!(deleted.spec, env2);
