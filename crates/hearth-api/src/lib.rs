@@ -70,6 +70,7 @@ pub fn router(state: AppState) -> Router {
         .merge(warm_pool::routes())
         .merge(nodes::routes())
         .merge(fleet::routes())
+        .merge(events::routes())
         .fallback(fallback);
     edge::harden(routes)
         .layer(

@@ -8,7 +8,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::resources::{environment, image, pool_config, workspace};
-use crate::{agents, auth, builds, fleet, identities, images, nodes, pool, tenants, warm_pool};
+use crate::{
+    agents, auth, builds, events, fleet, identities, images, nodes, pool, tenants, warm_pool,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +33,8 @@ use crate::{agents, auth, builds, fleet, identities, images, nodes, pool, tenant
         warm_pool::list_workspace_instances, warm_pool::list_instances, warm_pool::get_instance,
         nodes::list, nodes::get_one, nodes::cordon, nodes::uncordon, nodes::drain, nodes::artifact,
         fleet::join, fleet::heartbeat,
+        // ---- events (H2)
+        events::list, events::stream,
     ),
     modifiers(&BearerAuth)
 )]

@@ -18,6 +18,7 @@ pub mod client;
 mod commands;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod live;
 pub mod output;
 pub mod patch;
@@ -102,6 +103,8 @@ pub enum Command {
     /// List the fleet's nodes and cordon, uncordon or drain one (operators)
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Show the tenant's event log (--follow: as it is written)
+    Events(events::EventsArgs),
 }
 
 /// `hearth node ...` (operators; without one of these, `hearth node` is

@@ -9,6 +9,7 @@ mod auth;
 mod cli;
 mod conformance;
 mod developer_scoping;
+mod events;
 mod fleet;
 mod hardening;
 mod images;
