@@ -271,7 +271,7 @@ mod tests {
                 "from=queued vm=v1 workspace=web"
             ]
         );
-        let text = render_events(&[event.clone()], None);
+        let text = render_events(std::slice::from_ref(&event), None);
         assert!(text.starts_with("ID "), "{text}");
         assert!(text.contains("from=queued vm=v1 workspace=web"), "{text}");
         assert_eq!(render_events(&[], None), "No events found.\n");

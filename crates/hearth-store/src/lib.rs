@@ -6,6 +6,10 @@
 //! - Every multi-row change is one transaction; a VM claim is one statement
 //!   (compare-and-set in SQLite, `FOR UPDATE SKIP LOCKED` in PostgreSQL),
 //!   never a read followed by a write in another transaction.
+//! - Every lifecycle change appends its event(s) in the same transaction
+//!   (the outbox, `emit.rs`): a change never commits without its event, nor
+//!   an event without its change; a change that fails or does nothing
+//!   appends none.
 //! - Every query is scoped by tenant; no method returns another tenant's rows.
 //! - The store never calls a driver and never validates specs: it stores the
 //!   JSON the API has already parsed and validated.
