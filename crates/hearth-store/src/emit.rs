@@ -62,8 +62,9 @@ pub(crate) fn vm_returned(
 }
 
 /// The event of a [`crate::Store::set_vm_state`] change to `to`, for the
-/// states that have one: `destroyed`, `failed` (with the error) and
-/// `draining` (as `vm.returned` to the pool's drain, no agent).
+/// states that have one: `destroyed` and `failed` (with the error). The
+/// others (a flush's `draining`, `provisioning`) have none: what caused
+/// them has its own (`pool.flushed`, `instance.*`).
 pub(crate) fn vm_state(
     id: VmId,
     workspace: &str,
