@@ -324,6 +324,7 @@ pub async fn register(
     if existing.is_none() {
         let spec = serde_json::json!({"driver": driver, "description": format!("prebuilt {}", input.path)});
         let put = hearth_store::PutResource {
+            actor: Some(&caller.identity.name),
             tenant,
             kind: Kind::Image,
             name: &name,

@@ -79,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .merge(fleet::routes())
         .merge(ui::routes())
         .merge(webhooks::routes())
+        .merge(events::routes())
         .fallback(fallback);
     edge::harden(routes)
         .layer(

@@ -9,7 +9,8 @@ use utoipa::{Modify, OpenApi};
 
 use crate::resources::{environment, image, pool_config, workspace};
 use crate::{
-    agents, auth, builds, fleet, identities, images, nodes, pool, tenants, warm_pool, webhooks,
+    agents, auth, builds, events, fleet, identities, images, nodes, pool, tenants, warm_pool,
+    webhooks,
 };
 
 #[derive(OpenApi)]
@@ -38,6 +39,9 @@ use crate::{
 
         // ---- webhooks
         webhooks::create, webhooks::list, webhooks::get_one, webhooks::remove, webhooks::deliveries,
+
+        // ---- events (H2)
+        events::list, events::stream,
     ),
     modifiers(&BearerAuth)
 )]

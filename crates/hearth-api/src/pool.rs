@@ -76,7 +76,11 @@ pub async fn flush(
         if request.workspace.is_some() {
             return Err(Error::invalid("--nuke acts on the whole tenant; drop --workspace").into());
         }
-        let (terminated, deleted) = state.pool.nuke(tenant).await.map_err(pool_error)?;
+        let (terminated, deleted) = state
+            .pool
+            .nuke(tenant, Some(&caller.identity.name))
+            .await
+            .map_err(pool_error)?;
         tracing::warn!(tenant = %tenant, by = %caller.identity.name, terminated, deleted, "pool nuked");
         return Ok(Json(FlushAnswer {
             flushed: None,
@@ -96,7 +100,11 @@ pub async fn flush(
     }
     let flushed = state
         .pool
-        .flush(tenant, request.workspace.as_deref())
+        .flush(
+            tenant,
+            request.workspace.as_deref(),
+            Some(&caller.identity.name),
+        )
         .await
         .map_err(pool_error)?;
     Ok(Json(FlushAnswer {
@@ -117,7 +125,11 @@ pub struct UpAnswer {
     responses((status = 200, body = UpAnswer), (status = 401, body = hearth_core::Error), (status = 403, body = hearth_core::Error)))]
 pub async fn up(State(state): State<AppState>, caller: Caller) -> Result<Json<UpAnswer>, ApiError> {
     caller.require(Permission::PoolConfigUpdate)?;
-    let was_stopped = state.pool.up(caller.tenant()).await.map_err(pool_error)?;
+    let was_stopped = state
+        .pool
+        .up(caller.tenant(), Some(&caller.identity.name))
+        .await
+        .map_err(pool_error)?;
     Ok(Json(UpAnswer { was_stopped }))
 }
 

@@ -172,6 +172,7 @@ async fn write<T: Spec>(
     let json = serde_json::to_value(&spec).map_err(|e| Error::internal(e.to_string()))?;
     let references = spec.references();
     let put = PutResource {
+        actor: Some(&caller.identity.name),
         tenant: caller.tenant(),
         kind: T::KIND,
         name,
@@ -293,7 +294,7 @@ async fn delete<T: Spec>(
     }
     match state
         .store
-        .delete_resource(caller.tenant(), T::KIND, &name)
+        .delete_resource(caller.tenant(), T::KIND, &name, Some(&caller.identity.name))
         .await
     {
         Ok(record) => {

@@ -247,6 +247,7 @@ pub async fn patch_settings(
         let json = serde_json::to_value(&spec).map_err(|e| Error::internal(e.to_string()))?;
         let references = spec.references();
         let put = PutResource {
+            actor: Some(&caller.identity.name),
             tenant: caller.tenant(),
             kind: Kind::Workspace,
             name: &ws,

@@ -127,6 +127,7 @@ async fn setup(store: &dyn Store) -> Result<TenantId> {
     ] {
         store
             .put_resource(PutResource {
+                actor: None,
                 tenant: tenant.id,
                 kind,
                 name,

@@ -240,6 +240,7 @@ async fn put(
     let refs: &[ResourceRef] = if kind == Kind::Workspace { &env } else { &[] };
     store
         .put_resource(PutResource {
+            actor: None,
             tenant,
             kind,
             name,

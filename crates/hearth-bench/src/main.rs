@@ -10,6 +10,9 @@
 //! - `fleet` runs the pool over simulated nodes (fake drivers) in this
 //!   process: placement cost, fill, backfill after a node loss (see
 //!   [`fleet`]);
+//! - `events` measures the event log against the real stores in this
+//!   process: append throughput, a claim's cost with its event, delivery
+//!   by cursor (see [`events`]);
 //! - `boot` drives the sandbox driver alone, in this process: boot and
 //!   destroy times and the RSS of an idle sandbox (see [`boot`]).
 //!
@@ -22,6 +25,7 @@
 
 mod api;
 mod boot;
+mod events;
 mod failover;
 mod fleet;
 mod machine;
@@ -73,6 +77,10 @@ enum Command {
     /// Failover time: two pools on one PostgreSQL, the leader killed, until
     /// the other's first pass of the tenant.
     Failover(failover::FailoverArgs),
+    /// The event log: append throughput under concurrent writers, a claim
+    /// with its event against the claim alone, and stream-style delivery
+    /// (rate and lag), SQLite and PostgreSQL side by side.
+    Events(events::EventsArgs),
 }
 
 /// How to start the server (shared by the commands that run one).
@@ -138,6 +146,7 @@ fn main() -> Result<()> {
         Command::Provision(args) => provision::run(args),
         Command::Reconcile(args) => reconcile::run(args),
         Command::Throughput(args) => throughput::run(args),
+        Command::Events(args) => events::run(args),
         Command::Wire(args) => wire::run(args),
         Command::Failover(args) => failover::run(args),
         Command::Fleet(args) => fleet::run(args),

@@ -542,6 +542,7 @@ async fn put<T: Spec>(
     let references = parsed.references();
     store
         .put_resource(PutResource {
+            actor: None,
             tenant,
             kind: T::KIND,
             name,

@@ -223,6 +223,33 @@ impl Client {
         )
     }
 
+    /// `GET /v1/<segments>` as a stream that lasts as long as the server
+    /// sends (server-sent events): the open response, or the error the
+    /// server answered.
+    pub fn open_stream(
+        &self,
+        segments: &[&str],
+        query: &[(&str, &str)],
+    ) -> Result<reqwest::blocking::Response, CliError> {
+        let mut url = self.url(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        let mut request = self.http.get(url).header(ACCEPT, "text/event-stream");
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .map_err(|e| CliError::unavailable(&self.server, &reason(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().unwrap_or_default();
+            return Err(error_from_answer(status, &text));
+        }
+        Ok(response)
+    }
+
     fn call<T: DeserializeOwned>(
         &self,
         method: Method,

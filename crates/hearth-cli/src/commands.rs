@@ -668,6 +668,15 @@ pub fn execute(
                 output::retired_message(&id),
             ))
         }
+        Command::Events(args) => {
+            let client = connect()?;
+            if args.follow {
+                crate::events::follow(&client, &args, format, ctx.progress)?;
+                Printed::default()
+            } else {
+                Printed::out(crate::events::list(&client, &args, format)?)
+            }
+        }
         Command::WarmPool(command) => warm_pool(global, command, ctx)?,
         Command::Instances(command) => instances(global, command, ctx)?,
         Command::Node(NodeCommand::List) => {

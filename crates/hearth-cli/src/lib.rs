@@ -19,6 +19,7 @@ pub mod client;
 mod commands;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod live;
 pub mod output;
 pub mod patch;
@@ -107,6 +108,8 @@ pub enum Command {
     /// Manage webhooks: endpoints sent your tenant's events, signed
     #[command(subcommand)]
     Webhook(WebhookCommand),
+    /// Show the tenant's event log (--follow: as it is written)
+    Events(events::EventsArgs),
 }
 
 /// `hearth webhook ...`.

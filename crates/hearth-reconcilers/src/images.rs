@@ -335,6 +335,7 @@ pub async fn set_artifact(
         let references = image.references();
         match store
             .put_resource(PutResource {
+                actor: None,
                 tenant,
                 kind: Kind::Image,
                 name,

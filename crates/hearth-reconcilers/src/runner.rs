@@ -25,6 +25,7 @@ use hearth_store::{
     AgentFilter, AgentPhase, AgentRecord, AgentUpdate, Build, ChangeToken, InsertVm, Millis,
     NodeRecord, NodeUsage, Ready, Store, StoreError, VmRecord, VmState, WorkspaceState, now_millis,
 };
+use hearth_store::{EventKind, NewEvent};
 use hearth_store::{InstanceRecord, InstanceStatus};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -2009,11 +2010,13 @@ impl Pool {
     }
 
     /// Marks idle VMs (of one workspace, or all) for destruction; the pool
-    /// then replenishes. Running agents are untouched. Returns how many.
+    /// then replenishes. Running agents are untouched. Returns how many,
+    /// and records `pool.flushed` naming `actor`.
     pub async fn flush(
         &self,
         tenant: TenantId,
         workspace: Option<&str>,
+        actor: Option<&str>,
     ) -> Result<usize, PoolError> {
         let mut flushed = 0;
         for vm in self.store.list_vms(tenant, false).await? {
@@ -2029,13 +2032,24 @@ impl Pool {
             }
         }
         tracing::info!(tenant = %tenant, workspace, flushed, "pool flushed");
+        let event = pool_event(
+            EventKind::PoolFlushed,
+            actor,
+            serde_json::json!({ "workspace": workspace, "flushed": flushed }),
+        );
+        self.store.append_events(tenant, &[event]).await?;
         self.wake();
         Ok(flushed)
     }
 
     /// Stops the pool, terminates every agent and deletes every VM of the
-    /// tenant; waits (bounded) for the deletions. Returns (agents, VMs).
-    pub async fn nuke(&self, tenant: TenantId) -> Result<(usize, usize), PoolError> {
+    /// tenant; waits (bounded) for the deletions. Returns (agents, VMs),
+    /// and records `pool.nuked` naming `actor`.
+    pub async fn nuke(
+        &self,
+        tenant: TenantId,
+        actor: Option<&str>,
+    ) -> Result<(usize, usize), PoolError> {
         self.store.set_pool_stopped(tenant, true).await?;
         let mut terminated = 0;
         let active = active_agents(self.store.as_ref(), tenant).await?;
@@ -2086,16 +2100,28 @@ impl Pool {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tracing::warn!(tenant = %tenant, terminated, deleted, "pool nuked; stopped until pool up");
+        let event = pool_event(
+            EventKind::PoolNuked,
+            actor,
+            serde_json::json!({ "terminated": terminated, "deleted": deleted }),
+        );
+        self.store.append_events(tenant, &[event]).await?;
         Ok((terminated, deleted))
     }
 
     /// Starts a stopped pool and nudges it to reach min_idle now. Returns
-    /// whether it was stopped.
-    pub async fn up(&self, tenant: TenantId) -> Result<bool, PoolError> {
+    /// whether it was stopped; records `pool.up` naming `actor`.
+    pub async fn up(&self, tenant: TenantId, actor: Option<&str>) -> Result<bool, PoolError> {
         let was = self.store.get_pool_state(tenant).await?.stopped;
         if was {
             self.store.set_pool_stopped(tenant, false).await?;
         }
+        let event = pool_event(
+            EventKind::PoolUp,
+            actor,
+            serde_json::json!({ "was_stopped": was }),
+        );
+        self.store.append_events(tenant, &[event]).await?;
         self.wake_for(Wake::PoolUp);
         Ok(was)
     }
@@ -2314,4 +2340,11 @@ async fn active_agents(store: &dyn Store, tenant: TenantId) -> Result<Vec<AgentR
             },
         )
         .await?)
+}
+
+/// A `pool.*` event of the tenant's one pool (`pool/default`).
+fn pool_event(kind: EventKind, actor: Option<&str>, data: serde_json::Value) -> NewEvent {
+    let mut event = NewEvent::new(kind, "pool/default", data);
+    event.actor = actor.map(str::to_owned);
+    event
 }

@@ -139,6 +139,7 @@ async fn put(
     };
     store
         .put_resource(PutResource {
+            actor: None,
             tenant,
             kind,
             name,

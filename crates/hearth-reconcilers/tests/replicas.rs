@@ -61,6 +61,7 @@ async fn put(store: &dyn Store, tenant: TenantId, kind: Kind, name: &str, spec: 
     };
     store
         .put_resource(PutResource {
+            actor: None,
             tenant,
             kind,
             name,

@@ -33,6 +33,7 @@ async fn put(
 ) {
     store
         .put_resource(PutResource {
+            actor: None,
             tenant,
             kind,
             name,

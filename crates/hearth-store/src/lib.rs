@@ -6,12 +6,17 @@
 //! - Every multi-row change is one transaction; a VM claim is one statement
 //!   (compare-and-set in SQLite, `FOR UPDATE SKIP LOCKED` in PostgreSQL),
 //!   never a read followed by a write in another transaction.
+//! - Every lifecycle change appends its event(s) in the same transaction
+//!   (the outbox, `emit.rs`): a change never commits without its event, nor
+//!   an event without its change; a change that fails or does nothing
+//!   appends none.
 //! - Every query is scoped by tenant; no method returns another tenant's rows.
 //! - The store never calls a driver and never validates specs: it stores the
 //!   JSON the API has already parsed and validated.
 //! - Migrations are versioned, one folder per backend, applied on open.
 
 pub mod clock;
+mod emit;
 mod error;
 mod postgres;
 pub mod secrets;
@@ -242,16 +247,19 @@ pub trait Store: Send + Sync + 'static {
     /// Creates or replaces a resource in one transaction: checks the
     /// precondition (`Conflict`), checks every reference exists
     /// (`MissingReference`), writes the spec (bumping `version` only when
-    /// the spec changed) and replaces the resource's recorded references.
+    /// the spec changed) and replaces the resource's recorded references;
+    /// a change appends `resource.written` naming `put.actor`.
     async fn put_resource(&self, put: PutResource<'_>) -> Result<PutOutcome>;
 
-    /// Deletes a resource in one transaction. `NotFound` when absent,
-    /// `InUse` while another resource refers to it.
+    /// Deletes a resource in one transaction, with its `resource.deleted`
+    /// event naming `actor` (the identity that deleted it, when one did).
+    /// `NotFound` when absent, `InUse` while another resource refers to it.
     async fn delete_resource(
         &self,
         tenant: TenantId,
         kind: Kind,
         name: &str,
+        actor: Option<&str>,
     ) -> Result<ResourceRecord>;
 
     /// Takes the lead of `tenants` this instance does not lead yet and

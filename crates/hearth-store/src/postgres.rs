@@ -391,6 +391,9 @@ impl PgStore {
     /// the `UPDATE` that kills or ends the parent, so a parent cannot end
     /// between the check and the child's commit unseen.
     const SELECT_PARENT_FOR_SPAWN: &'static str = concat!(select_agent!(), " FOR SHARE");
+    /// Appended to the reads a write makes before it changes a row and
+    /// emits its event (the old phase, steps or state the event names).
+    const ROW_LOCK: &'static str = " FOR UPDATE";
 
     fn reader(&self) -> &PgPool {
         &self.pool

@@ -82,6 +82,7 @@ macro_rules! impl_store {
                 TokenRecord, VmRecord, VmState, WarmPoolCounts, WorkspaceState, now_millis,
                 NodeRecord, NodeState, NodeCapacity, NodeUsage, Artifact, ARTIFACT_CHUNK_BYTES,
             };
+            use $crate::emit;
             use ::hearth_core::ids::NodeId;
 
             type Conn = <$db as ::sqlx::Database>::Connection;
@@ -293,6 +294,18 @@ macro_rules! impl_store {
                         }
                     }
                     Self::insert_vm_on(&mut *conn, vm).await?;
+                    let mut events = Vec::with_capacity(2);
+                    if let Some(agent) = vm.reserved_for {
+                        events.push(emit::agent_phase(
+                            agent,
+                            &vm.workspace,
+                            Some(AgentPhase::Queued),
+                            AgentPhase::Provisioning,
+                            Some(vm.id),
+                        ));
+                    }
+                    events.push(emit::vm_booting(vm.id, &vm.workspace, vm.reserved_for, vm.test));
+                    Self::append_events_on(conn, vm.tenant_id, &events).await?;
                     Ok(InsertVm::Inserted)
                 }
 
@@ -324,19 +337,34 @@ macro_rules! impl_store {
                         .bind(vm.updated_at)
                         .execute(&mut *conn)
                         .await?;
-                    Ok((started.rows_affected() == 1).then_some(vm))
+                    if started.rows_affected() != 1 {
+                        return Ok(None);
+                    }
+                    let events = [
+                        emit::vm_assigned(vm.id, workspace, agent),
+                        emit::agent_phase(
+                            agent,
+                            workspace,
+                            Some(AgentPhase::Queued),
+                            AgentPhase::Running,
+                            Some(vm.id),
+                        ),
+                    ];
+                    Self::append_events_on(conn, tenant, &events).await?;
+                    Ok(Some(vm))
                 }
 
                 async fn vm_ready_tx(conn: &mut Conn, id: VmId) -> Result<Ready> {
                     let vm = id.to_string();
-                    let booting: Option<(String, Option<String>)> =
+                    let booting: Option<(String, Option<String>, String)> =
                         ::sqlx::query_as(sql::SELECT_BOOTING_VM)
                             .bind(&vm)
                             .fetch_optional(&mut *conn)
                             .await?;
-                    let Some((tenant, reserved_for)) = booting else {
+                    let Some((tenant, reserved_for, workspace)) = booting else {
                         return Ok(Ready::Gone);
                     };
+                    let tenant_id = sql::parse::<TenantId>("tenant id", &tenant)?;
                     let now = now_millis();
                     if let Some(reserved) = reserved_for {
                         let agent = sql::parse::<AgentId>("agent id", &reserved)?;
@@ -360,6 +388,18 @@ macro_rules! impl_store {
                                 .execute(&mut *conn)
                                 .await?;
                             if started.rows_affected() == 1 {
+                                let events = [
+                                    emit::vm_ready(id, &workspace),
+                                    emit::vm_assigned(id, &workspace, agent),
+                                    emit::agent_phase(
+                                        agent,
+                                        &workspace,
+                                        Some(AgentPhase::Provisioning),
+                                        AgentPhase::Running,
+                                        Some(id),
+                                    ),
+                                ];
+                                Self::append_events_on(conn, tenant_id, &events).await?;
                                 return Ok(Ready::Assigned(agent));
                             }
                             // The agent moved on (killed, say): the VM is
@@ -370,6 +410,8 @@ macro_rules! impl_store {
                                 .bind(now)
                                 .execute(&mut *conn)
                                 .await?;
+                            Self::append_events_on(conn, tenant_id, &[emit::vm_ready(id, &workspace)])
+                                .await?;
                             return Ok(Ready::Idle);
                         }
                     }
@@ -378,11 +420,13 @@ macro_rules! impl_store {
                         .bind(now)
                         .execute(&mut *conn)
                         .await?;
-                    Ok(if idle.rows_affected() == 1 {
-                        Ready::Idle
+                    if idle.rows_affected() == 1 {
+                        Self::append_events_on(conn, tenant_id, &[emit::vm_ready(id, &workspace)])
+                            .await?;
+                        Ok(Ready::Idle)
                     } else {
-                        Ready::Gone
-                    })
+                        Ok(Ready::Gone)
+                    }
                 }
 
                 async fn release_vm_tx(
@@ -401,16 +445,16 @@ macro_rules! impl_store {
                     let now = now_millis();
                     // Compare-and-set on state and holder: if the VM changed
                     // hands since the caller looked, nothing happens.
-                    let released = ::sqlx::query(sql::RELEASE_VM)
+                    let released: Option<(String, String)> = ::sqlx::query_as(sql::RELEASE_VM)
                         .bind(&vm)
                         .bind(to.as_str())
                         .bind(now)
                         .bind(agent.as_deref())
-                        .execute(&mut *conn)
+                        .fetch_optional(&mut *conn)
                         .await?;
-                    if released.rows_affected() == 0 {
+                    let Some((tenant, workspace)) = released else {
                         return Ok(false);
-                    }
+                    };
                     if let Some(agent) = agent {
                         ::sqlx::query(sql::FORGET_AGENT_VM.as_str())
                             .bind(&agent)
@@ -419,6 +463,9 @@ macro_rules! impl_store {
                             .execute(&mut *conn)
                             .await?;
                     }
+                    let tenant = sql::parse::<TenantId>("tenant id", &tenant)?;
+                    let event = emit::vm_returned(id, &workspace, holder, to);
+                    Self::append_events_on(conn, tenant, &[event]).await?;
                     Ok(true)
                 }
 
@@ -1185,7 +1232,25 @@ macro_rules! impl_store {
 
                 async fn put_resource(&self, put: PutResource<'_>) -> Result<PutOutcome> {
                     let mut tx = self.begin_write().await?;
-                    let result = Self::put_resource_tx(&mut tx, &put, self.secrets()).await;
+                    let result = async {
+                        let outcome = Self::put_resource_tx(&mut tx, &put, self.secrets()).await?;
+                        if outcome.changed {
+                            let mut event = $crate::NewEvent::new(
+                                $crate::EventKind::ResourceWritten,
+                                format!("{}/{}", put.kind, put.name),
+                                ::serde_json::json!({
+                                    "kind": put.kind.as_str(),
+                                    "name": put.name,
+                                    "version": outcome.record.version,
+                                    "created": outcome.created,
+                                }),
+                            );
+                            event.actor = put.actor.map(str::to_owned);
+                            Self::append_events_on(&mut tx, put.tenant, &[event]).await?;
+                        }
+                        Ok(outcome)
+                    }
+                    .await;
                     Self::finish(tx, result).await
                 }
 
@@ -1194,9 +1259,26 @@ macro_rules! impl_store {
                     tenant: TenantId,
                     kind: Kind,
                     name: &str,
+                    actor: Option<&str>,
                 ) -> Result<ResourceRecord> {
                     let mut tx = self.begin_write().await?;
-                    let result = Self::delete_resource_tx(&mut tx, tenant, kind, name, self.secrets()).await;
+                    let result = async {
+                        let record =
+                            Self::delete_resource_tx(&mut tx, tenant, kind, name, self.secrets()).await?;
+                        let mut event = $crate::NewEvent::new(
+                            $crate::EventKind::ResourceDeleted,
+                            format!("{kind}/{name}"),
+                            ::serde_json::json!({
+                                "kind": kind.as_str(),
+                                "name": name,
+                                "version": record.version,
+                            }),
+                        );
+                        event.actor = actor.map(str::to_owned);
+                        Self::append_events_on(&mut tx, tenant, &[event]).await?;
+                        Ok(record)
+                    }
+                    .await;
                     Self::finish(tx, result).await
                 }
 
@@ -1490,8 +1572,18 @@ macro_rules! impl_store {
                 }
 
                 async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
-                    let _written = self.written();
-                    Self::insert_vm_on(self.writer(), vm).await
+                    if vm.state != VmState::Booting {
+                        let _written = self.written();
+                        return Self::insert_vm_on(self.writer(), vm).await;
+                    }
+                    let mut tx = self.begin_write().await?;
+                    let result = async {
+                        Self::insert_vm_on(&mut *tx, vm).await?;
+                        let event = emit::vm_booting(vm.id, &vm.workspace, vm.reserved_for, vm.test);
+                        Self::append_events_on(&mut tx, vm.tenant_id, &[event]).await
+                    }
+                    .await;
+                    Self::finish(tx, result).await
                 }
 
                 async fn insert_vm_within_cap(
@@ -1499,27 +1591,31 @@ macro_rules! impl_store {
                     vm: &VmRecord,
                     max_vms: i64,
                 ) -> Result<InsertVm> {
-                    let _written = self.written();
+                    let mut tx = self.begin_write().await?;
                     if Self::LOCK_TENANT.is_none() && vm.reserved_for.is_none() && vm.node_id.is_none() {
                         // Every write is exclusive here: the count and the
-                        // insert go as one statement, one round trip.
+                        // insert go as one statement, then its event.
                         // (`reserved_for` is None here.)
-                        let done =
-                            Self::bind_vm(::sqlx::query(sql::INSERT_VM_WITHIN_CAP.as_str()), vm)
-                                .bind(max_vms)
-                                .execute(self.writer())
-                                .await
-                                .on_unique(|| StoreError::AlreadyExists(format!("VM {}", vm.id)))
-                                .on_foreign_key(|| {
-                                    StoreError::NotFound(format!("tenant {}", vm.tenant_id))
-                                })?;
-                        return Ok(if done.rows_affected() == 1 {
-                            InsertVm::Inserted
-                        } else {
-                            InsertVm::AtCapacity
-                        });
+                        let result = async {
+                            let done =
+                                Self::bind_vm(::sqlx::query(sql::INSERT_VM_WITHIN_CAP.as_str()), vm)
+                                    .bind(max_vms)
+                                    .execute(&mut *tx)
+                                    .await
+                                    .on_unique(|| StoreError::AlreadyExists(format!("VM {}", vm.id)))
+                                    .on_foreign_key(|| {
+                                        StoreError::NotFound(format!("tenant {}", vm.tenant_id))
+                                    })?;
+                            if done.rows_affected() != 1 {
+                                return Ok(InsertVm::AtCapacity);
+                            }
+                            let event = emit::vm_booting(vm.id, &vm.workspace, None, vm.test);
+                            Self::append_events_on(&mut tx, vm.tenant_id, &[event]).await?;
+                            Ok(InsertVm::Inserted)
+                        }
+                        .await;
+                        return Self::settle(tx, result, |r| *r == InsertVm::Inserted).await;
                     }
-                    let mut tx = self.begin_write().await?;
                     let result = Self::insert_vm_within_cap_tx(&mut tx, vm, max_vms).await;
                     Self::settle(tx, result, |r| *r == InsertVm::Inserted).await
                 }
@@ -1530,8 +1626,17 @@ macro_rules! impl_store {
                     workspace: &str,
                     agent: AgentId,
                 ) -> Result<Option<VmRecord>> {
-                    let _written = self.written();
-                    Self::claim_on(self.writer(), tenant, workspace, agent).await
+                    let mut tx = self.begin_write().await?;
+                    let result = async {
+                        let Some(vm) = Self::claim_on(&mut *tx, tenant, workspace, agent).await? else {
+                            return Ok(None);
+                        };
+                        let event = emit::vm_assigned(vm.id, workspace, agent);
+                        Self::append_events_on(&mut tx, tenant, &[event]).await?;
+                        Ok(Some(vm))
+                    }
+                    .await;
+                    Self::settle(tx, result, Option::is_some).await
                 }
 
                 async fn assign_idle_vm(
@@ -1585,35 +1690,65 @@ macro_rules! impl_store {
                     to: VmState,
                     error: Option<&str>,
                 ) -> Result<bool> {
-                    let _written = self.written();
                     if from.is_empty() {
                         return Ok(false);
                     }
-                    let statement = sql::set_vm_state(from, to);
-                    let done = ::sqlx::query(&statement)
-                        .bind(id.to_string())
-                        .bind(to.as_str())
-                        .bind(now_millis())
-                        .bind(error.map($crate::storable_text))
-                        .execute(self.writer())
-                        .await?;
-                    Ok(done.rows_affected() == 1)
+                    if !emit::vm_state_has_event(to) {
+                        let _written = self.written();
+                        let statement = sql::set_vm_state(from, to);
+                        let done = ::sqlx::query(&statement)
+                            .bind(id.to_string())
+                            .bind(to.as_str())
+                            .bind(now_millis())
+                            .bind(error.map($crate::storable_text))
+                            .execute(self.writer())
+                            .await?;
+                        return Ok(done.rows_affected() == 1);
+                    }
+                    let mut tx = self.begin_write().await?;
+                    let result = async {
+                        let statement = sql::set_vm_state_returning(from, to);
+                        let changed: Option<(String, String)> = ::sqlx::query_as(&statement)
+                            .bind(id.to_string())
+                            .bind(to.as_str())
+                            .bind(now_millis())
+                            .bind(error.map($crate::storable_text))
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                        let Some((tenant, workspace)) = changed else {
+                            return Ok(false);
+                        };
+                        let tenant = sql::parse::<TenantId>("tenant id", &tenant)?;
+                        if let Some(event) = emit::vm_state(id, &workspace, to, error) {
+                            Self::append_events_on(&mut tx, tenant, &[event]).await?;
+                        }
+                        Ok(true)
+                    }
+                    .await;
+                    Self::settle(tx, result, |changed| *changed).await
                 }
 
                 async fn vm_ready(&self, id: VmId) -> Result<Ready> {
-                    let _written = self.written();
-                    // Most booted VMs were reserved for no agent: one
-                    // statement. Else (or gone) the transaction decides.
-                    let idle = ::sqlx::query(sql::READY_UNRESERVED_VM_TO_IDLE)
-                        .bind(id.to_string())
-                        .bind(now_millis())
-                        .execute(self.writer())
-                        .await?;
-                    if idle.rows_affected() == 1 {
-                        return Ok(Ready::Idle);
-                    }
                     let mut tx = self.begin_write().await?;
-                    let result = Self::vm_ready_tx(&mut tx, id).await;
+                    let result = async {
+                        // Most booted VMs were reserved for no agent: one
+                        // statement and its event. Else (or gone) the rest
+                        // of the transaction decides.
+                        let idle: Option<(String, String)> =
+                            ::sqlx::query_as(sql::READY_UNRESERVED_VM_TO_IDLE)
+                                .bind(id.to_string())
+                                .bind(now_millis())
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                        if let Some((tenant, workspace)) = idle {
+                            let tenant = sql::parse::<TenantId>("tenant id", &tenant)?;
+                            Self::append_events_on(&mut tx, tenant, &[emit::vm_ready(id, &workspace)])
+                                .await?;
+                            return Ok(Ready::Idle);
+                        }
+                        Self::vm_ready_tx(&mut tx, id).await
+                    }
+                    .await;
                     Self::settle(tx, result, |r| *r != Ready::Gone).await
                 }
 
@@ -1659,6 +1794,21 @@ macro_rules! impl_store {
                             Ok(()) => Self::insert_agent_tx(&mut tx, agent, None).await,
                             Err(e) => Err(e),
                         };
+                    let result = match result {
+                        Ok(record) => {
+                            let event = emit::agent_phase(
+                                record.id,
+                                &record.workspace,
+                                None,
+                                AgentPhase::Queued,
+                                None,
+                            );
+                            Self::append_events_on(&mut tx, record.tenant_id, &[event])
+                                .await
+                                .map(|()| record)
+                        }
+                        Err(e) => Err(e),
+                    };
                     Self::finish(tx, result).await
                 }
 
@@ -1676,7 +1826,20 @@ macro_rules! impl_store {
                         let vm =
                             Self::claim_on(&mut *tx, agent.tenant_id, &agent.workspace, agent.id)
                                 .await?;
-                        Self::insert_agent_tx(&mut tx, agent, vm.as_ref()).await
+                        let record = Self::insert_agent_tx(&mut tx, agent, vm.as_ref()).await?;
+                        let mut events = Vec::with_capacity(2);
+                        if let Some(vm) = &vm {
+                            events.push(emit::vm_assigned(vm.id, &agent.workspace, agent.id));
+                        }
+                        events.push(emit::agent_phase(
+                            agent.id,
+                            &agent.workspace,
+                            None,
+                            record.phase,
+                            record.vm_id,
+                        ));
+                        Self::append_events_on(&mut tx, agent.tenant_id, &events).await?;
+                        Ok(record)
                     }
                     .await;
                     Self::finish(tx, result).await
@@ -1723,20 +1886,49 @@ macro_rules! impl_store {
                     to: AgentPhase,
                     update: &AgentUpdate,
                 ) -> Result<AgentRecord> {
-                    let _written = self.written();
                     if !from.is_empty() {
-                        let statement = sql::transition_agent(from, to);
-                        let changed = ::sqlx::query_as::<_, sql::AgentRow>(&statement)
-                            .bind(tenant.to_string())
-                            .bind(id.to_string())
-                            .bind(now_millis())
-                            .bind(update.exit_code)
-                            .bind(update.output.as_deref().map($crate::storable_text))
-                            .bind(update.error.as_deref().map($crate::storable_text))
-                            .fetch_optional(self.writer())
-                            .await?;
-                        if let Some(row) = changed {
-                            return row.try_into();
+                        let mut tx = self.begin_write().await?;
+                        let result: Result<Option<AgentRecord>> = async {
+                            // The phase it leaves, for the event (locked, so
+                            // the compare-and-set below sees the same one).
+                            let select = format!("{}{}", sql::SELECT_AGENT_PHASE, Self::ROW_LOCK);
+                            let before: Option<(String, String)> = ::sqlx::query_as(&select)
+                                .bind(tenant.to_string())
+                                .bind(id.to_string())
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                            let Some((old, _)) = before else {
+                                return Ok(None);
+                            };
+                            let old: AgentPhase = sql::parse("agent phase", &old)?;
+                            if !from.contains(&old) {
+                                return Ok(None);
+                            }
+                            let statement = sql::transition_agent(from, to);
+                            let changed = ::sqlx::query_as::<_, sql::AgentRow>(&statement)
+                                .bind(tenant.to_string())
+                                .bind(id.to_string())
+                                .bind(now_millis())
+                                .bind(update.exit_code)
+                                .bind(update.output.as_deref().map($crate::storable_text))
+                                .bind(update.error.as_deref().map($crate::storable_text))
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                            let Some(row) = changed else {
+                                return Ok(None);
+                            };
+                            let record: AgentRecord = row.try_into()?;
+                            let event = emit::with_outcome(
+                                emit::agent_phase(id, &record.workspace, Some(old), to, record.vm_id),
+                                record.exit_code.filter(|_| to.is_terminal()),
+                                record.error.as_deref().filter(|_| to.is_terminal()),
+                            );
+                            Self::append_events_on(&mut tx, tenant, &[event]).await?;
+                            Ok(Some(record))
+                        }
+                        .await;
+                        if let Some(record) = Self::settle(tx, result, Option::is_some).await? {
+                            return Ok(record);
                         }
                     }
                     // Nothing changed: a missing agent is `NotFound`, one in
@@ -1802,19 +1994,34 @@ macro_rules! impl_store {
                     tenant: TenantId,
                     state: &WorkspaceState,
                 ) -> Result<()> {
-                    let _written = self.written();
-                    ::sqlx::query(sql::PUT_WORKSPACE_STATE)
-                        .bind(tenant.to_string())
-                        .bind(&state.workspace)
-                        .bind(state.consecutive_failures)
-                        .bind(state.backoff_until)
-                        .bind(sql::store_flag(state.hard_limited))
-                        .bind(state.last_error.as_deref().map($crate::storable_text))
-                        .bind(&state.config_fingerprint)
-                        .execute(self.writer())
-                        .await
-                        .on_foreign_key(|| StoreError::NotFound(format!("tenant {tenant}")))?;
-                    Ok(())
+                    let mut tx = self.begin_write().await?;
+                    let result = async {
+                        let select = format!("{}{}", sql::GET_WORKSPACE_STATE, Self::ROW_LOCK);
+                        let old = ::sqlx::query_as::<_, sql::WorkspaceStateRow>(&select)
+                            .bind(tenant.to_string())
+                            .bind(&state.workspace)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                            .map(WorkspaceState::try_from)
+                            .transpose()?;
+                        ::sqlx::query(sql::PUT_WORKSPACE_STATE)
+                            .bind(tenant.to_string())
+                            .bind(&state.workspace)
+                            .bind(state.consecutive_failures)
+                            .bind(state.backoff_until)
+                            .bind(sql::store_flag(state.hard_limited))
+                            .bind(state.last_error.as_deref().map($crate::storable_text))
+                            .bind(&state.config_fingerprint)
+                            .execute(&mut *tx)
+                            .await
+                            .on_foreign_key(|| StoreError::NotFound(format!("tenant {tenant}")))?;
+                        if let Some(event) = emit::workspace_state(old.as_ref(), state) {
+                            Self::append_events_on(&mut tx, tenant, &[event]).await?;
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    Self::finish(tx, result).await
                 }
 
                 async fn register_build(&self, id: &str) -> Result<Build> {
@@ -1882,22 +2089,46 @@ macro_rules! impl_store {
                     steps: &::serde_json::Value,
                     summary: Option<&::serde_json::Value>,
                 ) -> Result<()> {
-                    let _written = self.written();
-                    let now = now_millis();
-                    let finished_at = (status != InstanceStatus::Provisioning).then_some(now);
-                    let done = ::sqlx::query(sql::UPDATE_INSTANCE)
-                        .bind(id.to_string())
-                        .bind(status.as_str())
-                        .bind(steps.to_string())
-                        .bind(summary.map(|s| s.to_string()))
-                        .bind(now)
-                        .bind(finished_at)
-                        .execute(self.writer())
-                        .await?;
-                    if done.rows_affected() == 0 {
-                        return Err(StoreError::NotFound(format!("instance {id}")));
+                    let mut tx = self.begin_write().await?;
+                    let result = async {
+                        let gone = || StoreError::NotFound(format!("instance {id}"));
+                        let select = format!("{}{}", sql::SELECT_INSTANCE_BEFORE, Self::ROW_LOCK);
+                        let before: Option<(String, String, String, String, String)> =
+                            ::sqlx::query_as(&select)
+                                .bind(id.to_string())
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                        let (tenant, workspace, vm, old_status, old_steps) =
+                            before.ok_or_else(gone)?;
+                        let now = now_millis();
+                        let finished_at = (status != InstanceStatus::Provisioning).then_some(now);
+                        let done = ::sqlx::query(sql::UPDATE_INSTANCE)
+                            .bind(id.to_string())
+                            .bind(status.as_str())
+                            .bind(steps.to_string())
+                            .bind(summary.map(|s| s.to_string()))
+                            .bind(now)
+                            .bind(finished_at)
+                            .execute(&mut *tx)
+                            .await?;
+                        if done.rows_affected() == 0 {
+                            return Err(gone());
+                        }
+                        let old_steps: ::serde_json::Value =
+                            ::serde_json::from_str(&old_steps).unwrap_or_default();
+                        let before = emit::RunBefore {
+                            id,
+                            workspace: &workspace,
+                            vm: &vm,
+                            status: sql::parse("instance status", &old_status)?,
+                            steps: &old_steps,
+                        };
+                        let events = emit::instance_update(&before, status, steps, summary);
+                        let tenant = sql::parse::<TenantId>("tenant id", &tenant)?;
+                        Self::append_events_on(&mut tx, tenant, &events).await
                     }
-                    Ok(())
+                    .await;
+                    Self::finish(tx, result).await
                 }
 
                 async fn get_instance(

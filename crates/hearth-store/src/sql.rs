@@ -164,7 +164,8 @@ pub static INSERT_VM_WITHIN_CAP: LazyLock<String> = LazyLock::new(|| {
 /// case of [`Store::vm_ready`](crate::Store::vm_ready) as one statement.
 pub const READY_UNRESERVED_VM_TO_IDLE: &str = "UPDATE vms \
      SET state = 'idle', agent_id = NULL, updated_at = $2 \
-     WHERE id = $1 AND state IN ('booting', 'provisioning') AND reserved_for IS NULL";
+     WHERE id = $1 AND state IN ('booting', 'provisioning') AND reserved_for IS NULL \
+     RETURNING tenant_id, workspace";
 
 pub const GET_VM: &str = concat!("SELECT ", vm_columns!(), " FROM vms WHERE id = $1");
 
@@ -248,9 +249,9 @@ pub const START_QUEUED_AGENT: &str = "UPDATE agents \
 pub const RESERVE_QUEUED_AGENT: &str = "UPDATE agents SET phase = 'provisioning', updated_at = $3 \
      WHERE tenant_id = $1 AND id = $2 AND phase = 'queued'";
 
-/// A VM that is still booting or provisioning (`$1`): its tenant and the
-/// agent it is reserved for.
-pub const SELECT_BOOTING_VM: &str = "SELECT tenant_id, reserved_for FROM vms \
+/// A VM that is still booting or provisioning (`$1`): its tenant, the
+/// agent it is reserved for and its workspace.
+pub const SELECT_BOOTING_VM: &str = "SELECT tenant_id, reserved_for, workspace FROM vms \
      WHERE id = $1 AND state IN ('booting', 'provisioning')";
 
 /// A booted VM (`$1`) goes to the agent (`$2`) it was reserved for, at `$3`;
@@ -282,7 +283,8 @@ pub const START_PROVISIONING_AGENT: &str = "UPDATE agents \
 /// (`$4`, `NULL` for none) to state `$2` at `$3`.
 pub const RELEASE_VM: &str = "UPDATE vms \
      SET state = $2, agent_id = NULL, reserved_for = NULL, updated_at = $3 \
-     WHERE id = $1 AND state = 'assigned' AND COALESCE(agent_id, '') = COALESCE($4, '')";
+     WHERE id = $1 AND state = 'assigned' AND COALESCE(agent_id, '') = COALESCE($4, '') \
+     RETURNING tenant_id, workspace";
 
 /// Forgets the VM (`$2`) of an agent (`$1`) that gave it back, at `$3`,
 /// unless the agent is terminal (then it is the VM it was last on).
@@ -1509,3 +1511,21 @@ impl TryFrom<DeliveryRow> for crate::DeliveryRecord {
         })
     }
 }
+
+// ---- event emission (the outbox: each write's events in its transaction)
+
+/// [`set_vm_state`] answering the changed VM's tenant and workspace, for
+/// the changes that append an event.
+pub fn set_vm_state_returning(from: &[VmState], to: VmState) -> String {
+    format!("{} RETURNING tenant_id, workspace", set_vm_state(from, to))
+}
+
+/// An agent's phase and workspace before a transition (`$1` tenant, `$2`
+/// id); the backend's row lock is appended.
+pub const SELECT_AGENT_PHASE: &str =
+    "SELECT phase, workspace FROM agents WHERE tenant_id = $1 AND id = $2";
+
+/// A provisioning run before an update (`$1` id); the backend's row lock
+/// is appended.
+pub const SELECT_INSTANCE_BEFORE: &str =
+    "SELECT tenant_id, workspace, vm_id, status, steps FROM instances WHERE id = $1";

@@ -154,6 +154,8 @@ impl SqliteStore {
     const SELECT_OWNER_FOR_CAP: &'static str = select_owner!();
     /// No row locks; the write transaction holds the file's lock.
     const SELECT_PARENT_FOR_SPAWN: &'static str = select_agent!();
+    /// No row locks; the write transaction holds the file's lock.
+    const ROW_LOCK: &'static str = "";
 
     fn reader(&self) -> &SqlitePool {
         &self.read

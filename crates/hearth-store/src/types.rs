@@ -80,6 +80,9 @@ pub struct PutResource<'a> {
     /// refers to them.
     pub references: &'a [ResourceRef],
     pub precondition: Precondition,
+    /// The identity writing it, named in its `resource.written` event
+    /// (`None` for the server's own writes).
+    pub actor: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

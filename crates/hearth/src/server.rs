@@ -118,6 +118,11 @@ pub struct ServerArgs {
     /// The drivers of the embedded node.
     #[command(flatten)]
     drivers: crate::node::DriverArgs,
+    // ---- events (H2)
+    /// Events older than this are deleted (`GET /v1/events` and the stream
+    /// reach back this far).
+    #[arg(long, env = "HEARTH_EVENT_RETENTION", default_value = "7d", value_parser = duration)]
+    event_retention: Duration,
 }
 
 pub(crate) fn duration(text: &str) -> Result<Duration, String> {
@@ -370,6 +375,11 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         webhook_worker,
         stop_rx.clone(),
     ));
+    let retention = tokio::spawn(hearth_api::events::keep_for(
+        store.clone(),
+        args.event_retention,
+        stop_rx.clone(),
+    ));
     let runner = tokio::spawn(pool.clone().run(stop_rx));
     write_public(&args.data_dir.join(SERVER_URL_FILE), &url)?;
     match (&transport.ca_file, &transport.fingerprint) {
@@ -395,6 +405,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = runner.await;
     let _ = webhooks.await;
+    let _ = retention.await;
     for task in node_tasks {
         let _ = task.await;
     }

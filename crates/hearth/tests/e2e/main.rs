@@ -11,6 +11,7 @@ mod completions;
 mod conformance;
 mod dashboard;
 mod developer_scoping;
+mod events;
 mod fleet;
 mod hardening;
 mod images;
