@@ -23,6 +23,7 @@ pub mod events;
 pub mod fleet;
 mod identities;
 mod images;
+pub mod metrics;
 pub mod nodes;
 pub mod openapi;
 mod pool;
@@ -70,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .merge(warm_pool::routes())
         .merge(nodes::routes())
         .merge(fleet::routes())
+        .merge(metrics::routes())
         .fallback(fallback);
     edge::harden(routes)
         .layer(

@@ -31,6 +31,8 @@ use crate::{agents, auth, builds, fleet, identities, images, nodes, pool, tenant
         warm_pool::list_workspace_instances, warm_pool::list_instances, warm_pool::get_instance,
         nodes::list, nodes::get_one, nodes::cordon, nodes::uncordon, nodes::drain, nodes::artifact,
         fleet::join, fleet::heartbeat,
+        // ---- metrics (H1)
+        crate::metrics::scrape,
     ),
     modifiers(&BearerAuth)
 )]

@@ -28,6 +28,7 @@
 //!   received while the agent runs on a VM that exists.
 
 pub mod images;
+pub mod metrics;
 pub mod placement;
 pub mod plan;
 pub mod publish;

@@ -3,6 +3,7 @@
 //! timer is the safety net); also owns adoption at start, the agents'
 //! commands, flush/nuke/up, and the reaper pass.
 
+use crate::metrics::Outcome;
 use crate::placement;
 use crate::plan::{self, Action, NodeView, Reason, Settings, Snapshot, WorkspaceView};
 use crate::reaper;
@@ -379,6 +380,8 @@ pub struct Pool {
     /// would change its plan (an idle timeout, a boot timeout, a back-off
     /// ending, a reaper deadline): [`Pool::run`] passes again then.
     deadlines: Mutex<HashMap<TenantId, Millis>>,
+    /// What this process observed, for `/metrics` ([`Pool::metrics`]).
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Pool {
@@ -493,6 +496,7 @@ impl Pool {
             last_passes: Mutex::new(HashMap::new()),
             reads: Mutex::new(HashMap::new()),
             deadlines: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::Metrics::default(),
         })
     }
 
@@ -583,8 +587,13 @@ impl Pool {
             .lock()
             .unwrap()
             .retain(|t, _| ids.contains(t));
+        self.metrics.learn_tenants(&tenants);
         for tenant in tenants.into_iter().filter(|t| led.contains(&t.id)) {
-            if let Err(e) = self.reconcile_tenant(tenant.id).await {
+            let started = Instant::now();
+            let result = self.reconcile_tenant(tenant.id).await;
+            self.metrics
+                .pass(&tenant.name, started.elapsed(), result.is_err());
+            if let Err(e) = result {
                 tracing::error!(tenant = %tenant.name, error = %e, "pool pass of a tenant failed");
             }
         }
@@ -1031,6 +1040,9 @@ impl Pool {
             Action::Assign { agent, workspace } => {
                 if let Some(vm) = self.store.assign_idle_vm(tenant, workspace, *agent).await? {
                     tracing::info!(tenant = %tenant, agent = %agent, vm = %vm.id, workspace, "queued agent assigned a warm VM");
+                    if let Some(queued) = pass.queued(*agent) {
+                        self.metrics.claim_after_wait(queued, Outcome::Queued);
+                    }
                     // Only an agent with a command has anything to start
                     // (and an agent's command never changes).
                     if pass.queued(*agent).is_none_or(|a| a.command.is_some()) {
@@ -1055,7 +1067,19 @@ impl Pool {
                     )
                     .await
                 {
-                    Ok(_) | Err(StoreError::Conflict(_)) => {}
+                    Ok(_) => {
+                        if let Some(queued) = pass.queued(*agent) {
+                            let tenant = self.metrics.tenant(tenant);
+                            self.metrics.claim(
+                                &tenant,
+                                &queued.workspace,
+                                Outcome::Rejected,
+                                None,
+                                None,
+                            );
+                        }
+                    }
+                    Err(StoreError::Conflict(_)) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -1341,6 +1365,9 @@ impl Pool {
         };
         // The insert recorded this replica as the task's owner.
         self.track(vm.id);
+        if !vm.test {
+            self.metrics.boot_started(vm.tenant_id, &vm.workspace);
+        }
         if let Err(e) = self.store.create_instance(&instance).await {
             // Nothing was created yet: close the record and let the pool retry.
             let _ = self
@@ -1440,6 +1467,16 @@ impl Pool {
             tracing::error!(instance = %instance, error = %e, "cannot record a provisioning run's end");
         }
         let boot_ms = started.elapsed().as_millis() as u64;
+        if !vm.test {
+            let failed = (!summary.success).then_some(summary.failed_step.as_deref());
+            self.metrics.boot_ended(
+                vm.tenant_id,
+                &vm.workspace,
+                &steps,
+                started.elapsed(),
+                failed,
+            );
+        }
         if !summary.success {
             let error = format!(
                 "{} failed: {}",
@@ -1492,6 +1529,7 @@ impl Pool {
                     tracing::info!(vm = %vm.id, agent = %agent, boot_ms, "cold-booted VM assigned");
                     self.record_success(vm.tenant_id, &vm.workspace).await;
                     if let Ok(record) = self.store.get_agent(vm.tenant_id, agent).await {
+                        self.metrics.claim_after_wait(&record, Outcome::Cold);
                         self.agent_started(&record);
                     }
                 }

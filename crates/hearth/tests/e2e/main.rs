@@ -12,6 +12,7 @@ mod developer_scoping;
 mod fleet;
 mod hardening;
 mod images;
+mod metrics;
 mod network;
 mod node_cli;
 mod nodes;
