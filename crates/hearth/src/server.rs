@@ -253,7 +253,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         pool.metrics().set_scrape_token(token);
     }
     let metrics_task = match args.metrics_listen {
-        Some(at) => Some(serve_metrics(at, metrics_token.is_some(), pool.clone()).await?),
+        Some(at) => Some(serve_metrics(at, !at.ip().is_loopback(), pool.clone()).await?),
         None => None,
     };
     let listener = crate::listener::bind(args.listen, args.max_connections)

@@ -271,6 +271,12 @@ fn scripted_scenario_scrapes_exact_values(b: Backend) {
         "{}",
         r.text
     );
+    // The cap binds every human identity: lifted for the operator's spawns.
+    let r = api.patch(
+        "/v1/pool-config/default",
+        json!({"max_agents_per_developer": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
     // Cold: api has nothing idle; a VM is booted for the agent.
     let cold = s.spawn(&s.admin_token, json!({"workspace": "api"}));
     assert_eq!(cold.body["phase"], "queued", "{}", cold.text);
