@@ -150,6 +150,19 @@ fn metrics_addr(s: &Server) -> String {
     addr.unwrap()
 }
 
+/// The pool's decisions in the server log (for failure messages).
+fn pool_log(s: &Server) -> String {
+    s.logs()
+        .lines()
+        .filter(|l| {
+            ["VM", "agent", "provisioning"]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn workspace_status(s: &Server, name: &str) -> Value {
     s.status()["workspaces"]
         .as_array()
@@ -361,7 +374,9 @@ fn scripted_scenario_scrapes_exact_values(b: Backend) {
         assert_eq!(
             m.value("hearth_boots_started_total", &ws(w)),
             started,
-            "{w}"
+            "{w}: failed boots {:?}\n{}",
+            m.series("hearth_boots_failed_total"),
+            pool_log(&s)
         );
         assert_eq!(
             m.value("hearth_boots_succeeded_total", &ws(w)),
