@@ -10,6 +10,8 @@
 //! - `fleet` runs the pool over simulated nodes (fake drivers) in this
 //!   process: placement cost, fill, backfill after a node loss (see
 //!   [`fleet`]);
+//! - `metrics` times a scrape of `/metrics` at 10,000 VMs on SQLite and
+//!   PostgreSQL, side by side (see [`metrics`]);
 //! - `boot` drives the sandbox driver alone, in this process: boot and
 //!   destroy times and the RSS of an idle sandbox (see [`boot`]).
 //!
@@ -25,6 +27,7 @@ mod boot;
 mod failover;
 mod fleet;
 mod machine;
+mod metrics;
 mod postgres;
 mod procfs;
 mod provision;
@@ -73,6 +76,9 @@ enum Command {
     /// Failover time: two pools on one PostgreSQL, the leader killed, until
     /// the other's first pass of the tenant.
     Failover(failover::FailoverArgs),
+    /// Scrape time of `/metrics` at 10,000 VMs, SQLite and PostgreSQL side
+    /// by side, in this process (the real store, the fake driver).
+    Metrics(metrics::MetricsArgs),
 }
 
 /// How to start the server (shared by the commands that run one).
@@ -141,5 +147,6 @@ fn main() -> Result<()> {
         Command::Wire(args) => wire::run(args),
         Command::Failover(args) => failover::run(args),
         Command::Fleet(args) => fleet::run(args),
+        Command::Metrics(args) => metrics::run(args),
     }
 }
