@@ -46,7 +46,7 @@ impl FromRequestParts<AppState> for Scraper {
 }
 
 /// Every metric of this server, in the Prometheus text format.
-#[utoipa::path(get, path = "/metrics", tag = "server", security(("bearer" = [])),
+#[utoipa::path(get, path = "/metrics", tag = "server", operation_id = "scrape_metrics", security(("bearer" = [])),
     responses((status = 200, description = "The metrics, Prometheus text format", content_type = "application/openmetrics-text", body = String),
               (status = 401, body = hearth_core::Error), (status = 403, body = hearth_core::Error)))]
 pub async fn scrape(

@@ -370,20 +370,23 @@ fn scripted_scenario_scrapes_exact_values(b: Backend) {
     // Boots: web twice (its first warm VM and the backfill after the
     // claim), api once (the cold boot; the queued agent got its VM back),
     // broken twice, both failing at its setup command.
-    for (w, started, succeeded) in [("web", 2.0, 2.0), ("api", 1.0, 1.0), ("broken", 2.0, 0.0)] {
-        assert_eq!(
-            m.value("hearth_boots_started_total", &ws(w)),
-            started,
-            "{w}: failed boots {:?}\n{}",
-            m.series("hearth_boots_failed_total"),
-            pool_log(&s)
-        );
-        assert_eq!(
-            m.value("hearth_boots_succeeded_total", &ws(w)),
-            succeeded,
-            "{w}"
-        );
-    }
+    let boots: Vec<(&str, f64, f64)> = ["web", "api", "broken"]
+        .into_iter()
+        .map(|w| {
+            (
+                w,
+                m.value("hearth_boots_started_total", &ws(w)),
+                m.value("hearth_boots_succeeded_total", &ws(w)),
+            )
+        })
+        .collect();
+    assert_eq!(
+        boots,
+        vec![("web", 2.0, 2.0), ("api", 1.0, 1.0), ("broken", 2.0, 0.0)],
+        "boots (workspace, started, succeeded); failed {:?}\n{}",
+        m.series("hearth_boots_failed_total"),
+        pool_log(&s)
+    );
     assert_eq!(
         m.series("hearth_boots_failed_total"),
         vec![(
