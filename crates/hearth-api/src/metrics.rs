@@ -7,8 +7,8 @@
 //! loopback address; off loopback the server requires the metrics token
 //! (it refuses to start without `--metrics-token-file`).
 //!
-//! **Invariant:** this module only reads; a scrape changes nothing but the
-//! tenant-name cache of the metrics.
+//! **Invariant:** this module writes nothing; who may scrape is decided
+//! before the store is read.
 
 use crate::auth::Caller;
 use crate::{ApiError, AppState};

@@ -10,7 +10,8 @@
 //!   emitted, zeros included;
 //! - a scrape reads the store a bounded number of times per tenant (the
 //!   same read as [`Pool::status`], reused while nothing changed), never
-//!   once per VM;
+//!   once per VM, and writes nothing of its own (that shared read records
+//!   a workspace's configuration on first sight, as every pass does);
 //! - label values are low-cardinality: names of tenants, workspaces, nodes,
 //!   provisioning steps and fixed categories, never free text.
 
@@ -227,8 +228,9 @@ impl Metrics {
         self.tenant(id)
     }
 
-    /// An agent got its VM (or was refused). `created_at` is when it was
-    /// spawned, `queued_at` when it began waiting (`None`: it never waited).
+    /// An agent got its VM (or was refused), `spawn_to_running` seconds
+    /// after its spawn; `queued_at` is when it began waiting (`None`: it
+    /// never waited).
     pub fn claim(
         &self,
         tenant: &str,
@@ -263,13 +265,15 @@ impl Metrics {
 
     /// A queued agent got its VM from the pool: `cold` when the VM was
     /// booted for it, `queued` when it came idle while the agent waited.
+    /// Its spawn (or wake, or resurrection) is when it was queued: it
+    /// waited from then until now, when it runs.
     pub fn claim_after_wait(&self, agent: &hearth_store::AgentRecord, outcome: Outcome) {
         let tenant = self.tenant(agent.tenant_id);
         self.claim(
             &tenant,
             &agent.workspace,
             outcome,
-            Some(seconds_since(agent.created_at)),
+            Some(seconds_since(agent.queued_at)),
             Some(agent.queued_at),
         );
     }
