@@ -1365,9 +1365,6 @@ impl Pool {
         };
         // The insert recorded this replica as the task's owner.
         self.track(vm.id);
-        if !vm.test {
-            self.metrics.boot_started(vm.tenant_id, &vm.workspace);
-        }
         if let Err(e) = self.store.create_instance(&instance).await {
             // Nothing was created yet: close the record and let the pool retry.
             let _ = self
@@ -1381,6 +1378,10 @@ impl Pool {
                 .await;
             self.untrack(vm.id).await;
             return Err(e.into());
+        }
+        // Counted once its run is recorded: every boot started ends.
+        if !vm.test {
+            self.metrics.boot_started(vm.tenant_id, &vm.workspace);
         }
         let pool = self.clone();
         let id = instance.id;
