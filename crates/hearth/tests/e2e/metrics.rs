@@ -294,7 +294,7 @@ fn scripted_scenario_scrapes_exact_values(b: Backend) {
     let cold = s.spawn(&s.admin_token, json!({"workspace": "api"}));
     assert_eq!(cold.body["phase"], "queued", "{}", cold.text);
     let cold_id = cold.body["id"].as_str().unwrap().to_owned();
-    s.wait_agent(&cold_id, "running", 60);
+    let cold_vm = s.wait_agent(&cold_id, "running", 60)["vm"].clone();
     // Queued: the tenant is at max_vms (3); the agent waits until the cold
     // agent finishes and its VM comes back idle (api's max_idle is 1).
     let queued = s.spawn(&s.admin_token, json!({"workspace": "api"}));
@@ -324,17 +324,26 @@ fn scripted_scenario_scrapes_exact_values(b: Backend) {
         json!({"status": "completed"}),
     );
     assert_eq!(f.status, 200, "{}", f.text);
-    s.wait_agent(&queued_id, "running", 60);
+    let queued_vm = s.wait_agent(&queued_id, "running", 60)["vm"].clone();
     assert!(wait_until(60, || settled(1, 3)), "{:#}", s.status());
+    // It runs on the VM the cold agent gave back (`queued`), unless the
+    // sandbox driver failed that VM's reset (a re-attach racing the tests
+    // beside this one): it is destroyed then, and a VM booted for the
+    // waiting agent (`cold`).
+    let (cold, queued) = if queued_vm == cold_vm {
+        (1.0, 1.0)
+    } else {
+        (2.0, 0.0)
+    };
 
     let m = scrape(&api);
-    // Claims: exactly one of each outcome, each where it happened; zeros
-    // for every other workspace and outcome.
+    // Claims: each outcome where it happened; zeros for every other
+    // workspace and outcome.
     for (w, outcome, n) in [
         ("web", "warm", 1.0),
         ("web", "rejected", 1.0),
-        ("api", "cold", 1.0),
-        ("api", "queued", 1.0),
+        ("api", "cold", cold),
+        ("api", "queued", queued),
         ("web", "cold", 0.0),
         ("web", "queued", 0.0),
         ("api", "warm", 0.0),
@@ -344,13 +353,12 @@ fn scripted_scenario_scrapes_exact_values(b: Backend) {
         let labels = [("tenant", t), ("workspace", w), ("outcome", outcome)];
         assert_eq!(m.value("hearth_claims_total", &labels), n, "{w} {outcome}");
     }
-    for outcome in ["warm", "cold", "queued"] {
+    for (outcome, n) in [("warm", 1.0), ("cold", cold), ("queued", queued)] {
         let labels = [("tenant", t), ("outcome", outcome)];
-        assert_eq!(
-            m.value("hearth_spawn_to_running_seconds_count", &labels),
-            1.0,
-            "{outcome}"
-        );
+        let count = m
+            .has("hearth_spawn_to_running_seconds_count", &labels)
+            .then(|| m.value("hearth_spawn_to_running_seconds_count", &labels));
+        assert_eq!(count.unwrap_or(0.0), n, "{outcome}");
     }
     assert!(!m.has(
         "hearth_spawn_to_running_seconds_count",
