@@ -23,6 +23,7 @@ use hearth_core::ids::AgentId;
 use hearth_core::rbac::{IdentityKind, Permission, Role};
 use hearth_core::resource::{Kind, POOL_CONFIG_NAME, PoolConfig};
 use hearth_reconcilers::PoolError;
+use hearth_reconcilers::metrics::Outcome;
 use hearth_reconcilers::status::rfc3339;
 use hearth_store::{
     AgentFilter, AgentPhase, AgentRecord, AgentUpdate, NewAgent, OnIdle, ParentProblem, StoreError,
@@ -267,6 +268,7 @@ pub async fn spawn(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<AgentView>), ApiError> {
     caller.require(Permission::AgentSpawn)?;
+    let received = std::time::Instant::now();
     let request: SpawnRequest = body::json(body)?;
     let tenant = caller.tenant();
     let on_idle = match request.on_idle.as_deref() {
@@ -328,6 +330,7 @@ pub async fn spawn(
     let agent = match state.store.spawn_agent(&new, cap).await {
         Ok(agent) => agent,
         Err(StoreError::LimitReached(n)) => {
+            count_claim(&state, tenant, &new.workspace, Outcome::Rejected, None).await;
             return Err(Error::new(
                 hearth_core::ErrorCode::ResourceExhausted,
                 format!(
@@ -342,6 +345,14 @@ pub async fn spawn(
         Err(e) => return Err(e.into()),
     };
     if agent.vm_id.is_some() {
+        count_claim(
+            &state,
+            tenant,
+            &agent.workspace,
+            Outcome::Warm,
+            Some(received),
+        )
+        .await;
         state.pool.agent_started(&agent);
     }
     // A claim leaves a gap to backfill; a queued agent needs a boot.
@@ -405,8 +416,29 @@ fn bad_parent(parent: AgentId, problem: ParentProblem) -> ApiError {
     }
 }
 
+/// Counts a claim made (or refused) in a request of `state`'s tenant,
+/// timed from `since` (`hearth_claims_total`, `hearth_spawn_to_running_seconds`).
+async fn count_claim(
+    state: &AppState,
+    tenant: hearth_core::ids::TenantId,
+    workspace: &str,
+    outcome: Outcome,
+    since: Option<std::time::Instant>,
+) {
+    let metrics = state.pool.metrics();
+    let tenant = metrics.tenant_label(state.store.as_ref(), tenant).await;
+    metrics.claim(
+        &tenant,
+        workspace,
+        outcome,
+        since.map(|at| at.elapsed().as_secs_f64()),
+        None,
+    );
+}
+
 /// A queued agent takes an idle VM now if there is one; else the pool is woken.
 async fn claim_or_queue(state: &AppState, agent: AgentRecord) -> Result<AgentRecord, ApiError> {
+    let received = std::time::Instant::now();
     let claimed = match state
         .store
         .assign_idle_vm(agent.tenant_id, &agent.workspace, agent.id)
@@ -425,6 +457,14 @@ async fn claim_or_queue(state: &AppState, agent: AgentRecord) -> Result<AgentRec
     match claimed {
         Some(_) => {
             let agent = state.store.get_agent(agent.tenant_id, agent.id).await?;
+            count_claim(
+                state,
+                agent.tenant_id,
+                &agent.workspace,
+                Outcome::Warm,
+                Some(received),
+            )
+            .await;
             state.pool.agent_started(&agent);
             state.pool.wake();
             Ok(agent)

@@ -26,6 +26,7 @@ pub mod events;
 pub mod fleet;
 mod identities;
 mod images;
+pub mod metrics;
 pub mod nodes;
 pub mod openapi;
 mod pool;
@@ -80,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ui::routes())
         .merge(webhooks::routes())
         .merge(events::routes())
+        .merge(metrics::routes())
         .fallback(fallback);
     edge::harden(routes)
         .layer(

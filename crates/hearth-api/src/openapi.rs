@@ -42,6 +42,9 @@ use crate::{
 
         // ---- events (H2)
         events::list, events::stream,
+
+        // ---- metrics (H1)
+        crate::metrics::scrape,
     ),
     modifiers(&BearerAuth)
 )]

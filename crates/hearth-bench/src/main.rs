@@ -13,6 +13,9 @@
 //! - `events` measures the event log against the real stores in this
 //!   process: append throughput, a claim's cost with its event, delivery
 //!   by cursor (see [`events`]);
+
+//! - `metrics` times a scrape of `/metrics` at 10,000 VMs on SQLite and
+//!   PostgreSQL, side by side (see [`metrics`]);
 //! - `boot` drives the sandbox driver alone, in this process: boot and
 //!   destroy times and the RSS of an idle sandbox (see [`boot`]).
 //!
@@ -29,6 +32,7 @@ mod events;
 mod failover;
 mod fleet;
 mod machine;
+mod metrics;
 mod postgres;
 mod procfs;
 mod provision;
@@ -81,6 +85,10 @@ enum Command {
     /// with its event against the claim alone, and stream-style delivery
     /// (rate and lag), SQLite and PostgreSQL side by side.
     Events(events::EventsArgs),
+
+    /// Scrape time of `/metrics` at 10,000 VMs, SQLite and PostgreSQL side
+    /// by side, in this process (the real store, the fake driver).
+    Metrics(metrics::MetricsArgs),
 }
 
 /// How to start the server (shared by the commands that run one).
@@ -150,5 +158,6 @@ fn main() -> Result<()> {
         Command::Wire(args) => wire::run(args),
         Command::Failover(args) => failover::run(args),
         Command::Fleet(args) => fleet::run(args),
+        Command::Metrics(args) => metrics::run(args),
     }
 }

@@ -99,8 +99,8 @@ pub struct ReconcileArgs {
 /// M VMs over W workspaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Fleet {
-    vms: usize,
-    workspaces: usize,
+    pub(crate) vms: usize,
+    pub(crate) workspaces: usize,
 }
 
 impl FromStr for Fleet {
@@ -250,7 +250,7 @@ pub fn run(args: ReconcileArgs) -> Result<()> {
 }
 
 /// The store under test, and what closes it.
-enum Opened {
+pub(crate) enum Opened {
     Sqlite {
         store: SqliteStore,
         /// Holds the database file; removed when dropped.
@@ -260,7 +260,7 @@ enum Opened {
 }
 
 impl Opened {
-    async fn open(url: Option<String>) -> Result<Opened> {
+    pub(crate) async fn open(url: Option<String>) -> Result<Opened> {
         Ok(match url {
             Some(url) => Opened::Postgres(PgStore::connect(&url).await?),
             None => {
@@ -280,7 +280,7 @@ impl Opened {
         }
     }
 
-    async fn close(&self) {
+    pub(crate) async fn close(&self) {
         match self {
             Opened::Sqlite { store: s, .. } => s.close().await,
             Opened::Postgres(s) => s.close().await,
@@ -289,16 +289,16 @@ impl Opened {
 }
 
 /// What the measurements need of a set-up fleet.
-struct Rig {
-    store: Arc<dyn Store>,
+pub(crate) struct Rig {
+    pub(crate) store: Arc<dyn Store>,
     drivers: Drivers,
     options: PoolOptions,
-    tenant: TenantId,
+    pub(crate) tenant: TenantId,
     fleet: Fleet,
 }
 
 impl Rig {
-    fn pool(&self) -> Arc<Pool> {
+    pub(crate) fn pool(&self) -> Arc<Pool> {
         Pool::new(
             self.store.clone(),
             self.drivers.clone(),
@@ -430,7 +430,7 @@ fn progress(label: &str, scenario: Option<&Scenario>) {
 
 // ---- setup ----
 
-async fn setup(opened: &Opened, fleet: Fleet) -> Result<Rig> {
+pub(crate) async fn setup(opened: &Opened, fleet: Fleet) -> Result<Rig> {
     let store = opened.store();
     let token = NewToken {
         id: TokenId::new(),

@@ -30,6 +30,8 @@
 
 pub mod images;
 pub mod pass;
+
+pub mod metrics;
 pub mod placement;
 pub mod plan;
 pub mod publish;

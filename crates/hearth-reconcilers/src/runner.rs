@@ -4,6 +4,8 @@
 //! commands, flush/nuke/up, and the reaper pass.
 
 use crate::pass::{self, Wake};
+
+use crate::metrics::Outcome;
 use crate::placement;
 use crate::plan::{self, Action, NodeView, Reason, Settings, Snapshot, WorkspaceView};
 use crate::reaper;
@@ -384,6 +386,9 @@ pub struct Pool {
     /// What woke the passes and what each tenant's last one did
     /// ([`Pool::pass_status`]).
     passes: Arc<pass::Tracker>,
+
+    /// What this process observed, for `/metrics` ([`Pool::metrics`]).
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Pool {
@@ -499,6 +504,8 @@ impl Pool {
             reads: Mutex::new(HashMap::new()),
             deadlines: Mutex::new(HashMap::new()),
             passes: Arc::new(pass::Tracker::default()),
+
+            metrics: crate::metrics::Metrics::default(),
         })
     }
 
@@ -652,8 +659,14 @@ impl Pool {
             .unwrap()
             .retain(|t, _| ids.contains(t));
         self.passes.retain(&ids);
+
+        self.metrics.learn_tenants(&tenants);
         for tenant in tenants.into_iter().filter(|t| led.contains(&t.id)) {
-            if let Err(e) = self.reconcile_tenant(tenant.id).await {
+            let started = Instant::now();
+            let result = self.reconcile_tenant(tenant.id).await;
+            self.metrics
+                .pass(&tenant.name, started.elapsed(), result.is_err());
+            if let Err(e) = result {
                 tracing::error!(tenant = %tenant.name, error = %e, "pool pass of a tenant failed");
             }
         }
@@ -1138,6 +1151,9 @@ impl Pool {
             Action::Assign { agent, workspace } => {
                 if let Some(vm) = self.store.assign_idle_vm(tenant, workspace, *agent).await? {
                     tracing::info!(tenant = %tenant, agent = %agent, vm = %vm.id, workspace, "queued agent assigned a warm VM");
+                    if let Some(queued) = pass.queued(*agent) {
+                        self.metrics.claim_after_wait(queued, Outcome::Queued);
+                    }
                     // Only an agent with a command has anything to start
                     // (and an agent's command never changes).
                     if pass.queued(*agent).is_none_or(|a| a.command.is_some()) {
@@ -1162,7 +1178,19 @@ impl Pool {
                     )
                     .await
                 {
-                    Ok(_) | Err(StoreError::Conflict(_)) => {}
+                    Ok(_) => {
+                        if let Some(queued) = pass.queued(*agent) {
+                            let tenant = self.metrics.tenant(tenant);
+                            self.metrics.claim(
+                                &tenant,
+                                &queued.workspace,
+                                Outcome::Rejected,
+                                None,
+                                None,
+                            );
+                        }
+                    }
+                    Err(StoreError::Conflict(_)) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -1462,6 +1490,10 @@ impl Pool {
             self.untrack(vm.id).await;
             return Err(e.into());
         }
+        // Counted once its run is recorded: every boot started ends.
+        if !vm.test {
+            self.metrics.boot_started(vm.tenant_id, &vm.workspace);
+        }
         let pool = self.clone();
         let id = instance.id;
         tokio::spawn(async move {
@@ -1547,6 +1579,16 @@ impl Pool {
             tracing::error!(instance = %instance, error = %e, "cannot record a provisioning run's end");
         }
         let boot_ms = started.elapsed().as_millis() as u64;
+        if !vm.test {
+            let failed = (!summary.success).then_some(summary.failed_step.as_deref());
+            self.metrics.boot_ended(
+                vm.tenant_id,
+                &vm.workspace,
+                &steps,
+                started.elapsed(),
+                failed,
+            );
+        }
         if !summary.success {
             let error = format!(
                 "{} failed: {}",
@@ -1599,6 +1641,7 @@ impl Pool {
                     tracing::info!(vm = %vm.id, agent = %agent, boot_ms, "cold-booted VM assigned");
                     self.record_success(vm.tenant_id, &vm.workspace).await;
                     if let Ok(record) = self.store.get_agent(vm.tenant_id, agent).await {
+                        self.metrics.claim_after_wait(&record, Outcome::Cold);
                         self.agent_started(&record);
                     }
                 }

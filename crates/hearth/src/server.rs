@@ -123,6 +123,17 @@ pub struct ServerArgs {
     /// reach back this far).
     #[arg(long, env = "HEARTH_EVENT_RETENTION", default_value = "7d", value_parser = duration)]
     event_retention: Duration,
+
+    // ---- metrics (H1)
+    /// A file holding the metrics token: a scrape of `/metrics` that
+    /// presents it as its bearer token needs no identity.
+    #[arg(long, env = "HEARTH_METRICS_TOKEN_FILE")]
+    metrics_token_file: Option<PathBuf>,
+    /// Also serve `/metrics` alone, over plain HTTP, on this address: with
+    /// no authentication on a loopback address; any other address needs
+    /// `--metrics-token-file`, and its scrapes must present that token.
+    #[arg(long, env = "HEARTH_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 pub(crate) fn duration(text: &str) -> Result<Duration, String> {
@@ -182,6 +193,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         .mode(0o700)
         .create(&args.data_dir)
         .with_context(|| format!("cannot create the data dir {}", args.data_dir.display()))?;
+    let metrics_token = metrics_token(&args)?;
     let transport = crate::tls::setup(&args.tls, &args.data_dir, args.listen)?;
     let store = hearth_store::open(args.database_url.as_deref(), &args.data_dir)
         .await
@@ -257,6 +269,13 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         None => hearth_reconcilers::Pool::with_fleet(store.clone(), fleet.clone(), options),
     };
 
+    if let Some(token) = &metrics_token {
+        pool.metrics().set_scrape_token(token);
+    }
+    let metrics_task = match args.metrics_listen {
+        Some(at) => Some(serve_metrics(at, !at.ip().is_loopback(), pool.clone()).await?),
+        None => None,
+    };
     let listener = crate::listener::bind(args.listen, args.max_connections)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
@@ -406,6 +425,10 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     let _ = runner.await;
     let _ = webhooks.await;
     let _ = retention.await;
+
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     for task in node_tasks {
         let _ = task.await;
     }
@@ -493,6 +516,57 @@ async fn pool_options(
         .await
         .map_err(|e| anyhow::anyhow!("cannot record the build: {e}"))?;
     Ok(options)
+}
+
+// ---- metrics (H1)
+
+/// The metrics token of `--metrics-token-file`, and the check that a
+/// `--metrics-listen` off loopback has one: a plain listener open to a
+/// network would else hand the fleet's layout to anyone who asks.
+fn metrics_token(args: &ServerArgs) -> anyhow::Result<Option<String>> {
+    let token = match &args.metrics_token_file {
+        None => None,
+        Some(path) => {
+            let text = fs::read_to_string(path)
+                .with_context(|| format!("--metrics-token-file: cannot read {}", path.display()))?;
+            let token = text.trim().to_owned();
+            anyhow::ensure!(
+                token.len() >= 16,
+                "--metrics-token-file: {} must hold a token of at least 16 characters",
+                path.display()
+            );
+            Some(token)
+        }
+    };
+    if let Some(at) = args.metrics_listen
+        && !at.ip().is_loopback()
+        && token.is_none()
+    {
+        anyhow::bail!(
+            "--metrics-listen {at} is not a loopback address: also pass --metrics-token-file, whose token its scrapes must then present"
+        );
+    }
+    Ok(token)
+}
+
+/// Serves `/metrics` alone on `at` (plain HTTP) until the process ends;
+/// scrapes must present the metrics token when `token` is set.
+async fn serve_metrics(
+    at: SocketAddr,
+    token: bool,
+    pool: Arc<hearth_reconcilers::Pool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(at)
+        .await
+        .with_context(|| format!("--metrics-listen: cannot listen on {at}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, token, "metrics listening (plain HTTP)");
+    let app = hearth_api::metrics::plain_router(pool, token);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics listener stopped");
+        }
+    }))
 }
 
 /// The fleet's join token: read from `path`, or made there (0600) on

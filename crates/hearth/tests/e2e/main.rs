@@ -15,6 +15,7 @@ mod events;
 mod fleet;
 mod hardening;
 mod images;
+mod metrics;
 mod network;
 mod node_cli;
 mod nodes;
