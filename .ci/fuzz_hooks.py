@@ -27,6 +27,7 @@ changes the least it can:
   repo whose folder is unusable or taken gets `name: repo-<n>`.
 - Workspaces: `max_idle >= min_idle` (cross-field). A `max_idle` below the
   `min_idle` the write ends with is raised to it.
+- Webhook URLs: https to a public address (see `_fix_webhook_url`).
 - Identity and token `expires_in`: at most 366d as the sum of its terms
   (`200d200d` is too long; a pattern can bound each number but not their
   sum). A longer lifetime is replaced by its length modulo 366d, in seconds.
@@ -195,6 +196,23 @@ def _fix_image(body, stored):
         body["rootfs"] = "minimal"
 
 
+def _fix_webhook_url(body):
+    """A webhook's URL reaches only public addresses over https (the fuzz
+    server does not allow private ones): which addresses a host is, and
+    whether it parses as one, a pattern cannot state. The scheme becomes
+    `https` and the host `hearth-fuzz.invalid`, a name that never resolves
+    (taken, its deliveries fail); the path is kept."""
+    url = body.get("url")
+    if not isinstance(url, str):
+        return
+    m = re.match(r"^https?://[^/]*(/.*)?$", url, re.S)
+    if m:
+        path = m.group(1) or ""
+        if not re.fullmatch(r"[!$-~]*", path):
+            path = "/"
+        body["url"] = "https://hearth-fuzz.invalid" + path
+
+
 @schemathesis.hook
 def map_case(context, case):
     meta = case._meta
@@ -240,6 +258,8 @@ def map_case(context, case):
         secs = _duration_secs(text) if isinstance(text, str) else None
         if secs is not None and secs > MAX_EXPIRES_IN:
             body["expires_in"] = f"{secs % MAX_EXPIRES_IN or MAX_EXPIRES_IN}s"
+    elif path == "/v1/webhooks" and method == "POST":
+        _fix_webhook_url(body)
     if body != before:
         # Setting the body marks it for revalidation (schemathesis also
         # notices in-place edits; this says so outright).

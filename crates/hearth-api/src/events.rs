@@ -76,7 +76,10 @@ impl From<&EventRecord> for Event {
 /// (`vm`, every kind starting `vm.`). Empty means every kind.
 pub fn parse_types(text: &str) -> Result<Vec<EventKind>, Error> {
     let mut kinds = Vec::new();
-    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    if text.is_empty() {
+        return Ok(kinds);
+    }
+    for part in text.split(',') {
         let matched: Vec<EventKind> = EventKind::ALL
             .iter()
             .copied()
@@ -113,7 +116,10 @@ pub struct EventQuery {
     pub after: Option<i64>,
     /// Comma-separated kinds (`vm.ready`) or families (`vm`).
     #[serde(rename = "type")]
-    #[param(rename = "type")]
+    #[param(
+        rename = "type",
+        pattern = r"^((vm(\.(booting|ready|assigned|returned|destroyed|failed))?|agent(\.(queued|provisioning|running|idle|sleeping|completed|failed|killed))?|instance(\.(step|ready|failed))?|resource(\.(written|deleted))?|workspace(\.(backing_off|hard_limited|recovered))?|pool(\.(flushed|nuked|up))?)(,(vm(\.(booting|ready|assigned|returned|destroyed|failed))?|agent(\.(queued|provisioning|running|idle|sleeping|completed|failed|killed))?|instance(\.(step|ready|failed))?|resource(\.(written|deleted))?|workspace(\.(backing_off|hard_limited|recovered))?|pool(\.(flushed|nuked|up))?))*)?$"
+    )]
     pub kinds: Option<String>,
     /// At most this many (1 to 1000; default 1000). Listing only.
     #[param(minimum = 1, maximum = 1000)]
@@ -180,13 +186,26 @@ pub async fn list(
     }))
 }
 
+/// One frame of the event stream as a server-sent-events reader parses it
+/// (the OpenAPI document's shape of `text/event-stream`).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StreamFrame {
+    /// The event's id (the cursor).
+    #[schema(pattern = "^[0-9]+$")]
+    pub id: String,
+    /// The event's kind (`vm.ready`).
+    pub event: String,
+    /// The [`Event`] as JSON text.
+    pub data: String,
+}
+
 /// The tenant's events as they are written: server-sent events, one frame
 /// per event (`id: <id>`, `event: <kind>`, `data: <Event JSON>`), from
 /// `after` or the `Last-Event-ID` header (which wins: it is where a
 /// reconnecting client stopped); a keep-alive comment every 15 s.
 #[utoipa::path(get, path = "/v1/events/stream", tag = "event", operation_id = "stream_events", security(("bearer" = [])),
-    params(EventQuery, ("Last-Event-ID" = Option<i64>, Header, description = "The last id received (a reconnecting client)")),
-    responses((status = 200, description = "Server-sent events, each data an Event", content_type = "text/event-stream", body = String),
+    params(EventQuery, ("Last-Event-ID" = Option<i64>, Header, minimum = 0, description = "The last id received (a reconnecting client)")),
+    responses((status = 200, description = "Server-sent events, each data an Event", content_type = "text/event-stream", body = StreamFrame),
               (status = 400, body = hearth_core::Error), (status = 401, body = hearth_core::Error), (status = 403, body = hearth_core::Error)))]
 pub async fn stream(
     State(state): State<AppState>,
@@ -206,6 +225,8 @@ pub async fn stream(
                 .ok_or_else(|| Error::invalid("Last-Event-ID: an event id (a number)"))?,
         ),
     };
+    // Both are checked, whichever wins.
+    filter_of(&query, query.after)?;
     let mut filter = filter_of(&query, last_seen.or(query.after))?;
     filter.limit = STREAM_PAGE;
     tracing::debug!(tenant = %caller.tenant(), identity = %caller.identity.name, after = ?filter.after, "event stream opened");
@@ -305,11 +326,51 @@ pub fn routes() -> Router<AppState> {
 mod tests {
     use super::*;
 
+    /// The OpenAPI document's pattern for `type` accepts every kind and
+    /// family (alone and in a list) and refuses what `parse_types` refuses.
+    #[test]
+    fn the_documented_pattern_matches_the_parser() {
+        use utoipa::IntoParams;
+        let params = EventQuery::into_params(|| None);
+        let param = params.iter().find(|p| p.name == "type").unwrap();
+        let json = serde_json::to_value(param).unwrap();
+        let pattern = json["schema"]["pattern"].as_str().unwrap();
+        let re = regex::Regex::new(pattern).unwrap();
+        let mut names: Vec<String> = EventKind::ALL
+            .iter()
+            .map(|k| k.as_str().to_owned())
+            .collect();
+        for kind in EventKind::ALL {
+            let family = kind.as_str().split('.').next().unwrap().to_owned();
+            if !names.contains(&family) {
+                names.push(family);
+            }
+        }
+        for name in &names {
+            assert!(re.is_match(name), "{name}");
+            assert!(parse_types(name).is_ok(), "{name}");
+        }
+        assert!(re.is_match(&names.join(",")));
+        assert!(re.is_match(""));
+        for bad in [
+            "vm.exploded",
+            "v",
+            "vm,",
+            " vm",
+            ",",
+            "2026-12-01T18:27:04.564Z",
+            "vm.ready,nope",
+        ] {
+            assert!(!re.is_match(bad), "{bad}");
+            assert!(parse_types(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn types_name_kinds_or_families() {
         assert_eq!(parse_types("").unwrap(), []);
         assert_eq!(parse_types("vm.ready").unwrap(), [EventKind::VmReady]);
-        let pool = parse_types("pool, vm.ready").unwrap();
+        let pool = parse_types("pool,vm.ready").unwrap();
         assert_eq!(
             pool,
             [

@@ -205,6 +205,16 @@ fn refine(doc: &mut Value) {
             // `limit` stays any number: the store clamps it to 1..=1000.
         }
     }
+    // A header is text: `Last-Event-ID` is an id or absent, never `null`.
+    let stream_params = doc
+        .pointer_mut("/paths/~1v1~1events~1stream/get/parameters")
+        .and_then(Value::as_array_mut)
+        .expect("event stream parameters");
+    for param in stream_params {
+        if param["name"] == "Last-Event-ID" {
+            param["schema"] = json!({"type": "integer", "format": "int64", "minimum": 0});
+        }
+    }
     let schemas = "/components/schemas";
     // Names.
     for (schema, field) in [

@@ -69,14 +69,26 @@ pub struct WebhookList {
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
     /// 1-63 lowercase letters, digits and '-', unique in the tenant.
+    #[schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
     /// `https://...` (plain `http://` only where the operator allows
     /// private addresses).
+    #[schema(
+        max_length = 2048,
+        pattern = r"^https://([A-Za-z0-9-]+\.)*[A-Za-z][A-Za-z0-9-]*\.?(:[0-9]{1,4})?(/[!$-~]*)?$"
+    )]
     pub url: String,
     /// Event kinds (`vm.ready`) or families (`vm`); every kind when absent.
     #[serde(default)]
-    pub types: Vec<String>,
+    pub types: Vec<EventType>,
 }
+
+/// One event kind (`vm.ready`) or family (`vm`), as a webhook's filter
+/// names it.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(transparent)]
+#[schema(value_type = String, pattern = r"^(vm(\.(booting|ready|assigned|returned|destroyed|failed))?|agent(\.(queued|provisioning|running|idle|sleeping|completed|failed|killed))?|instance(\.(step|ready|failed))?|resource(\.(written|deleted))?|workspace(\.(backing_off|hard_limited|recovered))?|pool(\.(flushed|nuked|up))?)$")]
+pub struct EventType(pub String);
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WebhookCreated {
@@ -144,6 +156,7 @@ pub struct DeliveryList {
 pub struct DeliveryQuery {
     /// At most this many (default and most: 500).
     #[serde(default)]
+    #[param(minimum = 0)]
     pub limit: Option<i64>,
 }
 
@@ -179,8 +192,24 @@ pub async fn create(
         return Err(Error::invalid("url is longer than 2048 characters").into());
     }
     guard::check_url_resolves(&request.url, state.webhooks).await?;
-    let kinds = parse_types(&request.types.join(","))
-        .map_err(|e| Error::invalid(format!("types: {}", e.message)))?;
+    let mut kinds = Vec::new();
+    for name in &request.types {
+        // One name each: a comma inside one is not a list here.
+        if name.0.is_empty() || name.0.contains(',') {
+            return Err(Error::invalid(format!(
+                "types: {:?} is not an event type (a kind such as vm.ready, or a family such as vm)",
+                name.0
+            ))
+            .into());
+        }
+        for kind in
+            parse_types(&name.0).map_err(|e| Error::invalid(format!("types: {}", e.message)))?
+        {
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+    }
     let webhook = state
         .store
         .create_webhook(&NewWebhook {

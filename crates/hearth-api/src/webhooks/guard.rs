@@ -169,9 +169,15 @@ pub async fn check_url_resolves(text: &str, policy: WebhookPolicy) -> Result<Url
     let url = check_url(text, policy)?;
     if let (None, Some(host)) = (literal_ip(&url), url.host_str()) {
         let port = url.port_or_known_default().unwrap_or(443);
-        resolve_checked(host, port, policy)
-            .await
-            .map_err(|e| Error::invalid(format!("url: {e}")))?;
+        // A name that does not resolve (yet) is taken: its deliveries fail
+        // and are logged until it does, and every connect checks again. A
+        // name that resolves to an address refused is refused now.
+        if let Ok(lookup) = tokio::net::lookup_host((host, port)).await {
+            for addr in lookup {
+                check_addr(addr.ip(), policy)
+                    .map_err(|e| Error::invalid(format!("url: host {host:?} resolves to {e}")))?;
+            }
+        }
     }
     Ok(url)
 }
