@@ -124,15 +124,25 @@ impl Browser {
     }
 
     /// The text of the first element `css` matches ("" when none does).
+    /// The page re-renders a view on every event that concerns it, so an
+    /// element found may be replaced before it is read: then it is found
+    /// again.
     fn text(&self, css: &str) -> String {
-        let found = self
-            .rt
-            .block_on(self.c().find_all(Locator::Css(css)))
-            .unwrap();
-        match found.first() {
-            Some(e) => self.rt.block_on(e.text()).unwrap_or_default(),
-            None => String::new(),
+        for _ in 0..20 {
+            let found = self
+                .rt
+                .block_on(self.c().find_all(Locator::Css(css)))
+                .unwrap();
+            let Some(e) = found.first() else {
+                return String::new();
+            };
+            match self.rt.block_on(e.text()) {
+                Ok(text) => return text,
+                Err(e) if stale(&e) => continue,
+                Err(e) => panic!("text of {css}: {e}"),
+            }
         }
+        panic!("{css} was replaced 20 times in a row while read")
     }
 
     /// Whether an element `css` matches is shown.
@@ -146,12 +156,21 @@ impl Browser {
             .is_some_and(|e| self.rt.block_on(e.is_displayed()).unwrap_or(false))
     }
 
+    /// Clicks the element `css` matches (found again if a re-render
+    /// replaced it between finding and clicking).
     fn click(&self, css: &str) {
-        let e = self
-            .rt
-            .block_on(self.c().wait().for_element(Locator::Css(css)))
-            .unwrap_or_else(|e| panic!("no {css}: {e}"));
-        self.rt.block_on(e.click()).unwrap();
+        for _ in 0..20 {
+            let e = self
+                .rt
+                .block_on(self.c().wait().for_element(Locator::Css(css)))
+                .unwrap_or_else(|e| panic!("no {css}: {e}"));
+            match self.rt.block_on(e.click()) {
+                Ok(()) => return,
+                Err(e) if stale(&e) => continue,
+                Err(e) => panic!("click on {css}: {e}"),
+            }
+        }
+        panic!("{css} was replaced 20 times in a row while clicked")
     }
 
     /// Replaces the value of the input `css` with `text`, as typed.
@@ -213,6 +232,12 @@ impl Browser {
             );
         }
     }
+}
+
+/// Whether a WebDriver error says the element left the page (re-rendered).
+fn stale(e: &fantoccini::error::CmdError) -> bool {
+    matches!(e, fantoccini::error::CmdError::Standard(w)
+        if w.error == fantoccini::error::ErrorStatus::StaleElementReference)
 }
 
 impl Drop for Browser {
