@@ -16,8 +16,28 @@ const EVENT_KINDS = [
   "workspace.backing_off", "workspace.hard_limited", "workspace.recovered",
   "pool.flushed", "pool.nuked", "pool.up",
 ];
-const POLL_MS = 2000;       // when the event stream is not available
-const SAFETY_MS = 15000;    // a slow re-read even while the stream is live
+const FAMILIES = ["vm", "agent", "instance", "resource", "workspace", "pool"];
+const POLL_MS = 2000;       // only while the event stream is down
+const RETRY_MS = 3000;      // reopening a stream the browser gave up on
+const DEBOUNCE_MS = 150;    // events come in bursts: one re-read per burst
+const KEEP_EVENTS = 1000;   // the Events view's window, newest kept
+// `/ui?poll=off` never polls: the page then learns of changes from the
+// event stream alone (the browser tests use it to prove the live path).
+const NO_POLL = new URLSearchParams(location.search).get("poll") === "off";
+
+/**
+ * Which views an event of each family concerns: on an event, the shown
+ * view is re-read only when it is one of these (the Events view itself
+ * only appends the event).
+ */
+const CONCERNS = {
+  vm: ["overview", "vms", "agents"],
+  agent: ["overview", "agents"],
+  instance: ["overview", "instances"],
+  resource: ["overview", "vms", "agents", "instances", "config"],
+  workspace: ["overview"],
+  pool: ["overview", "vms"],
+};
 
 const state = {
   session: null,            // {csrf_token, identity, role, expires_at}
@@ -25,13 +45,15 @@ const state = {
   view: "overview",
   selectedAgent: null,
   selectedInstance: null,
-  events: [],               // newest last
-  lastEventId: 0,
-  eventsAvailable: true,
+  events: [],               // newest last, at most KEEP_EVENTS
+  lastEventId: 0,           // the cursor: the stream reopens after it
+  eventFamily: "",          // the Events view's filter ("" = all)
   stream: null,
+  retry: null,
   live: false,
   timer: null,
   pending: null,
+  followOutput: false,      // the agents view shows a running agent's output
   workspaces: [],
   armed: null,              // {key, until}: a destructive button awaiting its second click
 };
@@ -130,6 +152,10 @@ async function start() {
   $("test-form").addEventListener("submit", testBoot);
   $("pool-form").addEventListener("submit", savePool);
   $("workspace-form").addEventListener("submit", saveWorkspace);
+  const filter = $("event-family");
+  filter.replaceChildren(el("option", { value: "", text: "all" }),
+    ...FAMILIES.map((f) => el("option", { value: f, text: f })));
+  filter.addEventListener("change", () => { state.eventFamily = filter.value; renderEvents(); });
   window.addEventListener("hashchange", route);
   const answer = await api("GET", "/ui/session");
   if (answer.ok) await signedIn(answer.body);
@@ -157,8 +183,10 @@ async function signOut() {
 function signedOut() {
   state.session = null;
   state.permissions = new Set();
-  if (state.stream) { state.stream.close(); state.stream = null; }
+  closeStream();
   clearTimeout(state.timer);
+  state.events = [];
+  state.lastEventId = 0;
   show($("sign-in"), true);
   show($("app"), false);
   show($("nav"), false);
@@ -184,30 +212,71 @@ async function signedIn(session) {
   show($("app"), true);
   show($("nav"), true);
   show($("who"), true);
+  await catchUp();
   connectStream();
   route();
 }
 
 // ---------------------------------------------------------------- live updates
 
-/** Listens to the event stream; without it, polls every POLL_MS. */
-function connectStream() {
-  if (state.stream) state.stream.close();
+/**
+ * Reads the log up to now (pages of 1000, keeping the newest KEEP_EVENTS),
+ * so the stream can start after its last id.
+ */
+async function catchUp() {
+  for (;;) {
+    const answer = await api("GET", `/v1/events?after=${state.lastEventId}&limit=1000`);
+    if (!answer.ok) {
+      message($("events-note"), `cannot read the event log: ${errorText(answer)}`);
+      return;
+    }
+    message($("events-note"), "");
+    const list = items(answer.body);
+    addEvents(list);
+    if (list.length < 1000) return;
+  }
+}
+
+function closeStream() {
+  clearTimeout(state.retry);
+  state.retry = null;
+  if (state.stream) { state.stream.close(); state.stream = null; }
   setLive(false);
-  let stream;
-  try { stream = new EventSource("/v1/events/stream", { withCredentials: true }); }
-  catch { return; }
+}
+
+/**
+ * Follows the event stream from the last id seen, authenticated by the
+ * session cookie (a GET: no CSRF header needed, and EventSource could not
+ * send one). While it is open the page does not poll; on an error the
+ * browser reconnects by itself with `Last-Event-ID` and the page polls
+ * meanwhile; when the browser gives up (an HTTP error answer), the page
+ * reopens it from its last id every RETRY_MS.
+ */
+function connectStream() {
+  closeStream();
+  if (!state.session || !can("event.read")) return;
+  const stream = new EventSource(`/v1/events/stream?after=${state.lastEventId}`);
   state.stream = stream;
-  stream.onopen = () => setLive(true);
+  stream.onopen = () => {
+    setLive(true);
+    // What changed while the stream was down was polled for, or is on
+    // its way now: one re-read catches the view up either way.
+    soon(state.view);
+  };
   stream.onerror = () => {
+    if (state.stream !== stream) return;
     setLive(false);
-    // A closed stream (e.g. 404 before the stream exists) is not retried
-    // by the browser: polling takes over for good.
-    if (stream.readyState === EventSource.CLOSED) state.stream = null;
+    if (stream.readyState === EventSource.CLOSED) {
+      state.stream = null;
+      state.retry = setTimeout(() => { if (state.session) connectStream(); }, RETRY_MS);
+    }
   };
   const onEvent = (e) => {
-    try { addEvents([JSON.parse(e.data)]); } catch { /* not an event */ }
-    soon();
+    let event;
+    try { event = JSON.parse(e.data); } catch { return; }
+    addEvents([event]);
+    const family = String(event.kind || "").split(".")[0];
+    if ((CONCERNS[family] || []).includes(state.view)) soon(state.view);
   };
   stream.onmessage = onEvent;
   for (const kind of EVENT_KINDS) stream.addEventListener(kind, onEvent);
@@ -216,21 +285,30 @@ function connectStream() {
 function setLive(on) {
   state.live = on;
   const pill = $("live");
-  pill.textContent = on ? "live" : "polling";
+  pill.textContent = on ? "live" : NO_POLL ? "offline" : "polling";
   pill.className = `pill ${on ? "live" : "polling"}`;
   schedule();
 }
 
+/**
+ * The polling fallback: a re-read every POLL_MS while the stream is down.
+ * While it is live, only a running agent's output is re-read so (output
+ * is not in the event log).
+ */
 function schedule() {
   clearTimeout(state.timer);
-  if (!state.session) return;
-  state.timer = setTimeout(async () => { await refresh(); schedule(); }, state.live ? SAFETY_MS : POLL_MS);
+  if (!state.session || NO_POLL) return;
+  if (state.live && !(state.view === "agents" && state.followOutput)) return;
+  state.timer = setTimeout(async () => { await refresh(); schedule(); }, POLL_MS);
 }
 
-/** A refresh shortly (events come in bursts). */
-function soon() {
+/** A re-read of `view` shortly, once per burst of events. */
+function soon(view) {
   if (state.pending) return;
-  state.pending = setTimeout(async () => { state.pending = null; await refresh(); }, 150);
+  state.pending = setTimeout(async () => {
+    state.pending = null;
+    if (state.view === view) await refresh();
+  }, DEBOUNCE_MS);
 }
 
 // ---------------------------------------------------------------- views
@@ -243,17 +321,26 @@ function route() {
     link.classList.toggle("active", link.getAttribute("data-view") === state.view);
   }
   if (state.view === "config") loadConfigForms();
-  refresh();
+  refresh().then(schedule);
 }
 
 let refreshing = false;
+let again = false;
+/**
+ * Re-reads the shown view. Asked while a re-read is under way, it runs
+ * once more after it: that one may have read before the change that asked.
+ */
 async function refresh() {
-  if (!state.session || refreshing) return;
+  if (!state.session) return;
+  if (refreshing) { again = true; return; }
   refreshing = true;
   try {
-    const views = { overview, vms, agents, instances, config, events };
-    await views[state.view]();
-    message($("banner"), "");
+    do {
+      again = false;
+      const views = { overview, vms, agents, instances, config, events: renderEvents };
+      await views[state.view]();
+      message($("banner"), "");
+    } while (again && state.session);
   } catch (e) {
     message($("banner"), `cannot reach the server: ${e.message || e}`);
   } finally {
@@ -455,6 +542,7 @@ async function agents() {
   });
   $("agent-rows").replaceChildren(...(rows.length ? rows : [emptyRow(8, "No agents.")]));
   const chosen = list.find((a) => a.id === state.selectedAgent);
+  state.followOutput = !!chosen && !TERMINAL.has(chosen.phase);
   if (chosen) {
     $("agent-detail").replaceChildren(
       el("h2", {}, `Agent ${short(chosen.id)} `, badge(chosen.phase)),
@@ -635,38 +723,49 @@ async function saveWorkspace(event) {
 
 // Events --------------------------------------------------------------
 
+/** Adds events not seen yet (ids above the cursor), keeping the newest KEEP_EVENTS. */
 function addEvents(list) {
+  let added = false;
   for (const e of list) {
-    if (typeof e.id !== "number" || e.id <= state.lastEventId) continue;
+    if (!e || typeof e.id !== "number" || e.id <= state.lastEventId) continue;
     state.events.push(e);
     state.lastEventId = e.id;
+    added = true;
   }
-  if (state.events.length > 500) state.events.splice(0, state.events.length - 500);
-  if (state.view === "events") renderEvents();
+  if (state.events.length > KEEP_EVENTS) state.events.splice(0, state.events.length - KEEP_EVENTS);
+  if (added && state.view === "events") renderEvents();
 }
 
-async function events() {
-  if (!state.eventsAvailable) return;
-  const answer = await api("GET", `/v1/events?after=${state.lastEventId}&limit=500`);
-  if (answer.status === 404) {
-    state.eventsAvailable = false;
-    message($("events-note"), "This server keeps no event log yet.");
-    return;
-  }
-  if (!answer.ok) { message($("banner"), errorText(answer)); return; }
-  addEvents(items(answer.body));
-  renderEvents();
+/** An event's data as `key=value` pairs in key order, nulls left out (as `hearth events` prints). */
+function details(data) {
+  if (!data || typeof data !== "object" || Array.isArray(data)) return "";
+  return Object.keys(data).sort()
+    .filter((k) => data[k] !== null && data[k] !== undefined)
+    .map((k) => `${k}=${typeof data[k] === "string" ? data[k] : JSON.stringify(data[k])}`)
+    .join(" ");
 }
 
+/** The time of day an event was written (the full timestamp in its title). */
+function clock(text) {
+  const d = new Date(text);
+  if (isNaN(d)) return String(text || "");
+  const pad = (n) => String(n).padStart(2, "0");
+  const day = d.toDateString() === new Date().toDateString() ? "" : `${d.toISOString().slice(0, 10)} `;
+  return `${day}${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+}
+
+/** The Events view, newest at the top, of the chosen family. */
 function renderEvents() {
-  const rows = state.events.slice().reverse().map((e) => el("tr", { "data-event": e.id },
-    el("td", { text: e.id }),
-    el("td", { title: e.at, text: when(e.at) }),
-    el("td", {}, badge(e.kind)),
-    el("td", { class: "mono", text: e.subject }),
-    el("td", { text: e.actor || "" }),
-    el("td", { class: "data", text: JSON.stringify(e.data) })));
-  $("event-rows").replaceChildren(...(rows.length ? rows : [emptyRow(6, "No events yet.")]));
+  const family = state.eventFamily;
+  const shown = state.events.filter((e) => !family || String(e.kind).startsWith(`${family}.`));
+  const rows = shown.reverse().map((e) => el("tr", { "data-event": e.id, "data-kind": e.kind },
+    el("td", { class: "id", text: e.id }),
+    el("td", { class: "id", title: e.at, text: clock(e.at) }),
+    el("td", {}, el("span", { class: `badge ${String(e.kind).split(".").pop().replace(/[^a-z_]/g, "")}`, "data-field": "kind", text: e.kind })),
+    el("td", { class: "mono", "data-field": "subject", text: e.subject }),
+    el("td", { "data-field": "actor", text: e.actor || "—" }),
+    el("td", { class: "data", "data-field": "details", text: details(e.data) })));
+  $("event-rows").replaceChildren(...(rows.length ? rows : [emptyRow(6, family ? `No ${family} events.` : "No events yet.")]));
 }
 
 document.addEventListener("DOMContentLoaded", start);

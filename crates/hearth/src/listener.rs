@@ -3,7 +3,10 @@
 //! backlog), a connection that does not deliver a whole request head within
 //! `header_timeout` of its start (or of the first byte of a later request)
 //! is closed, and so is one with no request in flight and no traffic for
-//! `idle_timeout`. HTTP/1 and HTTP/2 (hyper-util's auto builder).
+//! `idle_timeout`. HTTP/1 and HTTP/2 (hyper-util's auto builder). A request
+//! is in flight until its answer's body is sent, so a streamed answer (the
+//! event stream, `GET /v1/events/stream`) is never cut by either timeout,
+//! even while the client's HTTP/2 frames arrive.
 //!
 //! With TLS (`tokio-rustls`), the handshake is part of the request head: a
 //! connection must finish it and deliver its first request head within
@@ -152,9 +155,18 @@ async fn serve_connection<S>(
         let app = app.clone();
         let guard = counted.request_started();
         async move {
+            // The request stays in flight until its answer's body is sent
+            // (or dropped): a streamed answer, such as the event stream,
+            // is a request being handled, not an idle connection.
             let response = app.oneshot(request).await;
-            drop(guard);
-            response
+            response.map(|r| {
+                r.map(|body| {
+                    axum::body::Body::new(Counted {
+                        body,
+                        _guard: guard,
+                    })
+                })
+            })
         }
     });
     let conn = builder.serve_connection_with_upgrades(io, service);
@@ -248,6 +260,33 @@ impl Drop for RequestGuard {
         let mut s = self.0.state.lock().unwrap();
         s.in_flight -= 1;
         s.last_active = Instant::now();
+    }
+}
+
+/// An answer's body that holds its request's [`RequestGuard`] until it is
+/// dropped (hyper drops it once sent, or when the client goes).
+struct Counted {
+    body: axum::body::Body,
+    _guard: RequestGuard,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = hyper::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -386,5 +425,37 @@ mod tests {
         );
         assert_eq!(watchdog(&activity, limits()).await, "header timeout");
         assert_eq!(start.elapsed(), Duration::from_secs(15));
+    }
+
+    /// A streamed answer (the event stream) keeps its request in flight
+    /// while its body is sent, so neither timeout cuts it, even as the
+    /// client's frames arrive (HTTP/2 window updates and pings); the idle
+    /// timeout starts when the body is done.
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_answer_is_in_flight_until_its_body_ends() {
+        use http_body_util::BodyExt;
+        let activity = Arc::new(Activity::new());
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Bytes, io::Error>>(1);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let mut body = Counted {
+            body: axum::body::Body::from_stream(stream),
+            _guard: activity.request_started(),
+        };
+        tokio::time::advance(Duration::from_secs(120)).await;
+        activity.read();
+        assert!(activity.deadline(limits()).is_none());
+        tx.send(Ok(hyper::body::Bytes::from_static(b": \n\n")))
+            .await
+            .unwrap();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), &b": \n\n"[..]);
+        assert!(activity.deadline(limits()).is_none());
+        drop(tx);
+        assert!(body.frame().await.is_none());
+        drop(body);
+        let (_, reason) = activity.deadline(limits()).unwrap();
+        assert_eq!(reason, "idle timeout");
     }
 }

@@ -124,15 +124,25 @@ impl Browser {
     }
 
     /// The text of the first element `css` matches ("" when none does).
+    /// The page re-renders a view on every event that concerns it, so an
+    /// element found may be replaced before it is read: then it is found
+    /// again.
     fn text(&self, css: &str) -> String {
-        let found = self
-            .rt
-            .block_on(self.c().find_all(Locator::Css(css)))
-            .unwrap();
-        match found.first() {
-            Some(e) => self.rt.block_on(e.text()).unwrap_or_default(),
-            None => String::new(),
+        for _ in 0..20 {
+            let found = self
+                .rt
+                .block_on(self.c().find_all(Locator::Css(css)))
+                .unwrap();
+            let Some(e) = found.first() else {
+                return String::new();
+            };
+            match self.rt.block_on(e.text()) {
+                Ok(text) => return text,
+                Err(e) if stale(&e) => continue,
+                Err(e) => panic!("text of {css}: {e}"),
+            }
         }
+        panic!("{css} was replaced 20 times in a row while read")
     }
 
     /// Whether an element `css` matches is shown.
@@ -146,12 +156,21 @@ impl Browser {
             .is_some_and(|e| self.rt.block_on(e.is_displayed()).unwrap_or(false))
     }
 
+    /// Clicks the element `css` matches (found again if a re-render
+    /// replaced it between finding and clicking).
     fn click(&self, css: &str) {
-        let e = self
-            .rt
-            .block_on(self.c().wait().for_element(Locator::Css(css)))
-            .unwrap_or_else(|e| panic!("no {css}: {e}"));
-        self.rt.block_on(e.click()).unwrap();
+        for _ in 0..20 {
+            let e = self
+                .rt
+                .block_on(self.c().wait().for_element(Locator::Css(css)))
+                .unwrap_or_else(|e| panic!("no {css}: {e}"));
+            match self.rt.block_on(e.click()) {
+                Ok(()) => return,
+                Err(e) if stale(&e) => continue,
+                Err(e) => panic!("click on {css}: {e}"),
+            }
+        }
+        panic!("{css} was replaced 20 times in a row while clicked")
     }
 
     /// Replaces the value of the input `css` with `text`, as typed.
@@ -213,6 +232,12 @@ impl Browser {
             );
         }
     }
+}
+
+/// Whether a WebDriver error says the element left the page (re-rendered).
+fn stale(e: &fantoccini::error::CmdError) -> bool {
+    matches!(e, fantoccini::error::CmdError::Standard(w)
+        if w.error == fantoccini::error::ErrorStatus::StaleElementReference)
 }
 
 impl Drop for Browser {
@@ -553,6 +578,164 @@ fn viewer_is_offered_only_what_it_may_do() {
     b.screenshot("viewer-config");
 }
 
+/// The page follows the event stream with its session cookie: the pill
+/// says `live`, and changes made through the API (not the page) show in
+/// the Overview and the Events view without a reload and without polling;
+/// hostile text in an event's data shows as text.
+///
+/// The page is opened as `/ui?poll=off`, which turns its polling fallback
+/// off altogether: whatever it learns then, it learns from the stream, so
+/// "no polling" is proven by construction rather than by counting requests
+/// against a timer (a count would race the page's own 2 s fallback).
+#[test]
+fn dashboard_follows_the_event_stream() {
+    let server = Server::start(Backend::Sqlite);
+    let api = server.admin();
+    server.pool(6, ENV, "web", "min_idle: 1\n");
+
+    let b = Browser::start();
+    b.sign_in(&server, &server.admin_token, "admin");
+    b.goto(&format!("{}/ui?poll=off#overview", server.url));
+    assert!(
+        wait_until(20, || b.text("#identity").starts_with("admin")),
+        "the session did not carry over to /ui?poll=off"
+    );
+    // The stream opened with the cookie (an EventSource refused would
+    // leave the pill "offline").
+    b.wait_text("#live", 20, |t| t == "LIVE" || t == "live");
+    b.js("window.__same_page = 7; return null");
+    // The Overview's reads that no event asked for: one when the view was
+    // shown, one when the stream opened. Once both are answered, only a
+    // re-read an event asks for can show what the API changes next.
+    let status_reads = || {
+        b.js("return performance.getEntriesByType('resource').filter(e => e.name.includes('/v1/pool/status')).length")
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        wait_until(20, || status_reads() >= 2),
+        "the Overview was read {} times",
+        status_reads()
+    );
+
+    // A workspace made through the API fills in the Overview, live.
+    let r = api.put_yaml(
+        "/v1/workspaces/made-by-api",
+        "environment: dev\nmin_idle: 2\nmax_idle: 2\n",
+    );
+    assert!(r.status < 300, "{}", r.text);
+    let idle = ".ws[data-workspace=made-by-api] [data-count=idle]";
+    b.wait_text(idle, 30, |t| t == "2");
+    assert_eq!(b.text(".ws[data-workspace=made-by-api] .badge"), "healthy");
+    // The stream never dropped meanwhile (a resource entry appears only
+    // once a response ends), so no reconnection's re-read showed it: the
+    // events did.
+    assert_eq!(
+        b.js("return performance.getEntriesByType('resource').filter(e => e.name.includes('/v1/events/stream')).length"),
+        json!(0),
+        "the event stream ended and was reopened"
+    );
+
+    // An agent spawned through the API: its events arrive in the Events
+    // view, newest at the top, each with its subject and details.
+    b.click("nav a[data-view=events]");
+    let agent = server.spawn(
+        &server.admin_token,
+        json!({"workspace": "web", "command": "echo hi"}),
+    );
+    assert_eq!(agent.status, 201, "{}", agent.text);
+    let agent = crate::common::id(&agent.body);
+    let done = "#event-rows tr[data-kind='agent.completed']";
+    b.wait_text(&format!("{done} [data-field=subject]"), 60, |t| {
+        t == format!("agent/{agent}")
+    });
+    let details = b.text(&format!("{done} [data-field=details]"));
+    assert!(
+        details.contains("from=running") && details.contains("workspace=web"),
+        "{details}"
+    );
+    let ids: Vec<i64> = serde_json::from_value(b.js(
+        "return [...document.querySelectorAll('#event-rows tr[data-event]')].map(r => Number(r.getAttribute('data-event')))",
+    ))
+    .unwrap();
+    assert!(ids.len() > 3, "{ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] > w[1]),
+        "not newest first: {ids:?}"
+    );
+    // The view holds every event of the log (the catch-up read and the
+    // stream meet without a gap or a repeat).
+    let mut counts = (0, 0);
+    let same = wait_until(20, || {
+        let log = api.get("/v1/events?limit=1000").body;
+        let listed = log["events"].as_array().unwrap().len();
+        let shown = b.js("return document.querySelectorAll('#event-rows tr[data-event]').length");
+        counts = (listed, shown.as_u64().unwrap() as usize);
+        counts.0 == counts.1
+    });
+    assert!(
+        same,
+        "the log has {} events, the view shows {}",
+        counts.0, counts.1
+    );
+
+    // A failing setup command named with markup: its boot error (event
+    // data) is shown as text and runs nothing.
+    let r = api.put_yaml(
+        "/v1/workspaces/hostile",
+        &format!(
+            "environment: dev\nmin_idle: 1\nwarm_pool:\n  setup_commands:\n    - name: {HOSTILE:?}\n      command: exit 3\n"
+        ),
+    );
+    assert!(r.status < 300, "{}", r.text);
+    let backing = "#event-rows tr[data-kind='workspace.backing_off']";
+    let details = b.wait_text(&format!("{backing} [data-field=details]"), 90, |t| {
+        t.contains(HOSTILE)
+    });
+    assert!(details.contains("failures="), "{details}");
+    assert_eq!(
+        b.text(&format!("{backing} [data-field=subject]")),
+        "workspace/hostile"
+    );
+    assert_eq!(
+        b.js("return document.querySelectorAll('main img').length"),
+        json!(0)
+    );
+    assert_eq!(b.js("return window.__pwned === undefined"), json!(true));
+
+    // The type filter: one family only.
+    b.select("#event-family", "workspace");
+    let kinds: Vec<String> = serde_json::from_value(b.js(
+        "return [...document.querySelectorAll('#event-rows tr[data-event]')].map(r => r.getAttribute('data-kind'))",
+    ))
+    .unwrap();
+    assert!(!kinds.is_empty());
+    assert!(
+        kinds.iter().all(|k| k.starts_with("workspace.")),
+        "{kinds:?}"
+    );
+    b.select("#event-family", "");
+    b.wait_text(
+        "#event-rows tr[data-kind='agent.completed'] [data-field=kind]",
+        5,
+        |t| t == "agent.completed",
+    );
+    b.screenshot("events");
+
+    // The Overview learnt of the hostile workspace from the stream too.
+    b.click("nav a[data-view=overview]");
+    b.wait_text(".ws[data-workspace=hostile] .badge", 30, |t| {
+        t == "backing_off" || t == "hard_limited"
+    });
+    assert!(b.text(".ws[data-workspace=hostile] .err").contains(HOSTILE));
+    assert_eq!(b.text("#live").to_lowercase(), "live");
+    assert_eq!(
+        b.js("return window.__same_page"),
+        json!(7),
+        "the page reloaded"
+    );
+}
+
 /// The session id in a `Set-Cookie` answer.
 fn cookie_of(answer: &reqwest::blocking::Response) -> String {
     let set = answer.headers()["set-cookie"].to_str().unwrap().to_owned();
@@ -603,6 +786,18 @@ fn session_cookie_is_safe_against_csrf(backend: Backend) {
         .unwrap();
     assert_eq!(who.status(), 200);
     assert_eq!(who.json::<Value>().unwrap()["identity"], "admin");
+    // The event stream takes the cookie too (what the page's EventSource
+    // sends), and refuses a request without one.
+    let stream = http
+        .get(url("/v1/events/stream?after=0"))
+        .header("cookie", &cookie)
+        .send()
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    drop(stream);
+    let refused = http.get(url("/v1/events/stream")).send().unwrap();
+    assert_eq!(refused.status(), 401);
 
     // A forged cross-origin write: the cookie, no CSRF header.
     let v0 = version();
