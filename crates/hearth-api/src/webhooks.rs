@@ -171,6 +171,15 @@ fn not_found(name: &str) -> ApiError {
     Error::not_found(format!("webhook {name:?} not found")).into()
 }
 
+/// The caller's tenant's webhook `name`, or `NOT_FOUND`.
+async fn find(state: &AppState, caller: &Caller, name: &str) -> Result<WebhookRecord, ApiError> {
+    state
+        .store
+        .get_webhook(caller.tenant(), name)
+        .await?
+        .ok_or_else(|| not_found(name))
+}
+
 /// Creates a webhook; answers its signing secret, once.
 #[utoipa::path(post, path = "/v1/webhooks", tag = "webhook", operation_id = "create_webhook", security(("bearer" = [])), request_body = CreateWebhook,
     responses((status = 201, body = WebhookCreated), (status = 400, body = hearth_core::Error),
@@ -255,11 +264,7 @@ pub async fn get_one(
     Path(name): Path<String>,
 ) -> Result<Json<WebhookView>, ApiError> {
     caller.require(Permission::WebhookGet)?;
-    let webhook = state
-        .store
-        .get_webhook(caller.tenant(), &name)
-        .await?
-        .ok_or_else(|| not_found(&name))?;
+    let webhook = find(&state, &caller, &name).await?;
     Ok(Json(WebhookView::from(&webhook)))
 }
 
@@ -274,11 +279,7 @@ pub async fn remove(
     Path(name): Path<String>,
 ) -> Result<Json<WebhookDeleted>, ApiError> {
     caller.require(Permission::WebhookDelete)?;
-    let webhook = state
-        .store
-        .get_webhook(caller.tenant(), &name)
-        .await?
-        .ok_or_else(|| not_found(&name))?;
+    let webhook = find(&state, &caller, &name).await?;
     if !state.store.delete_webhook(caller.tenant(), &name).await? {
         return Err(not_found(&name));
     }
@@ -300,11 +301,7 @@ pub async fn deliveries(
     Query(query): Query<DeliveryQuery>,
 ) -> Result<Json<DeliveryList>, ApiError> {
     caller.require(Permission::WebhookGet)?;
-    let webhook = state
-        .store
-        .get_webhook(caller.tenant(), &name)
-        .await?
-        .ok_or_else(|| not_found(&name))?;
+    let webhook = find(&state, &caller, &name).await?;
     let limit = query.limit.unwrap_or(0);
     if limit < 0 {
         return Err(Error::invalid(format!("limit must not be negative (got {limit})")).into());
