@@ -255,6 +255,21 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String> {
     }
 }
 
+/// Deletes the host-side port `port` if it is there (a veth takes its peer
+/// with it). A sandbox's veth dies with its namespace, maybe meanwhile:
+/// gone is success.
+fn remove_port(port: &str) -> Result<()> {
+    let path = Path::new("/sys/class/net").join(port);
+    if !path.exists() {
+        return Ok(());
+    }
+    match run("ip", &["link", "del", "dev", port], None) {
+        Ok(_) => Ok(()),
+        Err(_) if !path.exists() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The MAC address of the VM holding `address`: locally administered,
 /// unique on the bridge because the address is.
 fn mac_of(address: Ipv4Addr) -> String {
@@ -628,6 +643,10 @@ table inet {t} {{
     ) -> Result<Attachment> {
         let attachment = self.admit(id, "hv", allow_host_ports)?;
         let port = &attachment.port;
+        // A relaunched sandbox (seal, reset) gets the port name it had: the
+        // old pair dies with the old namespace, which the kernel frees
+        // asynchronously, so it may still be there ("File exists").
+        remove_port(port)?;
         let create = format!(
             "link add name {port} type veth peer name eth0 address {} netns {pid}",
             attachment.mac
@@ -674,14 +693,7 @@ table inet {t} {{
         let Some((address, lease)) = self.find_lease(id)? else {
             return Ok(());
         };
-        if Path::new("/sys/class/net").join(&lease.port).exists() {
-            match run("ip", &["link", "del", "dev", &lease.port], None) {
-                Ok(_) => {}
-                // A sandbox's veth dies with its namespace, maybe meanwhile.
-                Err(_) if !Path::new("/sys/class/net").join(&lease.port).exists() => {}
-                Err(e) => return Err(e),
-            }
-        }
+        remove_port(&lease.port)?;
         let t = &self.config.bridge;
         let port = &lease.port;
         // `destroy element` would fail on a missing one; delete each in its

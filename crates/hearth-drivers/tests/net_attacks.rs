@@ -1035,3 +1035,62 @@ async fn a_debian_qemu_guest_with_egress_installs_a_package_with_apt() {
     assert_eq!(out.trim(), "refused");
     assert!(!api.accepted());
 }
+
+/// The network namespace of a process of sandbox `id` (one in its cgroup
+/// or naming it in its arguments), held open: while it is, the
+/// namespace and the veth pair in it outlive every process of the VM, as
+/// the kernel's asynchronous teardown of a dead namespace makes them for
+/// a moment after a relaunch.
+fn hold_netns(lab: &Lab, id: VmId) -> fs::File {
+    let vm = id.to_string();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let of_vm = |file: &str| {
+            fs::read(format!("/proc/{pid}/{file}"))
+                .is_ok_and(|text| String::from_utf8_lossy(&text).contains(&vm))
+        };
+        if (of_vm("cgroup") || of_vm("cmdline"))
+            && let Ok(ns) = fs::File::open(format!("/proc/{pid}/ns/net"))
+        {
+            let host = fs::metadata("/proc/self/ns/net").unwrap();
+            let held = ns.metadata().unwrap();
+            use std::os::unix::fs::MetadataExt;
+            if held.ino() != host.ino() {
+                return ns;
+            }
+        }
+    }
+    panic!("no process of sandbox {id} under {}", lab.base.display());
+}
+
+/// A relaunched sandbox (seal, reset) gets its old port name again while
+/// the old pair may still exist: its namespace dies asynchronously. Here
+/// the old namespace is held open across each relaunch, so the old pair
+/// is certainly there; the relaunch must replace it and the VM keep its
+/// network (before the fix: "RTNETLINK answers: File exists").
+#[tokio::test]
+async fn a_relaunched_sandbox_replaces_the_port_its_old_namespace_still_holds() {
+    let lab = Lab::new();
+    let git = GitDaemon::start();
+    let id = lab.sandbox(NetworkSpec::egress(vec![git.port])).await;
+    let gateway = lab.net.gateway().to_string();
+    assert!(sandbox_connects(&lab, id, &gateway, git.port).await);
+    let old = hold_netns(&lab, id);
+    lab.sandbox
+        .seal(id)
+        .await
+        .expect("seal with the old pair still there");
+    wait_healthy(&lab.sandbox, id, Duration::from_secs(10)).await;
+    assert!(sandbox_connects(&lab, id, &gateway, git.port).await);
+    drop(old);
+    let old = hold_netns(&lab, id);
+    lab.sandbox
+        .reset(id)
+        .await
+        .expect("reset with the old pair still there");
+    wait_healthy(&lab.sandbox, id, Duration::from_secs(10)).await;
+    assert!(sandbox_connects(&lab, id, &gateway, git.port).await);
+    drop(old);
+}
