@@ -584,6 +584,24 @@ impl Answer {
             self.text
         );
     }
+
+    /// Asserts an error answer with this status and code whose message
+    /// holds `fragment` (for messages that go on to list what is valid).
+    pub fn assert_error_naming(&self, status: u16, code: &str, fragment: &str) {
+        assert_eq!(
+            (self.status, self.body["code"].as_str()),
+            (status, Some(code)),
+            "{}",
+            self.text
+        );
+        assert!(
+            self.body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(fragment)),
+            "{}",
+            self.text
+        );
+    }
 }
 
 impl Api {
