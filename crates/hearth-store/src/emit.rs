@@ -9,6 +9,7 @@
 
 use crate::{AgentPhase, EventKind, InstanceStatus, NewEvent, VmState, WorkspaceState};
 use hearth_core::ids::{AgentId, InstanceId, VmId};
+use hearth_core::resource::Kind;
 use serde_json::{Map, Value, json};
 
 /// `vm.booting`: a VM was recorded, on its way up.
@@ -246,6 +247,40 @@ pub(crate) fn workspace_state(
         ));
     }
     None
+}
+
+/// `resource.written`: a resource's spec changed (`created` when it is
+/// new), by `actor`.
+pub(crate) fn resource_written(
+    kind: Kind,
+    name: &str,
+    version: i64,
+    created: bool,
+    actor: Option<&str>,
+) -> NewEvent {
+    let mut event = NewEvent::new(
+        EventKind::ResourceWritten,
+        format!("{kind}/{name}"),
+        json!({ "kind": kind.as_str(), "name": name, "version": version, "created": created }),
+    );
+    event.actor = actor.map(str::to_owned);
+    event
+}
+
+/// `resource.deleted`: a resource was deleted at `version`, by `actor`.
+pub(crate) fn resource_deleted(
+    kind: Kind,
+    name: &str,
+    version: i64,
+    actor: Option<&str>,
+) -> NewEvent {
+    let mut event = NewEvent::new(
+        EventKind::ResourceDeleted,
+        format!("{kind}/{name}"),
+        json!({ "kind": kind.as_str(), "name": name, "version": version }),
+    );
+    event.actor = actor.map(str::to_owned);
+    event
 }
 
 #[cfg(test)]

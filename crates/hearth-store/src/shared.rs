@@ -1235,17 +1235,13 @@ macro_rules! impl_store {
                     let result = async {
                         let outcome = Self::put_resource_tx(&mut tx, &put, self.secrets()).await?;
                         if outcome.changed {
-                            let mut event = $crate::NewEvent::new(
-                                $crate::EventKind::ResourceWritten,
-                                format!("{}/{}", put.kind, put.name),
-                                ::serde_json::json!({
-                                    "kind": put.kind.as_str(),
-                                    "name": put.name,
-                                    "version": outcome.record.version,
-                                    "created": outcome.created,
-                                }),
+                            let event = emit::resource_written(
+                                put.kind,
+                                put.name,
+                                outcome.record.version,
+                                outcome.created,
+                                put.actor,
                             );
-                            event.actor = put.actor.map(str::to_owned);
                             Self::append_events_on(&mut tx, put.tenant, &[event]).await?;
                         }
                         Ok(outcome)
@@ -1265,16 +1261,7 @@ macro_rules! impl_store {
                     let result = async {
                         let record =
                             Self::delete_resource_tx(&mut tx, tenant, kind, name, self.secrets()).await?;
-                        let mut event = $crate::NewEvent::new(
-                            $crate::EventKind::ResourceDeleted,
-                            format!("{kind}/{name}"),
-                            ::serde_json::json!({
-                                "kind": kind.as_str(),
-                                "name": name,
-                                "version": record.version,
-                            }),
-                        );
-                        event.actor = actor.map(str::to_owned);
+                        let event = emit::resource_deleted(kind, name, record.version, actor);
                         Self::append_events_on(&mut tx, tenant, &[event]).await?;
                         Ok(record)
                     }
