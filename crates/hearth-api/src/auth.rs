@@ -78,6 +78,18 @@ impl Caller {
     }
 }
 
+/// The token of a request's `Authorization: Bearer <token>` header
+/// (the scheme case-insensitive, RFC 9110 §11.1; the token trimmed), if it
+/// has one.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 

@@ -308,12 +308,8 @@ pub async fn heartbeat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<HeartbeatAnswer>, ApiError> {
-    let credential = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, c)| c.trim().to_owned())
+    let credential = crate::auth::bearer(&headers)
+        .map(str::to_owned)
         .ok_or_else(|| Error::unauthenticated("missing bearer node credential"))?;
     let id = credential_node(&credential)
         .ok_or_else(|| Error::unauthenticated("malformed node credential"))?;

@@ -10,11 +10,11 @@
 //! **Invariant:** this module writes nothing; who may scrape is decided
 //! before the store is read.
 
-use crate::auth::Caller;
+use crate::auth::{Caller, bearer};
 use crate::{ApiError, AppState};
 use axum::Router;
 use axum::extract::{FromRequestParts, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -93,14 +93,4 @@ pub fn plain_router(pool: Arc<hearth_reconcilers::Pool>, token: bool) -> Router 
         )
         .fallback(|| async { ApiError(Error::not_found("this listener serves only GET /metrics")) })
         .with_state(pool)
-}
-
-/// The bearer token of a request, if it has one.
-fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim())
 }

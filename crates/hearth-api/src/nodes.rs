@@ -233,14 +233,11 @@ pub async fn authenticate_node(
         .ok()
         .and_then(|text| text.trim().parse::<NodeId>().ok())
         .ok_or_else(refused)?;
-    let credential = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| Error::unauthenticated("missing bearer credential"))?
-        .to_str()
-        .ok()
-        .and_then(|h| h.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, credential)| credential.trim().to_owned())
+    if !headers.contains_key(header::AUTHORIZATION) {
+        return Err(Error::unauthenticated("missing bearer credential").into());
+    }
+    let credential = crate::auth::bearer(headers)
+        .map(str::to_owned)
         .ok_or_else(|| {
             Error::unauthenticated("the Authorization header must be `Bearer <credential>`")
         })?;
