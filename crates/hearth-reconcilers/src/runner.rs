@@ -1151,12 +1151,13 @@ impl Pool {
             Action::Assign { agent, workspace } => {
                 if let Some(vm) = self.store.assign_idle_vm(tenant, workspace, *agent).await? {
                     tracing::info!(tenant = %tenant, agent = %agent, vm = %vm.id, workspace, "queued agent assigned a warm VM");
-                    if let Some(queued) = pass.queued(*agent) {
+                    let queued = pass.queued(*agent);
+                    if let Some(queued) = queued {
                         self.metrics.claim_after_wait(queued, Outcome::Queued);
                     }
                     // Only an agent with a command has anything to start
                     // (and an agent's command never changes).
-                    if pass.queued(*agent).is_none_or(|a| a.command.is_some()) {
+                    if queued.is_none_or(|a| a.command.is_some()) {
                         let record = self.store.get_agent(tenant, *agent).await?;
                         self.agent_started(&record);
                     }
