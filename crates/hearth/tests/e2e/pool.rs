@@ -483,6 +483,13 @@ fn failing_boots_back_off_then_hard_limit(b: Backend) {
             .filter(|v| v["state"] == "failed")
             .count()
     };
+    // A boot started before the limit may still be failing: count once
+    // none is in flight.
+    assert!(
+        wait_until(30, || s.status()["workspaces"][0]["booting"] == 0),
+        "a boot stayed in flight: {:#}",
+        s.status()
+    );
     let n = failed_boots();
     s.wait_passes(3);
     assert_eq!(failed_boots(), n, "a hard-limited workspace stops booting");
