@@ -824,7 +824,13 @@ fn pool_behaviours_hold_across_nodes() {
         wait_until(60, || fleet.count(&format!(
             "SELECT count(*) FROM vms WHERE id = '{vm}' AND state = 'idle'"
         )) == 1),
-        "the returned VM is warm again on its node"
+        "the returned VM is warm again on its node; the nodes' logs end:\n{}",
+        fleet
+            .nodes
+            .iter()
+            .map(|n| n.logs_tail())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
     );
     let again = fleet.spawn(json!({"workspace": "web"}));
     fleet.wait_agent(&again, "running", 30);
